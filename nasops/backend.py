@@ -1,0 +1,122 @@
+"""The one place that decides which backend runs an op (SPEC 2.4).
+
+Backends:
+- ``cuda``:   the compiled CUDA kernels of ``nasops._C`` (CUDA tensors);
+- ``cpu``:    the compiled C++ kernels of ``nasops._C`` (CPU tensors);
+- ``triton``: the Triton kernels in ``nasops.triton`` (CUDA tensors, or CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported);
+- ``eager``:  the plain-PyTorch references in ``nasops.ops.reference``.
+
+``auto`` (default) picks, for CUDA tensors, ``cuda`` if it was compiled, else
+``triton``, else ``eager``; for CPU tensors ``cpu`` if the extension is
+built, else ``eager``. Override per call (``backend=``), per process
+(:func:`set_backend`) or by the environment (``NASOPS_BACKEND``), in that order
+of precedence.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "eager")
+_CHOICES = ("auto",) + BACKENDS
+
+_override: str | None = None
+
+
+def _load_extension():
+    if importlib.util.find_spec("nasops._C") is None:
+        return None, ("nasops._C is not built (installed with NASOPS_SKIP_EXTENSIONS=1, or a source "
+                      "checkout without `python setup.py build_ext --inplace`)")
+    try:
+        from nasops import _C  # noqa: F401  (registers torch.ops.nasops.*)
+    except ImportError as exc:  # not built, or built against another torch
+        return None, f"nasops._C not importable ({exc}); reinstall without NASOPS_SKIP_EXTENSIONS=1"
+    return _C.build_info(), ""
+
+
+_BUILD_INFO, _EXT_ERROR = _load_extension()
+
+
+def extension_loaded() -> bool:
+    """True when ``nasops._C`` (the compiled ops) is importable."""
+    return _BUILD_INFO is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _availability() -> dict[str, str]:
+    """Backend name -> '' when usable, else the reason it is not."""
+    reasons = {"eager": ""}
+    reasons["cpu"] = "" if extension_loaded() else _EXT_ERROR
+    if not extension_loaded():
+        reasons["cuda"] = _EXT_ERROR
+    elif not _BUILD_INFO["cuda"]:
+        reasons["cuda"] = "nasops._C was built without CUDA (CPU torch or no CUDA_HOME at build time)"
+    elif not torch.cuda.is_available():
+        reasons["cuda"] = "no CUDA device visible to torch"
+    else:
+        reasons["cuda"] = ""
+    if importlib.util.find_spec("triton") is None:
+        reasons["triton"] = "triton is not installed (pip install triton)"
+    elif not (torch.cuda.is_available() or triton_interpreting()):
+        reasons["triton"] = "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter"
+    else:
+        reasons["triton"] = ""
+    return reasons
+
+
+def backends() -> dict[str, dict]:
+    """What is available and why not: ``{name: {"available": bool, "reason": str}}``."""
+    return {
+        name: {"available": not why, "reason": why or "ok"}
+        for name, why in _availability().items()
+    }
+
+
+def _check_name(name: str, argname: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"{argname}: expected one of {_CHOICES}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op in this process (``None`` or 'auto' resets)."""
+    global _override
+    _override = None if name in (None, "auto") else _check_name(name, "backend")
+
+
+def get_backend() -> str:
+    """The process-wide choice: 'auto' unless set by set_backend or NASOPS_BACKEND."""
+    if _override is not None:
+        return _override
+    return _check_name(os.environ.get("NASOPS_BACKEND", "auto"), "NASOPS_BACKEND")
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend that runs an op whose tensors live on ``device``.
+
+    Raises ValueError when an explicitly requested backend cannot run there.
+    """
+    name = _check_name(backend, "backend") if backend is not None else get_backend()
+    reasons = _availability()
+    dev = torch.device(device).type
+    if name == "auto":
+        if dev == "cuda":
+            for candidate in ("cuda", "triton"):
+                if not reasons[candidate]:
+                    return candidate
+        elif dev == "cpu" and not reasons["cpu"]:
+            return "cpu"
+        return "eager"
+    if reasons[name]:
+        raise ValueError(f"backend={name!r} is not available: {reasons[name]}")
+    runs_on = {"cuda": ("cuda",), "cpu": ("cpu",), "eager": (dev,),
+               "triton": ("cuda", "cpu") if triton_interpreting() else ("cuda",)}[name]
+    if dev not in runs_on:
+        raise ValueError(f"backend={name!r} cannot run on {dev} tensors (runs on {runs_on})")
+    return name

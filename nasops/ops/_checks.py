@@ -1,0 +1,53 @@
+"""Argument checks shared by the public ops: every error names the argument,
+what was expected and what was given (SPEC 2)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_tensor(t, name: str, *, ndim: int | Sequence[int] | None = None,
+                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {tuple(str(d) for d in dtypes)}, got {t.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(map(str, allowed))} dimensions, "
+                             f"got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
+
+
+def check_grid(grid, height: int, width: int, name: str = "grid") -> tuple[int, int]:
+    """A mosaic (gh, gw) with 1 <= gh <= height and 1 <= gw <= width."""
+    if isinstance(grid, int):
+        grid = (grid, grid)
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)):
+        raise TypeError(f"{name}: expected an int or a pair of ints (gh, gw), got {grid!r}")
+    gh, gw = grid
+    if not (1 <= gh <= height and 1 <= gw <= width):
+        raise ValueError(f"{name}: expected 1 <= gh <= H={height} and 1 <= gw <= W={width}, "
+                         f"got {(gh, gw)}")
+    return gh, gw
+
+
+def check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(f"tau: expected a positive number, got {tau!r}")
+    return float(tau)

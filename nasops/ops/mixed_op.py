@@ -1,0 +1,155 @@
+"""``mixed_op``: the DARTS mixed edge y = sum_k w_k * o_k (SPEC 2.1).
+
+The public function checks the arguments and brings them to the canonical form
+of the kernels (csrc/ops.cpp): live outputs as (B, C, H, W) and weights as
+(Bw, P, K_live) in the accumulation dtype. Token tensors (B, N, C) are viewed
+as (B, 1, N, C) with the grid (N, 1) for per-token weights, (1, 1) otherwise.
+Zero ops (``None``) are dropped before the kernel: they add nothing and their
+weight's gradient is exactly zero.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nasops.backend import resolve
+from nasops.ops import reference
+from nasops.ops._checks import accumulation_dtype, check_grid, check_same_device, check_tensor
+from nasops.ops._registry import kernel_for, unique_variants, variants
+
+_KERNELS = variants("mixed_op", "mixed_op", "mixed_op_backward")
+
+
+def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
+             grid: tuple[int, int] | int | None = None, backend: str | None = None) -> torch.Tensor:
+    """Weighted sum of K op outputs, read in place (never stacked).
+
+    Args:
+        outputs: K tensors of one shape, (B, C, H, W) or (B, N, C), one dtype and
+            device; ``None`` for a Zero op.
+        weights: (K,) per edge, (B, K) per sample, or (B, P, K) per patch: with
+            ``grid=(gh, gw)`` (P = gh*gw) for (B, C, H, W), per token (P = N)
+            for (B, N, C). float32 weights with half-precision outputs are fine.
+        grid: the mosaic for per-patch weights on feature maps; otherwise None.
+        backend: 'auto' (default), 'cuda', 'triton', 'cpu' or 'eager'.
+
+    Returns:
+        y with the outputs' shape and dtype (accumulated in float32).
+    """
+    live, shape = _check_outputs(outputs)
+    weights = _check_weights(weights, len(outputs), shape, live[0][1], grid)
+    if len(shape) == 4 and weights.dim() == 3:
+        grid = check_grid(grid, shape[2], shape[3])
+    ref = live[0][1]
+    name = resolve(backend, ref.device)
+    if name == "eager" or ref.numel() == 0:
+        return reference.mixed_op(outputs, weights, grid)
+    fwd, _ = kernel_for(_KERNELS, name, "mixed_op")
+
+    B = shape[0]
+    K = len(outputs)
+    if len(live) < K:
+        weights = weights[..., [k for k, _ in live]]
+    w = weights.to(accumulation_dtype(ref.dtype))
+    if len(shape) == 3:  # tokens (B, N, C) -> (B, 1, N, C)
+        maps = [o.reshape(B, 1, shape[1], shape[2]) for _, o in live]
+        kernel_grid = [shape[1], 1] if w.dim() == 3 else [1, 1]
+    else:
+        maps = [o for _, o in live]
+        kernel_grid = list(grid) if w.dim() == 3 else [1, 1]
+    w = w.reshape(B if w.dim() > 1 else 1, kernel_grid[0] * kernel_grid[1], len(live))
+    return fwd(maps, w, kernel_grid).reshape(shape)
+
+
+def _check_outputs(outputs):
+    if isinstance(outputs, torch.Tensor) or not isinstance(outputs, Sequence) or len(outputs) == 0:
+        raise TypeError(f"outputs: expected a non-empty list of tensors (None for Zero ops), "
+                        f"got {type(outputs).__name__}")
+    live = []
+    for k, o in enumerate(outputs):
+        if o is None:
+            continue
+        check_tensor(o, f"outputs[{k}]", ndim=(3, 4))
+        if live:
+            k0, o0 = live[0]
+            if o.shape != o0.shape:
+                raise ValueError(f"outputs[{k}]: expected shape {tuple(o0.shape)} "
+                                 f"(that of outputs[{k0}]), got {tuple(o.shape)}")
+            if o.dtype != o0.dtype:
+                raise TypeError(f"outputs[{k}]: expected dtype {o0.dtype} (that of outputs[{k0}]), "
+                                f"got {o.dtype}")
+            check_same_device(f"outputs[{k}]", o, o0, f"outputs[{k0}]")
+        live.append((k, o))
+    if not live:
+        raise ValueError("outputs: every entry is None (all Zero ops): the output shape is unknown")
+    return live, tuple(live[0][1].shape)
+
+
+def _check_weights(weights, K, shape, ref, grid):
+    check_tensor(weights, "weights", ndim=(1, 2, 3))
+    check_same_device("weights", weights, ref, "outputs")
+    if weights.shape[-1] != K:
+        raise ValueError(f"weights: expected last dimension K={K} (len(outputs)), "
+                         f"got shape {tuple(weights.shape)}")
+    if weights.dim() >= 2 and weights.shape[0] != shape[0]:
+        raise ValueError(f"weights: expected batch size {shape[0]} (that of outputs), "
+                         f"got shape {tuple(weights.shape)}")
+    if weights.dim() == 3:
+        if len(shape) == 3:
+            if weights.shape[1] != shape[1]:
+                raise ValueError(f"weights: per-token weights need P = N = {shape[1]}, "
+                                 f"got shape {tuple(weights.shape)}")
+            if grid is not None:
+                raise ValueError("grid: token outputs (B, N, C) take per-token weights, no grid; "
+                                 f"got grid={grid!r}")
+        else:
+            if grid is None:
+                raise ValueError("grid: per-patch weights (B, P, K) on (B, C, H, W) outputs need "
+                                 "grid=(gh, gw)")
+            gh, gw = check_grid(grid, shape[2], shape[3])
+            if weights.shape[1] != gh * gw:
+                raise ValueError(f"weights: expected P = gh*gw = {gh * gw} for grid {(gh, gw)}, "
+                                 f"got shape {tuple(weights.shape)}")
+    elif grid is not None:
+        raise ValueError(f"grid: only per-patch weights (B, P, K) use a grid; weights have shape "
+                         f"{tuple(weights.shape)}, got grid={grid!r}")
+    return weights
+
+
+# ---- registration: fake (meta) implementations and autograd --------------------
+
+def _fake_forward(outputs, weights, grid):
+    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
+
+
+def _fake_backward(grad, outputs, weights, grid, outputs_requires_grad, weights_requires_grad):
+    grads = [torch.empty_like(o, memory_format=torch.contiguous_format) for o in outputs] \
+        if outputs_requires_grad else []
+    gw = torch.empty_like(weights) if weights_requires_grad else weights.new_empty(0)
+    return grads, gw
+
+
+def _setup_context(ctx, inputs, output):
+    outputs, weights, grid = inputs
+    ctx.grid = grid
+    ctx.save_for_backward(weights, *outputs)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        weights, *outputs = ctx.saved_tensors
+        # needs_input_grad holds one flag per tensor of a Tensor[] argument.
+        need_each_output, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grads, gw = backward_op(grad, outputs, weights, ctx.grid, any(need_each_output), need_weights)
+        # The returned structure must mirror the inputs': a list, None where not needed.
+        grads = [g if need else None for g, need in zip(grads, need_each_output)] if grads \
+            else [None] * len(outputs)
+        return grads, (gw if need_weights else None), None
+    return backward
+
+
+for _fwd, _bwd in unique_variants(_KERNELS):
+    torch.library.register_fake(_fwd)(_fake_forward)
+    torch.library.register_fake(_bwd)(_fake_backward)
+    torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup_context)

@@ -1,0 +1,61 @@
+"""Eager references: the semantics of every op in plain PyTorch (SPEC 2).
+
+These are the ``eager`` backend and the ground truth of the tests. They favour
+clarity over speed, but they do accumulate like the kernels (float32, float64
+for float64 inputs) and return the inputs' dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from nasops.ops._checks import accumulation_dtype
+
+
+# ---- the mosaic partition (SPEC 2.1) --------------------------------------------
+
+def patch_of(size: int, parts: int, device=None) -> torch.Tensor:
+    """Patch row (or column) of every pixel row (or column): floor(i * parts / size)."""
+    return torch.arange(size, device=device) * parts // size
+
+
+def patch_map(height: int, width: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """(H, W) long tensor: the patch index p = ph * gw + pw of every pixel."""
+    gh, gw = grid
+    return patch_of(height, gh, device)[:, None] * gw + patch_of(width, gw, device)[None, :]
+
+
+def patch_pool(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, P, C): the mean over each patch of the mosaic."""
+    B, C, H, W = x.shape
+    P = grid[0] * grid[1]
+    acc = accumulation_dtype(x.dtype)
+    index = patch_map(H, W, grid, x.device).reshape(-1)
+    sums = torch.zeros(B, C, P, dtype=acc, device=x.device)
+    sums.index_add_(2, index, x.reshape(B, C, H * W).to(acc))
+    counts = torch.bincount(index, minlength=P).to(acc)
+    return (sums / counts).transpose(1, 2).to(x.dtype)
+
+
+# ---- mixed_op (SPEC 2.1) ------------------------------------------------------------
+
+def mixed_op(outputs, weights: torch.Tensor, grid=None) -> torch.Tensor:
+    """y = sum_k w_k * o_k, weights (K,), (B, K) or (B, P, K); ``None`` = Zero op.
+
+    Arguments are assumed valid (nasops.ops.mixed_op checks them).
+    """
+    live = [(k, o) for k, o in enumerate(outputs) if o is not None]
+    ref = live[0][1]
+    acc = accumulation_dtype(ref.dtype)
+    w = weights.to(acc)
+    if w.dim() == 3 and ref.dim() == 4:  # per patch of a feature map: paint the mosaic
+        w = w[:, patch_map(ref.shape[2], ref.shape[3], grid, ref.device)]  # (B, H, W, K)
+        w = w.permute(0, 3, 1, 2).unsqueeze(2)  # (B, K, 1, H, W)
+        per_op = [w[:, k] for k, _ in live]
+    elif w.dim() == 3:  # per token of (B, N, C)
+        per_op = [w[:, :, k, None] for k, _ in live]
+    elif w.dim() == 2:  # per sample
+        per_op = [w[:, k].reshape((-1,) + (1,) * (ref.dim() - 1)) for k, _ in live]
+    else:
+        per_op = [w[k] for k, _ in live]
+    y = sum(wk * o.to(acc) for wk, (_, o) in zip(per_op, live))
+    return y.to(ref.dtype)

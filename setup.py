@@ -1,0 +1,80 @@
+"""Build nasops and its compiled extension ``nasops._C``.
+
+What gets compiled (mirrors pytorch/ao):
+- always: ``csrc/ops.cpp`` (the op schemas), ``csrc/module.cpp`` (pybind11 build
+  info) and the C++ CPU kernels ``csrc/cpu/*.cpp``;
+- also the CUDA kernels ``csrc/cuda/*.cu`` and their torch glue
+  ``csrc/cuda/*.cpp`` when torch is a CUDA build and ``CUDA_HOME`` is set, or
+  when ``NASOPS_FORCE_CUDA=1`` (build on a GPU-less machine; set
+  ``TORCH_CUDA_ARCH_LIST``, e.g. "9.0");
+- nothing with ``NASOPS_SKIP_EXTENSIONS=1``: a pure-Python install (Triton and
+  eager backends only; ``nasops.backends()`` says why the others are missing).
+
+Install with ``pip install --no-build-isolation .`` after torch: build isolation
+would pull a fresh (multi-GB CUDA) torch into the build environment.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def get_extensions():
+    if _env_flag("NASOPS_SKIP_EXTENSIONS"):
+        print("nasops: NASOPS_SKIP_EXTENSIONS=1, installing pure Python")
+        return []
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
+
+    use_cuda = _env_flag("NASOPS_FORCE_CUDA") or (
+        torch.version.cuda is not None and CUDA_HOME is not None
+    )
+    debug = _env_flag("NASOPS_DEBUG")
+    opt = "-O0" if debug else "-O3"
+    # Paths relative to setup.py, as setuptools wants them.
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = [opt, "-std=c++20", "-fopenmp"]
+    define_macros = []
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        define_macros.append(("NASOPS_WITH_CUDA", None))
+        extension = CUDAExtension
+        extra = {"cxx": cxx, "nvcc": [opt, "-std=c++17", "--use_fast_math", "-lineinfo"]}
+        print("nasops: building C++ CPU and CUDA kernels")
+    else:
+        extension = CppExtension
+        extra = {"cxx": cxx}
+        print("nasops: building C++ CPU kernels (no CUDA: torch.version.cuda=%s, CUDA_HOME=%s)"
+              % (torch.version.cuda, CUDA_HOME))
+    return [
+        extension(
+            "nasops._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"] + (["-g"] if debug else []),
+        )
+    ]
+
+
+def get_cmdclass():
+    if _env_flag("NASOPS_SKIP_EXTENSIONS"):
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    packages=find_packages(include=["nasops", "nasops.*"]),
+    package_data={"nasops": ["data/*"]},
+    ext_modules=get_extensions(),
+    cmdclass=get_cmdclass(),
+)
