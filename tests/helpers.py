@@ -1,0 +1,40 @@
+"""Shared test utilities: which backends to test and how close is close enough."""
+from __future__ import annotations
+
+import torch
+
+import nasops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (rtol, atol) of a kernel's result against the float64 reference, per input dtype.
+TOLERANCE = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def available_backends(device: str = DEVICE) -> list[str]:
+    """Backends that can run on ``device`` here (Triton on CPU = the interpreter)."""
+    usable = [name for name, info in nasops.backends().items() if info["available"]]
+    if device == "cpu":
+        usable = [b for b in usable if b != "cuda"]
+    else:
+        usable = [b for b in usable if b != "cpu"]
+    return sorted(usable)
+
+
+def kernel_backends(device: str = DEVICE) -> list[str]:
+    """The available backends other than the eager reference."""
+    return [b for b in available_backends(device) if b != "eager"]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0,
+                 what: str = "") -> None:
+    """Compare a kernel result (any dtype) with a float64 reference; ``scale``
+    widens the tolerance for values that sum many terms."""
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale,
+                               msg=lambda m: f"{what}: {m}")
