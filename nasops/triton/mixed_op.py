@@ -130,8 +130,8 @@ def _backward_flat(g_ptr, outs, grad_outs, w_ptr, partial_ptr, CHW, w_batch_stri
 # ---- P > 1: tiles [channels, positions] of one (sample, patch row) --------------------
 
 @triton.jit
-def _patch_tile(pid, C, H, W, GH, GW, n_cblocks, n_chunks,
-                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _patch_tile(pid, C, n_cblocks, n_chunks, H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr,
+                GW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Decode a program id into its sample, patch row and tile (see module docstring)."""
     chunk = pid % n_chunks
     t = pid // n_chunks
@@ -151,12 +151,13 @@ def _patch_tile(pid, C, H, W, GH, GW, n_cblocks, n_chunks,
     return b, ph, pw, valid_j, offs, mask, part
 
 
-@triton.autotune(configs=_configs([], [4, 8]), key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW"])
+@triton.autotune(configs=_configs([], [2, 4, 8]), key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW"])
 @triton.jit
-def _forward_patch(outs, w_ptr, y_ptr, C, H, W, GH, GW, n_cblocks, n_chunks, w_batch_stride,
+def _forward_patch(outs, w_ptr, y_ptr, C, n_cblocks, n_chunks, w_batch_stride,
+                   H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
                    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     b, ph, pw, valid_j, offs, mask, part = _patch_tile(
-        tl.program_id(0), C, H, W, GH, GW, n_cblocks, n_chunks, BLOCK_C, BLOCK_HW)
+        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, BLOCK_C, BLOCK_HW)
     base = b.to(tl.int64) * C * H * W
     w_row = w_ptr + b * w_batch_stride + (ph * GW + pw) * K    # [BLOCK_HW] pointers
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=w_ptr.dtype.element_ty)
@@ -167,14 +168,15 @@ def _forward_patch(outs, w_ptr, y_ptr, C, H, W, GH, GW, n_cblocks, n_chunks, w_b
     tl.store(y_ptr + base + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs([], [4, 8]),
+@triton.autotune(configs=_configs([], [2, 4, 8]),
                  key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW", "NEED_GO", "NEED_GW"])
 @triton.jit
-def _backward_patch(g_ptr, outs, grad_outs, w_ptr, partial_ptr, C, H, W, GH, GW, n_cblocks, n_chunks,
-                    w_batch_stride, K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+def _backward_patch(g_ptr, outs, grad_outs, w_ptr, partial_ptr, C, n_cblocks, n_chunks, w_batch_stride,
+                    H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
+                    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                     GW_PAD: tl.constexpr, NEED_GO: tl.constexpr, NEED_GW: tl.constexpr):
     b, ph, pw, valid_j, offs, mask, part = _patch_tile(
-        tl.program_id(0), C, H, W, GH, GW, n_cblocks, n_chunks, BLOCK_C, BLOCK_HW)
+        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, BLOCK_C, BLOCK_HW)
     base = b.to(tl.int64) * C * H * W
     acc_t = w_ptr.dtype.element_ty
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_t)
@@ -263,8 +265,8 @@ def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: l
         else:
             block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw)
             _forward_patch[(B * gh * n_cblocks * n_chunks,)](
-                outs, w, y, C, H, W, gh, gw, n_cblocks, n_chunks, w_batch_stride,
-                K=K, BLOCK_C=block_c, BLOCK_HW=block_hw)
+                outs, w, y, C, n_cblocks, n_chunks, w_batch_stride,
+                H=H, W=W, GH=gh, GW=gw, K=K, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return y
 
 
@@ -303,8 +305,9 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
             partial = torch.empty((B, gh, parts, gw, K), dtype=w.dtype, device=g.device) \
                 if weights_requires_grad else w
             _backward_patch[(B * gh * parts,)](
-                g, outs, grad_out_ptrs, w, partial, C, H, W, gh, gw, n_cblocks, n_chunks, w_batch_stride,
-                BLOCK_C=block_c, BLOCK_HW=block_hw, GW_PAD=triton.next_power_of_2(gw), **flags)
+                g, outs, grad_out_ptrs, w, partial, C, n_cblocks, n_chunks, w_batch_stride,
+                H=H, W=W, GH=gh, GW=gw, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                GW_PAD=triton.next_power_of_2(gw), **flags)
             if weights_requires_grad:
                 grad_w = partial.sum(2).reshape(B, gh * gw, K)   # (B, P, K)
     if weights_requires_grad and weights.shape[0] == 1:
