@@ -14,10 +14,10 @@ import torch
 
 import nasops
 from nasops.ops import reference
-from tests.helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, available_backends
 
-pytestmark = pytest.mark.skipif("triton" not in [n for n, i in nasops.backends().items() if i["available"]],
-                                reason="Triton is not usable here (see nasops.backends())")
+pytestmark = pytest.mark.skipif("triton" not in available_backends(),
+                                reason=f"Triton is not usable here: {nasops.backends()['triton']['reason']}")
 
 import nasops.triton.mixed_op  # noqa: E402,F401  (registers the ops)
 
@@ -82,6 +82,32 @@ def test_parity_with_float64_reference(case, dtype):
         assert_close(got, want, dtype, what=f"grad outputs[{k}]")
 
 
+@pytest.mark.parametrize("case", ["edge-K8", "sample-K16", "patch-uneven", "patch-per-row", "patch-shared"])
+def test_many_programs_per_sample(case, monkeypatch):
+    """Small blocks and tiles: partial sums over many programs, channel blocks and
+    segment chunks (at the default sizes these tiny shapes need one program each)."""
+    import nasops.triton.mixed_op as kernels
+    monkeypatch.setattr(kernels, "_FLAT_BACKWARD_BLOCK", 16)
+    monkeypatch.setattr(kernels, "_PATCH_TILE", 16)
+    shape, K, grid, per_sample = CASES[case]
+    outs, w = make_inputs(shape, K, grid, per_sample, torch.float32)
+    g = torch.randn(shape, device=DEVICE)
+    y_ref, gw_ref, go_ref = reference_result(outs, w, grid, g)
+    assert_close(forward(outs, w, list(grid)), y_ref, torch.float32, what="y")
+    grad_outs, grad_w = backward(g, outs, w, list(grid), True, True)
+    assert_close(grad_w, gw_ref, torch.float32, scale=100, what="grad weights")
+    for got, want in zip(grad_outs, go_ref):
+        assert_close(got, want, torch.float32, what="grad outputs")
+
+
+def test_forward_many_blocks_per_sample():
+    """A sample larger than the forward block (4096 under the interpreter)."""
+    shape, K = (2, 3, 40, 40), 2
+    outs, w = make_inputs(shape, K, (1, 1), True, torch.float32)
+    y_ref, _, _ = reference_result(outs, w, (1, 1), torch.zeros(shape, device=DEVICE))
+    assert_close(forward(outs, w, [1, 1]), y_ref, torch.float32, what="y")
+
+
 def test_float64_parity_and_determinism():
     shape, K, grid = (2, 3, 7, 5), 6, (3, 2)
     outs, w = make_inputs(shape, K, grid, True, torch.float64)
@@ -130,7 +156,7 @@ def test_non_contiguous_inputs(grid):
     outs = [torch.randn(shape, device=DEVICE).contiguous(memory_format=torch.channels_last),
             torch.randn(2, 3, 4, 6, device=DEVICE).transpose(2, 3),
             torch.randn(2, 6, 6, 4, device=DEVICE)[:, ::2]]
-    w = torch.randn(2, K, grid[0] * grid[1], device=DEVICE).transpose(1, 2)
+    w = torch.randn(2, grid[0] * grid[1], 2 * K, device=DEVICE)[..., ::2]
     g = torch.randn(2, 3, 4, 6, device=DEVICE).transpose(2, 3)
     assert not any(t.is_contiguous() for t in outs + [w, g])
     y_ref, gw_ref, go_ref = reference_result(outs, w, grid, g)

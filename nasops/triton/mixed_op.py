@@ -235,15 +235,22 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# Elements per program of the backward P == 1 blocks and of the P > 1 tiles (bigger
+# in the interpreter, which pays per program). Module attributes so that tests can
+# shrink them to exercise many blocks on tiny shapes.
+_FLAT_BACKWARD_BLOCK = 4096
+_PATCH_TILE = 16384 if _INTERPRET else 4096
+
+
 def _flat_block(chw: int) -> int:
     """Backward block of the P == 1 path: big, but not much bigger than a sample."""
-    return 4096 if _INTERPRET else min(4096, max(256, triton.next_power_of_2(chw)))
+    return min(_FLAT_BACKWARD_BLOCK, max(256, triton.next_power_of_2(chw)))
 
 
 def _patch_tiling(C, H, W, gh, gw):
     """(BLOCK_C, BLOCK_HW, n_cblocks, n_chunks) for the P > 1 path: a tile of about
-    4096 elements (16384 in the interpreter) covering a patch row's contiguous segment."""
-    budget = 16384 if _INTERPRET else 4096
+    _PATCH_TILE elements covering a patch row's contiguous segment."""
+    budget = _PATCH_TILE
     max_rows = max(-(-(ph + 1) * H // gh) - (-(-ph * H // gh)) for ph in range(gh))
     segment = max_rows * W
     block_hw = min(triton.next_power_of_2(segment), budget)
