@@ -68,6 +68,7 @@ Tuning
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -231,30 +232,51 @@ def _canonical(outputs, weights, grid):
 
 
 def _on_device(t: torch.Tensor):
-    """Launch on the tensors' GPU (Triton uses the current device); nothing on CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device) if t.get_device() != torch.cuda.current_device() \
+            else contextlib.nullcontext()
+    if not _INTERPRET:
+        raise RuntimeError(f"nasops mixed_op (triton): {t.device.type} tensors run only under the Triton "
+                           "interpreter (TRITON_INTERPRET=1 set before importing nasops)")
+    return contextlib.nullcontext()
 
 
-# Elements per program of the backward P == 1 blocks and of the P > 1 tiles (bigger
-# in the interpreter, which pays per program). Module attributes so that tests can
-# shrink them to exercise many blocks on tiny shapes.
-_FLAT_BACKWARD_BLOCK = 4096
-_PATCH_TILE = 16384 if _INTERPRET else 4096
+# Elements per program of the backward P == 1 blocks and of the P > 1 tiles, at most:
+# big in the interpreter, which pays per program. A module attribute so that tests
+# can shrink it to exercise many programs per sample on tiny shapes.
+_MAX_TILE = 16384 if _INTERPRET else 4096
+_MIN_TILE = 1024
 
 
-def _flat_block(chw: int) -> int:
-    """Backward block of the P == 1 path: big, but not much bigger than a sample."""
-    return min(_FLAT_BACKWARD_BLOCK, max(256, triton.next_power_of_2(chw)))
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _patch_tiling(C, H, W, gh, gw):
+def _tile_elements(total: int, device: torch.device) -> int:
+    """The largest tile (_MAX_TILE down to _MIN_TILE) that still gives every SM
+    about four programs, so that small problems keep the whole GPU busy."""
+    tile = _MAX_TILE
+    if device.type == "cuda":
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        while tile > _MIN_TILE and total < target * tile:
+            tile //= 2
+    return tile
+
+
+def _flat_block(chw: int, tile: int) -> int:
+    """Backward block of the P == 1 path: the tile, but not much bigger than a sample."""
+    return min(tile, max(256, triton.next_power_of_2(chw)))
+
+
+def _patch_tiling(C, H, W, gh, gw, tile):
     """(BLOCK_C, BLOCK_HW, n_cblocks, n_chunks) for the P > 1 path: a tile of about
-    _PATCH_TILE elements covering a patch row's contiguous segment."""
-    budget = _PATCH_TILE
+    ``tile`` elements over a patch row's contiguous segment, whole channels first."""
     max_rows = max(-(-(ph + 1) * H // gh) - (-(-ph * H // gh)) for ph in range(gh))
     segment = max_rows * W
-    block_hw = min(triton.next_power_of_2(segment), budget)
-    block_c = min(triton.next_power_of_2(C), max(1, budget // block_hw))
+    block_hw = min(triton.next_power_of_2(segment), tile)
+    block_c = min(triton.next_power_of_2(C), max(1, tile // block_hw))
     return block_c, block_hw, triton.cdiv(C, block_c), triton.cdiv(segment, block_hw)
 
 
@@ -270,7 +292,8 @@ def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: l
             _forward_flat[lambda meta: (B * triton.cdiv(chw, meta["BLOCK"]),)](
                 outs, w, y, chw, w_batch_stride, K=K)
         else:
-            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw)
+            tile = _tile_elements(y.numel(), y.device)
+            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw, tile)
             _forward_patch[(B * gh * n_cblocks * n_chunks,)](
                 outs, w, y, C, n_cblocks, n_chunks, w_batch_stride,
                 H=H, W=W, GH=gh, GW=gw, K=K, BLOCK_C=block_c, BLOCK_HW=block_hw)
@@ -295,19 +318,20 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
     # Unused pointer arguments get a harmless stand-in (their stores are compiled out).
     grad_out_ptrs = tuple(grad_outs) if outputs_requires_grad else outs
     flags = dict(K=K, NEED_GO=bool(outputs_requires_grad), NEED_GW=bool(weights_requires_grad))
+    tile = _tile_elements(g.numel(), g.device)
     with _on_device(g):
         if gh * gw == 1:
             chw = C * H * W
-            block = _flat_block(chw)
+            block = _flat_block(chw, tile)
             n_blocks = triton.cdiv(chw, block)
             partial = torch.empty((B, n_blocks, K), dtype=w.dtype, device=g.device) \
                 if weights_requires_grad else w
             _backward_flat[(B * n_blocks,)](g, outs, grad_out_ptrs, w, partial, chw, w_batch_stride,
                                             BLOCK=block, **flags)
-            if weights_requires_grad:
-                grad_w = partial.sum(1, keepdim=True)            # (B, 1, K)
+            if weights_requires_grad:  # per-edge weights also sum over the batch
+                grad_w = partial.sum((0, 1) if w.shape[0] == 1 else 1, keepdim=True)  # (Bw, 1, K)
         else:
-            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw)
+            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw, tile)
             parts = n_cblocks * n_chunks
             partial = torch.empty((B, gh, parts, gw, K), dtype=w.dtype, device=g.device) \
                 if weights_requires_grad else w
@@ -316,9 +340,7 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
                 H=H, W=W, GH=gh, GW=gw, BLOCK_C=block_c, BLOCK_HW=block_hw,
                 GW_PAD=triton.next_power_of_2(gw), **flags)
             if weights_requires_grad:
-                grad_w = partial.sum(2).reshape(B, gh * gw, K)   # (B, P, K)
-    if weights_requires_grad and weights.shape[0] == 1:
-        grad_w = grad_w.sum(0, keepdim=True)                     # per-edge weights: sum the batch
+                grad_w = partial.sum((0, 2) if w.shape[0] == 1 else 2).reshape(w.shape)  # (Bw, P, K)
     return grad_outs, grad_w
 
 
