@@ -79,6 +79,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    # Plain Python: triton.cdiv / triton.next_power_of_2 cost ~4 us each per call.
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _configs(blocks, warps):
     """Autotune candidates; one config under the interpreter (more would fail there)."""
     if _INTERPRET:
@@ -267,17 +276,18 @@ def _tile_elements(total: int, device: torch.device) -> int:
 
 def _flat_block(chw: int, tile: int) -> int:
     """Backward block of the P == 1 path: the tile, but not much bigger than a sample."""
-    return min(tile, max(256, triton.next_power_of_2(chw)))
+    return min(tile, max(256, _next_pow2(chw)))
 
 
+@functools.lru_cache(maxsize=1024)
 def _patch_tiling(C, H, W, gh, gw, tile):
     """(BLOCK_C, BLOCK_HW, n_cblocks, n_chunks) for the P > 1 path: a tile of about
     ``tile`` elements over a patch row's contiguous segment, whole channels first."""
     max_rows = max(-(-(ph + 1) * H // gh) - (-(-ph * H // gh)) for ph in range(gh))
     segment = max_rows * W
-    block_hw = min(triton.next_power_of_2(segment), tile)
-    block_c = min(triton.next_power_of_2(C), max(1, tile // block_hw))
-    return block_c, block_hw, triton.cdiv(C, block_c), triton.cdiv(segment, block_hw)
+    block_hw = min(_next_pow2(segment), tile)
+    block_c = min(_next_pow2(C), max(1, tile // block_hw))
+    return block_c, block_hw, _cdiv(C, block_c), _cdiv(segment, block_hw)
 
 
 def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: list[int]) -> torch.Tensor:
@@ -289,7 +299,7 @@ def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: l
     with _on_device(y):
         if gh * gw == 1:
             chw = C * H * W
-            _forward_flat[lambda meta: (B * triton.cdiv(chw, meta["BLOCK"]),)](
+            _forward_flat[lambda meta: (B * _cdiv(chw, meta["BLOCK"]),)](
                 outs, w, y, chw, w_batch_stride, K=K)
         else:
             tile = _tile_elements(y.numel(), y.device)
@@ -323,7 +333,7 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
         if gh * gw == 1:
             chw = C * H * W
             block = _flat_block(chw, tile)
-            n_blocks = triton.cdiv(chw, block)
+            n_blocks = _cdiv(chw, block)
             partial = torch.empty((B, n_blocks, K), dtype=w.dtype, device=g.device) \
                 if weights_requires_grad else w
             _backward_flat[(B * n_blocks,)](g, outs, grad_out_ptrs, w, partial, chw, w_batch_stride,
@@ -338,7 +348,7 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
             _backward_patch[(B * gh * parts,)](
                 g, outs, grad_out_ptrs, w, partial, C, n_cblocks, n_chunks, w_batch_stride,
                 H=H, W=W, GH=gh, GW=gw, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                GW_PAD=triton.next_power_of_2(gw), **flags)
+                GW_PAD=_next_pow2(gw), **flags)
             if weights_requires_grad:
                 grad_w = partial.sum((0, 2) if w.shape[0] == 1 else 2).reshape(w.shape)  # (Bw, P, K)
     return grad_outs, grad_w
