@@ -22,7 +22,8 @@ Accumulation
 Mapping, P == 1 (per edge (1, 1, K) or per sample (B, 1, K)): the fast path
     A sample's C*H*W elements are contiguous and share one weight per op, so a
     program owns BLOCK contiguous elements of one sample (grid = B * cdiv(CHW,
-    BLOCK), 1D) and loads the K weights as scalars. Forward reads K*N and writes
+    BLOCK), 1D) and loads the K weights as scalars; per-edge weights treat the
+    whole batch as one sample. Forward reads K*N and writes
     N; nothing else. Backward reads g once, then per op writes w_k*g (if the
     outputs need grad) and, if the weights need grad, reads o_k and reduces
     g*o_k over its block to one scalar, stored to partial[b, block, k]. A second
@@ -292,6 +293,14 @@ def _tile_elements(total: int, device: torch.device) -> int:
     return tile
 
 
+def _flat_samples(B: int, chw: int, weights: torch.Tensor) -> tuple[int, int]:
+    """(samples, elements per sample) of the P == 1 path: per-edge weights treat the
+    whole batch as one sample (no partly filled block at each sample's end)."""
+    if weights.shape[0] == 1 and B * chw < 2**31:
+        return 1, B * chw
+    return B, chw
+
+
 def _flat_block(chw: int, tile: int) -> int:
     """Backward block of the P == 1 path: the tile, but not much bigger than a sample."""
     return min(tile, max(256, _next_pow2(chw)))
@@ -316,8 +325,8 @@ def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: l
     K = len(outs)
     with _on_device(y):
         if gh * gw == 1:
-            chw = C * H * W
-            _forward_flat[lambda meta: (B * _cdiv(chw, meta["BLOCK"]),)](
+            samples, chw = _flat_samples(B, C * H * W, w)
+            _forward_flat[lambda meta: (samples * _cdiv(chw, meta["BLOCK"]),)](
                 outs, w, y, chw, w_batch_stride, K=K)
         else:
             tile = _tile_elements(y.numel(), y.device)
@@ -349,12 +358,12 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
     tile = _tile_elements(g.numel(), g.device)
     with _on_device(g):
         if gh * gw == 1:
-            chw = C * H * W
+            samples, chw = _flat_samples(B, C * H * W, w)
             block = _flat_block(chw, tile)
             n_blocks = _cdiv(chw, block)
-            partial = torch.empty((B, n_blocks, K), dtype=w.dtype, device=g.device) \
+            partial = torch.empty((samples, n_blocks, K), dtype=w.dtype, device=g.device) \
                 if weights_requires_grad else w
-            _backward_flat[(B * n_blocks,)](g, outs, grad_out_ptrs, w, partial, chw, w_batch_stride,
+            _backward_flat[(samples * n_blocks,)](g, outs, grad_out_ptrs, w, partial, chw, w_batch_stride,
                                             BLOCK=block, **flags)
             if weights_requires_grad:  # per-edge weights also sum over the batch
                 grad_w = partial.sum((0, 1) if w.shape[0] == 1 else 1, keepdim=True)  # (Bw, 1, K)
