@@ -39,7 +39,8 @@ Mapping, P > 1 (per patch; per token after the (B, 1, N, C) view with grid (N, 1
     of one sample b and one patch row ph (grid = B * gh * cdiv(C, BLOCK_C) *
     cdiv(max L, BLOCK_HW), 1D), so b and ph are scalars and only the patch column
     pw = (w*gw)//W varies, per position: the K weight vectors w[b, ph*gw + pw, k]
-    are gathered once per program (from cache) and broadcast over the channels.
+    are gathered once per program (from cache) and broadcast over the channels
+    (scalars when gw == 1, e.g. per-token weights).
     Backward reduces g*o_k over the tile's channels first (a [BLOCK_HW] column
     sum), then into the gw patch columns with a [BLOCK_HW, GW_PAD] one-hot sum
     (cheap: gw is small next to BLOCK_C*BLOCK_HW work), storing partial[b, ph,
@@ -180,6 +181,16 @@ def _patch_tile(pid, C, n_cblocks, n_chunks, H: tl.constexpr, W: tl.constexpr, G
     return b, ph, pw, valid_j, offs, mask, part
 
 
+@triton.jit
+def _tile_weight(w_ptr, row_offset, pw, valid_j, k, GW: tl.constexpr, K: tl.constexpr):
+    """w[b, ph*GW + pw, k] at the tile's positions, shaped to broadcast over its channels
+    (``row_offset`` locates w[b, ph*GW, 0])."""
+    if GW == 1:  # one patch per row (per token, or a (gh, 1) grid): a scalar
+        return tl.load(w_ptr + row_offset + k)
+    else:
+        return tl.load(w_ptr + row_offset + pw * K + k, mask=valid_j, other=0.0)[None, :]
+
+
 @triton.autotune(configs=_configs([], [2, 4, 8]), key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW"])
 @triton.jit
 def _forward_patch(outs, w_ptr, y_ptr, C, n_cblocks, n_chunks, w_batch_stride,
@@ -188,12 +199,12 @@ def _forward_patch(outs, w_ptr, y_ptr, C, n_cblocks, n_chunks, w_batch_stride,
     b, ph, pw, valid_j, offs, mask, _ = _patch_tile(
         tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, BLOCK_C, BLOCK_HW)
     base = b.to(tl.int64) * C * H * W
-    w_row = w_ptr + b * w_batch_stride + (ph * GW + pw) * K    # [BLOCK_HW] pointers
+    w_row = b * w_batch_stride + ph * GW * K
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=w_ptr.dtype.element_ty)
     for k in tl.static_range(K):
-        wk = tl.load(w_row + k, mask=valid_j, other=0.0)
+        wk = _tile_weight(w_ptr, w_row, pw, valid_j, k, GW, K)
         o = tl.load(outs[k] + base + offs, mask=mask, other=0.0)
-        acc += o.to(acc.dtype) * wk[None, :]
+        acc += o.to(acc.dtype) * wk
     tl.store(y_ptr + base + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -213,11 +224,11 @@ def _backward_patch(g_ptr, outs, grad_outs, w_ptr, partial_ptr, C, n_cblocks, n_
     cols = tl.arange(0, GW_PAD)
     partial_row = partial_ptr + (((b * GH + ph).to(tl.int64) * (n_cblocks * n_chunks) + part) * GW + cols) * K
     in_column = (pw[:, None] == cols[None, :]) & valid_j[:, None]   # [BLOCK_HW, GW_PAD] one-hot
+    w_row = b * w_batch_stride + ph * GW * K
     for k in tl.static_range(K):
         if NEED_GO:
-            wk = tl.load(w_ptr + b * w_batch_stride + (ph * GW + pw) * K + k, mask=valid_j, other=0.0)
-            tl.store(grad_outs[k] + base + offs, (g * wk[None, :]).to(grad_outs[k].dtype.element_ty),
-                     mask=mask)
+            wk = _tile_weight(w_ptr, w_row, pw, valid_j, k, GW, K)
+            tl.store(grad_outs[k] + base + offs, (g * wk).to(grad_outs[k].dtype.element_ty), mask=mask)
         if NEED_GW:
             o = tl.load(outs[k] + base + offs, mask=mask, other=0.0).to(acc_t)
             per_position = tl.sum(g * o, axis=0)                     # over the tile's channels
