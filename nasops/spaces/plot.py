@@ -175,8 +175,7 @@ def plot_edge_weights(edge_weights: list[dict], path: str | os.PathLike, title: 
         for op, w in entry["ops"].items():
             table[r, ops.index(op)] = w
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(ops), 1.2 + 0.38 * len(edge_weights)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")  # ops an edge lacks
     image = ax.imshow(np.ma.masked_invalid(table), cmap=cmap, vmin=0.0, vmax=np.nanmax(table),
                       aspect="auto")
     for r in range(table.shape[0]):
