@@ -166,6 +166,20 @@ def test_mixed_edge_is_the_weighted_sum_of_its_ops():
     torch.testing.assert_close(edge(x, w), expected)
 
 
+def test_mixed_edge_under_autocast_mixes_one_dtype():
+    from nasops.spaces.base import MixedEdge
+    from nasops.spaces.operations import make_darts_op
+    names = ["none", "skip_connect", "sep_conv_3x3"]
+    edge = MixedEdge(names, [make_darts_op(n, 4, 1) for n in names])
+    x = torch.randn(2, 4, 8, 8)  # float32: the identity keeps it, the conv goes bfloat16
+    w = torch.tensor([0.2, 0.3, 0.5])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = edge(x, w)
+        conv = edge.ops[2](x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), 0.3 * x + 0.5 * conv.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_weights_override_per_sample():
     torch.manual_seed(0)
     net = tiny("darts").eval()
