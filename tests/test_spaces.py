@@ -17,7 +17,7 @@ from nasops.spaces import nb201
 from nasops.spaces.darts import derive_genes
 from nasops.spaces.operations import DARTS_OPS, NB201_OPS
 from nasops.spaces.plot import plot_cell, plot_edge_weights
-from tests.helpers import kernel_backends
+from helpers import kernel_backends
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = Path(__file__).resolve().parent / "data" / "nb201_excerpt.csv"
