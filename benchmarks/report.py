@@ -10,7 +10,7 @@ kind, between ``<!-- BEGIN <op> <device> -->`` markers) and keeps the others,
 so CPU and GPU results and different ops live side by side.
 
 A section states the device, versions, date, command, the read/write bandwidth
-measured in the same run, and per case and mode: the median step time per
+measured in the same run (timed beside the providers), and per case and mode: the median step time per
 provider, nasops' speed-up over eager and over torch.compile, and the share of
 the measured bandwidth it reaches (the SPEC's traffic floor moved at the
 measured bandwidth, divided by the median time).
@@ -84,13 +84,16 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
     for case in bench.cases(quick):
         inputs = case.make_inputs(device, torch.float32)
         fns = harness.providers(case, device)
+        # A probe buffer the size of the forward's inputs (K*N elements).
+        probe_bytes = case.floor_bytes("fwd", torch.float32)[0]
+        probes = harness.bandwidth_probes(device, probe_bytes)
         for mode in harness.MODES:
             start = time.perf_counter()
-            times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps)
-            # Measured right after the timings, so it sees the same machine load.
-            bandwidth = harness.measure_bandwidth(device, reps=5)
-            bandwidths.append(bandwidth)
+            times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps,
+                                           probes=probes)
             med = {name: harness.median(ts) for name, ts in times.items()}
+            bandwidth = {name: probe_bytes / med.pop(name) for name in probes}
+            bandwidths.append(bandwidth)
             floor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), bandwidth)
             row = [case.group.replace(f"{bench.op} ", ""), mode, fmt_ms(med["eager"]), fmt_ms(med["compile"])]
             for k in kernels:
@@ -101,7 +104,7 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
             rows.append(row)
             print(f"  {case.group} {mode}: " + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in med.items())
                   + f"; floor {fmt_ms(floor)} ms ({time.perf_counter() - start:.0f} s)", flush=True)
-        del inputs, fns
+        del inputs, fns, probes
     return harness.markdown_table(header, rows), bandwidths
 
 
@@ -147,9 +150,10 @@ def section(bench, kind, device, quick, command, bandwidths, table) -> str:
         f"- versions: {versions()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- command: `{command}`" + (" (quick: fewer repetitions)" if quick else ""),
-        f"- bandwidth, measured after each row's timings (that row's `% BW` uses its own): "
-        f"read {_span(bandwidths, 'read')} GB/s (`x.sum()`), write {_span(bandwidths, 'write')} GB/s "
-        f"(`x.fill_()`) on {harness.BANDWIDTH_BUFFER_NOTE[kind.split('-')[0]]}",
+        f"- bandwidth, timed in the same round-robin as each row's providers (that row's `% BW` "
+        f"uses its own) on a float32 buffer the size of the case's inputs: read "
+        f"{_span(bandwidths, 'read')} GB/s (`x.sum()`), write {_span(bandwidths, 'write')} GB/s "
+        f"(`x.fill_()`)",
         f"- {memory}",
         noise,
         table,
