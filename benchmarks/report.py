@@ -37,6 +37,12 @@ import harness  # noqa: E402
 import nasops  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
+CPU_NOISE_NOTE = (
+    "The CPU is shared (2 cores, several other jobs at the same time): absolute times are "
+    "noisy; compare ratios within a table, which come from interleaved repetitions of the "
+    "same run. `% BW` above 100 means the bandwidth probes (`sum`, `fill_` on all threads) "
+    "fared worse than the kernel on the contended cores, not that the floor was beaten; on a "
+    "quiet moment of this machine the probes read and write about 47 GB/s.")
 # glibc malloc without mmap and without trimming: freed memory is reused, not faulted in again.
 WARM_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 PREAMBLE = """# nasops benchmark results
@@ -74,7 +80,7 @@ def fmt_mib(nbytes) -> str:
 
 def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, list[dict]]:
     """The op's table, and the bandwidths measured beside each case and mode."""
-    reps, warmup = (3, 1) if quick else (5, 2)
+    reps, warmup = (3, 1) if quick else (9, 2)
     kernels = [f"nasops-{b}" for b in harness.kernel_backends(device)]
     header = ["case", "mode", "eager ms", "compile ms"]
     for k in kernels:
@@ -123,9 +129,7 @@ def versions() -> str:
 def section(bench, kind, device, quick, command, bandwidths, table) -> str:
     notes = []
     if kind.startswith("cpu"):
-        notes.append("The CPU is shared (2 cores, several other jobs at the same time): absolute "
-                     "times are noisy; compare ratios within a table, which come from "
-                     "interleaved repetitions of the same run.")
+        notes.append(CPU_NOISE_NOTE)
     if kind == "cpu":
         notes.append("PyTorch's CPU allocator does not cache: a fresh multi-MiB tensor is new "
                      "pages from the OS, and on this VM first-touch page faults can cost more "
