@@ -90,7 +90,7 @@ std::vector<const scalar_t*> data_pointers(const std::vector<at::Tensor>& tensor
 
 
 // The hot loops, once per instruction set (see mixed_op_kernels.h).
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define NASOPS_MIXED_OP_AVX2 1
 namespace avx2 {
 #pragma GCC push_options
