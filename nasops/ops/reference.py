@@ -87,7 +87,7 @@ def select_tokens(s: torch.Tensor, keep: int, keep_cls: bool) -> torch.Tensor:
     order = torch.sort(s[:, first:], dim=1, descending=True, stable=True).indices
     chosen = order[:, :keep - first] + first
     if keep_cls:
-        chosen = torch.cat([torch.zeros_like(chosen[:, :1]), chosen], dim=1)
+        chosen = torch.cat([chosen.new_zeros(chosen.shape[0], 1), chosen], dim=1)
     return torch.sort(chosen, dim=1).values
 
 
