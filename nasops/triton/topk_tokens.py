@@ -41,24 +41,28 @@ _GATES = {"none": 0, "straight_through": 1, "sigmoid": 2}
 
 @triton.jit
 def _order_key(score, IS_F64: tl.constexpr):
-    """Integer keys in the order of the scores; -0 == +0; NaN above every number."""
+    """Unsigned keys in the order of the scores; -0 == +0; NaN above every number.
+
+    Every real key is >= 1 (0 would need a negative NaN, canonicalized away), so
+    0 marks a token that is not a candidate.
+    """
     score = tl.where(score == 0, 0.0, score)
     if IS_F64:
-        bits = score.to(tl.int64, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
-        key = tl.where(score != score, 0x7FFFFFFFFFFFFFFF, key)
+        bits = score.to(tl.uint64, bitcast=True)
+        key = tl.where(bits >= 0x8000000000000000, ~bits, bits | 0x8000000000000000)
+        key = tl.where(score != score, 0xFFFFFFFFFFFFFFFF, key)
     else:
-        bits = score.to(tl.int32, bitcast=True)
-        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = tl.where(score != score, 0x7FFFFFFF, key)
+        bits = score.to(tl.uint32, bitcast=True)
+        key = tl.where(bits >= 0x80000000, ~bits, bits | 0x80000000)
+        key = tl.where(score != score, 0xFFFFFFFF, key)
     return key
 
 
 @triton.jit
 def _select_kernel(q_ptr, k_ptr, s_ptr, score_ptr, k_mean_ptr, idx_ptr, pos_ptr,
                    N, D, keep, want, inv_sqrt_d,
-                   KEEP_CLS: tl.constexpr, IS_F64: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                   KEEP_CLS: tl.constexpr, IS_F64: tl.constexpr, KEY_BITS: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -85,22 +89,23 @@ def _select_kernel(q_ptr, k_ptr, s_ptr, score_ptr, k_mean_ptr, idx_ptr, pos_ptr,
 
     offs = tl.arange(0, BLOCK_N)
     score = tl.load(score_ptr + b * N + offs, mask=offs < N, other=0.0)
-    key = _order_key(score, IS_F64)
     candidate = (offs < N) & (offs >= (1 if KEEP_CLS else 0))
-    # Below every real key (-0 and negative NaNs, the only bit patterns that map
-    # to it, were canonicalized away): padding and the CLS token sort last.
-    if IS_F64:
-        lowest = -9223372036854775807 - 1
-    else:
-        lowest = -2147483648
-    key = tl.where(candidate, key, lowest)
-    ranked = tl.sort(key, dim=0, descending=True)
-    threshold = tl.max(tl.where(offs == want - 1, ranked, lowest), axis=0)
-    above = candidate & (key > threshold)
-    tied = candidate & (key == threshold)
+    key = _order_key(score, IS_F64)
+    key = tl.where(candidate, key, tl.zeros_like(key))
+    # Radix select, most significant bit first: the largest threshold with at
+    # least `want` candidate keys >= it is the want-th largest key.
+    threshold = tl.full([], 0, key.dtype)
+    bit = tl.full([], 1, key.dtype) << (KEY_BITS - 1)
+    for _ in range(KEY_BITS):
+        trial = threshold | bit
+        count = tl.sum((key >= trial).to(tl.int32), axis=0)
+        threshold = tl.where(count >= want, trial, threshold)
+        bit = bit >> 1
+    above = key > threshold
+    tied = key == threshold
     need = want - tl.sum(above.to(tl.int32), axis=0)
     tie_rank = tl.cumsum(tied.to(tl.int32), axis=0)  # ties go to the lower index
-    kept = (above | (tied & (tie_rank <= need))) & ((offs * 0 + want) > 0)  # want = 0: CLS only
+    kept = above | (tied & (tie_rank <= need))  # want = 0: threshold = max, nothing
     if KEEP_CLS:
         kept = kept | (offs == 0)
     place = tl.cumsum(kept.to(tl.int32), axis=0) - 1
@@ -240,6 +245,7 @@ def topk_tokens_forward(x, q, k, keep: int, keep_cls: bool, gate: str):
     block_n = triton.next_power_of_2(N)
     _select_kernel[(B,)](q, k, s, scores, k_mean, idx, pos, N, D, keep, keep - int(keep_cls),
                          1.0 / D ** 0.5, KEEP_CLS=keep_cls, IS_F64=x.dtype == torch.float64,
+                         KEY_BITS=64 if x.dtype == torch.float64 else 32,
                          ACC=acc_tl, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
                          num_warps=1 if _INTERPRET else (4 if block_n <= 1024 else 8))
     if C:
