@@ -49,10 +49,14 @@ cudaError_t launch(const void* src, void* dst, const int64_t* idx, int64_t rows,
 cudaError_t launch_copy_rows(const void* src, void* dst, const int64_t* idx, int64_t rows,
                              int64_t row_bytes, bool scatter, cudaStream_t stream) {
   if (rows == 0 || row_bytes == 0) return cudaSuccess;
-  if (row_bytes % 16 == 0) return launch<uint4>(src, dst, idx, rows, row_bytes, scatter, stream);
-  if (row_bytes % 8 == 0) return launch<uint2>(src, dst, idx, rows, row_bytes, scatter, stream);
-  if (row_bytes % 4 == 0) return launch<uint32_t>(src, dst, idx, rows, row_bytes, scatter, stream);
-  if (row_bytes % 2 == 0) return launch<uint16_t>(src, dst, idx, rows, row_bytes, scatter, stream);
+  // The word must divide the row size and both base addresses (a contiguous
+  // view may start anywhere in its storage).
+  const int64_t bits = row_bytes | static_cast<int64_t>(reinterpret_cast<uintptr_t>(src)) |
+                       static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst));
+  if (bits % 16 == 0) return launch<uint4>(src, dst, idx, rows, row_bytes, scatter, stream);
+  if (bits % 8 == 0) return launch<uint2>(src, dst, idx, rows, row_bytes, scatter, stream);
+  if (bits % 4 == 0) return launch<uint32_t>(src, dst, idx, rows, row_bytes, scatter, stream);
+  if (bits % 2 == 0) return launch<uint16_t>(src, dst, idx, rows, row_bytes, scatter, stream);
   return launch<uint8_t>(src, dst, idx, rows, row_bytes, scatter, stream);
 }
 

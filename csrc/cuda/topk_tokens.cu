@@ -385,7 +385,12 @@ size_t select_smem_bytes(int64_t N, int64_t D, int threads) {
   return head + (threads + D) * sizeof(Acc) + N * sizeof(Key) + sizeof(Key);
 }
 
-bool rows_vectorizable(int64_t C, size_t element_size) { return (C * element_size) % 16 == 0; }
+// 16-byte vectors need rows of a multiple of 16 bytes and 16-byte aligned bases.
+bool rows_vectorizable(int64_t C, size_t element_size, const void* a, const void* b, const void* c = nullptr) {
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+                         reinterpret_cast<uintptr_t>(c);
+  return (C * element_size) % 16 == 0 && bits % 16 == 0;
+}
 
 template <typename T>
 cudaError_t forward_impl(const TokenSizes& z, TokenGate gate, bool keep_cls, const void* x,
@@ -405,7 +410,7 @@ cudaError_t forward_impl(const TokenSizes& z, TokenGate gate, bool keep_cls, con
   const int64_t rows = z.B * z.keep;
   const unsigned blocks = static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps);
   const bool sigmoid = gate == TokenGate::kSigmoid;
-  if (rows_vectorizable(z.C, sizeof(T)))
+  if (rows_vectorizable(z.C, sizeof(T), x, x_sel))
     gather_kernel<T, true><<<blocks, kRowWarps * kWarp, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(q), static_cast<const Acc*>(k_mean), idx,
         static_cast<T*>(x_sel), rows, z.N, z.C, z.D, z.keep, sigmoid);
@@ -427,7 +432,7 @@ cudaError_t backward_impl(const TokenSizes& z, TokenGate gate, const void* grad_
   const int64_t rows = z.B * z.N;
   const unsigned blocks = static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps);
   Acc* score = need_qk ? static_cast<Acc*>(grad_score) : nullptr;
-  if (rows_vectorizable(z.C, sizeof(T)))
+  if (rows_vectorizable(z.C, sizeof(T), grad_x_sel, x, grad_x))
     rows_backward_kernel<T, true><<<blocks, kRowWarps * kWarp, 0, stream>>>(
         static_cast<const T*>(grad_x_sel), static_cast<const Acc*>(grad_s), static_cast<const T*>(x),
         static_cast<const T*>(q), static_cast<const Acc*>(k_mean), pos, static_cast<T*>(grad_x), score,
