@@ -1,13 +1,16 @@
 // topk_tokens (SPEC 2.3) on the CPU: DASViT token scores, exact top-k and the
 // gated gather, forward and backward.
 //
-// Forward, two parallel passes:
-//   1. per sample: k_mean, the N scores, the selection (nth_element on
-//      (score desc, index asc), then the kept indices sorted ascending), the
-//      inverse map pos and the gate of each kept row;
-//   2. per kept row: copy (gates none / straight_through) or scale (sigmoid).
-// Backward, three: per kept row the gate factor and d(loss)/d(s_sel); per token
-// row grad_x (the kept row's gradient or zeros, written once); per sample
+// One parallel region per call, over the samples (a sample's scores, selection
+// and rows stay on one thread; each extra region costs a thread-pool wake-up,
+// which on a loaded machine is more than the work). Parallelism is therefore
+// min(B, threads): fine for training batches.
+// Forward, per sample: k_mean, the N scores, the selection (nth_element on
+// (score desc, index asc), then the kept indices sorted ascending), the inverse
+// map pos, then each kept row copied (gates none / straight_through) or scaled
+// (sigmoid).
+// Backward, per sample: per kept row the gate factor and d(loss)/d(s_sel); per
+// token row grad_x (the kept row's gradient or zeros, written once);
 // grad_q = g_s k_mean / sqrt(D) and grad_k = (sum_i g_s,i q_i) / (N sqrt(D)).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -103,8 +106,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_tokens_cpu(
     acc_t* kmp = k_mean.mutable_data_ptr<acc_t>();
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
     int64_t* pp = pos.mutable_data_ptr<int64_t>();
+    scalar_t* op = x_sel.mutable_data_ptr<scalar_t>();
     const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(D));
-    std::vector<acc_t> gate_of_row(gate == Gate::Sigmoid ? B * keep : 0);
 
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> score(N);
@@ -131,24 +134,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_tokens_cpu(
         std::fill(pp + b * N, pp + (b + 1) * N, int64_t(-1));
         for (int64_t j = 0; j < keep; ++j) {
           pp[b * N + row[j]] = j;
-          if (gate == Gate::Sigmoid)
-            gate_of_row[b * keep + j] = acc_t(1) / (acc_t(1) + std::exp(-score[row[j]]));
-        }
-      }
-    });
-
-    scalar_t* op = x_sel.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * keep, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)),
-                     [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / keep;
-        const scalar_t* src = xp + (b * N + ip[r]) * C;
-        scalar_t* dst = op + r * C;
-        if (gate == Gate::Sigmoid) {
-          const acc_t g = gate_of_row[r];
-          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c]) * g);
-        } else {  // straight-through is the plain gather forward
-          std::memcpy(dst, src, C * sizeof(scalar_t));
+          const scalar_t* src = xp + (b * N + row[j]) * C;
+          scalar_t* dst = op + (b * keep + j) * C;
+          if (gate == Gate::Sigmoid) {
+            const acc_t g = acc_t(1) / (acc_t(1) + std::exp(-score[row[j]]));
+            for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c]) * g);
+          } else if (C) {  // straight-through is the plain gather forward
+            std::memcpy(dst, src, C * sizeof(scalar_t));
+          }
         }
       }
     });
@@ -191,67 +184,59 @@ std::tuple<Tensor, Tensor, Tensor> topk_tokens_backward_cpu(
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     const int64_t* pp = pos.const_data_ptr<int64_t>();
     const acc_t sqrt_d = std::sqrt(static_cast<acc_t>(D));
-    // Per kept row: the forward gate factor and d(loss)/d(s) through the gate.
-    std::vector<acc_t> gate_of_row(B * keep, acc_t(1)), grad_s_sel(B * keep, acc_t(0));
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
+    scalar_t* gxp = x_requires_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gqp = qk_requires_grad ? grad_q.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gkp = qk_requires_grad ? grad_k.mutable_data_ptr<scalar_t>() : nullptr;
 
-    if (gate != Gate::None) {
-      at::parallel_for(0, B * keep, grain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / keep, i = ip[r];
-          acc_t slope = 1;  // d gate / d s: 1 for straight-through
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      // Per kept row: the forward gate factor and d(loss)/d(s) through the gate.
+      std::vector<acc_t> gate_of_row(keep), grad_s_sel(keep), grad_k_mean(D);
+      for (int64_t b = b0; b < b1; ++b) {
+        const acc_t* km = kmp + b * D;
+        for (int64_t j = 0; j < keep; ++j) {
+          const int64_t i = ip[b * keep + j];
+          acc_t gate_value = 1, slope = 1;  // d gate / d s: 1 for straight-through
           if (gate == Gate::Sigmoid) {
             const scalar_t* qr = qp + (b * N + i) * D;
             acc_t dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(qr[d]) * kmp[b * D + d];
-            const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-dot / sqrt_d));
-            gate_of_row[r] = sig;
-            slope = sig * (acc_t(1) - sig);
+            for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(qr[d]) * km[d];
+            gate_value = acc_t(1) / (acc_t(1) + std::exp(-dot / sqrt_d));
+            slope = gate_value * (acc_t(1) - gate_value);
           }
-          if (qk_requires_grad) {
+          gate_of_row[j] = gate_value;
+          grad_s_sel[j] = 0;
+          if (qk_requires_grad && gate != Gate::None) {
             const scalar_t* xr = xp + (b * N + i) * C;
-            const scalar_t* gr = gyp + r * C;
+            const scalar_t* gr = gyp + (b * keep + j) * C;
             acc_t dot = 0;
             for (int64_t c = 0; c < C; ++c) dot += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(xr[c]);
-            grad_s_sel[r] = dot * slope;
+            grad_s_sel[j] = dot * slope;
           }
         }
-      });
-    }
 
-    if (x_requires_grad) {
-      scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B * N, grain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t j = pp[r];
-          scalar_t* dst = gxp + r * C;
-          if (j < 0) {
-            std::fill(dst, dst + C, scalar_t(0));
-            continue;
-          }
-          const int64_t row = (r / N) * keep + j;
-          const scalar_t* src = gyp + row * C;
-          if (gate == Gate::Sigmoid) {
-            const acc_t g = gate_of_row[row];
-            for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c]) * g);
-          } else {
-            std::memcpy(dst, src, C * sizeof(scalar_t));
-          }
-        }
-      });
-    }
-
-    if (qk_requires_grad) {
-      scalar_t* gqp = grad_q.mutable_data_ptr<scalar_t>();
-      scalar_t* gkp = grad_k.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc_t> grad_k_mean(D);
-        for (int64_t b = b0; b < b1; ++b) {
-          std::fill(grad_k_mean.begin(), grad_k_mean.end(), acc_t(0));
-          const acc_t* km = kmp + b * D;
+        if (x_requires_grad) {
           for (int64_t i = 0; i < N; ++i) {
             const int64_t j = pp[b * N + i];
-            const acc_t g = (gsp[b * N + i] + (j >= 0 ? grad_s_sel[b * keep + j] : acc_t(0))) / sqrt_d;
+            scalar_t* dst = gxp + (b * N + i) * C;
+            if (j < 0) {
+              std::fill(dst, dst + C, scalar_t(0));
+              continue;
+            }
+            const scalar_t* src = gyp + (b * keep + j) * C;
+            if (gate == Gate::Sigmoid) {
+              const acc_t g = gate_of_row[j];
+              for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c]) * g);
+            } else if (C) {
+              std::memcpy(dst, src, C * sizeof(scalar_t));
+            }
+          }
+        }
+
+        if (qk_requires_grad) {
+          std::fill(grad_k_mean.begin(), grad_k_mean.end(), acc_t(0));
+          for (int64_t i = 0; i < N; ++i) {
+            const int64_t j = pp[b * N + i];
+            const acc_t g = (gsp[b * N + i] + (j >= 0 ? grad_s_sel[j] : acc_t(0))) / sqrt_d;
             const scalar_t* qr = qp + (b * N + i) * D;
             scalar_t* gq = gqp + (b * N + i) * D;
             for (int64_t d = 0; d < D; ++d) {
@@ -265,8 +250,8 @@ std::tuple<Tensor, Tensor, Tensor> topk_tokens_backward_cpu(
             for (int64_t d = 0; d < D; ++d) gk[d] = static_cast<scalar_t>(grad_k_mean[d]);
           }
         }
-      });
-    }
+      }
+    });
   });
   return {grad_x, grad_q, grad_k};
 }
