@@ -54,7 +54,9 @@ def literal_select(s, keep, keep_cls):
 
 
 def literal_topk_tokens(x, q, k, keep, keep_cls, gate):
-    x, q, k = x.double(), q.double(), k.double()
+    """On the CPU in float64, results moved back to the inputs' device."""
+    device = x.device
+    x, q, k = x.double().cpu(), q.double().cpu(), k.double().cpu()
     s = literal_scores(q, k)
     idx = literal_select(s.detach(), keep, keep_cls)
     x_sel = x[torch.arange(x.shape[0])[:, None], idx]
@@ -63,7 +65,7 @@ def literal_topk_tokens(x, q, k, keep, keep_cls, gate):
         x_sel = x_sel * (1 + s_sel - s_sel.detach())
     elif gate == "sigmoid":
         x_sel = x_sel * torch.sigmoid(s_sel)
-    return x_sel, idx, s
+    return x_sel.to(device), idx.to(device), s.to(device)
 
 
 def exact_inputs(B, N, C, dtype, D=4, ties=True):
@@ -113,7 +115,7 @@ def test_matches_literal_dasvit(backend, dtype, gate, keep_cls):
     assert gx.dtype == gq.dtype == gk.dtype == dtype
     assert torch.equal(idx.cpu(), want[1].cpu()), f"indices differ:\n{idx}\n{want[1]}"
     if gate != "sigmoid":  # the forward is a gather: bit for bit
-        assert torch.equal(x_sel, x[torch.arange(B)[:, None], idx])
+        assert torch.equal(x_sel, x[torch.arange(B, device=x.device)[:, None], idx])
     for name, a, b, scale in (("x_sel", x_sel, want[0], 1), ("s", s, want[2], 1),
                               ("grad_x", gx, want[3], 1), ("grad_q", gq, want[4], 8),
                               ("grad_k", gk, want[5], 8)):
