@@ -165,6 +165,22 @@ def test_ties_and_cls_by_hand(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_special_scores(backend, dtype):
+    """NaN ranks above every number (as torch.sort(descending=True) puts it), -0 ties +0."""
+    nan, inf = float("nan"), float("inf")
+    q = torch.tensor([1., nan, 3., -0.0, 0.0, inf, -inf, nan], dtype=dtype).reshape(1, 8, 1)
+    k = torch.ones(1, 8, 1, dtype=dtype)
+    x = torch.arange(8, dtype=dtype).reshape(1, 8, 1)
+    cases = {(5, False): [0, 1, 2, 5, 7], (6, False): [0, 1, 2, 3, 5, 7], (7, False): [0, 1, 2, 3, 4, 5, 7],
+             (3, True): [0, 1, 7], (8, True): list(range(8))}
+    for (keep, cls), expected in cases.items():
+        _, idx, _ = topk_tokens(x.to(DEVICE), q.to(DEVICE), k.to(DEVICE), keep, keep_cls=cls,
+                                gate="none", backend=backend)
+        assert idx.tolist() == [expected], (keep, cls)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N", (785, 4096))
 def test_many_tokens_one_row(backend, N):
     """224/8 patches + CLS, and N = 4096: a whole row selected in one program."""
@@ -315,6 +331,10 @@ def test_rows_integer_and_empty(backend):
     empty.sum().backward()
     assert torch.equal(x.grad, torch.zeros(5, 3, device=DEVICE))
     assert scatter_rows(torch.randn(0, 2, device=DEVICE), none, 0, backend=backend).shape == (0, 2)
+    strided = torch.randn(3, 7, device=DEVICE).t()  # (7, 3), not contiguous
+    pick = torch.tensor([6, 0, 3], device=DEVICE)
+    assert torch.equal(gather_rows(strided, pick, backend=backend), strided[[6, 0, 3]])
+    assert torch.equal(scatter_rows(strided[:3], pick, 7, backend=backend)[[6, 0, 3]], strided[:3])
 
 
 # ---- errors ------------------------------------------------------------------------------
