@@ -6,14 +6,17 @@ Forward, two launches:
   1. ``_select_kernel``, one program per sample: k_mean (a pass over k), the N
      scores (a pass over q, stored in the accumulation dtype to a scratch row),
      then the selection of the whole row inside the program. The scores become
-     integer keys whose order is the numeric order (-0 == +0, NaN highest);
-     ``tl.sort`` gives the keep-th largest key t; kept = key > t, plus the
-     lowest-index tokens with key == t until keep is reached (a cumsum over the
-     ties), plus token 0 with keep_cls. A cumsum over the kept mask gives each
-     kept token its place, so the indices come out ascending with no second
-     sort. (``tl.topk`` is not used: under the interpreter it returns values
-     only.) The row is padded to a power of two, so N is limited only by the
-     registers of one program (tested to 4096).
+     unsigned keys whose order is the numeric order (-0 == +0, NaN highest);
+     a radix select, most significant bit first (one masked count over the
+     row per key bit: 32, or 64 for float64), gives the keep-th largest key t;
+     kept = key > t, plus the lowest-index tokens with key == t until keep is
+     reached (a cumsum over the ties), plus token 0 with keep_cls. A cumsum
+     over the kept mask gives each kept token its place, so the indices come
+     out ascending with no sort at all. (Not ``tl.topk``, which returns values
+     only under the interpreter, nor ``tl.sort``, whose bitonic network runs
+     element by element in the interpreter: 15 s for N = 4096.) The row is
+     padded to a power of two, so N is limited only by the registers of one
+     program (tested to 4096).
   2. ``_gather_kernel``: BLOCK_R kept rows per program, copied (gates none and
      straight_through) or scaled by sigmoid(s) from the scratch scores.
 Backward, two launches:
@@ -282,7 +285,7 @@ def topk_tokens_backward(grad_x_sel, grad_s, x, q, k, idx, k_mean, pos, gate: st
     _rows_backward_kernel[(triton.cdiv(rows, block_r),)](
         grad_y, grad_s, x, q, k_mean, pos, grad_x, grad_score, rows, N, C, D, keep, inv_sqrt_d,
         GATE=gate_id, NEED_X=x_requires_grad, NEED_QK=qk_requires_grad, ACC=acc_tl,
-        BLOCK_R=block_r, BLOCK_C=max(block_c, 1), BLOCK_D=block_d,
+        BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=1 if _INTERPRET else 4)
     if qk_requires_grad:
         _qk_backward_kernel[(B,)](grad_score, q, k_mean, grad_q, grad_k, N, D, inv_sqrt_d,
