@@ -10,6 +10,7 @@ and the indices must agree exactly.
 """
 import importlib
 import math
+import random
 
 import pytest
 import torch
@@ -72,7 +73,8 @@ def exact_inputs(B, N, C, dtype, D=4, ties=True):
     """Random x; integer q and k whose scores are exact in every dtype.
 
     k's column sums are made multiples of N (so mean_j k_j is an integer) and
-    D = 4 (so / sqrt(D) halves). ``ties`` copies query rows to plant equal scores.
+    D is a square of a power of two (so / sqrt(D) is exact). ``ties`` copies
+    query rows to plant equal scores.
     """
     x = torch.randn(B, N, C).to(dtype)
     q = torch.randint(-3, 4, (B, N, D))
@@ -138,6 +140,29 @@ def test_keep_counts_and_ratios(backend, keep, keep_cls):
         assert (idx[:, 0] == 0).all()
     if n_keep == N:
         assert torch.equal(idx.cpu(), torch.arange(N).expand(B, N))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_shapes(backend):
+    """Small random configurations, edge sizes included (N = 1, C = 0, keep = N)."""
+    rng = random.Random(torch.seed())  # fresh each run, like the tensors
+    configs = [(1, 1, 3, 1, 1, True), (2, 5, 0, 4, 5, False), (3, 2, 4, 16, 1, False)]
+    for _ in range(5):
+        N = rng.randint(1, 40)
+        configs.append((rng.randint(1, 3), N, rng.randint(0, 8), rng.choice((1, 4, 16)),
+                        rng.randint(1, N), rng.random() < 0.5))
+    for B, N, C, D, keep, keep_cls in configs:
+        x, q, k = exact_inputs(B, N, C, torch.float32, D=D, ties=N >= 8)
+        grad_x_sel = torch.randn(B, keep, C, dtype=torch.float64, device=DEVICE)
+        grad_s = torch.randn(B, N, dtype=torch.float64, device=DEVICE)
+        got = run_with_grads(lambda *a: topk_tokens(*a, keep, keep_cls=keep_cls, gate="sigmoid",
+                                                    backend=backend), x, q, k, grad_x_sel, grad_s)
+        want = run_with_grads(lambda *a: literal_topk_tokens(*a, keep, keep_cls, "sigmoid"),
+                              x, q, k, grad_x_sel, grad_s)
+        config = f"B={B} N={N} C={C} D={D} keep={keep} keep_cls={keep_cls}"
+        assert torch.equal(got[1].cpu(), want[1].cpu()), config
+        for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
+            assert_close(a, b, torch.float32, scale=8, what=config)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
