@@ -13,14 +13,17 @@
 //   and the slots are added in a fixed order afterwards, so the result does not
 //   depend on the number of threads.
 // Threads come from at::parallel_for (PyTorch's intra-op pool). Accumulation is
-// in float (double for double inputs). Inner loops are plain C++ that gcc -O3
-// vectorizes; the dot products use a lane array so they vectorize without
-// -ffast-math.
+// in float (double for double inputs). The hot loops (mixed_op_kernels.h) are
+// plain C++ that gcc -O3 vectorizes, compiled twice, for AVX2+FMA+F16C and for
+// the baseline ISA, and picked at run time; ops are processed four at a time;
+// the dot products use lane arrays so they vectorize without -ffast-math.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -72,7 +75,7 @@ struct Geometry {
   int64_t slots_per_sample() const { return single_patch() ? chunks : s.C * s.P(); }
 };
 
-
+// Per-thread buffers of the band kernels (P > 1 with gw > 1).
 template <typename scalar_t>
 struct BandScratch {
   using acc_t = acc_type<scalar_t>;
@@ -88,14 +91,15 @@ std::vector<const scalar_t*> data_pointers(const std::vector<at::Tensor>& tensor
   return ptrs;
 }
 
-
 // The hot loops, once per instruction set (see mixed_op_kernels.h).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define NASOPS_MIXED_OP_AVX2 1
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define NASOPS_F16C_CONVERSIONS 1
 #include "cpu/mixed_op_kernels.h"
+#undef NASOPS_F16C_CONVERSIONS
 #pragma GCC pop_options
 }  // namespace avx2
 #endif

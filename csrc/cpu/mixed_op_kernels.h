@@ -4,6 +4,29 @@
 // every x86-64 CPU). No include guard on purpose. Relies on the declarations
 // that precede the include there (acc_type, kTile, kChunk, Geometry, ...).
 
+// Element conversions. c10::Half's own are bit manipulations (the extension is
+// built without -mf16c); where this file is compiled for F16C, go through
+// _Float16, whose conversions GCC vectorizes to vcvtph2ps / vcvtps2ph.
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t x) {
+#ifdef NASOPS_F16C_CONVERSIONS
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return static_cast<acc_t>(c10::bit_cast<_Float16>(x.x));
+  }
+#endif
+  return static_cast<acc_t>(x);
+}
+
+template <typename scalar_t, typename acc_t>
+inline scalar_t from_acc(acc_t v) {
+#ifdef NASOPS_F16C_CONVERSIONS
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return c10::Half(c10::bit_cast<uint16_t>(static_cast<_Float16>(v)), c10::Half::from_bits());
+  }
+#endif
+  return static_cast<scalar_t>(v);
+}
+
 // ---- runs: n consecutive elements, one weight per op ------------------------
 // Ops are taken G <= 4 at a time: each pass over an L1 tile reads the
 // accumulator (or g) once for G inputs, which halves the L1 traffic per op
@@ -17,11 +40,11 @@ inline void axpy_group(acc_t* __restrict__ acc, const acc_t* w, const scalar_t* 
                        const scalar_t* __restrict__ x3, int64_t n) {
   const acc_t w0 = w[0], w1 = G > 1 ? w[1] : 0, w2 = G > 2 ? w[2] : 0, w3 = G > 3 ? w[3] : 0;
   for (int64_t i = 0; i < n; ++i) {
-    acc_t s = w0 * static_cast<acc_t>(x0[i]);
+    acc_t s = w0 * to_acc<acc_t>(x0[i]);
     if constexpr (!kFirst) s = acc[i] + s;
-    if constexpr (G > 1) s += w1 * static_cast<acc_t>(x1[i]);
-    if constexpr (G > 2) s += w2 * static_cast<acc_t>(x2[i]);
-    if constexpr (G > 3) s += w3 * static_cast<acc_t>(x3[i]);
+    if constexpr (G > 1) s += w1 * to_acc<acc_t>(x1[i]);
+    if constexpr (G > 2) s += w2 * to_acc<acc_t>(x2[i]);
+    if constexpr (G > 3) s += w3 * to_acc<acc_t>(x3[i]);
     acc[i] = s;
   }
 }
@@ -43,12 +66,12 @@ inline void axpy_ops(acc_t* acc, const acc_t* w, const scalar_t* const* x, int64
 
 template <typename scalar_t, typename acc_t>
 inline void store(scalar_t* __restrict__ out, const acc_t* __restrict__ in, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(in[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = from_acc<scalar_t>(in[i]);
 }
 
 template <typename acc_t, typename scalar_t>
 inline void load(acc_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(in[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = to_acc<acc_t>(in[i]);
 }
 
 // y[0:n] = sum_k w[k] * in[k][0:n]; in[k] and y already point at the run.
@@ -97,16 +120,16 @@ inline void backward_streams(const acc_t* __restrict__ g, const scalar_t* __rest
     for (int l = 0; l < L; ++l) {
       const acc_t gi = g[i + l];
       if constexpr (kOut) {
-        o0[i + l] = static_cast<scalar_t>(w0 * gi);
-        if constexpr (G > 1) o1[i + l] = static_cast<scalar_t>(w1 * gi);
-        if constexpr (G > 2) o2[i + l] = static_cast<scalar_t>(w2 * gi);
-        if constexpr (G > 3) o3[i + l] = static_cast<scalar_t>(w3 * gi);
+        o0[i + l] = from_acc<scalar_t>(w0 * gi);
+        if constexpr (G > 1) o1[i + l] = from_acc<scalar_t>(w1 * gi);
+        if constexpr (G > 2) o2[i + l] = from_acc<scalar_t>(w2 * gi);
+        if constexpr (G > 3) o3[i + l] = from_acc<scalar_t>(w3 * gi);
       }
       if constexpr (kDot) {
-        l0[l] += gi * static_cast<acc_t>(x0[i + l]);
-        if constexpr (G > 1) l1[l] += gi * static_cast<acc_t>(x1[i + l]);
-        if constexpr (G > 2) l2[l] += gi * static_cast<acc_t>(x2[i + l]);
-        if constexpr (G > 3) l3[l] += gi * static_cast<acc_t>(x3[i + l]);
+        l0[l] += gi * to_acc<acc_t>(x0[i + l]);
+        if constexpr (G > 1) l1[l] += gi * to_acc<acc_t>(x1[i + l]);
+        if constexpr (G > 2) l2[l] += gi * to_acc<acc_t>(x2[i + l]);
+        if constexpr (G > 3) l3[l] += gi * to_acc<acc_t>(x3[i + l]);
       }
     }
   }
@@ -120,16 +143,16 @@ inline void backward_streams(const acc_t* __restrict__ g, const scalar_t* __rest
   for (int64_t i = blocked; i < n; ++i) {
     const acc_t gi = g[i];
     if constexpr (kOut) {
-      o0[i] = static_cast<scalar_t>(w0 * gi);
-      if constexpr (G > 1) o1[i] = static_cast<scalar_t>(w1 * gi);
-      if constexpr (G > 2) o2[i] = static_cast<scalar_t>(w2 * gi);
-      if constexpr (G > 3) o3[i] = static_cast<scalar_t>(w3 * gi);
+      o0[i] = from_acc<scalar_t>(w0 * gi);
+      if constexpr (G > 1) o1[i] = from_acc<scalar_t>(w1 * gi);
+      if constexpr (G > 2) o2[i] = from_acc<scalar_t>(w2 * gi);
+      if constexpr (G > 3) o3[i] = from_acc<scalar_t>(w3 * gi);
     }
     if constexpr (kDot) {
-      s[0] += gi * static_cast<acc_t>(x0[i]);
-      if constexpr (G > 1) s[1] += gi * static_cast<acc_t>(x1[i]);
-      if constexpr (G > 2) s[2] += gi * static_cast<acc_t>(x2[i]);
-      if constexpr (G > 3) s[3] += gi * static_cast<acc_t>(x3[i]);
+      s[0] += gi * to_acc<acc_t>(x0[i]);
+      if constexpr (G > 1) s[1] += gi * to_acc<acc_t>(x1[i]);
+      if constexpr (G > 2) s[2] += gi * to_acc<acc_t>(x2[i]);
+      if constexpr (G > 3) s[3] += gi * to_acc<acc_t>(x3[i]);
     }
   }
   if constexpr (kDot) {
@@ -231,9 +254,9 @@ void forward_band(const scalar_t* const* in, int64_t K, const acc_type<scalar_t>
         acc_t* __restrict__ a = acc + r * W;
         const scalar_t* __restrict__ x = in[k] + off + r * W;
         if (k == 0) {
-          for (int64_t j = 0; j < W; ++j) a[j] = wk[j] * static_cast<acc_t>(x[j]);
+          for (int64_t j = 0; j < W; ++j) a[j] = wk[j] * to_acc<acc_t>(x[j]);
         } else {
-          for (int64_t j = 0; j < W; ++j) a[j] += wk[j] * static_cast<acc_t>(x[j]);
+          for (int64_t j = 0; j < W; ++j) a[j] += wk[j] * to_acc<acc_t>(x[j]);
         }
       }
     }
@@ -268,11 +291,11 @@ void backward_band(const scalar_t* g, const scalar_t* const* in, int64_t K,
         const acc_t* __restrict__ gr = gt + r * W;
         if (grad_in != nullptr) {
           scalar_t* __restrict__ out = grad_in[k] + off + r * W;
-          for (int64_t j = 0; j < W; ++j) out[j] = static_cast<scalar_t>(wk[j] * gr[j]);
+          for (int64_t j = 0; j < W; ++j) out[j] = from_acc<scalar_t>(wk[j] * gr[j]);
         }
         if (dots != nullptr) {
           const scalar_t* __restrict__ x = in[k] + off + r * W;
-          for (int64_t j = 0; j < W; ++j) cs[j] += gr[j] * static_cast<acc_t>(x[j]);
+          for (int64_t j = 0; j < W; ++j) cs[j] += gr[j] * to_acc<acc_t>(x[j]);
         }
       }
     }
