@@ -52,7 +52,7 @@ QUICK_LAYERS_OTHER = 5
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "nb201_table", "quiet",
-                "deterministic")
+                "deterministic", "threads")
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 OUTPUT_PATTERNS = ("cell_*.png", "weights_*.png", "checkpoint.pt.tmp*")
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: bfloat16 autocast on CPU, float16 + gradient scaler on CUDA")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms, so a resumed run equals an uninterrupted one")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (torch.set_num_threads); default: torch's choice. Small "
+                        "networks on a busy machine run much faster with 1")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
@@ -150,8 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
     if args.nb201_table and not os.path.isfile(args.nb201_table):
         parser.error(f"--nb201-table: no such file {args.nb201_table!r} (the NB201 accuracy CSV)")
-    for name in ("epochs", "batch_size", "layers", "init_channels"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "layers", "init_channels", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps: expected >= 1, got {args.max_steps}")
@@ -187,11 +190,15 @@ def _run(args) -> dict:
     saved_backend = nasops.backend._override
     saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
                            torch.is_deterministic_algorithms_warn_only_enabled())
+    saved_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         return _search(args, rank, world_size, device)
     finally:
         nasops.backend._override = saved_backend
         torch.use_deterministic_algorithms(saved_deterministic[0], warn_only=saved_deterministic[1])
+        torch.set_num_threads(saved_threads)
         if world_size > 1:
             dist.destroy_process_group()
 
@@ -440,7 +447,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_outputs(out: Path, model, result: dict) -> None:
-    plot = _spaces().plot
+    from nasops.spaces import plot
     _write_text(out / "genotype.json", json.dumps(result, indent=2) + "\n")
     for cell_type, table in model.edge_weights().items():
         plot.plot_cell(result["genotype"], cell_type, str(out / f"cell_{cell_type}.png"))
