@@ -43,7 +43,7 @@ from nasops.backend import resolve
 
 # What a search that needs no flags runs: sized to take about two minutes on a
 # 2-core CPU with the digits (measured in README.md).
-DEFAULTS = dict(space="darts", method="darts", dataset="digits", epochs=10, batch_size=64, init_channels=8)
+DEFAULTS = dict(space="darts", method="darts", dataset="digits", epochs=6, batch_size=64, init_channels=8)
 # --layers when not given: darts/rdarts count cells (DARTS searches with 8), nb201
 # counts cells per stage (NB201 has 5, times 3 stages).
 QUICK_LAYERS = {"nb201": 2}
@@ -74,12 +74,21 @@ def _spaces():
     return nasops.spaces
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (those flags say in words what happens)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     spaces = _spaces()
     p = argparse.ArgumentParser(
         prog="python -m nasops.search",
         description="Differentiable architecture search (DARTS family) with nasops kernels.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("what to search")
     g.add_argument("--space", default=DEFAULTS["space"], choices=list(spaces.SPACES), help="search space")
     g.add_argument("--method", default=DEFAULTS["method"], choices=list(methods.METHODS), help="search method")
@@ -103,22 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-size", type=int, default=512, help="synthetic: number of images")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    g.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="search epochs (DARTS: 50)")
     g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="per rank, for the train and the validation batches alike")
     g.add_argument("--max-steps", type=int, default=None,
                    help="at most this many steps per epoch (quick tries and tests)")
     g.add_argument("--lr", type=float, default=0.025, help="weight SGD learning rate (cosine start)")
     g.add_argument("--lr-min", type=float, default=0.001, help="weight learning rate at the end of the cosine")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=3e-4)
+    g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=3e-4, help="weight SGD weight decay")
     g.add_argument("--grad-clip", type=float, default=5.0, help="max norm of the weight gradient")
     g.add_argument("--arch-lr", type=float, default=3e-4, help="architecture Adam learning rate")
-    g.add_argument("--arch-betas", type=float, nargs=2, default=(0.5, 0.999), metavar=("B1", "B2"))
-    g.add_argument("--arch-weight-decay", type=float, default=1e-3)
+    g.add_argument("--arch-betas", type=float, nargs=2, default=(0.5, 0.999), metavar=("B1", "B2"),
+                   help="architecture Adam betas")
+    g.add_argument("--arch-weight-decay", type=float, default=1e-3, help="architecture Adam weight decay")
 
     g = p.add_argument_group("how to run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the split, the batch order and the initialisation")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--backend", default="auto", choices=["auto", *nasops.backend.BACKENDS],
                    help="kernels of the nasops ops (nasops.set_backend)")
@@ -127,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms, so a resumed run equals an uninterrupted one")
     g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (torch.set_num_threads); default: torch's choice. Small "
-                        "networks on a busy machine run much faster with 1")
+                   help="CPU threads of torch (torch.set_num_threads). Default: 1 for the 8x8 digits "
+                        "(ops that small lose more to a thread pool than they gain, badly so on a busy "
+                        "machine), torch's choice otherwise")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
@@ -191,8 +203,9 @@ def _run(args) -> dict:
     saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
                            torch.is_deterministic_algorithms_warn_only_enabled())
     saved_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.dataset == "digits" and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _search(args, rank, world_size, device)
     finally:

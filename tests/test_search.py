@@ -206,3 +206,13 @@ def test_kernel_backend_gives_the_eager_loss_curve(tmp_path, backend):
               for name in ("eager", backend)]
     for a, b in zip(*alphas):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_amp_runs_in_bfloat16_on_cpu_and_stays_close(tmp_path):
+    args = ["--epochs", "1", "--max-steps", "2"]
+    full = main(_tiny("darts", tmp_path / "fp32", *args))["metrics"][0]
+    amp = main(_tiny("darts", tmp_path / "amp", *args, "--amp"))["metrics"][0]
+    assert amp["train_loss"] != full["train_loss"]  # autocast really changed the arithmetic
+    assert amp["train_loss"] == pytest.approx(full["train_loss"], rel=0.05)
+    assert amp["val_loss"] == pytest.approx(full["val_loss"], rel=0.05)
