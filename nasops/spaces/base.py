@@ -1,6 +1,8 @@
 """The interface every search network of ``nasops.spaces`` implements."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +26,16 @@ class MixedEdge(nn.Module):
 
     def forward(self, x, weights):
         outputs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
+        dtypes = {o.dtype for o in outputs if o is not None}
+        if len(dtypes) > 1:
+            # Under autocast a conv may return half precision while an identity or a
+            # pool keeps its input's dtype; mixed_op needs one dtype.
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                common = torch.get_autocast_dtype(device)
+            else:
+                common = functools.reduce(torch.promote_types, dtypes)
+            outputs = [o if o is None else o.to(common) for o in outputs]
         return nasops.ops.mixed_op(outputs, weights)
 
 

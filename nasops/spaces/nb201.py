@@ -23,11 +23,11 @@ import os
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
-import torch.nn as nn
 import torch
+import torch.nn as nn
 
 from nasops.spaces.base import MixedEdge, SearchNetwork
-from nasops.spaces.operations import NB201_OPS, ReLUConvBN, ResNetBasicBlock, make_nb201_op
+from nasops.spaces.operations import NB201_OPS, ResNetBasicBlock, make_nb201_op
 
 # Columns of the table (../shared/data/nb201_test_accuracy.csv) -> our data set names.
 TABLE_COLUMNS = {

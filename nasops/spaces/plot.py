@@ -1,4 +1,4 @@
-"""Pictures of searched cells and of their op weights (PNG, matplotlib's Agg backend).
+"""Pictures of searched cells and of their op weights (PNG).
 
 - :func:`plot_cell`: the derived cell as a DAG, edges labelled with their op.
   DARTS/RobustDARTS: inputs ``c_{k-2}``, ``c_{k-1}``, nodes 0..n-1 and the
@@ -6,19 +6,21 @@
   the output; ``none`` edges are not drawn.
 - :func:`plot_edge_weights`: a heatmap edges x ops of the softmax weights
   (``SearchNetwork.edge_weights()[cell_type]``); ops an edge lacks are blank.
+
+Figures are made with matplotlib's object API (``Figure``, rendered by Agg): no
+screen needed, and pyplot's global state (the user's backend, open figures) is
+left alone.
 """
 from __future__ import annotations
 
 import os
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch
 
-matplotlib.use("Agg")  # no screen; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import FancyArrowPatch  # noqa: E402
-
-from nasops.spaces.nb201 import parse_arch  # noqa: E402
+from nasops.spaces.nb201 import parse_arch
 
 _INPUT_COLOR = "#a6cee3"
 _NODE_COLOR = "#ffffb3"
@@ -105,15 +107,15 @@ def _label_spot(p1, control, p2, op, labels, pos):
     """Where on its edge the label ``op`` goes: the point nearest the middle among
     those that overlap least with the labels already placed and with the nodes
     (boxes in data units: 1 unit = 0.95 inch, 8 pt text)."""
-    half_w, half_h = 0.033 * len(op) + 0.05, 0.1
+    half_w, half_h = 0.04 * len(op) + 0.05, 0.1
 
     def overlap(x, y):
-        boxes = [(lx, ly, 0.033 * len(lop) + 0.05, 0.1) for lx, ly, lop in labels]
+        boxes = [(lx, ly, 0.04 * len(lop) + 0.05, 0.1) for lx, ly, lop in labels]
         boxes += [(nx, ny, 0.32, 0.2) for nx, ny in pos.values()]
         return sum(max(0.0, w + half_w - abs(x - bx)) * max(0.0, h + half_h - abs(y - by))
                    for bx, by, w, h in boxes)
 
-    spots = [_bezier(p1, control, p2, t) for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.22, 0.78)]
+    spots = [_bezier(p1, control, p2, t) for t in (0.5, 0.4, 0.6, 0.3, 0.7, 0.22, 0.78, 0.15, 0.85)]
     return min(spots, key=lambda spot: overlap(*spot))  # min() keeps the first of ties
 
 
@@ -138,7 +140,7 @@ def plot_cell(genotype: dict, cell_type: str, path: str | os.PathLike, title: st
     ys = [p[1] for p in extent]
     xlim, ylim = (min(xs) - 0.9, max(xs) + 0.9), (min(ys) - 0.5, max(ys) + 0.5)
     scale = 0.95  # inches per data unit
-    fig = plt.figure(figsize=(scale * (xlim[1] - xlim[0]), scale * (ylim[1] - ylim[0]) + 0.5))
+    fig = Figure(figsize=(scale * (xlim[1] - xlim[0]), scale * (ylim[1] - ylim[0]) + 0.5))
     ax = fig.add_axes((0, 0, 1, (ylim[1] - ylim[0]) / (ylim[1] - ylim[0] + 0.5 / scale)))
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
@@ -159,7 +161,6 @@ def plot_cell(genotype: dict, cell_type: str, path: str | os.PathLike, title: st
     fig.suptitle(title or (f"{cell_type} cell" if "arch" not in genotype else "NB201 cell"),
                  y=1 - 0.15 / fig.get_figheight())
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return os.fspath(path)
 
 
@@ -174,9 +175,9 @@ def plot_edge_weights(edge_weights: list[dict], path: str | os.PathLike, title: 
     for r, entry in enumerate(edge_weights):
         for op, w in entry["ops"].items():
             table[r, ops.index(op)] = w
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(ops), 1.2 + 0.38 * len(edge_weights)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#eeeeee")
+    fig = Figure(figsize=(1.0 + 0.9 * len(ops), 1.2 + 0.38 * len(edge_weights)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")  # ops an edge lacks
     image = ax.imshow(np.ma.masked_invalid(table), cmap=cmap, vmin=0.0, vmax=np.nanmax(table),
                       aspect="auto")
     for r in range(table.shape[0]):
@@ -195,5 +196,4 @@ def plot_edge_weights(edge_weights: list[dict], path: str | os.PathLike, title: 
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="softmax weight")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return os.fspath(path)
