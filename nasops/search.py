@@ -322,7 +322,9 @@ def _train_epoch(args, epoch, steps, model, method, train_loader, val_loader, wo
         bar.update()
     bar.close()
     if world_size > 1:
-        dist.all_reduce(sums)
+        reduced = sums.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
         # BatchNorm running statistics are per rank; keep rank 0's so that every
         # rank holds (and rank 0 checkpoints) one model.
         for b in model.buffers():
@@ -349,15 +351,22 @@ def _setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SearchError(f"--device {device_arg}: no CUDA device is visible to torch")
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise SearchError(f"--device: expected auto, cpu, cuda or cuda:N, got {device_arg!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SearchError(f"--device: expected auto, cpu, cuda or cuda:N, got {device_arg!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SearchError(f"--device {device_arg}: no CUDA device is visible to torch")
+        if world_size > 1:  # one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)  # the CUDA RNG state we checkpoint is the current device's
     if world_size == 1:
         return 0, 1, device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -418,8 +427,10 @@ def _prepare_out(out: Path, args, config: dict):
 
 def _rng_states() -> dict:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's device only: touching every GPU would open a context on
+        # each of them from every DDP process.
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -428,7 +439,7 @@ def _set_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _save_checkpoint(path: Path, model, method, epoch: int, history: list, config: dict) -> None:

@@ -132,6 +132,22 @@ def test_bad_flag_combinations_are_refused(capsys, nb201_table):
         assert message in capsys.readouterr().err
 
 
+def test_bad_device_is_refused(tmp_path):
+    with pytest.raises(SearchError, match="--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"):
+        main(["--device", "tpu", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SearchError, match="no CUDA device"):
+            main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_command_line_errors_exit_with_status_1_and_the_reason(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nasops.search", "--resume", "--out", str(tmp_path)],
+                          env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(f"no checkpoint at {tmp_path / 'checkpoint.pt'}; "
+                                        f"start a new run without --resume")
+
+
 def test_missing_cifar_batches_are_named(tmp_path):
     with pytest.raises(SearchError, match="data_batch_1"):
         main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
