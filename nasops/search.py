@@ -264,7 +264,11 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     history: list[dict] = []
     start_epoch = 0
     if checkpoint is not None:
-        start_epoch, history = _restore(checkpoint, model, method, device)
+        try:
+            start_epoch, history = _restore(checkpoint, model, method, device)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise SearchError(f"--resume: the checkpoint {out / 'checkpoint.pt'} does not fit this "
+                              f"network and method ({type(exc).__name__}: {exc})") from None
         if is_main:
             _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)

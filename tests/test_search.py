@@ -174,6 +174,12 @@ def test_out_dir_resume_and_overwrite_rules(tmp_path):
     assert json.loads((out / "genotype.json").read_text())["seed"] == 1 and len(_metrics(out)) == 1
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces run files only
 
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(SearchError, match="does not fit this network"):
+        main(base + ["--resume", "--seed", "1"])
+
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SearchError, match="cannot read the checkpoint"):
         main(base + ["--resume", "--seed", "1"])
