@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 import nasops
 from nasops import data as datasets
-from nasops import methods
+from nasops import methods, spaces
+from nasops.spaces import nb201
 from nasops.backend import resolve
 
 # What a search that needs no flags runs: sized to take about two minutes on a
@@ -68,12 +69,6 @@ class SearchError(RuntimeError):
     """A run that cannot start or continue, with the reason (bad out folder, checkpoint, ...)."""
 
 
-def _spaces():
-    import nasops.spaces
-
-    return nasops.spaces
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones (those flags say in words what happens)."""
 
@@ -84,7 +79,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    spaces = _spaces()
     p = argparse.ArgumentParser(
         prog="python -m nasops.search",
         description="Differentiable architecture search (DARTS family) with nasops kernels.",
@@ -250,7 +244,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     _seed_everything(args.seed)
 
-    model = _spaces().build(args.space, in_channels=data.in_channels, num_classes=data.num_classes,
+    model = spaces.build(args.space, in_channels=data.in_channels, num_classes=data.num_classes,
                             C=args.init_channels, layers=args.layers).to(device)
     if world_size > 1:
         for t in list(model.parameters()) + list(model.buffers()):
@@ -292,7 +286,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
               "genotype_str": model.genotype_str(), "seed": args.seed, "epochs": args.epochs,
               "world_size": world_size, "config": config}
     if args.nb201_table:
-        result["nb201"] = _spaces().nb201.lookup(result["genotype_str"], args.nb201_table)
+        result["nb201"] = nb201.lookup(result["genotype_str"], args.nb201_table)
     if is_main:
         _write_outputs(out, model, result)
         if "nb201" in result:
