@@ -258,3 +258,12 @@ def test_amp_runs_in_bfloat16_on_cpu_and_stays_close(tmp_path):
     assert amp["train_loss"] != full["train_loss"]  # autocast really changed the arithmetic
     assert amp["train_loss"] == pytest.approx(full["train_loss"], rel=0.05)
     assert amp["val_loss"] == pytest.approx(full["val_loss"], rel=0.05)
+
+
+def test_synthetic_data_of_any_size_runs(tmp_path):
+    result = main(_tiny("nb201", tmp_path / "syn", "--dataset", "synthetic", "--image-size", "12",
+                        "--num-classes", "5", "--synthetic-size", "64", "--epochs", "1", "--max-steps", "1"))
+    record = result["metrics"][0]
+    assert record["steps"] == 1 and record["samples_per_s"] > 0
+    saved = json.loads((tmp_path / "syn" / "genotype.json").read_text())
+    assert saved["config"]["dataset"] == "synthetic" and saved["config"]["image_size"] == 12
