@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter)
     g = p.add_argument_group("what to search")
     g.add_argument("--space", default=DEFAULTS["space"], choices=list(spaces.SPACES), help="search space")
-    g.add_argument("--method", default=DEFAULTS["method"], choices=list(methods.METHODS), help="search method")
+    g.add_argument("--method", default=DEFAULTS["method"], choices=list(methods.METHODS),
+                   help="search method")
     g.add_argument("--second-order", action="store_true",
                    help="DARTS's unrolled (second-order, finite-difference) architecture gradient")
     g.add_argument("--layers", type=int, default=None,
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=None,
                    help="at most this many steps per epoch (quick tries and tests)")
     g.add_argument("--lr", type=float, default=0.025, help="weight SGD learning rate (cosine start)")
-    g.add_argument("--lr-min", type=float, default=0.001, help="weight learning rate at the end of the cosine")
+    g.add_argument("--lr-min", type=float, default=0.001,
+                   help="weight learning rate at the end of the cosine")
     g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum")
     g.add_argument("--weight-decay", type=float, default=3e-4, help="weight SGD weight decay")
     g.add_argument("--grad-clip", type=float, default=5.0, help="max norm of the weight gradient")
@@ -405,8 +407,8 @@ def _prepare_out(out: Path, args, config: dict):
         except Exception as exc:  # any unreadable file is the same problem to the user
             raise SearchError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); "
                               f"it is not a nasops.search checkpoint or it is damaged") from None
-        differ = {k: (saved.get(k, "<unset>"), config.get(k, "<unset>"))
-                  for k in sorted(set(saved) | set(config)) if saved.get(k, "<unset>") != config.get(k, "<unset>")}
+        pairs = {k: (saved.get(k, "<unset>"), config.get(k, "<unset>")) for k in sorted(set(saved) | set(config))}
+        differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
         if differ:
             lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise SearchError(f"--resume: the checkpoint {path} is of a different run ({lines}); "
@@ -414,9 +416,10 @@ def _prepare_out(out: Path, args, config: dict):
         return checkpoint
     existing = _run_files(out) if out.is_dir() else []
     if existing and not args.overwrite:
-        raise SearchError(f"--out {out} holds the files of another run ({', '.join(p.name for p in existing)}); "
+        names = ", ".join(p.name for p in existing)
+        raise SearchError(f"--out {out} holds the files of another run ({names}); "
                           f"pass --resume to continue it or --overwrite to replace it")
-    if (not dist.is_initialized() or dist.get_rank() == 0):
+    if not dist.is_initialized() or dist.get_rank() == 0:
         for p in existing:
             p.unlink()
         out.mkdir(parents=True, exist_ok=True)

@@ -186,10 +186,8 @@ def test_out_dir_resume_and_overwrite_rules(tmp_path):
 
 
 def _subprocess_env(**extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra}
-    env.pop(  # the killed child must not inherit a pytest-xdist or coverage hook that outlives it
-        "COV_CORE_SOURCE", None)
-    return env
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @pytest.mark.slow

@@ -99,7 +99,8 @@ class Darts:
         else:
             val_loss, val_correct = self._arch_step(xv, yv)
         train_loss, train_correct = self._weight_step(xt, yt)
-        return StepStats(train_loss * len(yt), train_correct, len(yt), val_loss * len(yv), val_correct, len(yv))
+        return StepStats(train_loss * len(yt), train_correct, len(yt),
+                         val_loss * len(yv), val_correct, len(yv))
 
     def end_epoch(self) -> None:
         self.scheduler.step()
