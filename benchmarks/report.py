@@ -10,7 +10,7 @@ kind, between ``<!-- BEGIN <op> <device> -->`` markers) and keeps the others,
 so CPU and GPU results and different ops live side by side.
 
 A section states the device, versions, date, command, the read/write bandwidth
-measured in the same run, and per case and mode: the median step time per
+measured in the same run (timed beside the providers), and per case and mode: the median step time per
 provider, nasops' speed-up over eager and over torch.compile, and the share of
 the measured bandwidth it reaches (the SPEC's traffic floor moved at the
 measured bandwidth, divided by the median time).
@@ -37,6 +37,12 @@ import harness  # noqa: E402
 import nasops  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
+CPU_NOISE_NOTE = (
+    "The CPU is shared (2 cores, several other jobs at the same time): absolute times are "
+    "noisy; compare ratios within a table, which come from interleaved repetitions of the "
+    "same run. `% BW` above 100 means the bandwidth probes (`sum`, `fill_` on all threads) "
+    "fared worse than the kernel on the contended cores, not that the floor was beaten; on a "
+    "quiet moment of this machine the probes read and write about 47 GB/s.")
 # glibc malloc without mmap and without trimming: freed memory is reused, not faulted in again.
 WARM_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 PREAMBLE = """# nasops benchmark results
@@ -74,7 +80,7 @@ def fmt_mib(nbytes) -> str:
 
 def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, list[dict]]:
     """The op's table, and the bandwidths measured beside each case and mode."""
-    reps, warmup = (3, 1) if quick else (5, 2)
+    reps, warmup = (3, 1) if quick else (9, 2)
     kernels = [f"nasops-{b}" for b in harness.kernel_backends(device)]
     header = ["case", "mode", "eager ms", "compile ms"]
     for k in kernels:
@@ -84,13 +90,16 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
     for case in bench.cases(quick):
         inputs = case.make_inputs(device, torch.float32)
         fns = harness.providers(case, device)
+        # A probe buffer the size of the forward's inputs (K*N elements).
+        probe_bytes = case.floor_bytes("fwd", torch.float32)[0]
+        probes = harness.bandwidth_probes(device, probe_bytes)
         for mode in harness.MODES:
             start = time.perf_counter()
-            times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps)
-            # Measured right after the timings, so it sees the same machine load.
-            bandwidth = harness.measure_bandwidth(device, reps=5)
-            bandwidths.append(bandwidth)
+            times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps,
+                                           probes=probes)
             med = {name: harness.median(ts) for name, ts in times.items()}
+            bandwidth = {name: probe_bytes / med.pop(name) for name in probes}
+            bandwidths.append(bandwidth)
             floor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), bandwidth)
             row = [case.group.replace(f"{bench.op} ", ""), mode, fmt_ms(med["eager"]), fmt_ms(med["compile"])]
             for k in kernels:
@@ -101,7 +110,7 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
             rows.append(row)
             print(f"  {case.group} {mode}: " + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in med.items())
                   + f"; floor {fmt_ms(floor)} ms ({time.perf_counter() - start:.0f} s)", flush=True)
-        del inputs, fns
+        del inputs, fns, probes
     return harness.markdown_table(header, rows), bandwidths
 
 
@@ -120,9 +129,7 @@ def versions() -> str:
 def section(bench, kind, device, quick, command, bandwidths, table) -> str:
     notes = []
     if kind.startswith("cpu"):
-        notes.append("The CPU is shared (2 cores, several other jobs at the same time): absolute "
-                     "times are noisy; compare ratios within a table, which come from "
-                     "interleaved repetitions of the same run.")
+        notes.append(CPU_NOISE_NOTE)
     if kind == "cpu":
         notes.append("PyTorch's CPU allocator does not cache: a fresh multi-MiB tensor is new "
                      "pages from the OS, and on this VM first-touch page faults can cost more "
@@ -147,9 +154,10 @@ def section(bench, kind, device, quick, command, bandwidths, table) -> str:
         f"- versions: {versions()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- command: `{command}`" + (" (quick: fewer repetitions)" if quick else ""),
-        f"- bandwidth, measured after each row's timings (that row's `% BW` uses its own): "
-        f"read {_span(bandwidths, 'read')} GB/s (`x.sum()`), write {_span(bandwidths, 'write')} GB/s "
-        f"(`x.fill_()`) on {harness.BANDWIDTH_BUFFER_NOTE[kind.split('-')[0]]}",
+        f"- bandwidth, timed in the same round-robin as each row's providers (that row's `% BW` "
+        f"uses its own) on a float32 buffer the size of the case's inputs: read "
+        f"{_span(bandwidths, 'read')} GB/s (`x.sum()`), write {_span(bandwidths, 'write')} GB/s "
+        f"(`x.fill_()`)",
         f"- {memory}",
         noise,
         table,

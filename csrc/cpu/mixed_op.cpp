@@ -90,7 +90,7 @@ std::vector<const scalar_t*> data_pointers(const std::vector<at::Tensor>& tensor
 
 
 // The hot loops, once per instruction set (see mixed_op_kernels.h).
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define NASOPS_MIXED_OP_AVX2 1
 namespace avx2 {
 #pragma GCC push_options
@@ -143,7 +143,11 @@ void reduce_partials(const Geometry& geo, const at::Tensor& partial, at::Tensor&
   const int64_t slots = geo.single_patch() ? geo.chunks : s.C;  // per (sample, patch)
   const acc_t* part = partial.const_data_ptr<acc_t>();
   acc_t* gw = grad_w.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, s.Bw * P, 1, [&](int64_t begin, int64_t end) {
+  // A parallel region costs more than a few thousand additions (waking a
+  // thread; much more on a loaded machine): stay serial unless there is work.
+  const int64_t adds_per_output = (s.Bw == 1 ? s.B : 1) * slots * K;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, adds_per_output));
+  at::parallel_for(0, s.Bw * P, grain, [&](int64_t begin, int64_t end) {
     for (int64_t bp = begin; bp < end; ++bp) {
       const int64_t bw = bp / P, p = bp % P;
       std::vector<acc_t> sum(K, acc_t(0));
