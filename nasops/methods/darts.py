@@ -1,0 +1,233 @@
+"""DARTS (Liu et al., ICLR 2019): the bilevel loop every method builds on (SPEC 4.1).
+
+Per step, as in the reference implementation (``train_search.py``): first one
+architecture step on a validation batch, then one weight step on a training
+batch.
+
+- Weights: SGD, lr 0.025 cosine-annealed to 0.001 over the epochs (one value per
+  epoch), momentum 0.9, weight decay 3e-4, gradient norm clipped to 5.
+- Architecture: Adam, lr 3e-4, betas (0.5, 0.999), weight decay 1e-3.
+- First order (default): the architecture gradient is ∇α L_val(w, α).
+- Second order: the unrolled step. With ξ = the current weight lr, the virtual
+  step is the SGD step the weight optimizer would take,
+  ``w' = w − ξ (m·v + ∇w L_train(w, α) + λ w)`` (v its momentum buffer, λ its weight
+  decay — as the reference ``architect.py`` does; with no momentum yet and λ = 0
+  this is the paper's ``w − ξ ∇w L_train``). Then
+  ``∇α = ∇α L_val(w', α) − ξ (∇α L_train(w+, α) − ∇α L_train(w−, α)) / (2ε)`` with
+  ``w± = w ± ε ∇w' L_val(w', α)`` and ``ε = 0.01 / ‖∇w' L_val(w', α)‖``. The
+  virtual step is taken in place on the network's weights and undone afterwards
+  (no model copy).
+
+Data parallel (torch.distributed initialised): every gradient the loop uses —
+weights, architecture, and the intermediate ones of the unrolled step — is
+averaged over the ranks with one all-reduce of a flattened buffer. We do this by
+hand rather than through ``DistributedDataParallel`` because the unrolled step
+differentiates at perturbed weights, outside DDP's one-backward-per-forward
+contract; the result equals DDP's averaging, and every rank, starting from the
+same initialisation (same seed, broadcast from rank 0), takes identical steps
+and ends with identical architecture parameters.
+
+Mixed precision: ``amp`` is the autocast dtype (bfloat16 on CPU, float16 on
+CUDA) or None. float16 uses a gradient scaler for the weight step and for the
+first-order architecture step; the second-order architecture step, whose
+finite difference would not survive float16 underflow, runs under bfloat16
+autocast instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class StepStats:
+    """Sums over one step's batches (loss summed over samples, so epoch means are exact)."""
+
+    train_loss: float
+    train_correct: int
+    train_count: int
+    val_loss: float
+    val_correct: int
+    val_count: int
+
+
+class Darts:
+    """The DARTS bilevel optimiser around a search network (see the module docstring).
+
+    ``model`` has ``arch_parameters()`` and ``weight_parameters()`` and maps a batch
+    of images to logits.
+    """
+
+    name = "darts"
+
+    def __init__(self, model: torch.nn.Module, *, epochs: int, device: torch.device,
+                 amp: torch.dtype | None = None, lr: float = 0.025, lr_min: float = 0.001,
+                 momentum: float = 0.9, weight_decay: float = 3e-4, grad_clip: float = 5.0,
+                 arch_lr: float = 3e-4, arch_betas: tuple[float, float] = (0.5, 0.999),
+                 arch_weight_decay: float = 1e-3, second_order: bool = False):
+        self.model = model
+        self.device = torch.device(device)
+        self.amp = amp
+        self.grad_clip = grad_clip
+        self.second_order = second_order
+        self.weights = [p for p in model.weight_parameters() if p.requires_grad]
+        self.alphas = list(model.arch_parameters())
+        self.w_opt = torch.optim.SGD(self.weights, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.a_opt = torch.optim.Adam(self.alphas, lr=arch_lr, betas=tuple(arch_betas),
+                                      weight_decay=arch_weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=epochs, eta_min=lr_min)
+        scale = amp == torch.float16
+        self.w_scaler = torch.amp.GradScaler(self.device.type, enabled=scale)
+        self.a_scaler = torch.amp.GradScaler(self.device.type, enabled=scale)
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    # ---- public interface -------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        return self.w_opt.param_groups[0]["lr"]
+
+    def step(self, train_batch, val_batch) -> StepStats:
+        xv, yv = (t.to(self.device, non_blocking=True) for t in val_batch)
+        xt, yt = (t.to(self.device, non_blocking=True) for t in train_batch)
+        if self.second_order:
+            val_loss, val_correct = self._arch_step_unrolled(xt, yt, xv, yv)
+        else:
+            val_loss, val_correct = self._arch_step(xv, yv)
+        train_loss, train_correct = self._weight_step(xt, yt)
+        return StepStats(train_loss * len(yt), train_correct, len(yt),
+                         val_loss * len(yv), val_correct, len(yv))
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {"w_opt": self.w_opt.state_dict(), "a_opt": self.a_opt.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "w_scaler": self.w_scaler.state_dict(),
+                "a_scaler": self.a_scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.w_opt.load_state_dict(state["w_opt"])
+        self.a_opt.load_state_dict(state["a_opt"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.w_scaler.load_state_dict(state["w_scaler"])
+        self.a_scaler.load_state_dict(state["a_scaler"])
+
+    # ---- the steps ----------------------------------------------------------------------
+
+    def _autocast(self, dtype: torch.dtype | None = None):
+        dtype = dtype or self.amp
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _loss(self, x, y, dtype=None):
+        with self._autocast(dtype):
+            logits = self.model(x)
+        logits = logits.float()
+        return F.cross_entropy(logits, y), int((logits.argmax(1) == y).sum())
+
+    def _weight_step(self, x, y):
+        # Alphas need no gradient here: switching it off spares the mixed-op
+        # kernels the weight-gradient reduction.
+        with _frozen(self.alphas):
+            self.w_opt.zero_grad(set_to_none=True)
+            loss, correct = self._loss(x, y)
+            self.w_scaler.scale(loss).backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.weights]
+        for p, g in zip(self.weights, self._average(grads)):
+            p.grad = g
+        self.w_scaler.unscale_(self.w_opt)
+        torch.nn.utils.clip_grad_norm_(self.weights, self.grad_clip)
+        self.w_scaler.step(self.w_opt)
+        self.w_scaler.update()
+        return loss.item(), correct
+
+    def _arch_step(self, x, y):
+        self.a_opt.zero_grad(set_to_none=True)
+        loss, correct = self._loss(x, y)
+        grads = _grad(self.a_scaler.scale(loss), self.alphas)
+        for a, g in zip(self.alphas, self._average(grads)):
+            a.grad = g
+        self.a_scaler.step(self.a_opt)
+        self.a_scaler.update()
+        return loss.item(), correct
+
+    def _arch_step_unrolled(self, xt, yt, xv, yv):
+        dtype = torch.bfloat16 if self.amp is not None else None
+        xi = self.lr
+        group = self.w_opt.param_groups[0]
+        backup = [p.detach().clone() for p in self.weights]
+
+        # Virtual step w' = w - xi * (momentum * v + grad + wd * w).
+        with _frozen(self.alphas):
+            loss_t, _ = self._loss(xt, yt, dtype)
+            g_train = self._average(_grad(loss_t, self.weights))
+        with torch.no_grad():
+            for p, g in zip(self.weights, g_train):
+                step = g + group["weight_decay"] * p
+                buf = self.w_opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    step = step + group["momentum"] * buf
+                p.sub_(xi * step)
+
+        loss_v, correct = self._loss(xv, yv, dtype)
+        grads = self._average(_grad(loss_v, self.alphas + self.weights))
+        d_alpha, d_w = grads[: len(self.alphas)], grads[len(self.alphas):]
+
+        # Finite-difference Hessian-vector product around the real weights w.
+        eps = 0.01 / torch.sqrt(sum((g.float() ** 2).sum() for g in d_w)).clamp_min(1e-12).item()
+        alpha_grads = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, b, g in zip(self.weights, backup, d_w):
+                    p.copy_(b + sign * eps * g)
+            with _frozen(self.weights):
+                loss_p, _ = self._loss(xt, yt, dtype)
+                alpha_grads.append(_grad(loss_p, self.alphas))
+        with torch.no_grad():
+            for p, b in zip(self.weights, backup):
+                p.copy_(b)
+        hvp = self._average([(gp - gn) / (2 * eps) for gp, gn in zip(*alpha_grads)])
+
+        self.a_opt.zero_grad(set_to_none=True)
+        for a, g, h in zip(self.alphas, d_alpha, hvp):
+            a.grad = g - xi * h
+        self.a_opt.step()
+        return loss_v.item(), correct
+
+    def _average(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Mean over the ranks, one all-reduce for the whole list."""
+        if self.world_size == 1:
+            return tensors
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        out, offset = [], 0
+        for t in tensors:
+            out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
+            offset += t.numel()
+        return out
+
+
+def _grad(loss, params):
+    """d loss / d params; zeros for a parameter the loss does not reach."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@contextlib.contextmanager
+def _frozen(params):
+    """Switch requires_grad off for ``params`` while the block builds its graph."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)

@@ -1,0 +1,267 @@
+"""End to end: the search driver ``python -m nasops.search`` (in-process through
+``main(argv)`` unless the test is about processes: kill and resume, torchrun)."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nasops.spaces
+from nasops.search import SearchError, main
+from helpers import kernel_backends
+
+REPO = Path(__file__).resolve().parents[1]
+# SPEC's ../shared/data/ next to the checkout (or to the worktree's parent).
+SHARED_TABLES = [REPO.parent / "shared" / "data" / "nb201_test_accuracy.csv",
+                 REPO.parent.parent / "shared" / "data" / "nb201_test_accuracy.csv"]
+NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+
+# Tiny networks and few steps; one thread (tiny tensors on a shared 2-core
+# machine run many times faster without a thread pool).
+TINY = ["--init-channels", "4", "--batch-size", "16", "--threads", "1", "--quiet"]
+TINY_LAYERS = {"nb201": "1"}  # nb201 counts cells per stage; darts/rdarts count cells
+
+
+def _tiny(space, out, *extra):
+    return ["--space", space, "--layers", TINY_LAYERS.get(space, "3"), "--out", str(out), *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def nb201_table(tmp_path_factory) -> Path:
+    """The NAS-Bench-201 CSV; where the shared copy is absent, a stand-in with all
+    15,625 cells and made-up accuracies in the same format."""
+    for path in SHARED_TABLES:
+        if path.exists():
+            return path
+    path = tmp_path_factory.mktemp("nb201") / "table.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["CIFAR10TestAccuracy200Epochs", "CIFAR100TestAccuracy200Epochs",
+                         "ImageNetTestAccuracy200Epochs", "ArchitectureString", "UniqueString"])
+        for i, ops in enumerate(itertools.product(NB201_OPS, repeat=6)):
+            arch = "|{}~0|+|{}~0|{}~1|+|{}~0|{}~1|{}~2|".format(*ops)
+            writer.writerow([50 + i / 1000, 20 + i / 2000, 10 + i / 4000, arch, arch])
+    return path
+
+
+def _is_png(path: Path) -> bool:
+    import matplotlib.image
+
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return False
+    image = matplotlib.image.imread(path)
+    return image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50 and image.std() > 0
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _comparable(records):
+    """Metrics without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in records]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
+@pytest.mark.parametrize("space", nasops.spaces.SPACES)
+def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_table):
+    out = tmp_path / "run"
+    extra = ["--epochs", "1", "--max-steps", "1"] + (["--second-order"] if second_order else [])
+    if space == "nb201" and not second_order:
+        extra += ["--nb201-table", str(nb201_table)]
+    result = main(_tiny(space, out, *extra))
+
+    saved = json.loads((out / "genotype.json").read_text())
+    assert saved["space"] == space and saved["method"] == "darts" and saved["seed"] == 0
+    assert saved["genotype"] == result["genotype"] and saved["genotype_str"] == result["genotype_str"]
+    assert saved["config"]["second_order"] is second_order and saved["config"]["layers"] == int(
+        TINY_LAYERS.get(space, "3"))
+
+    records = _metrics(out)
+    assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["steps"] == 1
+    assert 0 <= records[0]["train_acc"] <= 1 and records[0]["train_loss"] > 0
+    assert records[0]["genotype_str"] == saved["genotype_str"]
+    tables = records[0]["edge_weights"]
+    for cell_type, table in tables.items():
+        for edge in table:
+            assert sum(edge["ops"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert _is_png(out / f"cell_{cell_type}.png") and _is_png(out / f"weights_{cell_type}.png")
+    assert sorted(tables) == sorted(nasops.spaces.build(space, in_channels=1, num_classes=10, C=4,
+                                                        layers=1).cell_types)
+
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["config"]["space"] == space
+    assert not list(out.glob("*.tmp*"))
+
+    if "nb201" in saved:
+        with open(nb201_table) as f:
+            row = next(r for r in csv.DictReader(f) if r["ArchitectureString"] == saved["genotype_str"])
+        assert saved["nb201"]["cifar10"] == pytest.approx(float(row["CIFAR10TestAccuracy200Epochs"]))
+        assert saved["nb201"]["cifar100"] == pytest.approx(float(row["CIFAR100TestAccuracy200Epochs"]))
+
+
+@pytest.mark.parametrize("flag,value,choices", [
+    ("--space", "bogus", "darts"), ("--method", "bogus", "darts"), ("--dataset", "bogus", "digits"),
+    ("--backend", "bogus", "eager")])
+def test_unknown_choice_lists_the_choices(flag, value, choices, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"invalid choice: '{value}'" in err and choices in err
+
+
+def test_bad_flag_combinations_are_refused(capsys, nb201_table):
+    for argv, message in [(["--resume", "--overwrite"], "exclude each other"),
+                          (["--nb201-table", str(nb201_table)], "needs --space nb201"),
+                          (["--space", "nb201", "--nb201-table", "/nonexistent.csv"], "no such file"),
+                          (["--epochs", "0"], "--epochs: expected >= 1"),
+                          (["--train-portion", "1.5"], "--train-portion")]:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_bad_device_is_refused(tmp_path):
+    with pytest.raises(SearchError, match="--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"):
+        main(["--device", "tpu", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SearchError, match="no CUDA device"):
+            main(["--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_command_line_errors_exit_with_status_1_and_the_reason(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nasops.search", "--resume", "--out", str(tmp_path)],
+                          env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(f"no checkpoint at {tmp_path / 'checkpoint.pt'}; "
+                                        f"start a new run without --resume")
+
+
+def test_missing_cifar_batches_are_named(tmp_path):
+    with pytest.raises(SearchError, match="data_batch_1"):
+        main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_out_dir_resume_and_overwrite_rules(tmp_path):
+    out = tmp_path / "run"
+    base = _tiny("darts", out, "--epochs", "1", "--max-steps", "1")
+    with pytest.raises(SearchError, match="no checkpoint"):
+        main(base + ["--resume"])
+    main(base)
+    first = (out / "genotype.json").read_text()
+
+    with pytest.raises(SearchError, match="holds the files of another run.*--resume.*--overwrite"):
+        main(base)
+    with pytest.raises(SearchError, match=r"different run \(init_channels: checkpoint 4, now 5"):
+        main(base + ["--resume", "--init-channels", "5"])
+    done = main(base + ["--resume"])  # finished run: nothing left to do, outputs rewritten
+    assert len(done["metrics"]) == 1 and (out / "genotype.json").read_text() == first
+
+    (out / "notes.txt").write_text("mine")
+    main(base + ["--overwrite", "--seed", "1"])
+    assert json.loads((out / "genotype.json").read_text())["seed"] == 1 and len(_metrics(out)) == 1
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces run files only
+
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(SearchError, match="does not fit this network"):
+        main(base + ["--resume", "--seed", "1"])
+
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SearchError, match="cannot read the checkpoint"):
+        main(base + ["--resume", "--seed", "1"])
+
+
+def _subprocess_env(**extra):
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    args = ["--epochs", "3", "--max-steps", "2", "--deterministic"]
+    full = main(_tiny("darts", tmp_path / "full", *args))
+
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-m", "nasops.search", *_tiny("darts", out, *args)],
+                          env=_subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert len(_metrics(out)) == 1 and not (out / "genotype.json").exists()
+
+    resumed = main(_tiny("darts", out, *args, "--resume"))
+    assert resumed["genotype"] == full["genotype"]
+    assert _comparable(_metrics(out)) == _comparable(_metrics(tmp_path / "full"))
+    for a, b in zip(torch.load(out / "checkpoint.pt", weights_only=False)["alphas"],
+                    torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["alphas"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_end_with_identical_alphas(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "nasops.search", *_tiny("darts", out, "--epochs", "2", "--max-steps", "2", "--second-order")],
+        env=_subprocess_env(NASOPS_TEST_DUMP_ALPHAS=str(tmp_path), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "alphas_rank0.pt")
+    rank1 = torch.load(tmp_path / "alphas_rank1.pt")
+    for a, b in zip(rank0, rank1):
+        assert torch.equal(a, b)
+    assert any(a.abs().max() > 0 for a in rank0)
+    saved = json.loads((out / "genotype.json").read_text())
+    assert saved["world_size"] == 2
+    assert torch.equal(torch.load(out / "checkpoint.pt", weights_only=False)["alphas"][0], rank0[0])
+    # each rank saw its own half of every batch: 2 steps x 16 samples x 2 ranks per split
+    assert _metrics(out)[0]["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", kernel_backends("cpu"))
+def test_kernel_backend_gives_the_eager_loss_curve(tmp_path, backend):
+    # nb201 (18 mixed edges at --layers 1): Triton's CPU interpreter costs ms per launch.
+    args = ["--epochs", "3", "--max-steps", "1"]
+    eager = main(_tiny("nb201", tmp_path / "eager", *args, "--backend", "eager"))
+    kernel = main(_tiny("nb201", tmp_path / backend, *args, "--backend", backend))
+    for e, k in zip(eager["metrics"], kernel["metrics"]):
+        for key in ("train_loss", "val_loss"):
+            assert k[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), (key, e["epoch"])
+    alphas = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["alphas"]
+              for name in ("eager", backend)]
+    for a, b in zip(*alphas):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_amp_runs_in_bfloat16_on_cpu_and_stays_close(tmp_path):
+    args = ["--epochs", "1", "--max-steps", "2"]
+    full = main(_tiny("darts", tmp_path / "fp32", *args))["metrics"][0]
+    amp = main(_tiny("darts", tmp_path / "amp", *args, "--amp"))["metrics"][0]
+    assert amp["train_loss"] != full["train_loss"]  # autocast really changed the arithmetic
+    assert amp["train_loss"] == pytest.approx(full["train_loss"], rel=0.05)
+    assert amp["val_loss"] == pytest.approx(full["val_loss"], rel=0.05)
+
+
+def test_synthetic_data_of_any_size_runs(tmp_path):
+    result = main(_tiny("nb201", tmp_path / "syn", "--dataset", "synthetic", "--image-size", "12",
+                        "--num-classes", "5", "--synthetic-size", "64", "--epochs", "1", "--max-steps", "1"))
+    record = result["metrics"][0]
+    assert record["steps"] == 1 and record["samples_per_s"] > 0
+    saved = json.loads((tmp_path / "syn" / "genotype.json").read_text())
+    assert saved["config"]["dataset"] == "synthetic" and saved["config"]["image_size"] == 12
