@@ -84,7 +84,7 @@ def get_cmdclass():
 
 setup(
     packages=find_packages(include=["nasops", "nasops.*"]),
-    package_data={"nasops": ["data/*"]},
+    package_data={"nasops.spaces": ["data/*"]},
     ext_modules=get_extensions(),
     cmdclass=get_cmdclass(),
 )

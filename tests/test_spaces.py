@@ -21,7 +21,7 @@ from helpers import kernel_backends
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = Path(__file__).resolve().parent / "data" / "nb201_excerpt.csv"
-RDARTS_JSON = ROOT / "nasops" / "data" / "rdarts_spaces.json"
+RDARTS_JSON = ROOT / "nasops" / "spaces" / "data" / "rdarts_spaces.json"
 
 BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
 ALL_SKIP = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|"

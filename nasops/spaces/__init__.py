@@ -6,7 +6,7 @@ Spaces:
 - ``darts``: the DARTS CNN cell (8 ops, 4 nodes, 14 edges); ``layers`` cells
   (default 8) with reductions at 1/3 and 2/3; ``nodes`` intermediate nodes.
 - ``rdarts-s1`` .. ``rdarts-s4``: the DARTS network with the RobustDARTS
-  per-edge op lists (nasops/data/rdarts_spaces.json); ``nodes`` must be 4.
+  per-edge op lists (nasops/spaces/data/rdarts_spaces.json); ``nodes`` must be 4.
 - ``nb201``: the NAS-Bench-201 cell (5 ops, 4 nodes incl. the input, 6 edges);
   ``layers`` = cells per stage (default 5, as NB201), 3 stages;
   ``stem_multiplier`` unused.

@@ -1,8 +1,8 @@
 """The RobustDARTS spaces S1-S4 (Zela et al., ICLR 2020).
 
 The DARTS search network (:mod:`nasops.spaces.darts`) with reduced candidate
-sets per edge, read from ``nasops/data/rdarts_spaces.json`` (transcribed from
-automl/RobustDARTS; see nasops/data/README.md):
+sets per edge, read from ``nasops/spaces/data/rdarts_spaces.json`` (transcribed from
+automl/RobustDARTS; see nasops/spaces/data/README.md):
 S1 its own pair of ops per edge, S2 {skip_connect, sep_conv_3x3},
 S3 {none, skip_connect, sep_conv_3x3}, S4 {noise, sep_conv_3x3}.
 The genotype rule is DARTS' (the Zero op, where present, is never chosen);
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nasops.spaces.darts import DartsSearchNetwork
 
-SPACES_FILE = Path(__file__).resolve().parent.parent / "data" / "rdarts_spaces.json"
+SPACES_FILE = Path(__file__).resolve().parent / "data" / "rdarts_spaces.json"
 RDARTS_SPACES = ("s1", "s2", "s3", "s4")
 
 
