@@ -234,7 +234,7 @@ def test_fused_strided_inputs():
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck(backend):
-    x, outputs, Wq, Wk, prior, zero_key = make_edge(1, 2, 4, 6, 2, 2, 3, 3, 2, zero_at=(1,),
+    x, outputs, Wq, Wk, prior, zero_key = make_edge(1, 2, 2, 3, 2, 2, 3, 3, 2, zero_at=(1,),
                                                     dtype=torch.float64)
     live = [o for o in outputs if o is not None]
 
@@ -244,7 +244,7 @@ def test_gradcheck(backend):
         return y, w
 
     assert torch.autograd.gradcheck(fused, (x, Wq, Wk, prior, zero_key, *live), eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradcheck(lambda t: patch_pool(t, (2, 4), backend=backend), (x,))
+    assert torch.autograd.gradcheck(lambda t: patch_pool(t, (2, 2), backend=backend), (x,))
     q = leaf(torch.randn(1, 3, 2), torch.float64)
     k = leaf(torch.randn(1, 3, 4, 2), torch.float64)
     assert torch.autograd.gradcheck(
