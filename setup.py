@@ -43,6 +43,16 @@ def get_extensions():
     define_macros = []
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        # One object file per source stem and folder: csrc/cuda/<op>.cu and its
+        # csrc/cuda/<op>_glue.cpp; an <op>.cpp beside <op>.cu would overwrite <op>.o.
+        stems = [os.path.splitext(s)[0] for s in sources]
+        clash = sorted({s for s in stems if stems.count(s) > 1})
+        if clash:
+            raise RuntimeError(f"nasops: sources {clash} compile to the same object file; "
+                               "name CUDA glue files <op>_glue.cpp")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to ask: build for A100 and H100, plus PTX for newer GPUs.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         define_macros.append(("NASOPS_WITH_CUDA", None))
         extension = CUDAExtension
         extra = {"cxx": cxx, "nvcc": [opt, "-std=c++17", "--use_fast_math", "-lineinfo"]}

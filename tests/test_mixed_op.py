@@ -1,0 +1,277 @@
+"""mixed_op (SPEC 2.1) on every backend available here, against an independent
+float64 formula: the weights painted onto the pixels with float arithmetic,
+the K outputs stacked and contracted with einsum."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import nasops
+from nasops.ops import mixed_op
+from helpers import DEVICE, TOLERANCE, assert_close, available_backends, kernel_backends
+
+BACKENDS = available_backends()
+KERNELS = kernel_backends()
+
+
+def expected_mixed(outputs, weights, grid=None):
+    """float64 y = sum_k w_k o_k, written without nasops code."""
+    live = [k for k, o in enumerate(outputs) if o is not None]
+    o = torch.stack([outputs[k].double() for k in live])  # (K', B, ...)
+    w = weights.double()[..., live]
+    if w.dim() == 1:
+        return torch.einsum("k,k...->...", w, o)
+    if w.dim() == 2:
+        return torch.einsum("bk,kb...->b...", w, o)
+    if o.dim() == 4:  # tokens (K', B, N, C), per-token weights (B, N, K')
+        return torch.einsum("bnk,kbnc->bnc", w, o)
+    B, C, H, W = o.shape[1:]
+    gh, gw = grid
+    rows = [math.floor(h * gh / H) for h in range(H)]
+    cols = [math.floor(x * gw / W) for x in range(W)]
+    patch = torch.tensor([[r * gw + c for c in cols] for r in rows], device=o.device)
+    wmap = w[:, patch]  # (B, H, W, K')
+    return torch.einsum("bhwk,kbchw->bchw", wmap, o)
+
+
+def make_case(layout, granularity, K, B=2, dtype=torch.float32, grid=None, none_at=(), device=DEVICE,
+              requires_grad=True):
+    shape = {"nchw": (B, 3, 7, 10), "tokens": (B, 5, 6)}[layout]
+    outputs = [None if k in none_at else
+               torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
+               for k in range(K)]
+    if granularity == "edge":
+        w = torch.randn(K, device=device)
+    elif granularity == "sample":
+        w = torch.randn(B, K, device=device)
+    elif layout == "tokens":
+        w = torch.randn(B, shape[1], K, device=device)
+    else:
+        w = torch.randn(B, grid[0] * grid[1], K, device=device)
+    w = w.softmax(-1).requires_grad_(requires_grad)
+    return outputs, w
+
+
+CASES = [
+    ("nchw", "edge", None), ("nchw", "sample", None), ("nchw", "patch", (1, 1)),
+    ("nchw", "patch", (2, 2)), ("nchw", "patch", (3, 4)), ("nchw", "patch", (7, 10)),
+    ("tokens", "edge", None), ("tokens", "sample", None), ("tokens", "patch", None),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout,granularity,grid", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_and_gradients_match_float64(backend, layout, granularity, grid, dtype):
+    K = 4
+    outputs, w = make_case(layout, granularity, K, dtype=dtype, grid=grid, none_at=(2,))
+    y = mixed_op(outputs, w, grid=grid if layout == "nchw" and granularity == "patch" else None,
+                 backend=backend)
+    assert y.dtype == dtype and y.shape == outputs[0].shape
+    ref_in = [None if o is None else o.detach().double().requires_grad_() for o in outputs]
+    ref_w = w.detach().double().requires_grad_()
+    ref = expected_mixed(ref_in, ref_w, grid)
+    assert_close(y, ref, dtype, what="y")
+
+    g = torch.randn_like(ref)
+    y.backward(g.to(dtype))
+    ref.backward(g)
+    for k, (o, r) in enumerate(zip(outputs, ref_in)):
+        if o is not None:
+            assert_close(o.grad, r.grad, dtype, what=f"grad outputs[{k}]")
+    # grad w sums up to C*H*W products: widen the tolerance with the term count.
+    terms = outputs[0][0].numel() / (1 if granularity != "patch" else w.shape[1])
+    assert_close(w.grad, ref_w.grad, dtype, scale=math.sqrt(terms), what="grad weights")
+    assert w.grad[..., 2].abs().max() == 0  # the Zero op's weight gets no gradient
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("K", [1, 16, 17])
+def test_many_and_few_ops(backend, K):
+    outputs, w = make_case("nchw", "patch", K, grid=(2, 3))
+    y = mixed_op(outputs, w, grid=(2, 3), backend=backend)
+    ref_in = [o.detach().double().requires_grad_() for o in outputs]
+    ref_w = w.detach().double().requires_grad_()
+    ref = expected_mixed(ref_in, ref_w, (2, 3))
+    assert_close(y, ref, torch.float32, what="y")
+    g = torch.randn_like(ref)
+    y.backward(g.float())
+    ref.backward(g)
+    for k, (o, r) in enumerate(zip(outputs, ref_in)):
+        assert_close(o.grad, r.grad, torch.float32, what=f"grad outputs[{k}]")
+    assert_close(w.grad, ref_w.grad, torch.float32, scale=10, what="grad weights")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous_inputs(backend):
+    base = [torch.randn(2, 10, 7, 3, device=DEVICE) for _ in range(3)]
+    outputs = [b.permute(0, 3, 2, 1) for b in base]  # (2, 3, 7, 10), channels-last-like strides
+    assert not outputs[0].is_contiguous()
+    w = torch.randn(2, 6, 3, device=DEVICE).softmax(-1)
+    y = mixed_op(outputs, w, grid=(2, 3), backend=backend)
+    assert_close(y, expected_mixed(outputs, w, (2, 3)), torch.float32, what="y")
+    tokens = [torch.randn(2, 8, 6, device=DEVICE)[:, ::2] for _ in range(2)]  # (2, 4, 6), strided
+    wt = torch.randn(2, 4, 2, device=DEVICE)
+    assert_close(mixed_op(tokens, wt, backend=backend), expected_mixed(tokens, wt), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("granularity", ["edge", "sample", "patch"])
+def test_empty_batch(backend, granularity):
+    outputs, w = make_case("nchw", granularity, 3, B=0, grid=(2, 2))
+    y = mixed_op(outputs, w, grid=(2, 2) if granularity == "patch" else None, backend=backend)
+    assert y.shape == (0, 3, 7, 10)
+    y.sum().backward()
+    assert outputs[0].grad.shape == outputs[0].shape and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_only_weights_or_only_outputs_need_grad(backend):
+    outputs, w = make_case("nchw", "patch", 3, grid=(2, 2), requires_grad=False)
+    w.requires_grad_(True)
+    mixed_op(outputs, w, grid=(2, 2), backend=backend).sum().backward()
+    ref_w = w.detach().double().requires_grad_()
+    expected_mixed(outputs, ref_w, (2, 2)).sum().backward()
+    assert_close(w.grad, ref_w.grad, torch.float32, scale=10, what="grad weights")
+
+    outputs[1].requires_grad_(True)
+    w2 = w.detach()
+    mixed_op(outputs, w2, grid=(2, 2), backend=backend).sum().backward()
+    assert outputs[0].grad is None
+    ref_o = outputs[1].detach().double().requires_grad_()
+    expected_mixed([outputs[0], ref_o, outputs[2]], w2, (2, 2)).sum().backward()
+    assert_close(outputs[1].grad, ref_o.grad, torch.float32, what="grad outputs[1]")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("layout,granularity,grid", [("nchw", "edge", None), ("nchw", "sample", None),
+                                                      ("nchw", "patch", (2, 3)), ("tokens", "patch", None)])
+def test_gradcheck_float64(backend, layout, granularity, grid):
+    outputs, w = make_case(layout, granularity, 3, dtype=torch.float64, grid=grid, none_at=(1,))
+    w = w.detach().double().requires_grad_()
+
+    def f(a, b, weights):
+        return mixed_op([a, None, b], weights, grid=grid, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (outputs[0], outputs[2], w))
+
+
+def registered_variants():
+    from nasops.ops.mixed_op import _KERNELS
+    from nasops.ops._registry import unique_variants
+    return unique_variants({b: ops for b, ops in _KERNELS.items() if b in KERNELS})
+
+
+@pytest.mark.parametrize("ops", registered_variants(), ids=lambda ops: ops[0].name())
+def test_opcheck(ops):
+    forward, backward = ops
+    outputs = [torch.randn(2, 3, 5, 6, device=DEVICE, requires_grad=True) for _ in range(3)]
+    w = torch.randn(2, 4, 3, device=DEVICE).softmax(-1).requires_grad_()
+    torch.library.opcheck(forward, (outputs, w, [2, 2]))
+    g = torch.randn(2, 3, 5, 6, device=DEVICE)
+    torch.library.opcheck(backward, (g, [o.detach() for o in outputs], w.detach(), [2, 2], True, True))
+    torch.library.opcheck(backward, (g, [o.detach() for o in outputs], w.detach(), [2, 2], False, True))
+
+
+def test_compiled_and_triton_schemas_agree():
+    if not {"cpu", "triton"} <= set(KERNELS):
+        pytest.skip("needs both the compiled extension and Triton")
+    for name in ("mixed_op", "mixed_op_backward"):
+        compiled = str(getattr(torch.ops.nasops, name).default._schema)
+        twin = str(getattr(torch.ops.nasops, f"{name}_triton").default._schema)
+        assert compiled.replace(f"nasops::{name}(", "(") == twin.replace(f"nasops::{name}_triton(", "(")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_torch_compile_fullgraph(backend):
+    class Edge(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = torch.nn.Parameter(torch.randn(3) * 1e-3)
+
+        def forward(self, x):
+            outs = [torch.relu(x), None, x * 2]
+            return mixed_op(outs, self.alpha.softmax(0), backend=backend)
+
+    torch._dynamo.reset()
+    edge = Edge().to(DEVICE)
+    x = torch.randn(2, 3, 4, 4, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(edge, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    w = edge.alpha.detach().softmax(0)
+    assert_close(y, w[0] * x.detach().relu() + w[2] * 2 * x.detach(), torch.float32)
+    assert edge.alpha.grad is not None and x.grad is not None
+
+
+# ---- bad input -------------------------------------------------------------------
+
+def _maps(n=3, shape=(2, 3, 4, 4), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(n)]
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: mixed_op(_maps(), torch.randn(4)), ValueError, r"weights: expected last dimension K=3"),
+    (lambda: mixed_op(_maps(), torch.randn(3, 3)), ValueError, r"weights: expected batch size 2"),
+    (lambda: mixed_op(_maps(2) + [torch.randn(2, 3, 4, 5)], torch.randn(3)), ValueError,
+     r"outputs\[2\]: expected shape"),
+    (lambda: mixed_op(_maps(2) + [torch.randn(2, 3, 4, 4, dtype=torch.float64)], torch.randn(3)),
+     TypeError, r"outputs\[2\]: expected dtype"),
+    (lambda: mixed_op(_maps(), torch.randn(2, 25, 3), grid=(5, 5)), ValueError, r"grid: expected 1 <= gh"),
+    (lambda: mixed_op(_maps(), torch.randn(2, 4, 3)), ValueError, r"grid: per-patch weights"),
+    (lambda: mixed_op(_maps(), torch.randn(2, 6, 3), grid=(2, 2)), ValueError, r"weights: expected P = gh\*gw = 4"),
+    (lambda: mixed_op(_maps(), torch.randn(3), grid=(2, 2)), ValueError, r"grid: only per-patch"),
+    (lambda: mixed_op(_maps(shape=(2, 5, 6)), torch.randn(2, 4, 3)), ValueError, r"weights: per-token weights need P = N = 5"),
+    (lambda: mixed_op([None, None], torch.randn(2)), ValueError, r"outputs: every entry is None"),
+    (lambda: mixed_op(torch.randn(3, 2, 4, 4), torch.randn(3)), TypeError, r"outputs: expected a non-empty list"),
+    (lambda: mixed_op([], torch.randn(0)), TypeError, r"outputs: expected a non-empty list"),
+    (lambda: mixed_op(_maps(), torch.ones(3, dtype=torch.int64)), TypeError, r"weights: expected dtype"),
+    (lambda: mixed_op(_maps(), torch.randn(3, dtype=torch.complex64)), TypeError, r"weights: expected dtype"),
+    (lambda: mixed_op(_maps(shape=(2, 3)), torch.randn(3)), ValueError, r"outputs\[0\]: expected 3 or 4 dimensions"),
+    (lambda: mixed_op(_maps(), torch.randn(3), backend="fast"), ValueError, r"backend: expected one of"),
+    (lambda: mixed_op(_maps(), torch.randn(3), backend="cuda"), ValueError, r"backend='cuda'"),
+])
+def test_bad_input_names_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs a second device type")
+def test_mixed_devices_rejected():
+    with pytest.raises(ValueError, match=r"outputs\[1\]: expected device"):
+        mixed_op([torch.randn(2, 3, device="cuda"), torch.randn(2, 3)], torch.randn(2, device="cuda"))
+
+
+def test_weights_on_another_device_rejected():
+    with pytest.raises(ValueError, match=r"weights: expected device"):
+        mixed_op(_maps(), torch.randn(3, device="meta"))
+
+
+# ---- backend selection (SPEC 2.4) --------------------------------------------------
+
+def test_backends_report_says_why(monkeypatch):
+    report = nasops.backends()
+    assert set(report) == {"cuda", "triton", "cpu", "eager"}
+    assert report["eager"]["available"]
+    for info in report.values():
+        assert info["available"] or info["reason"] != "ok"
+    if not torch.cuda.is_available():
+        assert not report["cuda"]["available"]
+
+
+def test_auto_picks_compiled_cpu_when_built(monkeypatch):
+    from nasops.backend import extension_loaded, resolve
+    monkeypatch.delenv("NASOPS_BACKEND", raising=False)
+    assert resolve(None, torch.device("cpu")) == ("cpu" if extension_loaded() else "eager")
+    monkeypatch.setenv("NASOPS_BACKEND", "eager")
+    assert resolve(None, torch.device("cpu")) == "eager"
+    nasops.set_backend("cpu" if extension_loaded() else "eager")
+    try:
+        assert resolve(None, torch.device("cpu")) == ("cpu" if extension_loaded() else "eager")
+        assert resolve("eager", torch.device("cpu")) == "eager"  # the call's argument wins
+    finally:
+        nasops.set_backend(None)
+    with pytest.raises(ValueError, match="backend"):
+        nasops.set_backend("gpu")
