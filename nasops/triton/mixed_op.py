@@ -1,0 +1,333 @@
+"""Triton kernels of ``mixed_op`` (SPEC 2.1): ``torch.ops.nasops.mixed_op_triton``
+and ``torch.ops.nasops.mixed_op_backward_triton``, same schemas and canonical
+shapes as the compiled ops (csrc/ops.cpp):
+
+- ``outputs``: K tensors (B, C, H, W), one dtype (f16/bf16/f32/f64);
+- ``weights``: (Bw, P = gh*gw, K), Bw in {1, B}, float32 (float64 for f64 outputs);
+- ``grid``: [gh, gw]; pixel (h, w) uses patch (h*gh//H)*gw + (w*gw//W).
+
+Reading the K outputs in place
+    The K tensors are passed as ONE tuple argument (Triton >= 3.3 lowers a tuple
+    of tensors to K pointer parameters, each with its own 16-byte-alignment
+    specialization, so loads stay vectorized) and walked with
+    ``tl.static_range(K)``. Nothing is stacked or copied (a non-contiguous entry
+    is made contiguous first, nothing else is). K is a compile-time constant: one
+    compiled variant per K, any K >= 1 (tested to 20); no chunking is needed.
+    The tuple works identically under ``TRITON_INTERPRET=1`` on CPU tensors.
+
+Accumulation
+    In the weights' dtype: float32, or float64 for float64 outputs (gradcheck).
+    Results are cast to the outputs' dtype once, at the store.
+
+Mapping, P == 1 (per edge (1, 1, K) or per sample (B, 1, K)): the fast path
+    A sample's C*H*W elements are contiguous and share one weight per op, so a
+    program owns BLOCK contiguous elements of one sample (grid = B * cdiv(CHW,
+    BLOCK), 1D) and loads the K weights as scalars. Forward reads K*N and writes
+    N; nothing else. Backward reads g once, then per op writes w_k*g (if the
+    outputs need grad) and, if the weights need grad, reads o_k and reduces
+    g*o_k over its block to one scalar, stored to partial[b, block, k]. A second
+    tiny reduction (``partial.sum``: B * cdiv(CHW, BLOCK) * K values, i.e.
+    K/BLOCK of the data) gives grad w; for per-edge weights (Bw = 1) it also sums
+    over the batch, so the whole-tensor reduction is one pass over N plus a sum
+    of a few thousand floats.
+
+Mapping, P > 1 (per patch; per token after the (B, 1, N, C) view with grid (N, 1))
+    Patch row ph covers pixel rows [ceil(ph*H/gh), ceil((ph+1)*H/gh)): within a
+    channel those rows are ONE contiguous segment of L = rows*W elements. A
+    program owns a 2D tile [BLOCK_C channels, BLOCK_HW positions of that segment]
+    of one sample b and one patch row ph (grid = B * gh * cdiv(C, BLOCK_C) *
+    cdiv(max L, BLOCK_HW), 1D), so b and ph are scalars and only the patch column
+    pw = (w*gw)//W varies, per position: the K weight vectors w[b, ph*gw + pw, k]
+    are gathered once per program (from cache) and broadcast over the channels.
+    Backward reduces g*o_k over the tile's channels first (a [BLOCK_HW] column
+    sum), then into the gw patch columns with a [BLOCK_HW, GW_PAD] one-hot sum
+    (cheap: gw is small next to BLOCK_C*BLOCK_HW work), storing partial[b, ph,
+    part, pw, k]; ``partial.sum(2)`` then gives (B, gh*gw, K) exactly, whatever
+    the grid (patches of unequal size when the grid does not divide the map are
+    exact, since each program knows its own rows and columns).
+
+Determinism
+    No atomics: every partial sum has one writer, and the second stage is a
+    fixed-order ``torch.sum``; results are bitwise reproducible run to run.
+    This also makes autotuning safe (benchmark runs only overwrite partials).
+
+Traffic (N = B*C*H*W elements of s bytes, K live ops)
+    forward  K*N*s read + N*s written: the SPEC floor;
+    backward N*s (g) + K*N*s (o_k, only when weights need grad) read, K*N*s
+    (grad o_k, only when outputs need grad) written, plus the partials:
+    B*cdiv(CHW, BLOCK)*K (P == 1) or B*gh*parts*gw*K (P > 1) accumulator values
+    written and read once, below 1% of the data at the benchmark shapes.
+
+Tuning
+    On a GPU each kernel autotunes over a few (BLOCK, num_warps) configs keyed
+    on the shape; under ``TRITON_INTERPRET=1`` there is exactly one config with
+    big blocks (the interpreter runs each program in Python). Backward block
+    sizes are chosen by the launcher, not the autotuner, because the number of
+    partial sums (an allocation made before the launch) depends on them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _configs(blocks, warps):
+    """Autotune candidates; one config under the interpreter (more would fail there)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK": blocks[-1]} if blocks else {}, num_warps=4)]
+    return [triton.Config({"BLOCK": b} if b else {}, num_warps=w) for b in (blocks or [None]) for w in warps]
+
+
+# ---- P == 1: one weight per (sample, op); blocks of one sample's C*H*W ------------------
+
+@triton.autotune(configs=_configs([1024, 2048, 4096], [4, 8]), key=["CHW", "K"])
+@triton.jit
+def _forward_flat(outs, w_ptr, y_ptr, CHW, w_batch_stride,
+                  K: tl.constexpr, BLOCK: tl.constexpr):
+    blocks_per_sample = tl.cdiv(CHW, BLOCK)
+    pid = tl.program_id(0)
+    b = pid // blocks_per_sample
+    offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < CHW
+    base = b.to(tl.int64) * CHW
+    acc = tl.zeros([BLOCK], dtype=w_ptr.dtype.element_ty)
+    for k in tl.static_range(K):
+        wk = tl.load(w_ptr + b * w_batch_stride + k)
+        o = tl.load(outs[k] + base + offs, mask=mask, other=0.0)
+        acc += o.to(acc.dtype) * wk
+    tl.store(y_ptr + base + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs([], [4, 8]), key=["CHW", "K", "NEED_GO", "NEED_GW"])
+@triton.jit
+def _backward_flat(g_ptr, outs, grad_outs, w_ptr, partial_ptr, CHW, w_batch_stride,
+                   K: tl.constexpr, BLOCK: tl.constexpr,
+                   NEED_GO: tl.constexpr, NEED_GW: tl.constexpr):
+    blocks_per_sample = tl.cdiv(CHW, BLOCK)
+    pid = tl.program_id(0)
+    b = pid // blocks_per_sample
+    offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < CHW
+    base = b.to(tl.int64) * CHW
+    acc_t = w_ptr.dtype.element_ty
+    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_t)
+    for k in tl.static_range(K):
+        if NEED_GO:
+            wk = tl.load(w_ptr + b * w_batch_stride + k)
+            tl.store(grad_outs[k] + base + offs, (g * wk).to(grad_outs[k].dtype.element_ty), mask=mask)
+        if NEED_GW:
+            o = tl.load(outs[k] + base + offs, mask=mask, other=0.0).to(acc_t)
+            tl.store(partial_ptr + pid.to(tl.int64) * K + k, tl.sum(g * o, axis=0))
+
+
+# ---- P > 1: tiles [channels, positions] of one (sample, patch row) --------------------
+
+@triton.jit
+def _patch_tile(pid, C, n_cblocks, n_chunks, H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr,
+                GW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Decode a program id into its sample, patch row and tile (see module docstring)."""
+    chunk = pid % n_chunks
+    t = pid // n_chunks
+    cblock = t % n_cblocks
+    t = t // n_cblocks
+    ph = t % GH
+    b = t // GH
+    row0 = (ph * H + GH - 1) // GH          # first pixel row of patch row ph
+    row1 = ((ph + 1) * H + GH - 1) // GH    # one past its last
+    j = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)   # position in the segment of rows
+    valid_j = j < (row1 - row0) * W
+    pw = (j % W) * GW // W                  # patch column of each position
+    c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs = c[:, None] * (H * W) + (row0 * W + j)[None, :]
+    mask = (c < C)[:, None] & valid_j[None, :]
+    part = cblock * n_chunks + chunk
+    return b, ph, pw, valid_j, offs, mask, part
+
+
+@triton.autotune(configs=_configs([], [2, 4, 8]), key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW"])
+@triton.jit
+def _forward_patch(outs, w_ptr, y_ptr, C, n_cblocks, n_chunks, w_batch_stride,
+                   H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
+                   K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    b, ph, pw, valid_j, offs, mask, part = _patch_tile(
+        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, BLOCK_C, BLOCK_HW)
+    base = b.to(tl.int64) * C * H * W
+    w_row = w_ptr + b * w_batch_stride + (ph * GW + pw) * K    # [BLOCK_HW] pointers
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=w_ptr.dtype.element_ty)
+    for k in tl.static_range(K):
+        wk = tl.load(w_row + k, mask=valid_j, other=0.0)
+        o = tl.load(outs[k] + base + offs, mask=mask, other=0.0)
+        acc += o.to(acc.dtype) * wk[None, :]
+    tl.store(y_ptr + base + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs([], [2, 4, 8]),
+                 key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW", "NEED_GO", "NEED_GW"])
+@triton.jit
+def _backward_patch(g_ptr, outs, grad_outs, w_ptr, partial_ptr, C, n_cblocks, n_chunks, w_batch_stride,
+                    H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
+                    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                    GW_PAD: tl.constexpr, NEED_GO: tl.constexpr, NEED_GW: tl.constexpr):
+    b, ph, pw, valid_j, offs, mask, part = _patch_tile(
+        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, BLOCK_C, BLOCK_HW)
+    base = b.to(tl.int64) * C * H * W
+    acc_t = w_ptr.dtype.element_ty
+    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_t)
+    # partial[b, ph, part, pw, k]: (B, GH, n_cblocks * n_chunks, GW, K)
+    cols = tl.arange(0, GW_PAD)
+    partial_row = partial_ptr + (((b * GH + ph).to(tl.int64) * (n_cblocks * n_chunks) + part) * GW + cols) * K
+    in_column = (pw[:, None] == cols[None, :]) & valid_j[:, None]   # [BLOCK_HW, GW_PAD] one-hot
+    for k in tl.static_range(K):
+        if NEED_GO:
+            wk = tl.load(w_ptr + b * w_batch_stride + (ph * GW + pw) * K + k, mask=valid_j, other=0.0)
+            tl.store(grad_outs[k] + base + offs, (g * wk[None, :]).to(grad_outs[k].dtype.element_ty),
+                     mask=mask)
+        if NEED_GW:
+            o = tl.load(outs[k] + base + offs, mask=mask, other=0.0).to(acc_t)
+            per_position = tl.sum(g * o, axis=0)                     # over the tile's channels
+            per_column = tl.sum(tl.where(in_column, per_position[:, None], 0.0), axis=0)
+            tl.store(partial_row + k, per_column, mask=cols < GW)
+
+
+# ---- launchers -----------------------------------------------------------------------
+
+def _canonical(outputs, weights, grid):
+    """Validate the canonical arguments (csrc/ops.cpp) and make the tensors contiguous."""
+    if len(outputs) == 0:
+        raise ValueError("outputs: expected at least one tensor, got an empty list")
+    ref = outputs[0]
+    if ref.dim() != 4 or ref.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"outputs[0]: expected a floating (B, C, H, W) tensor, got "
+                         f"{ref.dtype} of shape {tuple(ref.shape)}")
+    for k, o in enumerate(outputs):
+        if o.shape != ref.shape or o.dtype != ref.dtype or o.device != ref.device:
+            raise ValueError(f"outputs[{k}]: expected {ref.dtype} {tuple(ref.shape)} on {ref.device} "
+                             f"(as outputs[0]), got {o.dtype} {tuple(o.shape)} on {o.device}")
+    B, C, H, W = ref.shape
+    if len(grid) != 2 or not (1 <= grid[0] <= H and 1 <= grid[1] <= W):
+        raise ValueError(f"grid: expected [gh, gw] with 1 <= gh <= {H}, 1 <= gw <= {W}, got {list(grid)}")
+    gh, gw = grid
+    K = len(outputs)
+    acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    if (weights.dim() != 3 or weights.shape[0] not in (1, B) or weights.shape[1] != gh * gw
+            or weights.shape[2] != K):
+        raise ValueError(f"weights: expected shape (1 or {B}, {gh * gw}, {K}), got {tuple(weights.shape)}")
+    if weights.dtype != acc or weights.device != ref.device:
+        raise ValueError(f"weights: expected {acc} on {ref.device}, got {weights.dtype} on {weights.device}")
+    if C * H * W >= 2**31:
+        raise ValueError(f"outputs: one sample has {C * H * W} elements; at most 2**31 - 1 supported")
+    outs = tuple(o.contiguous() for o in outputs)
+    weights = weights.contiguous()
+    # A batch of one sample and per-sample weights index like per-edge weights.
+    w_batch_stride = weights.shape[1] * K if weights.shape[0] > 1 else 0
+    return outs, weights, (B, C, H, W), (gh, gw), w_batch_stride
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensors' GPU (Triton uses the current device); nothing on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# Elements per program of the backward P == 1 blocks and of the P > 1 tiles (bigger
+# in the interpreter, which pays per program). Module attributes so that tests can
+# shrink them to exercise many blocks on tiny shapes.
+_FLAT_BACKWARD_BLOCK = 4096
+_PATCH_TILE = 16384 if _INTERPRET else 4096
+
+
+def _flat_block(chw: int) -> int:
+    """Backward block of the P == 1 path: big, but not much bigger than a sample."""
+    return min(_FLAT_BACKWARD_BLOCK, max(256, triton.next_power_of_2(chw)))
+
+
+def _patch_tiling(C, H, W, gh, gw):
+    """(BLOCK_C, BLOCK_HW, n_cblocks, n_chunks) for the P > 1 path: a tile of about
+    _PATCH_TILE elements covering a patch row's contiguous segment."""
+    budget = _PATCH_TILE
+    max_rows = max(-(-(ph + 1) * H // gh) - (-(-ph * H // gh)) for ph in range(gh))
+    segment = max_rows * W
+    block_hw = min(triton.next_power_of_2(segment), budget)
+    block_c = min(triton.next_power_of_2(C), max(1, budget // block_hw))
+    return block_c, block_hw, triton.cdiv(C, block_c), triton.cdiv(segment, block_hw)
+
+
+def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: list[int]) -> torch.Tensor:
+    outs, w, (B, C, H, W), (gh, gw), w_batch_stride = _canonical(outputs, weights, grid)
+    y = torch.empty((B, C, H, W), dtype=outs[0].dtype, device=outs[0].device)
+    if y.numel() == 0:
+        return y
+    K = len(outs)
+    with _on_device(y):
+        if gh * gw == 1:
+            chw = C * H * W
+            _forward_flat[lambda meta: (B * triton.cdiv(chw, meta["BLOCK"]),)](
+                outs, w, y, chw, w_batch_stride, K=K)
+        else:
+            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw)
+            _forward_patch[(B * gh * n_cblocks * n_chunks,)](
+                outs, w, y, C, n_cblocks, n_chunks, w_batch_stride,
+                H=H, W=W, GH=gh, GW=gw, K=K, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    return y
+
+
+def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: torch.Tensor,
+                      grid: list[int], outputs_requires_grad: bool, weights_requires_grad: bool):
+    outs, w, (B, C, H, W), (gh, gw), w_batch_stride = _canonical(outputs, weights, grid)
+    if grad.shape != outs[0].shape or grad.device != outs[0].device:
+        raise ValueError(f"grad: expected shape {tuple(outs[0].shape)} on {outs[0].device}, "
+                         f"got {tuple(grad.shape)} on {grad.device}")
+    g = grad.to(outs[0].dtype).contiguous()
+    K = len(outs)
+    grad_outs = [torch.empty_like(o) for o in outs] if outputs_requires_grad else []
+    if not weights_requires_grad:
+        grad_w = weights.new_empty(0)
+    elif g.numel() == 0:
+        return grad_outs, torch.zeros_like(weights)
+    if g.numel() == 0 or not (outputs_requires_grad or weights_requires_grad):
+        return grad_outs, grad_w
+    # Unused pointer arguments get a harmless stand-in (their stores are compiled out).
+    grad_out_ptrs = tuple(grad_outs) if outputs_requires_grad else outs
+    flags = dict(K=K, NEED_GO=bool(outputs_requires_grad), NEED_GW=bool(weights_requires_grad))
+    with _on_device(g):
+        if gh * gw == 1:
+            chw = C * H * W
+            block = _flat_block(chw)
+            n_blocks = triton.cdiv(chw, block)
+            partial = torch.empty((B, n_blocks, K), dtype=w.dtype, device=g.device) \
+                if weights_requires_grad else w
+            _backward_flat[(B * n_blocks,)](g, outs, grad_out_ptrs, w, partial, chw, w_batch_stride,
+                                            BLOCK=block, **flags)
+            if weights_requires_grad:
+                grad_w = partial.sum(1, keepdim=True)            # (B, 1, K)
+        else:
+            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw)
+            parts = n_cblocks * n_chunks
+            partial = torch.empty((B, gh, parts, gw, K), dtype=w.dtype, device=g.device) \
+                if weights_requires_grad else w
+            _backward_patch[(B * gh * parts,)](
+                g, outs, grad_out_ptrs, w, partial, C, n_cblocks, n_chunks, w_batch_stride,
+                H=H, W=W, GH=gh, GW=gw, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                GW_PAD=triton.next_power_of_2(gw), **flags)
+            if weights_requires_grad:
+                grad_w = partial.sum(2).reshape(B, gh * gw, K)   # (B, P, K)
+    if weights_requires_grad and weights.shape[0] == 1:
+        grad_w = grad_w.sum(0, keepdim=True)                     # per-edge weights: sum the batch
+    return grad_outs, grad_w
+
+
+# ---- registration (same schemas as csrc/ops.cpp's mixed_op / mixed_op_backward) ---------
+
+_lib = torch.library.Library("nasops", "FRAGMENT")
+_lib.define("mixed_op_triton(Tensor[] outputs, Tensor weights, int[] grid) -> Tensor")
+_lib.define("mixed_op_backward_triton(Tensor grad, Tensor[] outputs, Tensor weights, int[] grid, "
+            "bool outputs_requires_grad, bool weights_requires_grad) -> (Tensor[], Tensor)")
+for _key in ("CPU", "CUDA"):
+    _lib.impl("mixed_op_triton", mixed_op_forward, _key)
+    _lib.impl("mixed_op_backward_triton", mixed_op_backward, _key)
