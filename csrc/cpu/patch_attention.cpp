@@ -12,6 +12,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -76,21 +77,24 @@ at::Tensor patch_pool_cpu(at::TensorList maps, at::IntArrayRef grid) {
     std::vector<const scalar_t*> src(M);
     for (const auto m : c10::irange(M)) src[m] = contiguous[m].const_data_ptr<scalar_t>();
     acc_t* dst = out.mutable_data_ptr<acc_t>();
-    // One task = one (m, b, c) plane.
+    // One task = one (m, b, c) plane. Rows of a patch row are summed into a
+    // column accumulator (a contiguous, vectorizable loop over W), which is
+    // then cut into the patch row's gw patches.
     at::parallel_for(0, M * B * C, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> column_sums(W);
       for (const auto task : c10::irange(begin, end)) {
         const int64_t m = task / (B * C), bc = task % (B * C), b = bc / C, c = bc % C;
         const scalar_t* plane = src[m] + bc * H * W;
         acc_t* row_out = dst + (b * P * M + m) * C + c;  // + p * M * C
         for (const auto ph : c10::irange(mosaic.gh)) {
+          std::fill(column_sums.begin(), column_sums.end(), acc_t(0));
+          for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
+            const scalar_t* row = plane + h * W;
+            for (const auto w : c10::irange(W)) column_sums[w] += static_cast<acc_t>(row[w]);
+          }
           for (const auto pw : c10::irange(mosaic.gw)) {
             acc_t sum = 0;
-            for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
-              const scalar_t* row = plane + h * W;
-              for (int64_t w = mosaic.cols[pw]; w < mosaic.cols[pw + 1]; ++w) {
-                sum += static_cast<acc_t>(row[w]);
-              }
-            }
+            for (int64_t w = mosaic.cols[pw]; w < mosaic.cols[pw + 1]; ++w) sum += column_sums[w];
             row_out[(ph * mosaic.gw + pw) * M * C] = sum / static_cast<acc_t>(mosaic.count(ph, pw));
           }
         }
@@ -280,7 +284,12 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cpu(const at::Tensor& g
     const acc_t* gpp = gpool.const_data_ptr<acc_t>();
     std::vector<scalar_t*> dst(K);
     for (const auto kk : c10::irange(K)) dst[kk] = grads[kk].mutable_data_ptr<scalar_t>();
+    // One task = one (b, c) plane. Per patch row, the weight and the pooled
+    // gradient of every op are painted onto a row of W (K*W values each), so
+    // the pixel loop is a contiguous fused multiply-add per op: grad is read
+    // once and each op's gradient row written once.
     at::parallel_for(0, B * C, 4, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row_weight(K * W), row_add(K * W);
       for (const auto bc : c10::irange(begin, end)) {
         const int64_t b = bc / C, c = bc % C;
         const int64_t plane = bc * H * W;
@@ -288,16 +297,23 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cpu(const at::Tensor& g
           for (const auto pw : c10::irange(mosaic.gw)) {
             const int64_t p = ph * mosaic.gw + pw;
             const acc_t inv_count = acc_t(1) / static_cast<acc_t>(mosaic.count(ph, pw));
-            const int64_t w0 = mosaic.cols[pw], w1 = mosaic.cols[pw + 1];
             for (const auto kk : c10::irange(K)) {
               const acc_t wk = wp[(b * P + p) * K + kk];
               const acc_t add = gpp[((b * P + p) * K + kk) * C + c] * inv_count;
-              for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
-                const scalar_t* grow = gp + plane + h * W;
-                scalar_t* orow = dst[kk] + plane + h * W;
-                for (int64_t x = w0; x < w1; ++x) {
-                  orow[x] = static_cast<scalar_t>(wk * static_cast<acc_t>(grow[x]) + add);
-                }
+              for (int64_t x = mosaic.cols[pw]; x < mosaic.cols[pw + 1]; ++x) {
+                row_weight[kk * W + x] = wk;
+                row_add[kk * W + x] = add;
+              }
+            }
+          }
+          for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
+            const scalar_t* grow = gp + plane + h * W;
+            for (const auto kk : c10::irange(K)) {
+              const acc_t* rw = row_weight.data() + kk * W;
+              const acc_t* ra = row_add.data() + kk * W;
+              scalar_t* orow = dst[kk] + plane + h * W;
+              for (const auto x : c10::irange(W)) {
+                orow[x] = static_cast<scalar_t>(rw[x] * static_cast<acc_t>(grow[x]) + ra[x]);
               }
             }
           }
