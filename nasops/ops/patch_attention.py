@@ -26,9 +26,8 @@ Total over the outputs: 2 reads forward; 1 read + 1 write backward, plus 2 reads
 of g. Steps (5) and (7) cannot share a read of g: (7) needs the gradient of the
 keys, which needs grad w from all of (5) through the softmax.
 
-Steps (4) and (5) reuse the ``mixed_op`` kernels (``torch.ops.nasops.mixed_op``,
-``mixed_op_backward`` and their ``_triton`` twins) when the backend has them and
-fall back to the eager reference otherwise.
+Steps (4) and (5) are the ``mixed_op`` kernels of the same backend
+(``torch.ops.nasops.mixed_op``, ``mixed_op_backward`` or their ``_triton`` twins).
 
 Choices where SPEC is silent:
 - Feature maps (B, C, H, W) only; x may have another channel count and size
@@ -50,31 +49,15 @@ from collections.abc import Sequence
 
 import torch
 
-import nasops.ops.mixed_op  # noqa: F401  (registers the mixed_op Triton twins before the lookup below)
 from nasops.backend import resolve
 from nasops.ops import reference
 from nasops.ops._checks import accumulation_dtype, check_grid, check_same_device, check_tau, check_tensor
 from nasops.ops._registry import kernel_for, unique_variants, variants
+from nasops.ops.mixed_op import _KERNELS as _MIX_KERNELS  # backend -> (mixed_op, mixed_op_backward)
 
 _KERNELS = variants("patch_attention", "patch_pool", "patch_pool_backward",
                     "patch_softmax_attention", "patch_softmax_attention_backward",
                     "patch_attention_outputs_backward")
-
-
-def _mixed_op_kernels() -> dict[str, tuple]:
-    """Backend -> (mixed_op, mixed_op_backward) for the backends whose kernels are registered."""
-    found = {}
-    ops = torch.ops.nasops
-    if hasattr(ops, "mixed_op") and hasattr(ops, "mixed_op_backward"):
-        for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"nasops::{n}", key)
-                   for n in ("mixed_op", "mixed_op_backward")):
-                found[backend] = (ops.mixed_op.default, ops.mixed_op_backward.default)
-    if hasattr(ops, "mixed_op_triton") and hasattr(ops, "mixed_op_backward_triton"):
-        found["triton"] = (ops.mixed_op_triton.default, ops.mixed_op_backward_triton.default)
-    return found
-
-_MIX_KERNELS = _mixed_op_kernels()
 
 
 # ---- public functions ----------------------------------------------------------------
@@ -195,7 +178,8 @@ def patch_attention_mixed_op(x: torch.Tensor, outputs: Sequence[torch.Tensor | N
         return reference.patch_attention_mixed_op(x, outputs, Wq, Wk, (gh, gw), prior, tau, zero_key)
     kernels = kernel_for(_KERNELS, name, "patch_attention")
     live_index = [k for k, _ in live]
-    y, w = _PatchAttentionMixedOp.apply(kernels, _MIX_KERNELS.get(name), (gh, gw), tau, K,
+    mix = kernel_for(_MIX_KERNELS, name, "mixed_op")
+    y, w = _PatchAttentionMixedOp.apply(kernels, mix, (gh, gw), tau, K,
                                         live_index, x, Wq, Wk, prior, zero_key,
                                         *(o for _, o in live))
     return y, w
@@ -239,26 +223,6 @@ def _check_edge(x, outputs):
 
 # ---- the fused op's autograd -----------------------------------------------------------
 
-def _mix_forward(mix, live_outputs, w_live, grid):
-    if mix is None:
-        return reference.mixed_op(live_outputs, w_live, grid)
-    return mix[0](live_outputs, w_live, list(grid))
-
-
-def _mix_weight_grad(mix, grad, live_outputs, w_live, grid):
-    """Per-patch sum of grad * o_k over channels and pixels: (B, P, K_live)."""
-    if mix is not None:
-        return mix[1](grad, live_outputs, w_live, list(grid), False, True)[1]
-    B, C, H, W = grad.shape
-    index = reference.patch_map(H, W, grid, grad.device).reshape(-1)
-    g = grad.to(w_live.dtype)
-    per_op = [(g * o.to(w_live.dtype)).sum(1).reshape(B, H * W) for o in live_outputs]
-    sums = w_live.new_zeros(B, w_live.shape[1], len(live_outputs))
-    for k, prod in enumerate(per_op):
-        sums[:, :, k].index_add_(1, index, prod)
-    return sums
-
-
 class _PatchAttentionMixedOp(torch.autograd.Function):
     """Forward and backward of the fused op as the passes of the module docstring."""
 
@@ -283,7 +247,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
                 keys[:, :, zero_index] = zero_key.to(acc)
         w = attention(q, keys, None if prior is None else prior.to(acc), tau)
         w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
-        y = _mix_forward(mix, list(live_outputs), w_live, grid)
+        y = mix[0](list(live_outputs), w_live, grid_list)
 
         ctx.kernels, ctx.mix, ctx.grid, ctx.tau, ctx.K = kernels, mix, grid, tau, K
         ctx.live_index = live_index
@@ -308,7 +272,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if grad_w_out is None else grad_w_out.to(acc)
         if grad_y is not None:
             w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
-            mix_grad = _mix_weight_grad(ctx.mix, grad_y, live_outputs, w_live, grid)
+            mix_grad = ctx.mix[1](grad_y, live_outputs, w_live, list(grid), False, True)[1]
             if len(live_index) == K:
                 grad_w = grad_w + mix_grad
             else:
