@@ -259,6 +259,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         return y, w
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_w_out):
         pool, pool_backward, attention, attention_backward, outputs_backward = ctx.kernels
         pooled_x, pooled_o, q, keys, w, Wq, Wk, *live_outputs = ctx.saved_tensors
