@@ -1,0 +1,199 @@
+"""Shared benchmark machinery for every nasops op.
+
+An op's benchmark module (``benchmarks/bench_<op>.py``) defines a module-level
+``BENCHMARK = OpBenchmark(...)``: a list of :class:`Case` (one per shape and
+variant, each with an eager implementation as a paper's code writes it, the
+nasops call, and the SPEC's traffic floor). This module then provides:
+
+- the providers: ``eager``, ``compile`` (``torch.compile`` of the eager code)
+  and ``nasops-<backend>`` for every compiled/Triton backend usable on the
+  device (:func:`providers`);
+- a training-like step (:func:`run_step`): grads of the leaves set to None,
+  forward, and for mode ``fwd+bwd`` a backward with a fixed upstream gradient;
+- timing (:func:`time_providers`): warm-up, then repetitions interleaved
+  round-robin over providers so that a noisy, shared machine slows them alike;
+  the median is reported;
+- the bandwidth of the same machine measured in the same run
+  (:func:`measure_bandwidth`): a large ``sum`` (read) and ``fill_`` (write);
+- peak memory per provider (:func:`peak_memory_bytes`): on CUDA the peak of
+  ``torch.cuda.max_memory_allocated`` above the inputs during one step; on the
+  CPU ``None`` (PyTorch's CPU allocator keeps no statistics);
+- markdown tables (:func:`markdown_table`).
+
+Used by pytest-benchmark suites (``pytest benchmarks/bench_<op>.py``) and by
+``benchmarks/report.py`` (side-by-side table in RESULTS.md).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+import nasops
+
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Inputs:
+    """What a case's step needs: ``leaves`` get ``.grad = None`` before every
+    step; ``grad_out`` is the upstream gradient of the output for backward."""
+    args: dict
+    leaves: list[torch.Tensor]
+    grad_out: torch.Tensor
+
+
+@dataclass
+class Case:
+    """One benchmarked configuration of an op.
+
+    make_inputs(device, dtype) -> Inputs; eager(args) and nasops(args, backend)
+    return the op's output tensor; floor_bytes[mode] = (read, written) bytes of
+    the SPEC's traffic floor for that mode.
+    """
+    group: str
+    make_inputs: Callable[[str, torch.dtype], Inputs]
+    eager: Callable[[dict], torch.Tensor]
+    nasops: Callable[[dict, str], torch.Tensor]
+    floor_bytes: Callable[[str, torch.dtype], dict[str, tuple[int, int]]]
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class OpBenchmark:
+    op: str
+    cases: Callable[[bool], list[Case]]  # quick -> cases
+    description: str = ""
+
+
+# ---- providers -----------------------------------------------------------------
+
+def kernel_backends(device: str) -> list[str]:
+    """nasops backends worth timing on ``device``: compiled kernels, and Triton on
+    a GPU (not the CPU interpreter, which runs every program in Python)."""
+    avail = {name for name, info in nasops.backends().items() if info["available"]}
+    if device == "cpu":
+        return [b for b in ("cpu",) if b in avail]
+    return [b for b in ("cuda", "triton") if b in avail]
+
+
+def providers(case: Case, device: str) -> dict[str, Callable[[dict], torch.Tensor]]:
+    """Provider name -> fn(args) for one case (a fresh torch.compile per case)."""
+    found = {"eager": case.eager, "compile": torch.compile(case.eager, dynamic=False)}
+    for backend in kernel_backends(device):
+        found[f"nasops-{backend}"] = (lambda b: lambda args: case.nasops(args, b))(backend)
+    return found
+
+
+# ---- one step, timing ----------------------------------------------------------------
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_step(fn: Callable[[dict], torch.Tensor], inputs: Inputs, mode: str) -> None:
+    """One training-like step: grads set to None, forward, backward for fwd+bwd.
+    The forward runs with autograd on in both modes, as in training."""
+    for t in inputs.leaves:
+        t.grad = None
+    y = fn(inputs.args)
+    if mode == "fwd+bwd":
+        y.backward(inputs.grad_out)
+
+
+def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: str, *,
+                   warmup: int = 2, reps: int = 7) -> dict[str, list[float]]:
+    """Seconds per step of each provider; reps interleaved round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            run_step(fn, inputs, mode)
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            run_step(fn, inputs, mode)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---- bandwidth and memory ---------------------------------------------------------------
+
+BANDWIDTH_BUFFER_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+BANDWIDTH_BUFFER_NOTE = {
+    "cuda": "a 1 GiB float32 buffer (far beyond L2)",
+    "cpu": "a 128 MiB float32 buffer (the order of the benchmarks' working sets, so the same "
+           "cache levels serve both)",
+}
+
+
+def measure_bandwidth(device: str, nbytes: int | None = None, reps: int = 9) -> dict[str, float]:
+    """Read and write bandwidth (bytes/s, medians): ``x.sum()`` reads, ``x.fill_``
+    writes, on a BANDWIDTH_BUFFER_BYTES buffer unless ``nbytes`` is given."""
+    if nbytes is None:
+        nbytes = BANDWIDTH_BUFFER_BYTES["cuda" if device.startswith("cuda") else "cpu"]
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    result = {}
+    for name, fn in (("read", lambda: x.sum()), ("write", lambda: x.fill_(1.0))):
+        fn()
+        samples = []
+        for _ in range(reps):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples.append(nbytes / (time.perf_counter() - start))
+        result[name] = median(samples)
+    return result
+
+
+def floor_seconds(read_bytes: int, write_bytes: int, bandwidth: dict[str, float]) -> float:
+    """Time to move the traffic floor at the measured bandwidths."""
+    return read_bytes / bandwidth["read"] + write_bytes / bandwidth["write"]
+
+
+def peak_memory_bytes(fn: Callable, inputs: Inputs, mode: str, device: str) -> int | None:
+    """Peak bytes allocated during one step above what was allocated before it
+    (CUDA); None on the CPU, whose allocator keeps no statistics."""
+    if not device.startswith("cuda"):
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run_step(fn, inputs, mode)
+    sync(device)
+    return torch.cuda.max_memory_allocated() - before
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

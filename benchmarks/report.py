@@ -1,0 +1,184 @@
+"""Run the benchmark comparisons side by side and write benchmarks/RESULTS.md.
+
+    python benchmarks/report.py                       # every op, this machine's device
+    python benchmarks/report.py --ops mixed_op --quick
+
+Every ``benchmarks/bench_<op>.py`` that defines ``BENCHMARK`` (a
+harness.OpBenchmark) is an op here; adding one is all it takes to get a section.
+Each run replaces only its own sections of RESULTS.md (one per op and device
+kind, between ``<!-- BEGIN <op> <device> -->`` markers) and keeps the others,
+so CPU and GPU results and different ops live side by side.
+
+A section states the device, versions, date, command, the read/write bandwidth
+measured in the same run, and per case and mode: the median step time per
+provider, nasops' speed-up over eager and over torch.compile, and the share of
+the measured bandwidth it reaches (the SPEC's traffic floor moved at the
+measured bandwidth, divided by the median time).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+import nasops  # noqa: E402
+
+RESULTS = HERE / "RESULTS.md"
+PREAMBLE = """# nasops benchmark results
+
+Written by `python benchmarks/report.py` (see its docstring); one section per op
+and device kind. Times are medians of repetitions interleaved round-robin over
+the providers; a step is what training runs: grads set to None, forward, and
+for `fwd+bwd` a backward with a fixed upstream gradient. `x eager` and
+`x compile` are speed-ups of the nasops kernel (higher is better); `% BW` is
+the SPEC traffic floor at the read/write bandwidth measured in the same run,
+divided by the median time (100 % = at the floor).
+"""
+
+
+def discover(ops: list[str] | None) -> list[harness.OpBenchmark]:
+    found = []
+    for path in sorted(HERE.glob("bench_*.py")):
+        module = importlib.import_module(path.stem)
+        bench = getattr(module, "BENCHMARK", None)
+        if bench is not None and (not ops or bench.op in ops):
+            found.append(bench)
+    missing = set(ops or []) - {b.op for b in found}
+    if missing:
+        raise SystemExit(f"report.py: no BENCHMARK for {sorted(missing)} in {HERE}/bench_*.py")
+    return found
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def fmt_mib(nbytes) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, list[dict]]:
+    """The op's table, and the bandwidths measured beside each case and mode."""
+    reps, warmup = (3, 1) if quick else (7, 2)
+    kernels = [f"nasops-{b}" for b in harness.kernel_backends(device)]
+    header = ["case", "mode", "eager ms", "compile ms"]
+    for k in kernels:
+        header += [f"{k} ms", "x eager", "x compile", "% BW"]
+    header += ["peak MiB (eager / compile / " + " / ".join(kernels) + ")"]
+    rows, bandwidths = [], []
+    for case in bench.cases(quick):
+        inputs = case.make_inputs(device, torch.float32)
+        fns = harness.providers(case, device)
+        for mode in harness.MODES:
+            start = time.perf_counter()
+            times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps)
+            # Measured right after the timings, so it sees the same machine load.
+            bandwidth = harness.measure_bandwidth(device, reps=5)
+            bandwidths.append(bandwidth)
+            med = {name: harness.median(ts) for name, ts in times.items()}
+            floor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), bandwidth)
+            row = [case.group.replace(f"{bench.op} ", ""), mode, fmt_ms(med["eager"]), fmt_ms(med["compile"])]
+            for k in kernels:
+                row += [fmt_ms(med[k]), f"{med['eager'] / med[k]:.2f}", f"{med['compile'] / med[k]:.2f}",
+                        f"{100 * floor / med[k]:.0f}"]
+            peaks = [harness.peak_memory_bytes(fn, inputs, mode, device) for fn in fns.values()]
+            row.append(" / ".join(fmt_mib(p) for p in peaks))
+            rows.append(row)
+            print(f"  {case.group} {mode}: " + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in med.items())
+                  + f"; floor {fmt_ms(floor)} ms ({time.perf_counter() - start:.0f} s)", flush=True)
+        del inputs, fns
+    return harness.markdown_table(header, rows), bandwidths
+
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}", f"nasops {nasops.__version__}", f"Python {platform.python_version()}"]
+    try:
+        import triton
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        pass
+    if torch.version.cuda:
+        parts.append(f"CUDA {torch.version.cuda}")
+    return ", ".join(parts)
+
+
+def section(bench, device, quick, command, bandwidths, table) -> str:
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    noise = ("" if kind == "cuda" else
+             "\nThe CPU is shared (2 cores, several other jobs at the same time): absolute times "
+             "are noisy; compare ratios within this table, which come from interleaved "
+             "repetitions of the same run.\n")
+    memory = ("peak MiB: torch.cuda.max_memory_allocated above the inputs during one step."
+              if kind == "cuda" else
+              "peak MiB: n/a on the CPU (PyTorch's CPU allocator keeps no statistics).")
+    return "\n".join([
+        f"<!-- BEGIN {bench.op} {kind} -->",
+        f"## {bench.op} on {kind}",
+        "",
+        bench.description,
+        "",
+        f"- device: {harness.device_name(device)}",
+        f"- versions: {versions()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- command: `{command}`" + (" (quick: fewer repetitions)" if quick else ""),
+        f"- bandwidth, measured after each row's timings (that row's `% BW` uses its own): "
+        f"read {_span(bandwidths, 'read')} GB/s (`x.sum()`), write {_span(bandwidths, 'write')} GB/s "
+        f"(`x.fill_()`) on {harness.BANDWIDTH_BUFFER_NOTE[kind]}",
+        f"- {memory}",
+        noise,
+        table,
+        f"<!-- END {bench.op} {kind} -->",
+    ])
+
+
+def _span(bandwidths: list[dict], key: str) -> str:
+    values = sorted(b[key] / 1e9 for b in bandwidths)
+    return f"{values[0]:.1f}-{values[-1]:.1f} (median {harness.median(values):.1f})"
+
+
+def update_results(path: Path, sections: dict[tuple[str, str], str]) -> None:
+    text = path.read_text() if path.exists() else PREAMBLE
+    for (op, kind), body in sections.items():
+        pattern = re.compile(rf"<!-- BEGIN {re.escape(op)} {kind} -->.*?<!-- END {re.escape(op)} {kind} -->",
+                             re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: body, text)
+        else:
+            text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", help="ops to run (default: every bench_<op>.py)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    command = "python benchmarks/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    benches = discover(args.ops)
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    sections = {}
+    for bench in benches:
+        print(f"{bench.op}:", flush=True)
+        table, bandwidths = run_op(bench, args.device, args.quick)
+        sections[(bench.op, kind)] = section(bench, args.device, args.quick, command.strip(), bandwidths, table)
+    update_results(args.out, sections)
+    print(f"wrote {os.path.relpath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
