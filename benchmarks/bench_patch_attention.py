@@ -4,8 +4,11 @@ Shapes: DARTS edges (64,16,32,32) and (64,64,16,16) (x of the outputs' shape,
 a stride-1 edge), K = 8 live ops, D = 16, grids 1x1, 2x2, 4x4, 8x8; forward
 and forward+backward (Wq, Wk, prior, x and every output are leaves).
 Providers: eager as a plain-PyTorch MIDAS implementation writes it (adaptive
-average pooling, matmul, softmax, weights nearest-upsampled, sum of w*o),
-torch.compile of that, nasops per usable backend (harness.py).
+average pooling, matmul, softmax, patch weights broadcast over their pixels,
+sum of w*o),
+torch.compile of that, nasops per usable backend (harness.py). (Painting
+the weights with F.interpolate(mode="nearest") instead of a broadcast hits an
+Inductor CPU codegen assertion in torch 2.13 on the 1x1 grid's backward.)
 
     pytest benchmarks/bench_patch_attention.py                         # pytest-benchmark groups
     python benchmarks/report.py --ops patch_attention_mixed_op         # table in RESULTS.md
@@ -38,8 +41,11 @@ def eager_midas(args):
     keys = torch.stack([_patch_tokens(o, grid) @ Wk for o in outputs], dim=2)  # (B, P, K, D)
     logits = (q.unsqueeze(2) * keys).sum(-1) / Wq.shape[1] ** 0.5 + prior
     w = torch.softmax(logits / TAU, dim=-1)  # (B, P, K)
+    # Paint each patch's weight over its pixels (the grids divide these maps).
     B, _, H, W = outputs[0].shape
-    wmap = F.interpolate(w.transpose(1, 2).reshape(B, len(outputs), *grid), size=(H, W), mode="nearest")
+    gh, gw = grid
+    wmap = (w.transpose(1, 2).reshape(B, len(outputs), gh, 1, gw, 1)
+            .expand(B, len(outputs), gh, H // gh, gw, W // gw).reshape(B, len(outputs), H, W))
     return sum(wmap[:, k:k + 1] * o for k, o in enumerate(outputs))
 
 
@@ -99,7 +105,7 @@ BENCHMARK = OpBenchmark(
     description="The MIDAS edge (SPEC 2.2): per-patch attention weights over K = 8 ops "
                 "(D = 16) and their weighted sum; x, the outputs, Wq, Wk and the prior all "
                 "get gradients. Eager is adaptive_avg_pool2d + matmul + softmax + "
-                "nearest-upsampled `sum(w * o)`.",
+                "`sum(w * o)` with the patch weights broadcast over their pixels.",
 )
 
 

@@ -270,14 +270,19 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         acc = w.dtype
         B, P, D = q.shape
 
-        grad_w = torch.zeros_like(w) if grad_w_out is None else grad_w_out.to(acc)
+        # d loss / d w: through the weighted sum (live ops only), plus any use of
+        # the returned w. Out of place: autograd's incoming gradients are not ours.
+        grad_w = None if grad_w_out is None else grad_w_out.to(acc)
         if grad_y is not None:
             w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
             mix_grad = ctx.mix[1](grad_y, live_outputs, w_live, list(grid), False, True)[1]
-            if len(live_index) == K:
-                grad_w = grad_w + mix_grad
-            else:
-                grad_w[:, :, live_index] += mix_grad
+            if len(live_index) < K:  # Zero ops' weights get gradient only through the softmax
+                full = w.new_zeros(B, P, K)
+                full[:, :, live_index] = mix_grad
+                mix_grad = full
+            grad_w = mix_grad if grad_w is None else grad_w + mix_grad
+        if grad_w is None:
+            grad_w = torch.zeros_like(w)
         grad_q, grad_keys, grad_prior = attention_backward(
             grad_w.contiguous(), w, q, keys, ctx.tau, bool(need_prior))
         grad_live_keys = grad_keys if len(live_index) == K else grad_keys[:, :, live_index]
