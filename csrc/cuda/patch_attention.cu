@@ -3,12 +3,16 @@
 // Pooling: one warp per (map, b, patch, channel); the warp's lanes stride over
 // the patch's pixels row by row, so a patch row of >= 32 pixels is one
 // coalesced 128-byte read (fp32). Map-sized elementwise kernels (pool
-// backward, outputs backward) use a grid-stride loop; the outputs backward
-// reads grad once and writes all K gradients. The attention kernels are one
+// backward, outputs backward) use a grid-stride loop over 16-byte runs of a
+// row (when W allows), 32-bit index math below 2^31 elements; the outputs
+// backward reads grad once and writes all K gradients. The attention kernels are one
 // thread per (b, p) row: B*P rows of K <= 16 logits are tiny next to the maps.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
 
 #include "patch_attention.cuh"
 
@@ -90,51 +94,89 @@ __global__ void pool_kernel(PatchSizes s, MapTable maps, int M, typename Acc<T>:
   }
 }
 
-// (b, p, c, |p|) of a flat (B, C, H, W) index.
-struct PixelPatch {
-  int64_t b, c;
-  int p, count;
+// A run of VEC consecutive elements of one map row (16 bytes when vectorized).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
 };
 
-__device__ __forceinline__ PixelPatch pixel_patch(int64_t i, const PatchSizes& s) {
-  const int W = static_cast<int>(s.W), H = static_cast<int>(s.H);
-  const int gh = static_cast<int>(s.gh), gw = static_cast<int>(s.gw);
-  const int w = static_cast<int>(i % W), h = static_cast<int>((i / W) % H);
-  const int64_t c = (i / (static_cast<int64_t>(H) * W)) % s.C;
-  const int64_t b = i / (s.C * H * W);
-  const int ph = h * gh / H, pw = w * gw / W;
-  const int rows = patch_start(ph + 1, H, gh) - patch_start(ph, H, gh);
-  const int cols = patch_start(pw + 1, W, gw) - patch_start(pw, W, gw);
-  return {b, c, ph * gw + pw, rows * cols};
+// The elementwise kernels below walk a flat (B, C, H, W) index in runs of VEC
+// elements of one row (W % VEC == 0), so a run shares b, c and the row's
+// patch row; only the patch column changes inside it. Index is int32_t when
+// the map has fewer than 2^31 elements (cheaper divisions), else int64_t.
+template <typename Index>
+struct RowRun {
+  Index b, c, prow;  // prow = patch row * gw
+  int h, w0;
+};
+
+template <typename Index>
+__device__ __forceinline__ RowRun<Index> row_run(Index i, const PatchSizes& s) {
+  const Index W = static_cast<Index>(s.W), H = static_cast<Index>(s.H), C = static_cast<Index>(s.C);
+  const Index row = i / W;
+  const int w0 = static_cast<int>(i - row * W);
+  const int h = static_cast<int>(row % H);
+  const Index plane = row / H;
+  const int ph = static_cast<int>(h * s.gh / s.H);
+  return {plane / C, plane % C, static_cast<Index>(ph * s.gw), h, w0};
 }
 
-template <typename T>
+// |p| for patch row ph (encoded in the run) and patch column pw.
+__device__ __forceinline__ int patch_count(int h, int pw, const PatchSizes& s) {
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
+  const int gh = static_cast<int>(s.gh), gw = static_cast<int>(s.gw);
+  const int ph = h * gh / H;
+  const int rows = patch_start(ph + 1, H, gh) - patch_start(ph, H, gh);
+  const int cols = patch_start(pw + 1, W, gw) - patch_start(pw, W, gw);
+  return rows * cols;
+}
+
+template <typename T, int VEC, typename Index>
 __global__ void pool_backward_kernel(PatchSizes s, const typename Acc<T>::type* grad, T* out) {
   using A = typename Acc<T>::type;
-  const int64_t N = s.B * s.C * s.H * s.W;
-  const int64_t P = s.gh * s.gw;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const PixelPatch px = pixel_patch(i, s);
-    out[i] = from_acc<T, A>(grad[(px.b * P + px.p) * s.C + px.c] / static_cast<A>(px.count));
+  const Index runs = static_cast<Index>(s.B * s.C * s.H * s.W / VEC);
+  const Index P = static_cast<Index>(s.gh * s.gw), C = static_cast<Index>(s.C);
+  for (Index r = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; r < runs;
+       r += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const RowRun<Index> run = row_run<Index>(r * VEC, s);
+    Pack<T, VEC> pack;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int pw = static_cast<int>((run.w0 + j) * s.gw / s.W);
+      const Index p = run.prow + pw;
+      pack.v[j] = from_acc<T, A>(grad[(run.b * P + p) * C + run.c] /
+                                 static_cast<A>(patch_count(run.h, pw, s)));
+    }
+    reinterpret_cast<Pack<T, VEC>*>(out)[r] = pack;
   }
 }
 
-template <typename T>
+template <typename T, int VEC, typename Index>
 __global__ void outputs_backward_kernel(PatchSizes s, const T* grad, const typename Acc<T>::type* weights,
                                         const typename Acc<T>::type* grad_pooled, GradTable grads, int K) {
   using A = typename Acc<T>::type;
-  const int64_t N = s.B * s.C * s.H * s.W;
-  const int64_t P = s.gh * s.gw;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const PixelPatch px = pixel_patch(i, s);
-    const A g = to_acc(grad[i]);
-    const A inv_count = A(1) / static_cast<A>(px.count);
-    const int64_t row = px.b * P + px.p;
+  const Index runs = static_cast<Index>(s.B * s.C * s.H * s.W / VEC);
+  const Index P = static_cast<Index>(s.gh * s.gw), C = static_cast<Index>(s.C);
+  for (Index r = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; r < runs;
+       r += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const RowRun<Index> run = row_run<Index>(r * VEC, s);
+    const Pack<T, VEC> g = reinterpret_cast<const Pack<T, VEC>*>(grad)[r];
+    Index rows[VEC];  // (b, p) row of each element
+    A inv_count[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int pw = static_cast<int>((run.w0 + j) * s.gw / s.W);
+      rows[j] = run.b * P + run.prow + pw;
+      inv_count[j] = A(1) / static_cast<A>(patch_count(run.h, pw, s));
+    }
     for (int k = 0; k < K; ++k) {
-      const A value = weights[row * K + k] * g + grad_pooled[(row * K + k) * s.C + px.c] * inv_count;
-      static_cast<T*>(grads.ptr[k])[i] = from_acc<T, A>(value);
+      Pack<T, VEC> out;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const Index row = rows[j] * K + k;
+        out.v[j] = from_acc<T, A>(weights[row] * to_acc(g.v[j]) + grad_pooled[row * C + run.c] * inv_count[j]);
+      }
+      reinterpret_cast<Pack<T, VEC>*>(grads.ptr[k])[r] = out;
     }
   }
 }
@@ -224,14 +266,46 @@ cudaError_t launch_patch_pool(const PatchSizes& s, PatchDType dtype, const void*
   });
 }
 
+// 16-byte runs when every row splits into them and the pointers allow it.
+template <typename T>
+bool vectorizable(const PatchSizes& s, const void* const* ptrs, int count) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (s.W % kVec != 0) return false;
+  for (int i = 0; i < count; ++i) {
+    if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Launch kernel<VEC, Index> over N / VEC runs: VEC = 16 / sizeof(T) or 1, Index
+// int32_t when every index the kernel forms is below `index_bound` < 2^31.
+template <typename T, typename Launch>
+void launch_runs(const PatchSizes& s, bool vectorize, int64_t index_bound, Launch&& launch) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t n = s.B * s.C * s.H * s.W;
+  const bool small = index_bound < (int64_t{1} << 31);
+  if (vectorize) {
+    const unsigned blocks = elementwise_blocks(n / kVec);
+    small ? launch(std::integral_constant<int, kVec>{}, int32_t{}, blocks)
+          : launch(std::integral_constant<int, kVec>{}, int64_t{}, blocks);
+  } else {
+    const unsigned blocks = elementwise_blocks(n);
+    small ? launch(std::integral_constant<int, 1>{}, int32_t{}, blocks)
+          : launch(std::integral_constant<int, 1>{}, int64_t{}, blocks);
+  }
+}
+
 cudaError_t launch_patch_pool_backward(const PatchSizes& s, PatchDType dtype, const void* grad,
                                        void* out, cudaStream_t stream) {
-  const int64_t n = s.B * s.C * s.H * s.W;
-  if (n == 0) return cudaSuccess;
+  if (s.B * s.C * s.H * s.W == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    pool_backward_kernel<T><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        s, static_cast<const typename Acc<T>::type*>(grad), static_cast<T*>(out));
+    using A = typename Acc<T>::type;
+    const void* ptrs[] = {out};
+    launch_runs<T>(s, vectorizable<T>(s, ptrs, 1), s.B * s.C * s.H * s.W, [&](auto vec, auto index, unsigned blocks) {
+      pool_backward_kernel<T, decltype(vec)::value, decltype(index)><<<blocks, kThreads, 0, stream>>>(
+          s, static_cast<const A*>(grad), static_cast<T*>(out));
+    });
   });
 }
 
@@ -241,15 +315,21 @@ cudaError_t launch_patch_attention_outputs_backward(const PatchSizes& s, PatchDT
                                                     int K, cudaStream_t stream) {
   if (K < 1 || K > kPatchMaxOps) return cudaErrorInvalidValue;
   GradTable table{};
-  for (int k = 0; k < K; ++k) table.ptr[k] = grads[k];
-  const int64_t n = s.B * s.C * s.H * s.W;
-  if (n == 0) return cudaSuccess;
+  const void* ptrs[kPatchMaxOps + 1] = {grad};
+  for (int k = 0; k < K; ++k) {
+    table.ptr[k] = grads[k];
+    ptrs[k + 1] = grads[k];
+  }
+  if (s.B * s.C * s.H * s.W == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Acc<T>::type;
-    outputs_backward_kernel<T><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        s, static_cast<const T*>(grad), static_cast<const A*>(weights),
-        static_cast<const A*>(grad_pooled), table, K);
+    // grad_pooled (B, P, K, C) is the largest index space: at most K elements per pixel.
+    launch_runs<T>(s, vectorizable<T>(s, ptrs, K + 1), s.B * s.C * s.H * s.W * K, [&](auto vec, auto index, unsigned blocks) {
+      outputs_backward_kernel<T, decltype(vec)::value, decltype(index)><<<blocks, kThreads, 0, stream>>>(
+          s, static_cast<const T*>(grad), static_cast<const A*>(weights),
+          static_cast<const A*>(grad_pooled), table, K);
+    });
   });
 }
 
