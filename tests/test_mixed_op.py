@@ -149,13 +149,19 @@ def test_only_weights_or_only_outputs_need_grad(backend):
 @pytest.mark.parametrize("layout,granularity,grid", [("nchw", "edge", None), ("nchw", "sample", None),
                                                       ("nchw", "patch", (2, 3)), ("tokens", "patch", None)])
 def test_gradcheck_float64(backend, layout, granularity, grid):
-    outputs, w = make_case(layout, granularity, 3, dtype=torch.float64, grid=grid, none_at=(1,))
+    # Tiny maps: every gradcheck column is a kernel launch, and the Triton
+    # interpreter costs milliseconds per launch (fast_mode probes a random
+    # direction instead of every column there).
+    outputs, w = make_case(layout, granularity, 3, B=2, dtype=torch.float64, grid=grid, none_at=(1,))
+    outputs = [None if o is None else o.detach()[..., :3].contiguous().requires_grad_() for o in outputs]
     w = w.detach().double().requires_grad_()
+    if layout == "nchw" and granularity == "patch":
+        grid = (2, 3)
 
     def f(a, b, weights):
         return mixed_op([a, None, b], weights, grid=grid, backend=backend)
 
-    assert torch.autograd.gradcheck(f, (outputs[0], outputs[2], w))
+    assert torch.autograd.gradcheck(f, (outputs[0], outputs[2], w), fast_mode=backend == "triton")
 
 
 def registered_variants():

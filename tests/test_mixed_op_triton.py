@@ -87,8 +87,7 @@ def test_many_programs_per_sample(case, monkeypatch):
     """Small blocks and tiles: partial sums over many programs, channel blocks and
     segment chunks (at the default sizes these tiny shapes need one program each)."""
     import nasops.triton.mixed_op as kernels
-    monkeypatch.setattr(kernels, "_FLAT_BACKWARD_BLOCK", 16)
-    monkeypatch.setattr(kernels, "_PATCH_TILE", 16)
+    monkeypatch.setattr(kernels, "_MAX_TILE", 16)
     shape, K, grid, per_sample = CASES[case]
     outs, w = make_inputs(shape, K, grid, per_sample, torch.float32)
     g = torch.randn(shape, device=DEVICE)

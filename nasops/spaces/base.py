@@ -1,0 +1,117 @@
+"""The interface every search network of ``nasops.spaces`` implements."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nasops.ops
+
+
+class MixedEdge(nn.Module):
+    """One DARTS mixed edge: ``sum_k w_k * op_k(x)`` through :func:`nasops.ops.mixed_op`.
+
+    ``ops`` holds one module per candidate, ``None`` for the Zero op: its output
+    is passed to ``mixed_op`` as ``None`` and never computed. ``op_names`` keeps
+    the candidates' names in the order of the weights.
+    """
+
+    def __init__(self, op_names, ops):
+        super().__init__()
+        self.op_names = list(op_names)
+        self.ops = nn.ModuleList([op if op is not None else nn.Identity() for op in ops])
+        self._is_zero = [op is None for op in ops]
+
+    def forward(self, x, weights):
+        outputs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
+        dtypes = {o.dtype for o in outputs if o is not None}
+        if len(dtypes) > 1:
+            # Under autocast a conv may return half precision while an identity or a
+            # pool keeps its input's dtype; mixed_op needs one dtype.
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                common = torch.get_autocast_dtype(device)
+            else:
+                common = functools.reduce(torch.promote_types, dtypes)
+            outputs = [o if o is None else o.to(common) for o in outputs]
+        return nasops.ops.mixed_op(outputs, weights)
+
+
+class SearchNetwork(nn.Module):
+    """A one-shot search network: weights + architecture parameters (alphas).
+
+    Subclasses register one alpha table per cell type (``alphas_<cell type>``,
+    shape ``(edges, ops per edge)``) and implement ``forward`` and ``genotype``.
+
+    Attributes:
+        space: the space's name (one of ``nasops.spaces.SPACES``).
+        cell_types: the cell types with their own alphas, e.g. ("normal", "reduce").
+    """
+
+    space: str = ""
+    cell_types: tuple[str, ...] = ()
+
+    # ---- parameters -----------------------------------------------------------------
+    def alphas(self, cell_type: str) -> nn.Parameter:
+        """The architecture parameter table of ``cell_type``, shape (edges, ops per edge)."""
+        self._check_cell_type(cell_type)
+        return getattr(self, f"alphas_{cell_type}")
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The alphas, one table per cell type (in ``cell_types`` order)."""
+        return [self.alphas(t) for t in self.cell_types]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not an alpha (the supernet's weights)."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def mixing_weights(self, weights=None) -> dict[str, torch.Tensor]:
+        """The weights the mixed edges use: softmax of each alpha table over its ops.
+
+        ``weights`` may override them per cell type with a tensor of shape
+        (edges, K) or, per sample, (B, edges, K) (e.g. input-adaptive methods).
+        """
+        mixing = {t: F.softmax(self.alphas(t), dim=-1) for t in self.cell_types}
+        if weights:
+            for t, w in weights.items():
+                self._check_cell_type(t)
+                if w.shape[-2:] != mixing[t].shape:
+                    raise ValueError(f"weights[{t!r}]: expected shape (..., {tuple(mixing[t].shape)}) "
+                                     f"(edges, ops), got {tuple(w.shape)}")
+                mixing[t] = w
+        return mixing
+
+    # ---- description ----------------------------------------------------------------
+    def op_names(self, cell_type: str) -> list[list[str]]:
+        """The candidate ops of every edge of ``cell_type``, in alpha column order."""
+        self._check_cell_type(cell_type)
+        return [list(names) for names in self._edge_ops[cell_type]]
+
+    def edge_names(self, cell_type: str) -> list[str]:
+        """``"<src>-><dst>"`` of every edge, in alpha row order (state indices; see the space)."""
+        self._check_cell_type(cell_type)
+        return [f"{src}->{dst}" for src, dst in self._edge_ends]
+
+    def edge_weights(self) -> dict[str, list[dict]]:
+        """Per cell type, per edge: ``{"edge": "<src>-><dst>", "ops": {op: softmax weight}}``."""
+        table = {}
+        with torch.no_grad():
+            for t in self.cell_types:
+                probs = F.softmax(self.alphas(t).detach().float(), dim=-1).cpu().tolist()
+                table[t] = [{"edge": edge, "ops": dict(zip(names, row))}
+                            for edge, names, row in zip(self.edge_names(t), self.op_names(t), probs)]
+        return table
+
+    def genotype(self) -> dict:
+        raise NotImplementedError
+
+    def genotype_str(self) -> str:
+        raise NotImplementedError
+
+    def _check_cell_type(self, cell_type):
+        if cell_type not in self.cell_types:
+            raise ValueError(f"cell_type: expected one of {self.cell_types} for space "
+                             f"{self.space!r}, got {cell_type!r}")

@@ -1,0 +1,192 @@
+"""Candidate operations of the DARTS, RobustDARTS and NAS-Bench-201 cells.
+
+The DARTS ops follow ``darts/cnn/operations.py`` of the DARTS paper code (Liu et
+al., 2019): ReLU-Conv-BN order, separable convs applied twice, dilated convs
+once, ``skip_connect`` = identity or FactorizedReduce on stride-2 edges. The
+NB201 ops follow ``xautodl/models/cell_operations.py`` (Dong & Yang, 2020).
+
+The Zero op (``none``) has no module here: a cell passes ``None`` to
+:func:`nasops.ops.mixed_op` for it, so nothing is computed for it at all
+(``make_darts_op`` / ``make_nb201_op`` return ``None``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DARTS_OPS = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+# RobustDARTS S4 adds a harmful op: the search must learn to avoid it.
+RDARTS_EXTRA_OPS = ("noise",)
+
+NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+
+
+class ReLUConvBN(nn.Module):
+    """ReLU -> Conv -> BN (the DARTS preprocessing and conv building block)."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True, conv_bias=False):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=conv_bias),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class DilConv(nn.Module):
+    """ReLU -> dilated depthwise conv -> pointwise conv -> BN."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                      groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class SepConv(nn.Module):
+    """Two stacked (ReLU -> depthwise -> pointwise -> BN) blocks, the first with the stride."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__()
+        self.op = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_in, 1, bias=False),
+            nn.BatchNorm2d(C_in, affine=affine),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride=1, padding=padding, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution with two 1x1 stride-2 convs, the second on the map shifted by one pixel.
+
+    DARTS slices ``x[:, :, 1:, 1:]`` for the shifted path, which only matches the
+    first path for even sizes; we pad one zero row/column first, which gives the
+    same result for even sizes and ``ceil(H/2)`` rows on both paths for odd sizes.
+    """
+
+    def __init__(self, C_in, C_out, affine=True):
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"C_out: FactorizedReduce needs an even channel count, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+class Noise(nn.Module):
+    """RobustDARTS S4's ``noise`` op: standard normal noise shaped like its output.
+
+    On a stride-2 edge the output has the subsampled shape ``x[:, :, ::2, ::2]``.
+    The noise carries no gradient to ``x`` (it does not depend on it); its
+    mixed weight still gets one through the mixed edge.
+    """
+
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        shape = x[:, :, ::self.stride, ::self.stride].shape
+        return torch.randn(shape, dtype=x.dtype, device=x.device)
+
+
+def make_darts_op(name: str, C: int, stride: int) -> nn.Module | None:
+    """One candidate op of a DARTS/RobustDARTS search edge (BN affine=False, as in search).
+
+    Pools are followed by an affine-free BN, as DARTS' ``MixedOp`` does, so their
+    scale matches the conv ops'. Returns None for ``none`` (the Zero op).
+    """
+    affine = False
+    if name == "none":
+        return None
+    if name == "max_pool_3x3":
+        return nn.Sequential(nn.MaxPool2d(3, stride=stride, padding=1), nn.BatchNorm2d(C, affine=False))
+    if name == "avg_pool_3x3":
+        return nn.Sequential(nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
+                             nn.BatchNorm2d(C, affine=False))
+    if name == "skip_connect":
+        return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
+    if name == "sep_conv_3x3":
+        return SepConv(C, C, 3, stride, 1, affine=affine)
+    if name == "sep_conv_5x5":
+        return SepConv(C, C, 5, stride, 2, affine=affine)
+    if name == "dil_conv_3x3":
+        return DilConv(C, C, 3, stride, 2, 2, affine=affine)
+    if name == "dil_conv_5x5":
+        return DilConv(C, C, 5, stride, 4, 2, affine=affine)
+    if name == "noise":
+        return Noise(stride)
+    raise ValueError(f"op: expected one of {DARTS_OPS + RDARTS_EXTRA_OPS}, got {name!r}")
+
+
+def make_nb201_op(name: str, C: int) -> nn.Module | None:
+    """One candidate op of an NB201 search edge (stride 1, C in = C out).
+
+    As NB201's search (``affine=False``): BN without affine parameters, and its
+    ``ReLUConvBN`` then gives the conv a bias (``bias=not affine``). The pool
+    has no BN (unlike DARTS). Returns None for ``none`` (the Zero op).
+    """
+    if name == "none":
+        return None
+    if name == "skip_connect":
+        return nn.Identity()
+    if name == "nor_conv_1x1":
+        return ReLUConvBN(C, C, 1, 1, 0, affine=False, conv_bias=True)
+    if name == "nor_conv_3x3":
+        return ReLUConvBN(C, C, 3, 1, 1, affine=False, conv_bias=True)
+    if name == "avg_pool_3x3":
+        return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+    raise ValueError(f"op: expected one of {NB201_OPS}, got {name!r}")
+
+
+class ResNetBasicBlock(nn.Module):
+    """NB201's reduction between stages: a stride-2 ResNet basic block (affine BN)."""
+
+    def __init__(self, C_in, C_out, stride):
+        super().__init__()
+        self.conv_a = ReLUConvBN(C_in, C_out, 3, stride, 1, affine=True)
+        self.conv_b = ReLUConvBN(C_out, C_out, 3, 1, 1, affine=True)
+        if stride == 2:
+            self.downsample = nn.Sequential(nn.AvgPool2d(kernel_size=2, stride=2, padding=0),
+                                            nn.Conv2d(C_in, C_out, 1, bias=False))
+        elif C_in != C_out:
+            self.downsample = ReLUConvBN(C_in, C_out, 1, 1, 0, affine=True)
+        else:
+            self.downsample = None
+
+    def forward(self, x):
+        residual = x if self.downsample is None else self.downsample(x)
+        return residual + self.conv_b(self.conv_a(x))
