@@ -8,7 +8,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/sum.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -46,6 +45,13 @@ Mosaic check_mosaic(at::IntArrayRef grid, int64_t H, int64_t W) {
   TORCH_CHECK(grid[0] >= 1 && grid[0] <= H && grid[1] >= 1 && grid[1] <= W,
               "nasops: grid ", grid, " must satisfy 1 <= gh <= H=", H, " and 1 <= gw <= W=", W);
   return Mosaic(H, W, grid[0], grid[1]);
+}
+
+// Rows of (B, P) per task for the attention kernels: about 2^20 multiply-adds,
+// so the tiny (B*P, K, D) problems of a DARTS edge run on one thread instead
+// of paying a thread-pool barrier (costly on a loaded machine) for microseconds of work.
+int64_t attention_grain(int64_t K, int64_t D) {
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, K * D));
 }
 
 at::ScalarType acc_scalar(at::ScalarType t) {
@@ -175,7 +181,7 @@ at::Tensor patch_softmax_attention_cpu(const at::Tensor& q_in, const at::Tensor&
     scalar_t* wp = w.mutable_data_ptr<scalar_t>();
     const scalar_t scale = 1 / std::sqrt(static_cast<scalar_t>(D));
     const scalar_t inv_tau = static_cast<scalar_t>(1 / tau);
-    at::parallel_for(0, B * P, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * P, attention_grain(K, D), [&](int64_t begin, int64_t end) {
       for (const auto row : c10::irange(begin, end)) {
         const scalar_t* qr = qp + row * D;
         scalar_t* wr = wp + row * K;
@@ -223,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_softmax_attention_backward_
       scalar_t* glp = grad_logits.mutable_data_ptr<scalar_t>();
       const scalar_t scale = 1 / std::sqrt(static_cast<scalar_t>(D));
       const scalar_t inv_tau = static_cast<scalar_t>(1 / tau);
-      at::parallel_for(0, B * P, 64, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B * P, attention_grain(K, D), [&](int64_t begin, int64_t end) {
         for (const auto row : c10::irange(begin, end)) {
           const scalar_t* wr = wp + row * K;
           const scalar_t* gwr = gwp + row * K;
@@ -247,7 +253,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_softmax_attention_backward_
       });
     });
   }
-  auto grad_prior = prior_requires_grad ? at::sum(grad_logits, {0}) : q_in.new_empty({0});
+  auto grad_prior = q_in.new_empty({prior_requires_grad ? K : 0});
+  if (prior_requires_grad) {
+    // B*P*K additions: serial, in row order (deterministic).
+    AT_DISPATCH_FLOATING_TYPES(q_in.scalar_type(), "patch_softmax_attention_backward_prior", [&] {
+      const scalar_t* glp = grad_logits.const_data_ptr<scalar_t>();
+      scalar_t* gpp = grad_prior.mutable_data_ptr<scalar_t>();
+      std::fill(gpp, gpp + K, scalar_t(0));
+      for (const auto row : c10::irange(B * P)) {
+        for (const auto kk : c10::irange(K)) gpp[kk] += glp[row * K + kk];
+      }
+    });
+  }
   return {grad_q, grad_k, grad_prior};
 }
 
