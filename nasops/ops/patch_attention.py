@@ -42,6 +42,10 @@ Choices where SPEC is silent:
   parameters'), which may differ from the activations' (x, outputs).
 - Tensors are computed in the accumulation dtype; gradients come back in each
   input's dtype.
+
+Limits: the CUDA kernels take at most 16 ops (csrc/cuda/patch_attention.cuh,
+kPatchMaxOps; the other backends any K); the fused backward is not itself
+differentiable (no double backward).
 """
 from __future__ import annotations
 
@@ -229,7 +233,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, mix, grid, tau, K, live_index, x, Wq, Wk, prior, zero_key,
                 *live_outputs):
-        pool, pool_backward, attention, attention_backward, outputs_backward = kernels
+        pool, _, attention, _, _ = kernels
         acc = accumulation_dtype(x.dtype)
         grid_list = list(grid)
         pooled_x = pool([x], grid_list).squeeze(2)  # (B, P, Cx)
@@ -261,7 +265,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_w_out):
-        pool, pool_backward, attention, attention_backward, outputs_backward = ctx.kernels
+        _, pool_backward, _, attention_backward, outputs_backward = ctx.kernels
         pooled_x, pooled_o, q, keys, w, Wq, Wk, *live_outputs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_x, need_Wq, need_Wk, need_prior, need_zero_key = needs[6:11]
