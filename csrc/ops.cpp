@@ -52,4 +52,30 @@ TORCH_LIBRARY(nasops, m) {
       "int[] grid) -> Tensor[]");
 
   // ---- topk_tokens, gather_rows, scatter_rows (SPEC 2.3) ---------------------
+  // x: (B, N, C); q, k: (B, N, D); one float dtype (f16/bf16/f32/f64), any strides.
+  // keep: 1 <= keep <= N (an int: ratios are resolved in Python).
+  // gate: "none" | "straight_through" | "sigmoid".
+  // Returns (x_sel (B, keep, C) x's dtype: x[b, idx[b, j]] * gate(s),
+  //          idx (B, keep) int64 ascending,
+  //          s (B, N) x's dtype: q_i . k_mean / sqrt(D),
+  //          k_mean (B, D) float32 (float64 for f64): saved for backward,
+  //          pos (B, N) int64: j where idx[b, j] == i, else -1; saved for backward).
+  // Selection uses the float32 (f64) scores: highest first, ties to the lower
+  // index, NaN above every number; with keep_cls token 0 is always kept.
+  m.def(
+      "topk_tokens(Tensor x, Tensor q, Tensor k, int keep, bool keep_cls, str gate) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad_x_sel: (B, keep, C); grad_s: (B, N) (the gradient of the returned s).
+  // Returns (grad_x (B, N, C) or an empty (0,) tensor when not x_requires_grad,
+  //          grad_q, grad_k (B, N, D) or empty (0,) tensors when not qk_requires_grad),
+  // all in x's dtype.
+  m.def(
+      "topk_tokens_backward(Tensor grad_x_sel, Tensor grad_s, Tensor x, Tensor q, Tensor k, "
+      "Tensor idx, Tensor k_mean, Tensor pos, str gate, bool x_requires_grad, "
+      "bool qk_requires_grad) -> (Tensor, Tensor, Tensor)");
+  // x: (n, *rest) any dtype; idx: (m,) int64 in [0, n). Returns x[idx] (m, *rest).
+  m.def("gather_rows(Tensor x, Tensor idx) -> Tensor");
+  // y: (m, *rest); idx: (m,) int64 in [0, n), no duplicates.
+  // Returns zeros (n, *rest) with rows idx set to y.
+  m.def("scatter_rows(Tensor y, Tensor idx, int n) -> Tensor");
 }

@@ -93,3 +93,64 @@ def patch_attention_mixed_op(x, outputs, Wq, Wk, grid, prior=None, tau: float = 
             keys.append(q.new_zeros(B, P, D))
     w = patch_softmax_attention(q, torch.stack(keys, dim=2), prior, tau)
     return mixed_op(outputs, w, grid), w
+
+
+# ---- topk_tokens, gather_rows, scatter_rows (SPEC 2.3) ----------------------------
+
+TOKEN_GATES = ("none", "straight_through", "sigmoid")
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, N) scores s_i = q_i . mean_j(k_j) / sqrt(D), in the accumulation dtype.
+
+    Equal to the DASViT mean over j of q_i . k_j / sqrt(D), in O(N*D).
+    """
+    acc = accumulation_dtype(q.dtype)
+    k_mean = k.to(acc).mean(dim=1)  # (B, D)
+    return (q.to(acc) @ k_mean.unsqueeze(-1)).squeeze(-1) / q.shape[-1] ** 0.5
+
+
+def select_tokens(s: torch.Tensor, keep: int, keep_cls: bool) -> torch.Tensor:
+    """(B, keep) int64 indices of the kept tokens, ascending.
+
+    Highest scores win; a stable descending sort breaks ties to the lower index
+    (and ranks NaN above every number). With ``keep_cls`` token 0 is kept
+    whatever its score and the other keep - 1 come from tokens 1..N-1.
+    """
+    first = 1 if keep_cls else 0
+    order = torch.sort(s[:, first:], dim=1, descending=True, stable=True).indices
+    chosen = order[:, :keep - first] + first
+    if keep_cls:
+        chosen = torch.cat([chosen.new_zeros(chosen.shape[0], 1), chosen], dim=1)
+    return torch.sort(chosen, dim=1).values
+
+
+def topk_tokens(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, keep: int, keep_cls: bool,
+                gate: str):
+    """(x_sel (B, keep, C), idx (B, keep) int64 ascending, s (B, N)); differentiable.
+
+    Arguments are assumed valid (nasops.ops.topk_tokens checks them); ``keep`` is
+    an int. The straight-through gate is written x + x.detach() * (s - s.detach())
+    so that its forward is the plain gather bit for bit.
+    """
+    acc = accumulation_dtype(x.dtype)
+    s = token_scores(q, k)
+    idx = select_tokens(s.detach(), keep, keep_cls)
+    rows = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    s_sel = torch.gather(s, 1, idx).unsqueeze(-1)
+    if gate == "straight_through":
+        rows = (rows.to(acc) + rows.detach().to(acc) * (s_sel - s_sel.detach())).to(x.dtype)
+    elif gate == "sigmoid":
+        rows = (rows.to(acc) * torch.sigmoid(s_sel)).to(x.dtype)
+    return rows, idx, s.to(x.dtype)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] along dim 0."""
+    return x.index_select(0, idx)
+
+
+def scatter_rows(y: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeros (n, *y.shape[1:]) with rows idx set to y (idx without duplicates)."""
+    out = y.new_zeros((n,) + tuple(y.shape[1:]))
+    return out.index_copy(0, idx, y)

@@ -1,0 +1,88 @@
+"""Triton kernels of ``gather_rows`` / ``scatter_rows`` (SPEC 2.3):
+``torch.ops.nasops.gather_rows_triton`` and ``torch.ops.nasops.scatter_rows_triton``,
+same schemas as the compiled ops (csrc/ops.cpp).
+
+Rows are moved as raw bits: each row is viewed as the widest integer words that
+divide its size (8, 4, 2 or 1 bytes), so one kernel serves every dtype and
+trailing shape, with wide loads. A program copies a [BLOCK_R rows, BLOCK_W
+words] tile; gather reads row idx[r] and writes row r, scatter the reverse
+into a zero-filled output (idx has no duplicates: checked by nasops.ops).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+@triton.jit
+def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, rows, W, SCATTER: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    w = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    row_ok = r < rows
+    target = tl.load(idx_ptr + r, mask=row_ok, other=0)
+    if SCATTER:
+        src_row, dst_row = r, target
+    else:
+        src_row, dst_row = target, r
+    mask = row_ok[:, None] & (w < W)[None, :]
+    v = tl.load(src_ptr + src_row[:, None] * W + w[None, :], mask=mask)
+    tl.store(dst_ptr + dst_row[:, None] * W + w[None, :], v, mask=mask)
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous (rows, W) integer view of t's rows (rows = t.shape[0])."""
+    t = t.contiguous()
+    rows = t.shape[0]
+    row_bytes = t.element_size() * (t.numel() // rows if rows else 0)
+    offset_bytes = t.storage_offset() * t.element_size()
+    width = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0 and offset_bytes % w == 0)
+    as_bytes = t.reshape(rows, -1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(rows, -1)
+    return as_bytes.view(_WORDS[width])
+
+
+def _launch(src_words, dst_words, idx, rows, scatter):
+    W = src_words.shape[1]
+    if rows == 0 or W == 0:
+        return
+    block_w = min(triton.next_power_of_2(W), 16384 if _INTERPRET else 1024)
+    block_r = max(1, (16384 if _INTERPRET else 2048) // block_w)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(W, block_w))
+    _copy_rows_kernel[grid](src_words, dst_words, idx, rows, W, SCATTER=scatter,
+                            BLOCK_R=block_r, BLOCK_W=block_w, num_warps=1 if _INTERPRET else 4)
+
+
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    idx = idx.contiguous()
+    out = x.new_empty((idx.shape[0],) + tuple(x.shape[1:]))
+    if out.numel() == 0:
+        return out
+    src = _as_words(x)
+    _launch(src, out.view(-1).view(torch.uint8).view(src.dtype).view(out.shape[0], -1), idx,
+            idx.shape[0], scatter=False)
+    return out
+
+
+def scatter_rows(y: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    idx = idx.contiguous()
+    out = y.new_zeros((n,) + tuple(y.shape[1:]))
+    if y.numel() == 0:
+        return out
+    src = _as_words(y)
+    _launch(src, out.view(-1).view(torch.uint8).view(src.dtype).view(n, -1), idx, idx.shape[0],
+            scatter=True)
+    return out
+
+
+_lib = torch.library.Library("nasops", "FRAGMENT")
+_lib.define("gather_rows_triton(Tensor x, Tensor idx) -> Tensor")
+_lib.define("scatter_rows_triton(Tensor y, Tensor idx, int n) -> Tensor")
+for _key in ("CPU", "CUDA"):
+    _lib.impl("gather_rows_triton", gather_rows, _key)
+    _lib.impl("scatter_rows_triton", scatter_rows, _key)
