@@ -142,10 +142,13 @@ def _setup(case):
     return _live["inputs"], _live["providers"]
 
 
+def _case_id(case):  # e.g. darts-edge-wBPK: selectable with -k
+    return f"{case.params['shape']}-w" + "".join(ch for ch in case.params["granularity"] if ch.isalpha())
+
+
 @pytest.mark.parametrize("provider", _PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", _CASES, ids=[c.group.split(" K=")[0].replace("mixed_op ", "")
-                                              + " " + c.params["granularity"] for c in _CASES])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.replace("+", "_"))
+@pytest.mark.parametrize("case", _CASES, ids=_case_id)
 def test_mixed_op(benchmark, case, mode, provider):
     inputs, fns = _setup(case)
     if provider not in fns:

@@ -14,7 +14,8 @@ nasops call, and the SPEC's traffic floor). This module then provides:
   round-robin over providers so that a noisy, shared machine slows them alike;
   the median is reported;
 - the bandwidth of the same machine measured in the same run
-  (:func:`measure_bandwidth`): a large ``sum`` (read) and ``fill_`` (write);
+  (:func:`bandwidth_probes`): a ``sum`` (read) and a ``fill_`` (write) of a
+  buffer the size of the case's inputs, timed in the same round-robin;
 - peak memory per provider (:func:`peak_memory_bytes`): on CUDA the peak of
   ``torch.cuda.max_memory_allocated`` above the inputs during one step; on the
   CPU ``None`` (PyTorch's CPU allocator keeps no statistics);
@@ -106,13 +107,18 @@ def run_step(fn: Callable[[dict], torch.Tensor], inputs: Inputs, mode: str) -> N
 
 
 def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: str, *,
-                   warmup: int = 2, reps: int = 7) -> dict[str, list[float]]:
-    """Seconds per step of each provider; reps interleaved round-robin."""
+                   warmup: int = 2, reps: int = 7,
+                   probes: dict[str, Callable] | None = None) -> dict[str, list[float]]:
+    """Seconds per step of each provider (and per call of each bandwidth probe,
+    under the probe's name); reps interleaved round-robin, so that a noisy,
+    shared machine slows them alike."""
+    probes = probes or {}
     for fn in fns.values():
         for _ in range(warmup):
             run_step(fn, inputs, mode)
+    time_probes(probes, device)
     sync(device)
-    times = {name: [] for name in fns}
+    times = {name: [] for name in [*fns, *probes]}
     for _ in range(reps):
         for name, fn in fns.items():
             sync(device)
@@ -120,6 +126,8 @@ def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: 
             run_step(fn, inputs, mode)
             sync(device)
             times[name].append(time.perf_counter() - start)
+        for name, seconds in time_probes(probes, device).items():
+            times[name].append(seconds)
     return times
 
 
@@ -129,31 +137,25 @@ def median(xs: Sequence[float]) -> float:
 
 # ---- bandwidth and memory ---------------------------------------------------------------
 
-BANDWIDTH_BUFFER_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
-BANDWIDTH_BUFFER_NOTE = {
-    "cuda": "a 1 GiB float32 buffer (far beyond L2)",
-    "cpu": "a 128 MiB float32 buffer (the order of the benchmarks' working sets, so the same "
-           "cache levels serve both)",
-}
+def bandwidth_probes(device: str, nbytes: int) -> dict[str, Callable[[], object]]:
+    """Zero-argument steps that read (``x.sum()``) and write (``x.fill_``) a float32
+    buffer of ``nbytes``, both on all intra-op threads; timed beside the
+    providers, nbytes / time is the bandwidth they see. Size the buffer like the
+    case's inputs, so that the same cache levels serve both (this machine's L3
+    is 480 MiB)."""
+    x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    return {"read": lambda: x.sum(), "write": lambda: x.fill_(1.0)}
 
 
-def measure_bandwidth(device: str, nbytes: int | None = None, reps: int = 9) -> dict[str, float]:
-    """Read and write bandwidth (bytes/s, medians): ``x.sum()`` reads, ``x.fill_``
-    writes, on a BANDWIDTH_BUFFER_BYTES buffer unless ``nbytes`` is given."""
-    if nbytes is None:
-        nbytes = BANDWIDTH_BUFFER_BYTES["cuda" if device.startswith("cuda") else "cpu"]
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+def time_probes(probes: dict[str, Callable], device: str) -> dict[str, float]:
+    """One timing (seconds) of each probe."""
     result = {}
-    for name, fn in (("read", lambda: x.sum()), ("write", lambda: x.fill_(1.0))):
+    for name, fn in probes.items():
+        sync(device)
+        start = time.perf_counter()
         fn()
-        samples = []
-        for _ in range(reps):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            samples.append(nbytes / (time.perf_counter() - start))
-        result[name] = median(samples)
+        sync(device)
+        result[name] = time.perf_counter() - start
     return result
 
 

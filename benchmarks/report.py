@@ -10,7 +10,7 @@ kind, between ``<!-- BEGIN <op> <device> -->`` markers) and keeps the others,
 so CPU and GPU results and different ops live side by side.
 
 A section states the device, versions, date, command, the read/write bandwidth
-measured in the same run, and per case and mode: the median step time per
+measured in the same run (timed beside the providers), and per case and mode: the median step time per
 provider, nasops' speed-up over eager and over torch.compile, and the share of
 the measured bandwidth it reaches (the SPEC's traffic floor moved at the
 measured bandwidth, divided by the median time).
@@ -37,6 +37,14 @@ import harness  # noqa: E402
 import nasops  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
+CPU_NOISE_NOTE = (
+    "The CPU is shared (2 cores, several other jobs at the same time): absolute times are "
+    "noisy; compare ratios within a table, which come from interleaved repetitions of the "
+    "same run. `% BW` above 100 means the bandwidth probes (`sum`, `fill_` on all threads) "
+    "fared worse than the kernel on the contended cores, not that the floor was beaten; on a "
+    "quiet moment of this machine the probes read and write about 47 GB/s.")
+# glibc malloc without mmap and without trimming: freed memory is reused, not faulted in again.
+WARM_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 PREAMBLE = """# nasops benchmark results
 
 Written by `python benchmarks/report.py` (see its docstring); one section per op
@@ -72,7 +80,7 @@ def fmt_mib(nbytes) -> str:
 
 def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, list[dict]]:
     """The op's table, and the bandwidths measured beside each case and mode."""
-    reps, warmup = (3, 1) if quick else (7, 2)
+    reps, warmup = (3, 1) if quick else (9, 2)
     kernels = [f"nasops-{b}" for b in harness.kernel_backends(device)]
     header = ["case", "mode", "eager ms", "compile ms"]
     for k in kernels:
@@ -82,13 +90,16 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
     for case in bench.cases(quick):
         inputs = case.make_inputs(device, torch.float32)
         fns = harness.providers(case, device)
+        # A probe buffer the size of the forward's inputs (K*N elements).
+        probe_bytes = case.floor_bytes("fwd", torch.float32)[0]
+        probes = harness.bandwidth_probes(device, probe_bytes)
         for mode in harness.MODES:
             start = time.perf_counter()
-            times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps)
-            # Measured right after the timings, so it sees the same machine load.
-            bandwidth = harness.measure_bandwidth(device, reps=5)
-            bandwidths.append(bandwidth)
+            times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps,
+                                           probes=probes)
             med = {name: harness.median(ts) for name, ts in times.items()}
+            bandwidth = {name: probe_bytes / med.pop(name) for name in probes}
+            bandwidths.append(bandwidth)
             floor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), bandwidth)
             row = [case.group.replace(f"{bench.op} ", ""), mode, fmt_ms(med["eager"]), fmt_ms(med["compile"])]
             for k in kernels:
@@ -99,7 +110,7 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
             rows.append(row)
             print(f"  {case.group} {mode}: " + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in med.items())
                   + f"; floor {fmt_ms(floor)} ms ({time.perf_counter() - start:.0f} s)", flush=True)
-        del inputs, fns
+        del inputs, fns, probes
     return harness.markdown_table(header, rows), bandwidths
 
 
@@ -115,15 +126,24 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def section(bench, device, quick, command, bandwidths, table) -> str:
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    noise = ("" if kind == "cuda" else
-             "\nThe CPU is shared (2 cores, several other jobs at the same time): absolute times "
-             "are noisy; compare ratios within this table, which come from interleaved "
-             "repetitions of the same run.\n")
+def section(bench, kind, device, quick, command, bandwidths, table) -> str:
+    notes = []
+    if kind.startswith("cpu"):
+        notes.append(CPU_NOISE_NOTE)
+    if kind == "cpu":
+        notes.append("PyTorch's CPU allocator does not cache: a fresh multi-MiB tensor is new "
+                     "pages from the OS, and on this VM first-touch page faults can cost more "
+                     "than the arithmetic, so allocation weighs heavily (eager allocates a "
+                     "temporary per `*` and `+`, torch.compile and nasops only their outputs). "
+                     "The `cpu-warm-allocator` section repeats the run without page faults.")
+    if kind == "cpu-warm-allocator":
+        notes.append("Run with glibc tunables " + " ".join(f"{k}={v}" for k, v in WARM_ALLOCATOR_ENV.items())
+                     + ": freed memory stays in the heap, so these times are the kernels' "
+                     "own, as with a caching allocator.")
     memory = ("peak MiB: torch.cuda.max_memory_allocated above the inputs during one step."
               if kind == "cuda" else
               "peak MiB: n/a on the CPU (PyTorch's CPU allocator keeps no statistics).")
+    noise = "\n" + "\n\n".join(notes) + "\n" if notes else ""
     return "\n".join([
         f"<!-- BEGIN {bench.op} {kind} -->",
         f"## {bench.op} on {kind}",
@@ -134,9 +154,10 @@ def section(bench, device, quick, command, bandwidths, table) -> str:
         f"- versions: {versions()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- command: `{command}`" + (" (quick: fewer repetitions)" if quick else ""),
-        f"- bandwidth, measured after each row's timings (that row's `% BW` uses its own): "
-        f"read {_span(bandwidths, 'read')} GB/s (`x.sum()`), write {_span(bandwidths, 'write')} GB/s "
-        f"(`x.fill_()`) on {harness.BANDWIDTH_BUFFER_NOTE[kind]}",
+        f"- bandwidth, timed in the same round-robin as each row's providers (that row's `% BW` "
+        f"uses its own) on a float32 buffer the size of the case's inputs: read "
+        f"{_span(bandwidths, 'read')} GB/s (`x.sum()`), write {_span(bandwidths, 'write')} GB/s "
+        f"(`x.fill_()`)",
         f"- {memory}",
         noise,
         table,
@@ -167,15 +188,26 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--warm-allocator", action="store_true",
+                        help="CPU: keep freed memory in glibc's heap (no mmap, no trim), so fresh "
+                             "tensors cost no page faults, as with a caching allocator; re-runs "
+                             "this script with the glibc tunables set")
     args = parser.parse_args(argv)
+    if args.warm_allocator and os.environ.get("MALLOC_MMAP_MAX_") != "0":
+        # glibc reads these at process start only.
+        os.environ.update(WARM_ALLOCATOR_ENV)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     command = "python benchmarks/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
     benches = discover(args.ops)
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    if args.warm_allocator and kind == "cpu":
+        kind = "cpu-warm-allocator"
     sections = {}
     for bench in benches:
         print(f"{bench.op}:", flush=True)
         table, bandwidths = run_op(bench, args.device, args.quick)
-        sections[(bench.op, kind)] = section(bench, args.device, args.quick, command.strip(), bandwidths, table)
+        sections[(bench.op, kind)] = section(bench, kind, args.device, args.quick, command.strip(),
+                                             bandwidths, table)
     update_results(args.out, sections)
     print(f"wrote {os.path.relpath(args.out)}")
 

@@ -35,203 +35,12 @@ namespace {
 constexpr int64_t kTile = 2048;
 // Elements per work item when one weight covers a whole sample (P == 1).
 constexpr int64_t kChunk = 16384;
-// Independent partial sums in a dot product: enough for two AVX-512 registers.
-constexpr int kLanes = 32;
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
 template <typename scalar_t>
 constexpr bool kAccumulatesInPlace = std::is_same_v<scalar_t, acc_type<scalar_t>>;
-
-// Sum of x[i] * y[i] over n elements with kLanes independent accumulators.
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const acc_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * static_cast<acc_t>(y[i + l]);
-  }
-  for (; i < n; ++i) lanes[i % kLanes] += x[i] * static_cast<acc_t>(y[i]);
-  acc_t s = 0;
-  for (int l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
-}
-
-// acc[i] (=|+=) w * x[i]
-template <bool kFirst, typename acc_t, typename scalar_t>
-inline void axpy(acc_t* __restrict__ acc, acc_t w, const scalar_t* __restrict__ x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = w * static_cast<acc_t>(x[i]);
-    acc[i] = kFirst ? v : acc[i] + v;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-inline void store(scalar_t* __restrict__ out, const acc_t* __restrict__ in, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(in[i]);
-}
-
-template <typename acc_t, typename scalar_t>
-inline void load(acc_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(in[i]);
-}
-
-// ---- runs: n consecutive elements, one weight per op ------------------------
-
-// y[0:n] = sum_k w[k] * in[k][0:n]; in[k] and y already point at the run.
-template <typename scalar_t>
-void forward_run(const scalar_t* const* in, int64_t K, const acc_type<scalar_t>* w, int64_t n,
-                 scalar_t* y) {
-  using acc_t = acc_type<scalar_t>;
-  acc_t tile[kAccumulatesInPlace<scalar_t> ? 1 : kTile];
-  for (int64_t t = 0; t < n; t += kTile) {
-    const int64_t m = std::min(kTile, n - t);
-    acc_t* acc;
-    if constexpr (kAccumulatesInPlace<scalar_t>) {
-      acc = y + t;
-    } else {
-      acc = tile;
-    }
-    axpy<true>(acc, w[0], in[0] + t, m);
-    for (int64_t k = 1; k < K; ++k) axpy<false>(acc, w[k], in[k] + t, m);
-    if constexpr (!kAccumulatesInPlace<scalar_t>) store(y + t, acc, m);
-  }
-}
-
-// grad_in[k][0:n] = w[k] * g[0:n] (when grad_in) and dots[k] += sum(g * in[k])
-// (when dots), reading each tile of g once for all ops.
-template <typename scalar_t>
-void backward_run(const scalar_t* g, const scalar_t* const* in, int64_t K,
-                  const acc_type<scalar_t>* w, int64_t n, scalar_t* const* grad_in,
-                  acc_type<scalar_t>* dots) {
-  using acc_t = acc_type<scalar_t>;
-  acc_t tile[kAccumulatesInPlace<scalar_t> ? 1 : kTile];
-  for (int64_t t = 0; t < n; t += kTile) {
-    const int64_t m = std::min(kTile, n - t);
-    const acc_t* gt;
-    if constexpr (kAccumulatesInPlace<scalar_t>) {
-      gt = g + t;
-    } else {
-      load(tile, g + t, m);
-      gt = tile;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      if (grad_in != nullptr) {
-        scalar_t* __restrict__ out = grad_in[k] + t;
-        const acc_t wk = w[k];
-        for (int64_t i = 0; i < m; ++i) out[i] = static_cast<scalar_t>(wk * gt[i]);
-      }
-      if (dots != nullptr) dots[k] += dot(gt, in[k] + t, m);
-    }
-  }
-}
-
-// ---- bands: the rows of one patch row of one (b, c) plane (gw > 1) -----------
-// A band is `rows` x W contiguous elements; within a row the weight changes at
-// the column starts cols[0..gw]. Per op, the band's weights are painted into a
-// W-long column vector once and reused for every row.
-
-template <typename scalar_t>
-struct BandScratch {
-  using acc_t = acc_type<scalar_t>;
-  std::vector<acc_t> wcol;  // K x W: the weight of every column, per op
-  std::vector<acc_t> tile;  // rows_per_tile x W: accumulator / converted g
-  std::vector<acc_t> colsum;  // K x W: per-column sums of g * o_k (backward)
-};
-
-// wcol[k*W + j] = w[pw(j)*K + k]; w points at the band's first patch.
-template <typename acc_t>
-void paint_columns(acc_t* wcol, const acc_t* w, int64_t K, const std::vector<int64_t>& cols,
-                   int64_t W) {
-  const int64_t gw = static_cast<int64_t>(cols.size()) - 1;
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t pw = 0; pw < gw; ++pw) {
-      std::fill(wcol + k * W + cols[pw], wcol + k * W + cols[pw + 1], w[pw * K + k]);
-    }
-  }
-}
-
-template <typename scalar_t>
-void forward_band(const scalar_t* const* in, int64_t K, const acc_type<scalar_t>* w,
-                  const std::vector<int64_t>& cols, int64_t rows, int64_t W, scalar_t* y,
-                  BandScratch<scalar_t>& s) {
-  using acc_t = acc_type<scalar_t>;
-  paint_columns(s.wcol.data(), w, K, cols, W);
-  const int64_t tile_rows = std::max<int64_t>(1, kTile / W);
-  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
-    const int64_t nr = std::min(tile_rows, rows - r0);
-    const int64_t off = r0 * W;
-    acc_t* acc;
-    if constexpr (kAccumulatesInPlace<scalar_t>) {
-      acc = y + off;
-    } else {
-      acc = s.tile.data();
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t* __restrict__ wk = s.wcol.data() + k * W;
-      for (int64_t r = 0; r < nr; ++r) {
-        acc_t* __restrict__ a = acc + r * W;
-        const scalar_t* __restrict__ x = in[k] + off + r * W;
-        if (k == 0) {
-          for (int64_t j = 0; j < W; ++j) a[j] = wk[j] * static_cast<acc_t>(x[j]);
-        } else {
-          for (int64_t j = 0; j < W; ++j) a[j] += wk[j] * static_cast<acc_t>(x[j]);
-        }
-      }
-    }
-    if constexpr (!kAccumulatesInPlace<scalar_t>) store(y + off, acc, nr * W);
-  }
-}
-
-// Backward of a band; dots points at the band's first patch: dots[pw*K + k].
-template <typename scalar_t>
-void backward_band(const scalar_t* g, const scalar_t* const* in, int64_t K,
-                   const acc_type<scalar_t>* w, const std::vector<int64_t>& cols, int64_t rows,
-                   int64_t W, scalar_t* const* grad_in, acc_type<scalar_t>* dots,
-                   BandScratch<scalar_t>& s) {
-  using acc_t = acc_type<scalar_t>;
-  paint_columns(s.wcol.data(), w, K, cols, W);
-  if (dots != nullptr) std::fill(s.colsum.begin(), s.colsum.end(), acc_t(0));
-  const int64_t tile_rows = std::max<int64_t>(1, kTile / W);
-  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
-    const int64_t nr = std::min(tile_rows, rows - r0);
-    const int64_t off = r0 * W;
-    const acc_t* gt;
-    if constexpr (kAccumulatesInPlace<scalar_t>) {
-      gt = g + off;
-    } else {
-      load(s.tile.data(), g + off, nr * W);
-      gt = s.tile.data();
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t* __restrict__ wk = s.wcol.data() + k * W;
-      acc_t* __restrict__ cs = s.colsum.data() + k * W;
-      for (int64_t r = 0; r < nr; ++r) {
-        const acc_t* __restrict__ gr = gt + r * W;
-        if (grad_in != nullptr) {
-          scalar_t* __restrict__ out = grad_in[k] + off + r * W;
-          for (int64_t j = 0; j < W; ++j) out[j] = static_cast<scalar_t>(wk[j] * gr[j]);
-        }
-        if (dots != nullptr) {
-          const scalar_t* __restrict__ x = in[k] + off + r * W;
-          for (int64_t j = 0; j < W; ++j) cs[j] += gr[j] * static_cast<acc_t>(x[j]);
-        }
-      }
-    }
-  }
-  if (dots != nullptr) {
-    const int64_t gw = static_cast<int64_t>(cols.size()) - 1;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t* cs = s.colsum.data() + k * W;
-      for (int64_t pw = 0; pw < gw; ++pw) {
-        acc_t sum = 0;
-        for (int64_t j = cols[pw]; j < cols[pw + 1]; ++j) sum += cs[j];
-        dots[pw * K + k] = sum;
-      }
-    }
-  }
-}
 
 // ---- the work decomposition ----------------------------------------------------
 // P == 1: item (b, chunk) = kChunk consecutive elements of sample b; partial
@@ -263,6 +72,15 @@ struct Geometry {
   int64_t slots_per_sample() const { return single_patch() ? chunks : s.C * s.P(); }
 };
 
+
+template <typename scalar_t>
+struct BandScratch {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> wcol;  // K x W: the weight of every column, per op
+  std::vector<acc_t> tile;  // rows_per_tile x W: accumulator / converted g
+  std::vector<acc_t> colsum;  // K x W: per-column sums of g * o_k (backward)
+};
+
 template <typename scalar_t>
 std::vector<const scalar_t*> data_pointers(const std::vector<at::Tensor>& tensors) {
   std::vector<const scalar_t*> ptrs;
@@ -270,105 +88,50 @@ std::vector<const scalar_t*> data_pointers(const std::vector<at::Tensor>& tensor
   return ptrs;
 }
 
-template <typename scalar_t>
-void forward_kernel(const Geometry& geo, const std::vector<at::Tensor>& outputs,
-                    const at::Tensor& weights, at::Tensor& y) {
-  using acc_t = acc_type<scalar_t>;
-  const auto& s = geo.s;
-  const auto base = data_pointers<scalar_t>(outputs);
-  const acc_t* w = weights.const_data_ptr<acc_t>();
-  scalar_t* out = y.mutable_data_ptr<scalar_t>();
-  const int64_t K = s.K;
-  at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> in(K);
-    BandScratch<scalar_t> scratch;
-    if (!geo.single_patch() && s.gw > 1) {
-      scratch.wcol.resize(K * s.W);
-      scratch.tile.resize(std::max<int64_t>(1, kTile / s.W) * s.W);
-    }
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t offset, b, n;
-      const acc_t* wp;
-      if (geo.single_patch()) {
-        b = item / geo.chunks;
-        const int64_t start = (item % geo.chunks) * kChunk;
-        n = std::min(kChunk, s.sample() - start);
-        offset = b * s.sample() + start;
-        wp = w + (s.Bw == 1 ? 0 : b) * K;
-      } else {
-        const int64_t ph = item % s.gh, plane = item / s.gh;  // plane = b * C + c
-        b = plane / s.C;
-        offset = plane * s.plane() + geo.rows[ph] * s.W;
-        n = (geo.rows[ph + 1] - geo.rows[ph]) * s.W;
-        wp = w + ((s.Bw == 1 ? 0 : b) * s.P() + ph * s.gw) * K;
-      }
-      for (int64_t k = 0; k < K; ++k) in[k] = base[k] + offset;
-      if (geo.single_patch() || s.gw == 1) {
-        forward_run(in.data(), K, wp, n, out + offset);
-      } else {
-        forward_band(in.data(), K, wp, geo.cols, n / s.W, s.W, out + offset, scratch);
-      }
-    }
-  });
+
+// The hot loops, once per instruction set (see mixed_op_kernels.h).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NASOPS_MIXED_OP_AVX2 1
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "cpu/mixed_op_kernels.h"
+#pragma GCC pop_options
+}  // namespace avx2
+#endif
+namespace baseline {
+#include "cpu/mixed_op_kernels.h"
+}  // namespace baseline
+
+bool use_avx2() {
+#ifdef NASOPS_MIXED_OP_AVX2
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                __builtin_cpu_supports("f16c");
+  return supported;
+#else
+  return false;
+#endif
 }
 
 template <typename scalar_t>
-void backward_kernel(const Geometry& geo, const at::Tensor& grad, const std::vector<at::Tensor>& outputs,
-                     const at::Tensor& weights, std::vector<at::Tensor>& grad_outputs,
-                     at::Tensor& partial) {
-  using acc_t = acc_type<scalar_t>;
-  const auto& s = geo.s;
-  const auto base = data_pointers<scalar_t>(outputs);
-  std::vector<scalar_t*> grad_base;
-  for (auto& t : grad_outputs) grad_base.push_back(t.mutable_data_ptr<scalar_t>());
-  const bool need_outputs = !grad_outputs.empty();
-  const bool need_weights = partial.defined();
-  const acc_t* w = weights.const_data_ptr<acc_t>();
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  acc_t* partial_base = need_weights ? partial.mutable_data_ptr<acc_t>() : nullptr;
-  const int64_t K = s.K;
-  at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> in(K);
-    std::vector<scalar_t*> grad_in(K);
-    BandScratch<scalar_t> scratch;
-    if (!geo.single_patch() && s.gw > 1) {
-      scratch.wcol.resize(K * s.W);
-      scratch.tile.resize(std::max<int64_t>(1, kTile / s.W) * s.W);
-      if (need_weights) scratch.colsum.resize(K * s.W);
-    }
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t offset, b, n;
-      const acc_t* wp;
-      acc_t* dots = nullptr;
-      if (geo.single_patch()) {
-        b = item / geo.chunks;
-        const int64_t start = (item % geo.chunks) * kChunk;
-        n = std::min(kChunk, s.sample() - start);
-        offset = b * s.sample() + start;
-        wp = w + (s.Bw == 1 ? 0 : b) * K;
-        if (need_weights) dots = partial_base + item * K;  // slot (b, chunk)
-      } else {
-        const int64_t ph = item % s.gh, plane = item / s.gh;
-        b = plane / s.C;
-        offset = plane * s.plane() + geo.rows[ph] * s.W;
-        n = (geo.rows[ph + 1] - geo.rows[ph]) * s.W;
-        wp = w + ((s.Bw == 1 ? 0 : b) * s.P() + ph * s.gw) * K;
-        if (need_weights) dots = partial_base + (plane * s.P() + ph * s.gw) * K;  // slot (b, c, p)
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        in[k] = base[k] + offset;
-        if (need_outputs) grad_in[k] = grad_base[k] + offset;
-      }
-      scalar_t* const* grad_ptrs = need_outputs ? grad_in.data() : nullptr;
-      if (geo.single_patch() || s.gw == 1) {
-        if (dots != nullptr) std::fill(dots, dots + K, acc_t(0));
-        backward_run(g + offset, in.data(), K, wp, n, grad_ptrs, dots);
-      } else {
-        backward_band(g + offset, in.data(), K, wp, geo.cols, n / s.W, s.W, grad_ptrs, dots,
-                      scratch);
-      }
-    }
-  });
+void forward_kernel(const Geometry& geo, const std::vector<at::Tensor>& outputs,
+                    const at::Tensor& weights, at::Tensor& y) {
+#ifdef NASOPS_MIXED_OP_AVX2
+  if (use_avx2()) return avx2::forward_kernel<scalar_t>(geo, outputs, weights, y);
+#endif
+  baseline::forward_kernel<scalar_t>(geo, outputs, weights, y);
+}
+
+template <typename scalar_t>
+void backward_kernel(const Geometry& geo, const at::Tensor& grad,
+                     const std::vector<at::Tensor>& outputs, const at::Tensor& weights,
+                     std::vector<at::Tensor>& grad_outputs, at::Tensor& partial) {
+#ifdef NASOPS_MIXED_OP_AVX2
+  if (use_avx2()) {
+    return avx2::backward_kernel<scalar_t>(geo, grad, outputs, weights, grad_outputs, partial);
+  }
+#endif
+  baseline::backward_kernel<scalar_t>(geo, grad, outputs, weights, grad_outputs, partial);
 }
 
 // grad w[bw, p, k] = sum over the samples of bw and their slots; partial is
@@ -380,7 +143,11 @@ void reduce_partials(const Geometry& geo, const at::Tensor& partial, at::Tensor&
   const int64_t slots = geo.single_patch() ? geo.chunks : s.C;  // per (sample, patch)
   const acc_t* part = partial.const_data_ptr<acc_t>();
   acc_t* gw = grad_w.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, s.Bw * P, 1, [&](int64_t begin, int64_t end) {
+  // A parallel region costs more than a few thousand additions (waking a
+  // thread; much more on a loaded machine): stay serial unless there is work.
+  const int64_t adds_per_output = (s.Bw == 1 ? s.B : 1) * slots * K;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, adds_per_output));
+  at::parallel_for(0, s.Bw * P, grain, [&](int64_t begin, int64_t end) {
     for (int64_t bp = begin; bp < end; ++bp) {
       const int64_t bw = bp / P, p = bp % P;
       std::vector<acc_t> sum(K, acc_t(0));

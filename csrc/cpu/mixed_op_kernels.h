@@ -1,0 +1,393 @@
+// mixed_op CPU kernels: the hot loops, included twice by csrc/cpu/mixed_op.cpp,
+// once compiled for AVX2+FMA+F16C and once for the baseline ISA, and chosen at
+// run time (the extension is built without -march flags, so one binary serves
+// every x86-64 CPU). No include guard on purpose. Relies on the declarations
+// that precede the include there (acc_type, kTile, kChunk, Geometry, ...).
+
+// ---- runs: n consecutive elements, one weight per op ------------------------
+// Ops are taken G <= 4 at a time: each pass over an L1 tile reads the
+// accumulator (or g) once for G inputs, which halves the L1 traffic per op
+// and lets the loads of G streams overlap.
+
+// acc[i] = (kFirst ? 0 : acc[i]) + w0*x0[i] + ... + w{G-1}*x{G-1}[i], summed left
+// to right (the order of the eager reference).
+template <bool kFirst, int G, typename acc_t, typename scalar_t>
+inline void axpy_group(acc_t* __restrict__ acc, const acc_t* w, const scalar_t* __restrict__ x0,
+                       const scalar_t* __restrict__ x1, const scalar_t* __restrict__ x2,
+                       const scalar_t* __restrict__ x3, int64_t n) {
+  const acc_t w0 = w[0], w1 = G > 1 ? w[1] : 0, w2 = G > 2 ? w[2] : 0, w3 = G > 3 ? w[3] : 0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t s = w0 * static_cast<acc_t>(x0[i]);
+    if constexpr (!kFirst) s = acc[i] + s;
+    if constexpr (G > 1) s += w1 * static_cast<acc_t>(x1[i]);
+    if constexpr (G > 2) s += w2 * static_cast<acc_t>(x2[i]);
+    if constexpr (G > 3) s += w3 * static_cast<acc_t>(x3[i]);
+    acc[i] = s;
+  }
+}
+
+template <bool kFirst, typename acc_t, typename scalar_t>
+inline void axpy_ops(acc_t* acc, const acc_t* w, const scalar_t* const* x, int64_t t, int G,
+                     int64_t n) {
+  switch (G) {
+    case 1:
+      return axpy_group<kFirst, 1, acc_t, scalar_t>(acc, w, x[0] + t, nullptr, nullptr, nullptr, n);
+    case 2:
+      return axpy_group<kFirst, 2, acc_t, scalar_t>(acc, w, x[0] + t, x[1] + t, nullptr, nullptr, n);
+    case 3:
+      return axpy_group<kFirst, 3, acc_t, scalar_t>(acc, w, x[0] + t, x[1] + t, x[2] + t, nullptr, n);
+    default:
+      return axpy_group<kFirst, 4, acc_t, scalar_t>(acc, w, x[0] + t, x[1] + t, x[2] + t, x[3] + t, n);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* __restrict__ out, const acc_t* __restrict__ in, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(in[i]);
+}
+
+template <typename acc_t, typename scalar_t>
+inline void load(acc_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(in[i]);
+}
+
+// y[0:n] = sum_k w[k] * in[k][0:n]; in[k] and y already point at the run.
+template <typename scalar_t>
+void forward_run(const scalar_t* const* in, int64_t K, const acc_type<scalar_t>* w, int64_t n,
+                 scalar_t* y) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t tile[kAccumulatesInPlace<scalar_t> ? 1 : kTile];
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t m = std::min(kTile, n - t);
+    acc_t* acc;
+    if constexpr (kAccumulatesInPlace<scalar_t>) {
+      acc = y + t;
+    } else {
+      acc = tile;
+    }
+    int64_t k = std::min<int64_t>(4, K);
+    axpy_ops<true>(acc, w, in, t, static_cast<int>(k), m);
+    for (; k < K; k += 4) {
+      axpy_ops<false>(acc, w + k, in + k, t, static_cast<int>(std::min<int64_t>(4, K - k)), m);
+    }
+    if constexpr (!kAccumulatesInPlace<scalar_t>) store(y + t, acc, m);
+  }
+}
+
+// Independent partial sums per dot product: two 256-bit registers.
+template <typename acc_t>
+constexpr int kLanes = 64 / sizeof(acc_t);
+
+// For G ops at once, over one tile: out_j[i] = w_j * g[i] (kOut) and
+// dots[j] += sum_i g[i] * x_j[i] (kDot), in one pass that reads g once. The
+// pointers are restrict *parameters* (GCC ignores restrict on locals): without
+// them the alias checks for 9 streams exceed what it versions, and the loop
+// stays scalar.
+template <bool kOut, bool kDot, int G, typename acc_t, typename scalar_t>
+inline void backward_streams(const acc_t* __restrict__ g, const scalar_t* __restrict__ x0,
+                             const scalar_t* __restrict__ x1, const scalar_t* __restrict__ x2,
+                             const scalar_t* __restrict__ x3, scalar_t* __restrict__ o0,
+                             scalar_t* __restrict__ o1, scalar_t* __restrict__ o2,
+                             scalar_t* __restrict__ o3, const acc_t* w, int64_t n, acc_t* dots) {
+  constexpr int L = kLanes<acc_t>;
+  const acc_t w0 = w[0], w1 = G > 1 ? w[1] : 0, w2 = G > 2 ? w[2] : 0, w3 = G > 3 ? w[3] : 0;
+  acc_t l0[L] = {}, l1[L] = {}, l2[L] = {}, l3[L] = {};
+  const int64_t blocked = n - n % L;
+  for (int64_t i = 0; i < blocked; i += L) {
+    for (int l = 0; l < L; ++l) {
+      const acc_t gi = g[i + l];
+      if constexpr (kOut) {
+        o0[i + l] = static_cast<scalar_t>(w0 * gi);
+        if constexpr (G > 1) o1[i + l] = static_cast<scalar_t>(w1 * gi);
+        if constexpr (G > 2) o2[i + l] = static_cast<scalar_t>(w2 * gi);
+        if constexpr (G > 3) o3[i + l] = static_cast<scalar_t>(w3 * gi);
+      }
+      if constexpr (kDot) {
+        l0[l] += gi * static_cast<acc_t>(x0[i + l]);
+        if constexpr (G > 1) l1[l] += gi * static_cast<acc_t>(x1[i + l]);
+        if constexpr (G > 2) l2[l] += gi * static_cast<acc_t>(x2[i + l]);
+        if constexpr (G > 3) l3[l] += gi * static_cast<acc_t>(x3[i + l]);
+      }
+    }
+  }
+  acc_t s[4] = {};
+  for (int l = 0; l < L; ++l) {
+    s[0] += l0[l];
+    s[1] += l1[l];
+    s[2] += l2[l];
+    s[3] += l3[l];
+  }
+  for (int64_t i = blocked; i < n; ++i) {
+    const acc_t gi = g[i];
+    if constexpr (kOut) {
+      o0[i] = static_cast<scalar_t>(w0 * gi);
+      if constexpr (G > 1) o1[i] = static_cast<scalar_t>(w1 * gi);
+      if constexpr (G > 2) o2[i] = static_cast<scalar_t>(w2 * gi);
+      if constexpr (G > 3) o3[i] = static_cast<scalar_t>(w3 * gi);
+    }
+    if constexpr (kDot) {
+      s[0] += gi * static_cast<acc_t>(x0[i]);
+      if constexpr (G > 1) s[1] += gi * static_cast<acc_t>(x1[i]);
+      if constexpr (G > 2) s[2] += gi * static_cast<acc_t>(x2[i]);
+      if constexpr (G > 3) s[3] += gi * static_cast<acc_t>(x3[i]);
+    }
+  }
+  if constexpr (kDot) {
+    for (int j = 0; j < G; ++j) dots[j] += s[j];
+  }
+}
+
+template <bool kOut, bool kDot, int G, typename acc_t, typename scalar_t>
+inline void backward_group(const acc_t* g, const acc_t* w, const scalar_t* const* x,
+                           scalar_t* const* out, int64_t t, int64_t n, acc_t* dots) {
+  auto in = [&](int j) -> const scalar_t* { return kDot && j < G ? x[j] + t : nullptr; };
+  auto to = [&](int j) -> scalar_t* { return kOut && j < G ? out[j] + t : nullptr; };
+  backward_streams<kOut, kDot, G, acc_t, scalar_t>(g, in(0), in(1), in(2), in(3), to(0), to(1),
+                                                   to(2), to(3), w, n, dots);
+}
+
+template <bool kOut, bool kDot, typename acc_t, typename scalar_t>
+inline void backward_ops(const acc_t* g, const acc_t* w, const scalar_t* const* x,
+                         scalar_t* const* out, int64_t t, int64_t n, int G, acc_t* dots) {
+  switch (G) {
+    case 1:
+      return backward_group<kOut, kDot, 1>(g, w, x, out, t, n, dots);
+    case 2:
+      return backward_group<kOut, kDot, 2>(g, w, x, out, t, n, dots);
+    case 3:
+      return backward_group<kOut, kDot, 3>(g, w, x, out, t, n, dots);
+    default:
+      return backward_group<kOut, kDot, 4>(g, w, x, out, t, n, dots);
+  }
+}
+
+// grad_in[k][0:n] = w[k] * g[0:n] (when grad_in) and dots[k] += sum(g * in[k])
+// (when dots), reading each tile of g once for all ops.
+template <typename scalar_t>
+void backward_run(const scalar_t* g, const scalar_t* const* in, int64_t K,
+                  const acc_type<scalar_t>* w, int64_t n, scalar_t* const* grad_in,
+                  acc_type<scalar_t>* dots) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t tile[kAccumulatesInPlace<scalar_t> ? 1 : kTile];
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t m = std::min(kTile, n - t);
+    const acc_t* gt;
+    if constexpr (kAccumulatesInPlace<scalar_t>) {
+      gt = g + t;
+    } else {
+      load(tile, g + t, m);
+      gt = tile;
+    }
+    for (int64_t k = 0; k < K; k += 4) {
+      const int G = static_cast<int>(std::min<int64_t>(4, K - k));
+      // backward_group offsets x and out by t itself; gt is already the tile.
+      if (grad_in != nullptr && dots != nullptr) {
+        backward_ops<true, true>(gt, w + k, in + k, grad_in + k, t, m, G, dots + k);
+      } else if (grad_in != nullptr) {
+        backward_ops<true, false>(gt, w + k, in + k, grad_in + k, t, m, G, dots);
+      } else {
+        backward_ops<false, true>(gt, w + k, in + k, grad_in, t, m, G, dots + k);
+      }
+    }
+  }
+}
+
+// ---- bands: the rows of one patch row of one (b, c) plane (gw > 1) -----------
+// A band is `rows` x W contiguous elements; within a row the weight changes at
+// the column starts cols[0..gw]. Per op, the band's weights are painted into a
+// W-long column vector once and reused for every row.
+
+// wcol[k*W + j] = w[pw(j)*K + k]; w points at the band's first patch.
+template <typename acc_t>
+void paint_columns(acc_t* wcol, const acc_t* w, int64_t K, const std::vector<int64_t>& cols,
+                   int64_t W) {
+  const int64_t gw = static_cast<int64_t>(cols.size()) - 1;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t pw = 0; pw < gw; ++pw) {
+      std::fill(wcol + k * W + cols[pw], wcol + k * W + cols[pw + 1], w[pw * K + k]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_band(const scalar_t* const* in, int64_t K, const acc_type<scalar_t>* w,
+                  const std::vector<int64_t>& cols, int64_t rows, int64_t W, scalar_t* y,
+                  BandScratch<scalar_t>& s) {
+  using acc_t = acc_type<scalar_t>;
+  paint_columns(s.wcol.data(), w, K, cols, W);
+  const int64_t tile_rows = std::max<int64_t>(1, kTile / W);
+  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+    const int64_t nr = std::min(tile_rows, rows - r0);
+    const int64_t off = r0 * W;
+    acc_t* acc;
+    if constexpr (kAccumulatesInPlace<scalar_t>) {
+      acc = y + off;
+    } else {
+      acc = s.tile.data();
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* __restrict__ wk = s.wcol.data() + k * W;
+      for (int64_t r = 0; r < nr; ++r) {
+        acc_t* __restrict__ a = acc + r * W;
+        const scalar_t* __restrict__ x = in[k] + off + r * W;
+        if (k == 0) {
+          for (int64_t j = 0; j < W; ++j) a[j] = wk[j] * static_cast<acc_t>(x[j]);
+        } else {
+          for (int64_t j = 0; j < W; ++j) a[j] += wk[j] * static_cast<acc_t>(x[j]);
+        }
+      }
+    }
+    if constexpr (!kAccumulatesInPlace<scalar_t>) store(y + off, acc, nr * W);
+  }
+}
+
+// Backward of a band; dots points at the band's first patch: dots[pw*K + k].
+template <typename scalar_t>
+void backward_band(const scalar_t* g, const scalar_t* const* in, int64_t K,
+                   const acc_type<scalar_t>* w, const std::vector<int64_t>& cols, int64_t rows,
+                   int64_t W, scalar_t* const* grad_in, acc_type<scalar_t>* dots,
+                   BandScratch<scalar_t>& s) {
+  using acc_t = acc_type<scalar_t>;
+  paint_columns(s.wcol.data(), w, K, cols, W);
+  if (dots != nullptr) std::fill(s.colsum.begin(), s.colsum.end(), acc_t(0));
+  const int64_t tile_rows = std::max<int64_t>(1, kTile / W);
+  for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+    const int64_t nr = std::min(tile_rows, rows - r0);
+    const int64_t off = r0 * W;
+    const acc_t* gt;
+    if constexpr (kAccumulatesInPlace<scalar_t>) {
+      gt = g + off;
+    } else {
+      load(s.tile.data(), g + off, nr * W);
+      gt = s.tile.data();
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* __restrict__ wk = s.wcol.data() + k * W;
+      acc_t* __restrict__ cs = s.colsum.data() + k * W;
+      for (int64_t r = 0; r < nr; ++r) {
+        const acc_t* __restrict__ gr = gt + r * W;
+        if (grad_in != nullptr) {
+          scalar_t* __restrict__ out = grad_in[k] + off + r * W;
+          for (int64_t j = 0; j < W; ++j) out[j] = static_cast<scalar_t>(wk[j] * gr[j]);
+        }
+        if (dots != nullptr) {
+          const scalar_t* __restrict__ x = in[k] + off + r * W;
+          for (int64_t j = 0; j < W; ++j) cs[j] += gr[j] * static_cast<acc_t>(x[j]);
+        }
+      }
+    }
+  }
+  if (dots != nullptr) {
+    const int64_t gw = static_cast<int64_t>(cols.size()) - 1;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* cs = s.colsum.data() + k * W;
+      for (int64_t pw = 0; pw < gw; ++pw) {
+        acc_t sum = 0;
+        for (int64_t j = cols[pw]; j < cols[pw + 1]; ++j) sum += cs[j];
+        dots[pw * K + k] = sum;
+      }
+    }
+  }
+}
+
+
+template <typename scalar_t>
+void forward_kernel(const Geometry& geo, const std::vector<at::Tensor>& outputs,
+                    const at::Tensor& weights, at::Tensor& y) {
+  using acc_t = acc_type<scalar_t>;
+  const auto& s = geo.s;
+  const auto base = data_pointers<scalar_t>(outputs);
+  const acc_t* w = weights.const_data_ptr<acc_t>();
+  scalar_t* out = y.mutable_data_ptr<scalar_t>();
+  const int64_t K = s.K;
+  at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> in(K);
+    BandScratch<scalar_t> scratch;
+    if (!geo.single_patch() && s.gw > 1) {
+      scratch.wcol.resize(K * s.W);
+      scratch.tile.resize(std::max<int64_t>(1, kTile / s.W) * s.W);
+    }
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t offset, b, n;
+      const acc_t* wp;
+      if (geo.single_patch()) {
+        b = item / geo.chunks;
+        const int64_t start = (item % geo.chunks) * kChunk;
+        n = std::min(kChunk, s.sample() - start);
+        offset = b * s.sample() + start;
+        wp = w + (s.Bw == 1 ? 0 : b) * K;
+      } else {
+        const int64_t ph = item % s.gh, plane = item / s.gh;  // plane = b * C + c
+        b = plane / s.C;
+        offset = plane * s.plane() + geo.rows[ph] * s.W;
+        n = (geo.rows[ph + 1] - geo.rows[ph]) * s.W;
+        wp = w + ((s.Bw == 1 ? 0 : b) * s.P() + ph * s.gw) * K;
+      }
+      for (int64_t k = 0; k < K; ++k) in[k] = base[k] + offset;
+      if (geo.single_patch() || s.gw == 1) {
+        forward_run(in.data(), K, wp, n, out + offset);
+      } else {
+        forward_band(in.data(), K, wp, geo.cols, n / s.W, s.W, out + offset, scratch);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const Geometry& geo, const at::Tensor& grad, const std::vector<at::Tensor>& outputs,
+                     const at::Tensor& weights, std::vector<at::Tensor>& grad_outputs,
+                     at::Tensor& partial) {
+  using acc_t = acc_type<scalar_t>;
+  const auto& s = geo.s;
+  const auto base = data_pointers<scalar_t>(outputs);
+  std::vector<scalar_t*> grad_base;
+  for (auto& t : grad_outputs) grad_base.push_back(t.mutable_data_ptr<scalar_t>());
+  const bool need_outputs = !grad_outputs.empty();
+  const bool need_weights = partial.defined();
+  const acc_t* w = weights.const_data_ptr<acc_t>();
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  acc_t* partial_base = need_weights ? partial.mutable_data_ptr<acc_t>() : nullptr;
+  const int64_t K = s.K;
+  at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> in(K);
+    std::vector<scalar_t*> grad_in(K);
+    BandScratch<scalar_t> scratch;
+    if (!geo.single_patch() && s.gw > 1) {
+      scratch.wcol.resize(K * s.W);
+      scratch.tile.resize(std::max<int64_t>(1, kTile / s.W) * s.W);
+      if (need_weights) scratch.colsum.resize(K * s.W);
+    }
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t offset, b, n;
+      const acc_t* wp;
+      acc_t* dots = nullptr;
+      if (geo.single_patch()) {
+        b = item / geo.chunks;
+        const int64_t start = (item % geo.chunks) * kChunk;
+        n = std::min(kChunk, s.sample() - start);
+        offset = b * s.sample() + start;
+        wp = w + (s.Bw == 1 ? 0 : b) * K;
+        if (need_weights) dots = partial_base + item * K;  // slot (b, chunk)
+      } else {
+        const int64_t ph = item % s.gh, plane = item / s.gh;
+        b = plane / s.C;
+        offset = plane * s.plane() + geo.rows[ph] * s.W;
+        n = (geo.rows[ph + 1] - geo.rows[ph]) * s.W;
+        wp = w + ((s.Bw == 1 ? 0 : b) * s.P() + ph * s.gw) * K;
+        if (need_weights) dots = partial_base + (plane * s.P() + ph * s.gw) * K;  // slot (b, c, p)
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        in[k] = base[k] + offset;
+        if (need_outputs) grad_in[k] = grad_base[k] + offset;
+      }
+      scalar_t* const* grad_ptrs = need_outputs ? grad_in.data() : nullptr;
+      if (geo.single_patch() || s.gw == 1) {
+        if (dots != nullptr) std::fill(dots, dots + K, acc_t(0));
+        backward_run(g + offset, in.data(), K, wp, n, grad_ptrs, dots);
+      } else {
+        backward_band(g + offset, in.data(), K, wp, geo.cols, n / s.W, s.W, grad_ptrs, dots,
+                      scratch);
+      }
+    }
+  });
+}
