@@ -38,6 +38,16 @@ struct Mosaic {
   int64_t count(int64_t ph, int64_t pw) const {
     return (rows[ph + 1] - rows[ph]) * (cols[pw + 1] - cols[pw]);
   }
+  // 1 / |p| for every patch: a division per patch per plane would cost more
+  // than the pixels of small patches.
+  template <typename acc_t>
+  std::vector<acc_t> inverse_counts() const {
+    std::vector<acc_t> inv(gh * gw);
+    for (const auto ph : c10::irange(gh)) {
+      for (const auto pw : c10::irange(gw)) inv[ph * gw + pw] = acc_t(1) / static_cast<acc_t>(count(ph, pw));
+    }
+    return inv;
+  }
 };
 
 Mosaic check_mosaic(at::IntArrayRef grid, int64_t H, int64_t W) {
@@ -83,6 +93,7 @@ at::Tensor patch_pool_cpu(at::TensorList maps, at::IntArrayRef grid) {
     std::vector<const scalar_t*> src(M);
     for (const auto m : c10::irange(M)) src[m] = contiguous[m].const_data_ptr<scalar_t>();
     acc_t* dst = out.mutable_data_ptr<acc_t>();
+    const auto inv_counts = mosaic.inverse_counts<acc_t>();
     // One task = one (m, b, c) plane. Rows of a patch row are summed into a
     // column accumulator (a contiguous, vectorizable loop over W), which is
     // then cut into the patch row's gw patches.
@@ -101,7 +112,7 @@ at::Tensor patch_pool_cpu(at::TensorList maps, at::IntArrayRef grid) {
           for (const auto pw : c10::irange(mosaic.gw)) {
             acc_t sum = 0;
             for (int64_t w = mosaic.cols[pw]; w < mosaic.cols[pw + 1]; ++w) sum += column_sums[w];
-            row_out[(ph * mosaic.gw + pw) * M * C] = sum / static_cast<acc_t>(mosaic.count(ph, pw));
+            row_out[(ph * mosaic.gw + pw) * M * C] = sum * inv_counts[ph * mosaic.gw + pw];
           }
         }
       }
@@ -126,6 +137,7 @@ at::Tensor patch_pool_backward_cpu(const at::Tensor& grad, at::IntArrayRef grid,
     using acc_t = acc_type<scalar_t>;
     const acc_t* gp = g.const_data_ptr<acc_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const auto inv_counts = mosaic.inverse_counts<acc_t>();
     at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
       for (const auto bc : c10::irange(begin, end)) {
         const int64_t b = bc / C, c = bc % C;
@@ -133,8 +145,7 @@ at::Tensor patch_pool_backward_cpu(const at::Tensor& grad, at::IntArrayRef grid,
         for (const auto ph : c10::irange(mosaic.gh)) {
           for (const auto pw : c10::irange(mosaic.gw)) {
             const int64_t p = ph * mosaic.gw + pw;
-            const auto v = static_cast<scalar_t>(gp[(b * P + p) * C + c] /
-                                                 static_cast<acc_t>(mosaic.count(ph, pw)));
+            const auto v = static_cast<scalar_t>(gp[(b * P + p) * C + c] * inv_counts[p]);
             for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
               scalar_t* row = plane + h * width;
               for (int64_t w = mosaic.cols[pw]; w < mosaic.cols[pw + 1]; ++w) row[w] = v;
@@ -301,6 +312,7 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cpu(const at::Tensor& g
     const acc_t* gpp = gpool.const_data_ptr<acc_t>();
     std::vector<scalar_t*> dst(K);
     for (const auto kk : c10::irange(K)) dst[kk] = grads[kk].mutable_data_ptr<scalar_t>();
+    const auto inv_counts = mosaic.inverse_counts<acc_t>();
     // One task = one (b, c) plane. Per patch row, the weight and the pooled
     // gradient of every op are painted onto a row of W (K*W values each), so
     // the pixel loop is a contiguous fused multiply-add per op: grad is read
@@ -313,7 +325,7 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cpu(const at::Tensor& g
         for (const auto ph : c10::irange(mosaic.gh)) {
           for (const auto pw : c10::irange(mosaic.gw)) {
             const int64_t p = ph * mosaic.gw + pw;
-            const acc_t inv_count = acc_t(1) / static_cast<acc_t>(mosaic.count(ph, pw));
+            const acc_t inv_count = inv_counts[p];
             for (const auto kk : c10::irange(K)) {
               const acc_t wk = wp[(b * P + p) * K + kk];
               const acc_t add = gpp[((b * P + p) * K + kk) * C + c] * inv_count;
