@@ -24,7 +24,32 @@ TORCH_LIBRARY(nasops, m) {
       "mixed_op_backward(Tensor grad, Tensor[] outputs, Tensor weights, int[] grid, "
       "bool outputs_requires_grad, bool weights_requires_grad) -> (Tensor[], Tensor)");
 
-  // ---- patch attention (SPEC 2.2): schemas added with the kernels -----------
+  // ---- patch attention (SPEC 2.2) ---------------------------------------------
+  // The mosaic of a (gh, gw) grid over an H x W map: patch row ph covers pixel
+  // rows [ceil(ph*H/gh), ceil((ph+1)*H/gh)) (= SPEC 2.1's floor(h*gh/H) == ph),
+  // columns likewise; |p| = its pixel count. "acc" = float32, float64 for f64.
+  // maps: M >= 1 tensors (B, C, H, W), one shape and dtype, any strides.
+  // Returns the patch means (B, gh*gw, M, C) in acc: one pass over each map.
+  m.def("patch_pool(Tensor[] maps, int[] grid) -> Tensor");
+  // grad: (B, P, C) acc. Returns (B, C, height, width) of `dtype`:
+  // grad[b, p(h, w), c] / |p(h, w)|.
+  m.def("patch_pool_backward(Tensor grad, int[] grid, int height, int width, ScalarType dtype) -> Tensor");
+  // q: (B, P, D), k: (B, P, K, D), prior: (K,) or None, all acc (one dtype); tau > 0.
+  // Returns w = softmax_k((q . k_k / sqrt(D) + prior_k) / tau), (B, P, K) acc.
+  m.def("patch_softmax_attention(Tensor q, Tensor k, Tensor? prior, float tau) -> Tensor");
+  // Returns (grad q, grad k, grad prior (K,) or an empty (0,) tensor when not
+  // prior_requires_grad), from grad_w and the forward's w.
+  m.def(
+      "patch_softmax_attention_backward(Tensor grad_w, Tensor w, Tensor q, Tensor k, float tau, "
+      "bool prior_requires_grad) -> (Tensor, Tensor, Tensor)");
+  // The fused op's one backward pass over the K op outputs' gradients.
+  // grad: (B, C, H, W) any float dtype; weights: (B, P, K) acc; grad_pooled:
+  // (B, P, K, C) acc (gradient of the patch means of each output).
+  // Returns K tensors (B, C, H, W) of grad's dtype:
+  // weights[b, p, k] * grad + grad_pooled[b, p, k, c] / |p|.
+  m.def(
+      "patch_attention_outputs_backward(Tensor grad, Tensor weights, Tensor grad_pooled, "
+      "int[] grid) -> Tensor[]");
 
   // ---- topk_tokens, gather_rows, scatter_rows (SPEC 2.3) ---------------------
   // x: (B, N, C); q, k: (B, N, D); one float dtype (f16/bf16/f32/f64), any strides.

@@ -61,6 +61,40 @@ def mixed_op(outputs, weights: torch.Tensor, grid=None) -> torch.Tensor:
     return y.to(ref.dtype)
 
 
+# ---- patchwise softmax attention over architecture weights (SPEC 2.2) -----------------
+
+def patch_softmax_attention(q: torch.Tensor, k: torch.Tensor, prior=None, tau: float = 1.0) -> torch.Tensor:
+    """w = softmax_k((q . k_k / sqrt(D) + prior_k) / tau): q (B, P, D), k (B, P, K, D) -> (B, P, K)."""
+    acc = accumulation_dtype(q.dtype)
+    logits = torch.einsum("bpd,bpkd->bpk", q.to(acc), k.to(acc)) / q.shape[-1] ** 0.5
+    if prior is not None:
+        logits = logits + prior.to(acc)
+    return torch.softmax(logits / tau, dim=-1).to(q.dtype)
+
+
+def patch_attention_mixed_op(x, outputs, Wq, Wk, grid, prior=None, tau: float = 1.0, zero_key=None):
+    """MIDAS edge: (y, w) with w the per-patch softmax attention over the K ops.
+
+    q = patch_pool(x) @ Wq, k_k = patch_pool(o_k) @ Wk (``zero_key``, or zeros,
+    for a ``None`` op), w = patch_softmax_attention(q, k, prior, tau) in the
+    accumulation dtype, y = mixed_op(outputs, w, grid). Arguments are assumed
+    valid (nasops.ops.patch_attention_mixed_op checks them).
+    """
+    acc = accumulation_dtype(x.dtype)
+    q = patch_pool(x, grid).to(acc) @ Wq.to(acc)  # (B, P, D)
+    B, P, D = q.shape
+    keys = []
+    for o in outputs:
+        if o is not None:
+            keys.append(patch_pool(o, grid).to(acc) @ Wk.to(acc))
+        elif zero_key is not None:
+            keys.append(zero_key.to(acc).expand(B, P, D))
+        else:
+            keys.append(q.new_zeros(B, P, D))
+    w = patch_softmax_attention(q, torch.stack(keys, dim=2), prior, tau)
+    return mixed_op(outputs, w, grid), w
+
+
 # ---- topk_tokens, gather_rows, scatter_rows (SPEC 2.3) ----------------------------
 
 TOKEN_GATES = ("none", "straight_through", "sigmoid")

@@ -1,0 +1,378 @@
+// Patchwise softmax attention (SPEC 2.2) CUDA kernels; see patch_attention.cuh.
+//
+// Pooling: one warp per (map, b, patch, channel); the warp's lanes stride over
+// the patch's pixels row by row, so a patch row of >= 32 pixels is one
+// coalesced 128-byte read (fp32). Map-sized elementwise kernels (pool
+// backward, outputs backward) use a grid-stride loop over 16-byte runs of a
+// row (when W allows), 32-bit index math below 2^31 elements; the outputs
+// backward reads grad once and writes all K gradients. The attention kernels are one
+// thread per (b, p) row: B*P rows of K <= 16 logits are tiny next to the maps.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "patch_attention.cuh"
+
+namespace nasops {
+namespace cuda {
+namespace {
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
+  return static_cast<typename Acc<T>::type>(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+struct MapTable {
+  const void* ptr[kPatchMaxOps];
+};
+struct GradTable {
+  void* ptr[kPatchMaxOps];
+};
+
+// First pixel of patch row (or column) i: ceil(i * size / parts).
+__device__ __forceinline__ int patch_start(int i, int size, int parts) {
+  return (i * size + parts - 1) / parts;
+}
+
+template <typename T>
+__global__ void pool_kernel(PatchSizes s, MapTable maps, int M, typename Acc<T>::type* out) {
+  using A = typename Acc<T>::type;
+  const int P = static_cast<int>(s.gh * s.gw);
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
+  const int64_t task = blockIdx.x;  // (m, b, p)
+  const int p = static_cast<int>(task % P);
+  const int64_t b = (task / P) % s.B;
+  const int m = static_cast<int>(task / (P * s.B));
+  const int ph = p / static_cast<int>(s.gw), pw = p % static_cast<int>(s.gw);
+  const int r0 = patch_start(ph, H, s.gh), r1 = patch_start(ph + 1, H, s.gh);
+  const int c0 = patch_start(pw, W, s.gw), c1 = patch_start(pw + 1, W, s.gw);
+  const int width = c1 - c0, count = (r1 - r0) * width;
+  const T* src = static_cast<const T*>(maps.ptr[m]);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int64_t c = warp; c < s.C; c += warps) {
+    const T* plane = src + (b * s.C + c) * H * W;
+    A sum = 0;
+    for (int i = lane; i < count; i += 32) {
+      const int h = r0 + i / width, w = c0 + i % width;
+      sum += to_acc(plane[h * W + w]);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if (lane == 0) out[((b * P + p) * M + m) * s.C + c] = sum / static_cast<A>(count);
+  }
+}
+
+// A run of VEC consecutive elements of one map row (16 bytes when vectorized).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// The elementwise kernels below walk a flat (B, C, H, W) index in runs of VEC
+// elements of one row (W % VEC == 0), so a run shares b, c and the row's
+// patch row; only the patch column changes inside it. Index is int32_t when
+// the map has fewer than 2^31 elements (cheaper divisions), else int64_t.
+template <typename Index>
+struct RowRun {
+  Index b, c, prow;  // prow = patch row * gw
+  int h, w0;
+};
+
+template <typename Index>
+__device__ __forceinline__ RowRun<Index> row_run(Index i, const PatchSizes& s) {
+  const Index W = static_cast<Index>(s.W), H = static_cast<Index>(s.H), C = static_cast<Index>(s.C);
+  const Index row = i / W;
+  const int w0 = static_cast<int>(i - row * W);
+  const int h = static_cast<int>(row % H);
+  const Index plane = row / H;
+  const int ph = static_cast<int>(h * s.gh / s.H);
+  return {plane / C, plane % C, static_cast<Index>(ph * s.gw), h, w0};
+}
+
+// |p| for patch row ph (encoded in the run) and patch column pw.
+__device__ __forceinline__ int patch_count(int h, int pw, const PatchSizes& s) {
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
+  const int gh = static_cast<int>(s.gh), gw = static_cast<int>(s.gw);
+  const int ph = h * gh / H;
+  const int rows = patch_start(ph + 1, H, gh) - patch_start(ph, H, gh);
+  const int cols = patch_start(pw + 1, W, gw) - patch_start(pw, W, gw);
+  return rows * cols;
+}
+
+template <typename T, int VEC, typename Index>
+__global__ void pool_backward_kernel(PatchSizes s, const typename Acc<T>::type* grad, T* out) {
+  using A = typename Acc<T>::type;
+  const Index runs = static_cast<Index>(s.B * s.C * s.H * s.W / VEC);
+  const Index P = static_cast<Index>(s.gh * s.gw), C = static_cast<Index>(s.C);
+  for (Index r = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; r < runs;
+       r += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const RowRun<Index> run = row_run<Index>(r * VEC, s);
+    Pack<T, VEC> pack;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int pw = static_cast<int>((run.w0 + j) * s.gw / s.W);
+      const Index p = run.prow + pw;
+      pack.v[j] = from_acc<T, A>(grad[(run.b * P + p) * C + run.c] /
+                                 static_cast<A>(patch_count(run.h, pw, s)));
+    }
+    reinterpret_cast<Pack<T, VEC>*>(out)[r] = pack;
+  }
+}
+
+template <typename T, int VEC, typename Index>
+__global__ void outputs_backward_kernel(PatchSizes s, const T* grad, const typename Acc<T>::type* weights,
+                                        const typename Acc<T>::type* grad_pooled, GradTable grads, int K) {
+  using A = typename Acc<T>::type;
+  const Index runs = static_cast<Index>(s.B * s.C * s.H * s.W / VEC);
+  const Index P = static_cast<Index>(s.gh * s.gw), C = static_cast<Index>(s.C);
+  for (Index r = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; r < runs;
+       r += static_cast<Index>(gridDim.x) * blockDim.x) {
+    const RowRun<Index> run = row_run<Index>(r * VEC, s);
+    const Pack<T, VEC> g = reinterpret_cast<const Pack<T, VEC>*>(grad)[r];
+    Index rows[VEC];  // (b, p) row of each element
+    A inv_count[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int pw = static_cast<int>((run.w0 + j) * s.gw / s.W);
+      rows[j] = run.b * P + run.prow + pw;
+      inv_count[j] = A(1) / static_cast<A>(patch_count(run.h, pw, s));
+    }
+    for (int k = 0; k < K; ++k) {
+      Pack<T, VEC> out;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const Index row = rows[j] * K + k;
+        out.v[j] = from_acc<T, A>(weights[row] * to_acc(g.v[j]) + grad_pooled[row * C + run.c] * inv_count[j]);
+      }
+      reinterpret_cast<Pack<T, VEC>*>(grads.ptr[k])[r] = out;
+    }
+  }
+}
+
+template <typename A>
+__global__ void attention_kernel(const A* q, const A* k, const A* prior, A* w, int64_t R, int K,
+                                 int64_t D, A scale, A inv_tau) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row >= R) return;
+  A logits[kPatchMaxOps];
+  A top = -INFINITY;
+  for (int kk = 0; kk < K; ++kk) {
+    A dot = 0;
+    for (int64_t d = 0; d < D; ++d) dot += q[row * D + d] * k[(row * K + kk) * D + d];
+    logits[kk] = (dot * scale + (prior ? prior[kk] : A(0))) * inv_tau;
+    top = logits[kk] > top ? logits[kk] : top;
+  }
+  A total = 0;
+  for (int kk = 0; kk < K; ++kk) total += (logits[kk] = exp(logits[kk] - top));
+  for (int kk = 0; kk < K; ++kk) w[row * K + kk] = logits[kk] / total;
+}
+
+template <typename A>
+__global__ void attention_backward_kernel(const A* grad_w, const A* w, const A* q, const A* k,
+                                          A* grad_q, A* grad_k, A* grad_logits, int64_t R, int K,
+                                          int64_t D, A scale, A inv_tau) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row >= R) return;
+  A g[kPatchMaxOps];
+  A dot = 0;
+  for (int kk = 0; kk < K; ++kk) dot += w[row * K + kk] * grad_w[row * K + kk];
+  for (int kk = 0; kk < K; ++kk) {
+    const A gl = w[row * K + kk] * (grad_w[row * K + kk] - dot) * inv_tau;
+    grad_logits[row * K + kk] = gl;
+    g[kk] = gl * scale;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const A qd = q[row * D + d];
+    A gq = 0;
+    for (int kk = 0; kk < K; ++kk) {
+      gq += g[kk] * k[(row * K + kk) * D + d];
+      grad_k[(row * K + kk) * D + d] = g[kk] * qd;
+    }
+    grad_q[row * D + d] = gq;
+  }
+}
+
+constexpr int kThreads = 256;
+
+unsigned elementwise_blocks(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
+}
+
+template <typename F>
+cudaError_t dispatch(PatchDType dtype, F&& f) {
+  switch (dtype) {
+    case PatchDType::kFloat16:
+      f(__half{});
+      break;
+    case PatchDType::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    case PatchDType::kFloat32:
+      f(float{});
+      break;
+    case PatchDType::kFloat64:
+      f(double{});
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_patch_pool(const PatchSizes& s, PatchDType dtype, const void* const* maps, int M,
+                              void* out, cudaStream_t stream) {
+  if (M < 1 || M > kPatchMaxOps) return cudaErrorInvalidValue;
+  MapTable table{};
+  for (int m = 0; m < M; ++m) table.ptr[m] = maps[m];
+  const int64_t tasks = M * s.B * s.gh * s.gw;
+  if (tasks == 0 || s.C == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    pool_kernel<T><<<static_cast<unsigned>(tasks), kThreads, 0, stream>>>(
+        s, table, M, static_cast<typename Acc<T>::type*>(out));
+  });
+}
+
+// 16-byte runs when every row splits into them and the pointers allow it.
+template <typename T>
+bool vectorizable(const PatchSizes& s, const void* const* ptrs, int count) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (s.W % kVec != 0) return false;
+  for (int i = 0; i < count; ++i) {
+    if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Launch kernel<VEC, Index> over N / VEC runs: VEC = 16 / sizeof(T) or 1, Index
+// int32_t when every index the kernel forms is below `index_bound` < 2^31.
+template <typename T, typename Launch>
+void launch_runs(const PatchSizes& s, bool vectorize, int64_t index_bound, Launch&& launch) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t n = s.B * s.C * s.H * s.W;
+  const bool small = index_bound < (int64_t{1} << 31);
+  if (vectorize) {
+    const unsigned blocks = elementwise_blocks(n / kVec);
+    small ? launch(std::integral_constant<int, kVec>{}, int32_t{}, blocks)
+          : launch(std::integral_constant<int, kVec>{}, int64_t{}, blocks);
+  } else {
+    const unsigned blocks = elementwise_blocks(n);
+    small ? launch(std::integral_constant<int, 1>{}, int32_t{}, blocks)
+          : launch(std::integral_constant<int, 1>{}, int64_t{}, blocks);
+  }
+}
+
+cudaError_t launch_patch_pool_backward(const PatchSizes& s, PatchDType dtype, const void* grad,
+                                       void* out, cudaStream_t stream) {
+  if (s.B * s.C * s.H * s.W == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    const void* ptrs[] = {out};
+    launch_runs<T>(s, vectorizable<T>(s, ptrs, 1), s.B * s.C * s.H * s.W, [&](auto vec, auto index, unsigned blocks) {
+      pool_backward_kernel<T, decltype(vec)::value, decltype(index)><<<blocks, kThreads, 0, stream>>>(
+          s, static_cast<const A*>(grad), static_cast<T*>(out));
+    });
+  });
+}
+
+cudaError_t launch_patch_attention_outputs_backward(const PatchSizes& s, PatchDType dtype,
+                                                    const void* grad, const void* weights,
+                                                    const void* grad_pooled, void* const* grads,
+                                                    int K, cudaStream_t stream) {
+  if (K < 1 || K > kPatchMaxOps) return cudaErrorInvalidValue;
+  GradTable table{};
+  const void* ptrs[kPatchMaxOps + 1] = {grad};
+  for (int k = 0; k < K; ++k) {
+    table.ptr[k] = grads[k];
+    ptrs[k + 1] = grads[k];
+  }
+  if (s.B * s.C * s.H * s.W == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename Acc<T>::type;
+    // grad_pooled (B, P, K, C) is the largest index space: at most K elements per pixel.
+    launch_runs<T>(s, vectorizable<T>(s, ptrs, K + 1), s.B * s.C * s.H * s.W * K, [&](auto vec, auto index, unsigned blocks) {
+      outputs_backward_kernel<T, decltype(vec)::value, decltype(index)><<<blocks, kThreads, 0, stream>>>(
+          s, static_cast<const T*>(grad), static_cast<const A*>(weights),
+          static_cast<const A*>(grad_pooled), table, K);
+    });
+  });
+}
+
+cudaError_t launch_patch_softmax_attention(bool is_double, const void* q, const void* k,
+                                           const void* prior, void* w, int64_t R, int K, int64_t D,
+                                           double scale, double inv_tau, cudaStream_t stream) {
+  if (K < 1 || K > kPatchMaxOps) return cudaErrorInvalidValue;
+  if (R == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((R + kThreads - 1) / kThreads);
+  if (is_double) {
+    attention_kernel<double><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const double*>(q), static_cast<const double*>(k),
+        static_cast<const double*>(prior), static_cast<double*>(w), R, K, D, scale, inv_tau);
+  } else {
+    attention_kernel<float><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(prior),
+        static_cast<float*>(w), R, K, D, static_cast<float>(scale), static_cast<float>(inv_tau));
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_patch_softmax_attention_backward(bool is_double, const void* grad_w,
+                                                    const void* w, const void* q, const void* k,
+                                                    void* grad_q, void* grad_k, void* grad_logits,
+                                                    int64_t R, int K, int64_t D, double scale,
+                                                    double inv_tau, cudaStream_t stream) {
+  if (K < 1 || K > kPatchMaxOps) return cudaErrorInvalidValue;
+  if (R == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>((R + kThreads - 1) / kThreads);
+  if (is_double) {
+    attention_backward_kernel<double><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const double*>(grad_w), static_cast<const double*>(w),
+        static_cast<const double*>(q), static_cast<const double*>(k), static_cast<double*>(grad_q),
+        static_cast<double*>(grad_k), static_cast<double*>(grad_logits), R, K, D, scale, inv_tau);
+  } else {
+    attention_backward_kernel<float><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const float*>(grad_w), static_cast<const float*>(w),
+        static_cast<const float*>(q), static_cast<const float*>(k), static_cast<float*>(grad_q),
+        static_cast<float*>(grad_k), static_cast<float*>(grad_logits), R, K, D,
+        static_cast<float>(scale), static_cast<float>(inv_tau));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace nasops
