@@ -38,11 +38,10 @@ import nasops  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
 CPU_NOISE_NOTE = (
-    "The CPU is shared (2 cores, several other jobs at the same time): absolute times are "
-    "noisy; compare ratios within a table, which come from interleaved repetitions of the "
-    "same run. `% BW` above 100 means the bandwidth probes (`sum`, `fill_` on all threads) "
-    "fared worse than the kernel on the contended cores, not that the floor was beaten; on a "
-    "quiet moment of this machine the probes read and write about 47 GB/s.")
+    "This CPU is a 2-core VM that other jobs may share: absolute times are noisy; compare "
+    "ratios within a table, which come from interleaved repetitions of the same run. `% BW` "
+    "above 100 means the bandwidth probes (`sum`, `fill_` on all threads) fared worse than the "
+    "kernel in that round-robin, not that the floor was beaten.")
 # glibc malloc without mmap and without trimming: freed memory is reused, not faulted in again.
 WARM_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 PREAMBLE = """# nasops benchmark results
