@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import nasops
-from harness import MODES, Case, Inputs, OpBenchmark, providers, run_step, sync
+from harness import BENCH_PROVIDERS, MODES, Case, Inputs, OpBenchmark, benchmark_step
 
 K = 8
 D = 16
@@ -111,34 +111,12 @@ BENCHMARK = OpBenchmark(
 
 # ---- pytest-benchmark ---------------------------------------------------------------------
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _CASES = cases()
-_PROVIDERS = ["eager", "compile"] + [
-    f"nasops-{b}" for b in (("cpu",) if DEVICE == "cpu" else ("cuda", "triton"))]
-_live = {}  # the current case's inputs and providers (one case in memory at a time)
 
 
-def _setup(case):
-    if _live.get("group") != case.group:
-        _live.clear()
-        _live.update(group=case.group, inputs=case.make_inputs(DEVICE, torch.float32),
-                     providers=providers(case, DEVICE))
-    return _live["inputs"], _live["providers"]
-
-
-@pytest.mark.parametrize("provider", _PROVIDERS)
+@pytest.mark.parametrize("provider", BENCH_PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", _CASES, ids=[f"{c.params['shape']} grid{c.params['grid'][0]}"
                                               for c in _CASES])
 def test_patch_attention_mixed_op(benchmark, case, mode, provider):
-    inputs, fns = _setup(case)
-    if provider not in fns:
-        pytest.skip(f"{provider} is not available on {DEVICE}")
-    fn = fns[provider]
-    benchmark.group = f"{case.group} {mode}"
-
-    def step():
-        run_step(fn, inputs, mode)
-        sync(DEVICE)
-
-    benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
+    benchmark_step(benchmark, case, mode, provider)

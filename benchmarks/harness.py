@@ -199,3 +199,32 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---- pytest-benchmark (the bench_<op>.py test functions) ------------------------------
+
+BENCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BENCH_PROVIDERS = ["eager", "compile"] + [
+    f"nasops-{b}" for b in (("cpu",) if BENCH_DEVICE == "cpu" else ("cuda", "triton"))]
+_live_case: dict = {}  # the current case's inputs and providers: one case in memory at a time
+
+
+def benchmark_step(benchmark, case: Case, mode: str, provider: str, device: str = BENCH_DEVICE) -> None:
+    """Time ``provider`` on ``case`` with pytest-benchmark, grouped per case and mode."""
+    import pytest
+
+    if _live_case.get("group") != case.group:
+        _live_case.clear()
+        _live_case.update(group=case.group, inputs=case.make_inputs(device, torch.float32),
+                          providers=providers(case, device))
+    inputs, fns = _live_case["inputs"], _live_case["providers"]
+    if provider not in fns:
+        pytest.skip(f"{provider} is not available on {device}")
+    fn = fns[provider]
+    benchmark.group = f"{case.group} {mode}"
+
+    def step():
+        run_step(fn, inputs, mode)
+        sync(device)
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)

@@ -33,6 +33,34 @@ def check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: s
         raise ValueError(f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
 
 
+def check_op_outputs(outputs, ndim) -> tuple[list[tuple[int, torch.Tensor]], tuple[int, ...]]:
+    """A list of K op outputs (``None`` = Zero op) of one shape, dtype and device.
+
+    Returns the live ``(k, tensor)`` pairs and their common shape.
+    """
+    if isinstance(outputs, torch.Tensor) or not isinstance(outputs, Sequence) or len(outputs) == 0:
+        raise TypeError(f"outputs: expected a non-empty list of tensors (None for Zero ops), "
+                        f"got {type(outputs).__name__}")
+    live = []
+    for k, o in enumerate(outputs):
+        if o is None:
+            continue
+        check_tensor(o, f"outputs[{k}]", ndim=ndim)
+        if live:
+            k0, o0 = live[0]
+            if o.shape != o0.shape:
+                raise ValueError(f"outputs[{k}]: expected shape {tuple(o0.shape)} "
+                                 f"(that of outputs[{k0}]), got {tuple(o.shape)}")
+            if o.dtype != o0.dtype:
+                raise TypeError(f"outputs[{k}]: expected dtype {o0.dtype} (that of outputs[{k0}]), "
+                                f"got {o.dtype}")
+            check_same_device(f"outputs[{k}]", o, o0, f"outputs[{k0}]")
+        live.append((k, o))
+    if not live:
+        raise ValueError("outputs: every entry is None (all Zero ops): the output shape is unknown")
+    return live, tuple(live[0][1].shape)
+
+
 def check_grid(grid, height: int, width: int, name: str = "grid") -> tuple[int, int]:
     """A mosaic (gh, gw) with 1 <= gh <= height and 1 <= gw <= width."""
     if isinstance(grid, int):

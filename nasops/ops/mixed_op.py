@@ -15,7 +15,8 @@ import torch
 
 from nasops.backend import resolve
 from nasops.ops import reference
-from nasops.ops._checks import accumulation_dtype, check_grid, check_same_device, check_tensor
+from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs, check_same_device,
+                                check_tensor)
 from nasops.ops._registry import kernel_for, unique_variants, variants
 
 _KERNELS = variants("mixed_op", "mixed_op", "mixed_op_backward")
@@ -37,7 +38,7 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
     Returns:
         y with the outputs' shape and dtype (accumulated in float32).
     """
-    live, shape = _check_outputs(outputs)
+    live, shape = check_op_outputs(outputs, ndim=(3, 4))
     weights = _check_weights(weights, len(outputs), shape, live[0][1], grid)
     if len(shape) == 4 and weights.dim() == 3:
         grid = check_grid(grid, shape[2], shape[3])
@@ -60,30 +61,6 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
         kernel_grid = list(grid) if w.dim() == 3 else [1, 1]
     w = w.reshape(B if w.dim() > 1 else 1, kernel_grid[0] * kernel_grid[1], len(live))
     return fwd(maps, w, kernel_grid).reshape(shape)
-
-
-def _check_outputs(outputs):
-    if isinstance(outputs, torch.Tensor) or not isinstance(outputs, Sequence) or len(outputs) == 0:
-        raise TypeError(f"outputs: expected a non-empty list of tensors (None for Zero ops), "
-                        f"got {type(outputs).__name__}")
-    live = []
-    for k, o in enumerate(outputs):
-        if o is None:
-            continue
-        check_tensor(o, f"outputs[{k}]", ndim=(3, 4))
-        if live:
-            k0, o0 = live[0]
-            if o.shape != o0.shape:
-                raise ValueError(f"outputs[{k}]: expected shape {tuple(o0.shape)} "
-                                 f"(that of outputs[{k0}]), got {tuple(o.shape)}")
-            if o.dtype != o0.dtype:
-                raise TypeError(f"outputs[{k}]: expected dtype {o0.dtype} (that of outputs[{k0}]), "
-                                f"got {o.dtype}")
-            check_same_device(f"outputs[{k}]", o, o0, f"outputs[{k0}]")
-        live.append((k, o))
-    if not live:
-        raise ValueError("outputs: every entry is None (all Zero ops): the output shape is unknown")
-    return live, tuple(live[0][1].shape)
 
 
 def _check_weights(weights, K, shape, ref, grid):

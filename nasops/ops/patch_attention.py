@@ -55,7 +55,8 @@ import torch
 
 from nasops.backend import resolve
 from nasops.ops import reference
-from nasops.ops._checks import accumulation_dtype, check_grid, check_same_device, check_tau, check_tensor
+from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs, check_same_device, check_tau,
+                                check_tensor)
 from nasops.ops._registry import kernel_for, unique_variants, variants
 from nasops.ops.mixed_op import _KERNELS as _MIX_KERNELS  # backend -> (mixed_op, mixed_op_backward)
 
@@ -201,24 +202,11 @@ def _check_prior(prior, K, ref):
 
 def _check_edge(x, outputs):
     check_tensor(x, "x", ndim=4)
-    if isinstance(outputs, torch.Tensor) or not isinstance(outputs, Sequence) or len(outputs) == 0:
-        raise TypeError(f"outputs: expected a non-empty list of tensors (None for Zero ops), "
-                        f"got {type(outputs).__name__}")
-    live = []
-    for k, o in enumerate(outputs):
-        if o is None:
-            continue
-        check_tensor(o, f"outputs[{k}]", ndim=4)
-        check_same_device(f"outputs[{k}]", o, x, "x")
-        if o.dtype != x.dtype:
-            raise TypeError(f"outputs[{k}]: expected dtype {x.dtype} (that of x), got {o.dtype}")
-        if live and o.shape != live[0][1].shape:
-            raise ValueError(f"outputs[{k}]: expected shape {tuple(live[0][1].shape)} "
-                             f"(that of outputs[{live[0][0]}]), got {tuple(o.shape)}")
-        live.append((k, o))
-    if not live:
-        raise ValueError("outputs: every entry is None (all Zero ops): the output shape is unknown")
-    shape = tuple(live[0][1].shape)
+    live, shape = check_op_outputs(outputs, ndim=4)
+    ref_k, ref = live[0]
+    check_same_device("x", x, ref, f"outputs[{ref_k}]")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"x: expected dtype {ref.dtype} (that of outputs[{ref_k}]), got {x.dtype}")
     if x.shape[0] != shape[0]:
         raise ValueError(f"x: expected batch size {shape[0]} (that of the outputs), got shape "
                          f"{tuple(x.shape)}")
