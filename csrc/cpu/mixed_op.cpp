@@ -38,6 +38,10 @@ namespace {
 constexpr int64_t kTile = 2048;
 // Elements per work item when one weight covers a whole sample (P == 1).
 constexpr int64_t kChunk = 16384;
+// Per-patch weights use the map kernels when a patch row is shorter than this
+// (elements) and the maps take at most kMapMaxBytes.
+constexpr int64_t kMapBelowRun = 16;
+constexpr int64_t kMapMaxBytes = 512 * 1024;
 
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
@@ -48,31 +52,58 @@ constexpr bool kAccumulatesInPlace = std::is_same_v<scalar_t, acc_type<scalar_t>
 // ---- the work decomposition ----------------------------------------------------
 // P == 1: item (b, chunk) = kChunk consecutive elements of sample b; partial
 //         sums [B][chunks][K].
-// P > 1:  item (b, c, ph) = the band of patch row ph in plane (b, c); partial
-//         sums [B][C][P][K] (each band fills its gw patches).
+// P > 1, maps (short patch rows, see use_map): item (b, planes) = a group of
+//         whole (b, c) planes; partial sums [B][plane groups][P][K].
+// P > 1, bands: item (b, c, ph) = the band of patch row ph in plane (b, c);
+//         partial sums [B][C][P][K] (each band fills its gw patches).
 // Either way grad w[bw, p, k] = sum over b (all b when Bw == 1, else b = bw)
-// and over the items' slots, in index order.
+// and over the items' slots, in index order. The items depend on the shape
+// only, never on the thread count, so grad w is the same for any thread count.
 
 struct Geometry {
   MixedOpShape s;
   std::vector<int64_t> rows;  // gh + 1 row starts
   std::vector<int64_t> cols;  // gw + 1 column starts
   int64_t chunks = 0;         // P == 1: chunks per sample
+  bool map = false;           // P > 1: per-pixel weight maps instead of bands
+  int64_t planes = 0;         // maps: planes per item
+  int64_t plane_groups = 0;   // maps: items per sample
 
   explicit Geometry(const MixedOpShape& shape) : s(shape) {
     for (int64_t i = 0; i <= s.gh; ++i) rows.push_back(patch_start(i, s.gh, s.H));
     for (int64_t i = 0; i <= s.gw; ++i) cols.push_back(patch_start(i, s.gw, s.W));
     chunks = (s.sample() + kChunk - 1) / kChunk;
+    map = use_map();
+    planes = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, s.plane()));
+    plane_groups = (s.C + planes - 1) / planes;
   }
   bool single_patch() const { return s.P() == 1; }
-  int64_t items() const { return single_patch() ? s.B * chunks : s.B * s.C * s.gh; }
+  int64_t items() const {
+    if (single_patch()) return s.B * chunks;
+    return map ? s.B * plane_groups : s.B * s.C * s.gh;
+  }
   // Elements per item, for the parallel_for grain.
   int64_t item_size() const {
-    return single_patch() ? std::min(kChunk, s.sample()) : (s.H / s.gh + 1) * s.W;
+    if (single_patch()) return std::min(kChunk, s.sample());
+    return map ? planes * s.plane() : (s.H / s.gh + 1) * s.W;
   }
   int64_t grain() const { return std::max<int64_t>(1, kChunk / std::max<int64_t>(1, item_size())); }
   // Partial-sum slots (each K wide) per sample.
-  int64_t slots_per_sample() const { return single_patch() ? chunks : s.C * s.P(); }
+  int64_t slots_per_sample() const {
+    if (single_patch()) return chunks;
+    return (map ? plane_groups : s.C) * s.P();
+  }
+
+ private:
+  // Maps pay K*H*W weights painted (and, backward, K*H*W sums folded) per item
+  // and one more L1/L2 stream; bands pay loop overhead per patch-row segment.
+  // Maps win when the segments are short (W/gw < kMapBelowRun elements) and the
+  // K maps stay in L2 (backward keeps two of them).
+  bool use_map() const {
+    if (s.P() == 1 || s.gw == 1) return false;
+    const int64_t map_bytes = 2 * s.K * s.plane() * 4;  // float accumulators
+    return s.W < kMapBelowRun * s.gw && map_bytes <= kMapMaxBytes;
+  }
 };
 
 // Per-thread buffers of the band kernels (P > 1 with gw > 1).
@@ -82,6 +113,16 @@ struct BandScratch {
   std::vector<acc_t> wcol;  // K x W: the weight of every column, per op
   std::vector<acc_t> tile;  // rows_per_tile x W: accumulator / converted g
   std::vector<acc_t> colsum;  // K x W: per-column sums of g * o_k (backward)
+};
+
+// Per-thread buffers of the map kernels (P > 1, Geometry::map).
+template <typename scalar_t>
+struct MapScratch {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t> map;     // K x H*W: the weight of every pixel, per op
+  int64_t painted = -1;       // the sample whose weights `map` holds
+  std::vector<acc_t> tile;    // kTile: accumulator / converted g
+  std::vector<acc_t> pixsum;  // K x H*W: per-pixel sums of g * o_k (backward)
 };
 
 template <typename scalar_t>
@@ -144,7 +185,8 @@ template <typename acc_t>
 void reduce_partials(const Geometry& geo, const at::Tensor& partial, at::Tensor& grad_w) {
   const auto& s = geo.s;
   const int64_t K = s.K, P = s.P();
-  const int64_t slots = geo.single_patch() ? geo.chunks : s.C;  // per (sample, patch)
+  const int64_t slots =  // per (sample, patch)
+      geo.single_patch() ? geo.chunks : (geo.map ? geo.plane_groups : s.C);
   const acc_t* part = partial.const_data_ptr<acc_t>();
   acc_t* gw = grad_w.mutable_data_ptr<acc_t>();
   // A parallel region costs more than a few thousand additions (waking a

@@ -314,6 +314,192 @@ void backward_band(const scalar_t* g, const scalar_t* const* in, int64_t K,
 }
 
 
+// ---- maps: whole planes under a per-pixel weight map (short runs) ------------
+// When a patch row is only a few elements wide, per-run and per-row loop
+// overhead dominates the band kernels. Instead, the weights of one sample are
+// painted into a K x H*W map once, and every plane of that sample becomes a
+// long, branch-free loop y[i] = sum_k map[k][i] * o_k[i] over L1 tiles.
+
+// map[k*HW + h*W + x] = w[p(h, x)*K + k]; w points at the sample's first patch.
+template <typename acc_t>
+void paint_map(acc_t* map, const acc_t* w, int64_t K, const std::vector<int64_t>& rows,
+               const std::vector<int64_t>& cols, int64_t W) {
+  const int64_t gh = static_cast<int64_t>(rows.size()) - 1;
+  const int64_t gw = static_cast<int64_t>(cols.size()) - 1;
+  const int64_t HW = rows[gh] * W;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t ph = 0; ph < gh; ++ph) {
+      for (int64_t h = rows[ph]; h < rows[ph + 1]; ++h) {
+        for (int64_t pw = 0; pw < gw; ++pw) {
+          std::fill(map + k * HW + h * W + cols[pw], map + k * HW + h * W + cols[pw + 1],
+                    w[(ph * gw + pw) * K + k]);
+        }
+      }
+    }
+  }
+}
+
+// y[0:HW] = sum_k map[k][0:HW] * in[k][0:HW], for one plane.
+template <typename scalar_t>
+void forward_plane(const scalar_t* const* in, int64_t K, const acc_type<scalar_t>* map,
+                   int64_t HW, scalar_t* y, acc_type<scalar_t>* tile) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t t = 0; t < HW; t += kTile) {
+    const int64_t m = std::min(kTile, HW - t);
+    acc_t* __restrict__ acc;
+    if constexpr (kAccumulatesInPlace<scalar_t>) {
+      acc = y + t;
+    } else {
+      acc = tile;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* __restrict__ wk = map + k * HW + t;
+      const scalar_t* __restrict__ x = in[k] + t;
+      if (k == 0) {
+        for (int64_t j = 0; j < m; ++j) acc[j] = wk[j] * to_acc<acc_t>(x[j]);
+      } else {
+        for (int64_t j = 0; j < m; ++j) acc[j] += wk[j] * to_acc<acc_t>(x[j]);
+      }
+    }
+    if constexpr (!kAccumulatesInPlace<scalar_t>) store(y + t, acc, m);
+  }
+}
+
+// out[i] = w[i] * g[i] (kOut) and ps[i] += g[i] * x[i] (kSum) in one pass
+// (restrict parameters: see backward_streams).
+template <bool kOut, bool kSum, typename acc_t, typename scalar_t>
+inline void backward_pixels(const acc_t* __restrict__ g, const acc_t* __restrict__ w,
+                            const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                            acc_t* __restrict__ ps, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (kOut) out[i] = from_acc<scalar_t>(w[i] * g[i]);
+    if constexpr (kSum) ps[i] += g[i] * to_acc<acc_t>(x[i]);
+  }
+}
+
+// Backward of one plane: grad_in[k] = map[k] * g (when grad_in) and
+// pixsum[k][i] += g[i] * in[k][i] (when pixsum), summed over the item's planes
+// and folded into per-patch sums by fold_map.
+template <typename scalar_t>
+void backward_plane(const scalar_t* g, const scalar_t* const* in, int64_t K,
+                    const acc_type<scalar_t>* map, int64_t HW, scalar_t* const* grad_in,
+                    acc_type<scalar_t>* pixsum, acc_type<scalar_t>* tile) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t t = 0; t < HW; t += kTile) {
+    const int64_t m = std::min(kTile, HW - t);
+    const acc_t* __restrict__ gt;
+    if constexpr (kAccumulatesInPlace<scalar_t>) {
+      gt = g + t;
+    } else {
+      load(tile, g + t, m);
+      gt = tile;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t* wk = map + k * HW + t;
+      if (grad_in != nullptr && pixsum != nullptr) {
+        backward_pixels<true, true>(gt, wk, in[k] + t, grad_in[k] + t, pixsum + k * HW + t, m);
+      } else if (grad_in != nullptr) {
+        backward_pixels<true, false>(gt, wk, in[k] + t, grad_in[k] + t, pixsum, m);
+      } else {
+        backward_pixels<false, true>(gt, wk, in[k] + t, static_cast<scalar_t*>(nullptr), pixsum + k * HW + t, m);
+      }
+    }
+  }
+}
+
+// dots[p*K + k] = sum of pixsum[k] over the pixels of patch p, row-major.
+template <typename acc_t>
+void fold_map(const acc_t* pixsum, int64_t K, const std::vector<int64_t>& rows,
+              const std::vector<int64_t>& cols, int64_t W, acc_t* dots) {
+  const int64_t gh = static_cast<int64_t>(rows.size()) - 1;
+  const int64_t gw = static_cast<int64_t>(cols.size()) - 1;
+  const int64_t HW = rows[gh] * W;
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t ph = 0; ph < gh; ++ph) {
+      for (int64_t pw = 0; pw < gw; ++pw) {
+        acc_t sum = 0;
+        for (int64_t h = rows[ph]; h < rows[ph + 1]; ++h) {
+          for (int64_t x = cols[pw]; x < cols[pw + 1]; ++x) sum += pixsum[k * HW + h * W + x];
+        }
+        dots[(ph * gw + pw) * K + k] = sum;
+      }
+    }
+  }
+}
+
+
+// The map path of forward_kernel: item (b, group of planes).
+template <typename scalar_t>
+void forward_maps(const Geometry& geo, const std::vector<const scalar_t*>& base,
+                  const acc_type<scalar_t>* w, scalar_t* out) {
+  const auto& s = geo.s;
+  const int64_t K = s.K, HW = s.plane();
+  at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> in(K);
+    MapScratch<scalar_t> scratch;
+    scratch.map.resize(K * HW);
+    if (!kAccumulatesInPlace<scalar_t>) scratch.tile.resize(kTile);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / geo.plane_groups, c0 = (item % geo.plane_groups) * geo.planes;
+      const int64_t bw = s.Bw == 1 ? 0 : b;
+      if (scratch.painted != bw) {
+        paint_map(scratch.map.data(), w + bw * s.P() * K, K, geo.rows, geo.cols, s.W);
+        scratch.painted = bw;
+      }
+      for (int64_t c = c0; c < std::min(s.C, c0 + geo.planes); ++c) {
+        const int64_t offset = (b * s.C + c) * HW;
+        for (int64_t k = 0; k < K; ++k) in[k] = base[k] + offset;
+        forward_plane(in.data(), K, scratch.map.data(), HW, out + offset, scratch.tile.data());
+      }
+    }
+  });
+}
+
+// The map path of backward_kernel; item (b, j) fills partial slot (b, j):
+// dots[((b * plane_groups + j) * P + p) * K + k].
+template <typename scalar_t>
+void backward_maps(const Geometry& geo, const scalar_t* g, const std::vector<const scalar_t*>& base,
+                   const acc_type<scalar_t>* w, const std::vector<scalar_t*>& grad_base,
+                   acc_type<scalar_t>* partial_base) {
+  using acc_t = acc_type<scalar_t>;
+  const auto& s = geo.s;
+  const int64_t K = s.K, HW = s.plane();
+  const bool need_outputs = !grad_base.empty();
+  const bool need_weights = partial_base != nullptr;
+  at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> in(K);
+    std::vector<scalar_t*> grad_in(K);
+    MapScratch<scalar_t> scratch;
+    scratch.map.resize(K * HW);
+    if (!kAccumulatesInPlace<scalar_t>) scratch.tile.resize(kTile);
+    if (need_weights) scratch.pixsum.resize(K * HW);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / geo.plane_groups, c0 = (item % geo.plane_groups) * geo.planes;
+      const int64_t bw = s.Bw == 1 ? 0 : b;
+      if (scratch.painted != bw) {
+        paint_map(scratch.map.data(), w + bw * s.P() * K, K, geo.rows, geo.cols, s.W);
+        scratch.painted = bw;
+      }
+      if (need_weights) std::fill(scratch.pixsum.begin(), scratch.pixsum.end(), acc_t(0));
+      for (int64_t c = c0; c < std::min(s.C, c0 + geo.planes); ++c) {
+        const int64_t offset = (b * s.C + c) * HW;
+        for (int64_t k = 0; k < K; ++k) {
+          in[k] = base[k] + offset;
+          if (need_outputs) grad_in[k] = grad_base[k] + offset;
+        }
+        backward_plane(g + offset, in.data(), K, scratch.map.data(), HW,
+                       need_outputs ? grad_in.data() : nullptr,
+                       need_weights ? scratch.pixsum.data() : nullptr, scratch.tile.data());
+      }
+      if (need_weights) {
+        fold_map(scratch.pixsum.data(), K, geo.rows, geo.cols, s.W,
+                 partial_base + item * s.P() * K);
+      }
+    }
+  });
+}
+
+
 template <typename scalar_t>
 void forward_kernel(const Geometry& geo, const std::vector<at::Tensor>& outputs,
                     const at::Tensor& weights, at::Tensor& y) {
@@ -323,6 +509,7 @@ void forward_kernel(const Geometry& geo, const std::vector<at::Tensor>& outputs,
   const acc_t* w = weights.const_data_ptr<acc_t>();
   scalar_t* out = y.mutable_data_ptr<scalar_t>();
   const int64_t K = s.K;
+  if (geo.map) return forward_maps<scalar_t>(geo, base, w, out);
   at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
     std::vector<const scalar_t*> in(K);
     BandScratch<scalar_t> scratch;
@@ -371,6 +558,7 @@ void backward_kernel(const Geometry& geo, const at::Tensor& grad, const std::vec
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   acc_t* partial_base = need_weights ? partial.mutable_data_ptr<acc_t>() : nullptr;
   const int64_t K = s.K;
+  if (geo.map) return backward_maps<scalar_t>(geo, g, base, w, grad_base, partial_base);
   at::parallel_for(0, geo.items(), geo.grain(), [&](int64_t begin, int64_t end) {
     std::vector<const scalar_t*> in(K);
     std::vector<scalar_t*> grad_in(K);
