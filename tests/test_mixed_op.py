@@ -281,3 +281,55 @@ def test_auto_picks_compiled_cpu_when_built(monkeypatch):
         nasops.set_backend(None)
     with pytest.raises(ValueError, match="backend"):
         nasops.set_backend("gpu")
+
+
+# The CPU kernel has two per-patch paths: per-pixel weight maps when a patch row
+# is shorter than 16 elements (W / gw < 16), bands of rows otherwise.
+CPU_PATCH_SHAPES = [  # (B, C, H, W), grid, K
+    ((1, 3, 7, 10), (3, 4), 1),     # maps, uneven grid, B = 1, K = 1
+    ((2, 5, 9, 13), (4, 5), 17),    # maps, uneven grid, K = 17
+    ((2, 3, 6, 7), (6, 7), 16),     # maps, one pixel per patch (gh = H, gw = W)
+    ((2, 3, 7, 40), (3, 2), 3),     # bands (runs of 20), uneven rows
+    ((1, 2, 5, 50), (5, 3), 17),    # bands, gh = H, uneven columns
+    ((3, 600, 3, 8), (2, 2), 2),    # maps, several plane groups per sample
+]
+
+
+@pytest.mark.skipif("cpu" not in kernel_backends(), reason="needs the compiled CPU kernel")
+@pytest.mark.parametrize("shape,grid,K", CPU_PATCH_SHAPES)
+@pytest.mark.parametrize("requires", ["both", "outputs", "weights"])
+def test_cpu_patch_paths_float64(shape, grid, K, requires):
+    B = shape[0]
+    # Non-contiguous outputs: a transposed buffer seen as (B, C, H, W).
+    outputs = [torch.randn(shape[::-1], dtype=torch.float64).permute(3, 2, 1, 0)
+               .requires_grad_(requires != "weights") for _ in range(K)]
+    w = torch.randn(B, grid[0] * grid[1], K, dtype=torch.float64, requires_grad=requires != "outputs")
+    g = torch.randn(shape, dtype=torch.float64)
+    y = mixed_op(outputs, w, grid=grid, backend="cpu")
+    leaves = [t for t in [*outputs, w] if t.requires_grad]
+    got = torch.autograd.grad(y, leaves, g)
+    ref = expected_mixed(outputs, w, grid)
+    want = torch.autograd.grad(ref, leaves, g)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif("cpu" not in kernel_backends(), reason="needs the compiled CPU kernel")
+@pytest.mark.parametrize("shape,grid", [((4, 600, 3, 8), (2, 2)), ((2, 8, 7, 40), (3, 2)),
+                                        ((4, 8, 300), None)])
+def test_cpu_grad_weights_independent_of_threads(shape, grid):
+    K = 5
+    outputs = [torch.randn(shape) for _ in range(K)]
+    w = torch.randn(shape[0], grid[0] * grid[1] if grid else 1, K).squeeze(1).requires_grad_()
+    g = torch.randn(shape)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(mixed_op(outputs, w, grid=grid, backend="cpu"), w, g)[0])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert torch.equal(grads[0], other)
