@@ -284,7 +284,7 @@ def test_auto_picks_compiled_cpu_when_built(monkeypatch):
 
 
 # The CPU kernel has two per-patch paths: per-pixel weight maps when a patch row
-# is shorter than 16 elements (W / gw < 16), bands of rows otherwise.
+# is shorter than 8 elements (W / gw < 8), bands of rows otherwise.
 CPU_PATCH_SHAPES = [  # (B, C, H, W), grid, K
     ((1, 3, 7, 10), (3, 4), 1),     # maps, uneven grid, B = 1, K = 1
     ((2, 5, 9, 13), (4, 5), 17),    # maps, uneven grid, K = 17
