@@ -239,7 +239,7 @@ def test_strided_inputs(backend):
 
 @pytest.mark.skipif("cpu" not in available_backends(), reason="needs the compiled CPU kernels")
 def test_large_outputs_cpu():
-    """x_sel and grad_x of 32 MiB or more: the CPU kernels put them on huge pages."""
+    """Outputs of tens of MiB (grad_x 64 MiB): the kernels' large-size paths."""
     B, N, C, keep = 2, 4, (32 << 20) // 4 // 4, 3  # grad_x (2, 4, 2 Mi) float32: 64 MiB, x_sel 48 MiB
     x = torch.randn(B, N, C, requires_grad=True)
     q = torch.tensor([[[1.0], [3.0], [2.0], [4.0]], [[4.0], [1.0], [3.0], [2.0]]], requires_grad=True)
@@ -252,8 +252,7 @@ def test_large_outputs_cpu():
     want = torch.zeros(B, N, C)
     want[torch.arange(B)[:, None], idx] = grad_out
     assert torch.equal(x.grad, want)
-    x.grad.resize_(B, N, C + 1)  # a storage from the huge-page allocator still resizes
-    assert x.grad.shape == (B, N, C + 1)
+
 
 # ---- autograd machinery ----------------------------------------------------------------
 

@@ -12,31 +12,24 @@
 // Backward, per sample: per kept row the gate factor and d(loss)/d(s_sel); per
 // token row grad_x (the kept row's gradient or zeros, written once);
 // grad_q = g_s k_mean / sqrt(D) and grad_k = (sum_i g_s,i q_i) / (N sqrt(D)).
-// Where the time goes (B=64 N=197 C=768 D=64 float32, one thread): the dot
-// products are in 8 partial sums (dot() below: a single running sum made the
-// backward's grad_s dots over C latency-bound), and x_sel / grad_x of 32 MiB
-// or more come from HugePageAllocator (below): with 4 KiB pages, first-touch
-// page faults on the fresh (B, N, C) grad_x cost more than writing it. What is
-// left is memory traffic (backward ~130 MB at keep 0.5, read-for-ownership
-// included). Streaming stores for grad_x were tried: no gain on reused memory,
-// and 3x slower on freshly faulted huge pages (the kernel's zeroing leaves
-// them in cache), so they are not used.
+// Where the time goes (B=64 N=197 C=768 D=64 float32): the dot products are
+// in 8 partial sums (dot() below: a single running sum made the backward's
+// grad_s dots over C latency-bound). What is left is memory traffic (backward
+// ~130 MB at keep 0.5, read-for-ownership included) and, when the allocator
+// hands out fresh pages for the (B, N, C) grad_x, first-touch page faults.
+// Tried and not used: grad_x on 2 MiB transparent huge pages (fewer faults, but
+// on the development VM a never-touched huge page cost ~2.5 ms to fault, ~50 ms
+// per backward until pages were recycled); streaming stores for grad_x (no gain
+// on reused memory, 3x slower on freshly faulted pages).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
@@ -55,45 +48,6 @@ Gate parse_gate(c10::string_view name) {
   if (name == "sigmoid") return Gate::Sigmoid;
   TORCH_CHECK(false, "topk_tokens: gate must be 'none', 'straight_through' or 'sigmoid', got '",
               std::string(name), "'");
-}
-
-// The large outputs (x_sel, grad_x) on 2 MiB transparent huge pages.
-// PyTorch's CPU allocator does not cache, and glibc hands out a block of 32 MiB
-// or more (grad_x at B=64 N=197 C=768 float32 is 37 MiB) as fresh pages from
-// the OS on every call: first-touching them 4 KiB at a time cost ~8 ms of page
-// faults per backward on the development VM, four times the kernel's own
-// writing. 2 MiB aligned and madvise(MADV_HUGEPAGE) (THP is commonly set to
-// 'madvise'), the same bytes fault 512 times less often. PyTorch does the same
-// for every CPU tensor when THP_MEM_ALLOC_ENABLE=1. Smaller blocks use the
-// current CPU allocator: glibc reuses freed heap memory for them (its mmap
-// threshold rises to the size of freed blocks, up to 32 MiB), which faults no
-// pages at all, and fresh huge pages would be zeroed on every call (measured:
-// the forward 1.9 -> 3.0 ms with x_sel's 19 MiB on huge pages).
-class HugePageAllocator final : public c10::Allocator {
- public:
-  c10::DataPtr allocate(size_t nbytes) override {
-#if defined(__linux__)
-    constexpr size_t kHugePage = size_t{2} << 20, kAlwaysMapped = size_t{32} << 20;
-    if (nbytes >= kAlwaysMapped) {
-      const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-      void* data = nullptr;
-      if (posix_memalign(&data, kHugePage, rounded) == 0) {
-        madvise(data, rounded, MADV_HUGEPAGE);  // advice: if refused, 4 KiB pages as before
-        return {data, data, &std::free, c10::Device(c10::kCPU)};
-      }
-    }
-#endif
-    return c10::GetCPUAllocator()->allocate(nbytes);
-  }
-  void copy_data(void* dest, const void* src, size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
-Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::ScalarType dtype) {
-  static HugePageAllocator* const allocator = new HugePageAllocator();  // outlives every tensor
-  return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   dtype, std::nullopt);
 }
 
 // An integer whose unsigned order is the numeric order of v, with -0 == +0 and
@@ -163,7 +117,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> topk_tokens_cpu(
   const Tensor x = x_in.contiguous(), q = q_in.contiguous(), k = k_in.contiguous();
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 
-  Tensor x_sel = empty_on_huge_pages({B, keep, C}, x.scalar_type());
+  Tensor x_sel = at::empty({B, keep, C}, x.options());
   Tensor idx = at::empty({B, keep}, x.options().dtype(at::kLong));
   Tensor s = at::empty({B, N}, x.options());
   Tensor k_mean = at::empty({B, D}, x.options().dtype(acc_type));
@@ -239,8 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> topk_tokens_backward_cpu(
   const Tensor idx = idx_in.contiguous(), pos = pos_in.contiguous();
   const Tensor k_mean = k_mean_in.to(acc_type).contiguous();
 
-  Tensor grad_x = x_requires_grad ? empty_on_huge_pages({B, N, C}, x.scalar_type())
-                                  : at::empty({0}, x.options());
+  Tensor grad_x = x_requires_grad ? at::empty({B, N, C}, x.options()) : at::empty({0}, x.options());
   Tensor grad_q = qk_requires_grad ? at::empty({B, N, D}, x.options()) : at::empty({0}, x.options());
   Tensor grad_k = qk_requires_grad ? at::empty({B, N, D}, x.options()) : at::empty({0}, x.options());
   if (B == 0 || !(x_requires_grad || qk_requires_grad)) return {grad_x, grad_q, grad_k};
