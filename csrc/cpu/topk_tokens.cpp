@@ -14,9 +14,11 @@
 // grad_q = g_s k_mean / sqrt(D) and grad_k = (sum_i g_s,i q_i) / (N sqrt(D)).
 // Where the time goes (B=64 N=197 C=768 D=64 float32): the dot products are
 // in 8 partial sums (dot() below: a single running sum made the backward's
-// grad_s dots over C latency-bound). What is left is memory traffic (backward
-// ~130 MB at keep 0.5, read-for-ownership included) and, when the allocator
-// hands out fresh pages for the (B, N, C) grad_x, first-touch page faults.
+// grad_s dots over C latency-bound); when the allocator hands out fresh pages
+// for the (B, N, C) grad_x, each thread maps its part in one system call
+// (map_pages_for_writing below), which halves the cost of 4 KiB first-touch
+// faults. What is left is memory traffic (backward ~130 MB at keep 0.5,
+// read-for-ownership included) and the kernel's zeroing of fresh pages.
 // Tried and not used: grad_x on 2 MiB transparent huge pages (fewer faults, but
 // on the development VM a never-touched huge page cost ~2.5 ms to fault, ~50 ms
 // per backward until pages were recycled); streaming stores for grad_x (no gain
