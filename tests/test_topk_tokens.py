@@ -236,10 +236,9 @@ def test_strided_inputs(backend):
     assert torch.equal(got[1].cpu(), want[1].cpu()) and torch.equal(got[0].double(), want[0])
 
 
-
 @pytest.mark.skipif("cpu" not in available_backends(), reason="needs the compiled CPU kernels")
 def test_large_outputs_cpu():
-    """Outputs of tens of MiB (grad_x 64 MiB): the kernels' large-size paths."""
+    """grad_x of 64 MiB: fresh pages that the backward maps before writing them."""
     B, N, C, keep = 2, 4, (32 << 20) // 4 // 4, 3  # grad_x (2, 4, 2 Mi) float32: 64 MiB, x_sel 48 MiB
     x = torch.randn(B, N, C, requires_grad=True)
     q = torch.tensor([[[1.0], [3.0], [2.0], [4.0]], [[4.0], [1.0], [3.0], [2.0]]], requires_grad=True)
