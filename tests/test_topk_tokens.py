@@ -236,6 +236,23 @@ def test_strided_inputs(backend):
     assert torch.equal(got[1].cpu(), want[1].cpu()) and torch.equal(got[0].double(), want[0])
 
 
+@pytest.mark.skipif("cpu" not in available_backends(), reason="needs the compiled CPU kernels")
+def test_large_outputs_cpu():
+    """grad_x of 64 MiB: fresh pages that the backward maps before writing them."""
+    B, N, C, keep = 2, 4, (32 << 20) // 4 // 4, 3  # grad_x (2, 4, 2 Mi) float32: 64 MiB, x_sel 48 MiB
+    x = torch.randn(B, N, C, requires_grad=True)
+    q = torch.tensor([[[1.0], [3.0], [2.0], [4.0]], [[4.0], [1.0], [3.0], [2.0]]], requires_grad=True)
+    k = torch.ones(B, N, 1)
+    x_sel, idx, s = topk_tokens(x, q, k, keep, keep_cls=True, gate="straight_through", backend="cpu")
+    assert idx.tolist() == [[0, 1, 3], [0, 2, 3]]
+    assert torch.equal(x_sel, x.detach()[torch.arange(B)[:, None], idx])
+    grad_out = torch.randn(B, keep, C)
+    x_sel.backward(grad_out)
+    want = torch.zeros(B, N, C)
+    want[torch.arange(B)[:, None], idx] = grad_out
+    assert torch.equal(x.grad, want)
+
+
 # ---- autograd machinery ----------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", kernel_backends())
