@@ -428,6 +428,20 @@ void fold_map(const acc_t* pixsum, int64_t K, const std::vector<int64_t>& rows,
 }
 
 
+// The per-pixel weights of sample b, painted into the thread's scratch once per
+// run of items that share one weight row (all items when Bw == 1).
+template <typename scalar_t>
+const acc_type<scalar_t>* weight_map(MapScratch<scalar_t>& scratch, const Geometry& geo,
+                                     const acc_type<scalar_t>* w, int64_t b) {
+  const auto& s = geo.s;
+  const int64_t bw = s.Bw == 1 ? 0 : b;
+  if (scratch.painted != bw) {
+    paint_map(scratch.map.data(), w + bw * s.P() * s.K, s.K, geo.rows, geo.cols, s.W);
+    scratch.painted = bw;
+  }
+  return scratch.map.data();
+}
+
 // The map path of forward_kernel: item (b, group of planes).
 template <typename scalar_t>
 void forward_maps(const Geometry& geo, const std::vector<const scalar_t*>& base,
@@ -441,15 +455,11 @@ void forward_maps(const Geometry& geo, const std::vector<const scalar_t*>& base,
     if (!kAccumulatesInPlace<scalar_t>) scratch.tile.resize(kTile);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / geo.plane_groups, c0 = (item % geo.plane_groups) * geo.planes;
-      const int64_t bw = s.Bw == 1 ? 0 : b;
-      if (scratch.painted != bw) {
-        paint_map(scratch.map.data(), w + bw * s.P() * K, K, geo.rows, geo.cols, s.W);
-        scratch.painted = bw;
-      }
+      const acc_type<scalar_t>* map = weight_map(scratch, geo, w, b);
       for (int64_t c = c0; c < std::min(s.C, c0 + geo.planes); ++c) {
         const int64_t offset = (b * s.C + c) * HW;
         for (int64_t k = 0; k < K; ++k) in[k] = base[k] + offset;
-        forward_plane(in.data(), K, scratch.map.data(), HW, out + offset, scratch.tile.data());
+        forward_plane(in.data(), K, map, HW, out + offset, scratch.tile.data());
       }
     }
   });
@@ -475,11 +485,7 @@ void backward_maps(const Geometry& geo, const scalar_t* g, const std::vector<con
     if (need_weights) scratch.pixsum.resize(K * HW);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / geo.plane_groups, c0 = (item % geo.plane_groups) * geo.planes;
-      const int64_t bw = s.Bw == 1 ? 0 : b;
-      if (scratch.painted != bw) {
-        paint_map(scratch.map.data(), w + bw * s.P() * K, K, geo.rows, geo.cols, s.W);
-        scratch.painted = bw;
-      }
+      const acc_type<scalar_t>* map = weight_map(scratch, geo, w, b);
       if (need_weights) std::fill(scratch.pixsum.begin(), scratch.pixsum.end(), acc_t(0));
       for (int64_t c = c0; c < std::min(s.C, c0 + geo.planes); ++c) {
         const int64_t offset = (b * s.C + c) * HW;
@@ -487,7 +493,7 @@ void backward_maps(const Geometry& geo, const scalar_t* g, const std::vector<con
           in[k] = base[k] + offset;
           if (need_outputs) grad_in[k] = grad_base[k] + offset;
         }
-        backward_plane(g + offset, in.data(), K, scratch.map.data(), HW,
+        backward_plane(g + offset, in.data(), K, map, HW,
                        need_outputs ? grad_in.data() : nullptr,
                        need_weights ? scratch.pixsum.data() : nullptr, scratch.tile.data());
       }
