@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,8 +47,12 @@ def test_package_without_extension_imports_and_explains(tmp_path):
         "else:\n"
         "    raise AssertionError('backend=cpu without the extension must fail')\n"
         "print('ok')\n")
+    # -S: no site processing, so no .pth file (an editable install's finder among them)
+    # can bring the source tree's nasops._C back; torch and friends come from the
+    # site-packages folder named after the copy.
+    site_packages = Path(torch.__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NASOPS_BACKEND")}
-    env["PYTHONPATH"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(site_packages)])
+    proc = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
