@@ -21,6 +21,7 @@
 //   (block, op); a second kernel adds the partials of each (bw, p, k) in index
 //   order. No float atomics, so repeated runs give identical bits.
 #include "mixed_op.cuh"
+#include "accumulate.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,15 +33,6 @@ namespace cuda {
 namespace {
 
 constexpr int kMaxThreads = 256;
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }

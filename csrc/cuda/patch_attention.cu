@@ -15,19 +15,11 @@
 #include <type_traits>
 
 #include "patch_attention.cuh"
+#include "accumulate.cuh"
 
 namespace nasops {
 namespace cuda {
 namespace {
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 template <typename T>
 __device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
