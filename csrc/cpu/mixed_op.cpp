@@ -104,6 +104,23 @@ struct Geometry {
     return (map ? plane_groups : s.C) * s.P();
   }
 
+  // One item of the run and band paths (not maps): its elements
+  // [offset, offset + n), the first of its weights (row weight_row of the
+  // (Bw * P, K) weights) and the first of its partial-sum slots (each K wide).
+  struct Span {
+    int64_t offset, n, weight_row, slot;
+  };
+  Span span(int64_t item) const {
+    if (single_patch()) {  // item (b, chunk), slot (b, chunk)
+      const int64_t b = item / chunks, start = (item % chunks) * kChunk;
+      return {b * s.sample() + start, std::min(kChunk, s.sample() - start), s.Bw == 1 ? 0 : b, item};
+    }
+    // item (b, c, ph): the band of patch row ph in plane b * C + c; slots (b, c, p)
+    const int64_t ph = item % s.gh, plane = item / s.gh, b = plane / s.C;
+    return {plane * s.plane() + rows[ph] * s.W, (rows[ph + 1] - rows[ph]) * s.W,
+            (s.Bw == 1 ? 0 : b) * s.P() + ph * s.gw, plane * s.P() + ph * s.gw};
+  }
+
  private:
   // Maps pay K*H*W weights painted (and, backward, K*H*W sums folded) per item,
   // and the backward reads and updates two K x H*W arrays per plane; bands pay

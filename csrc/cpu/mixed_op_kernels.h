@@ -524,21 +524,8 @@ void forward_kernel(const Geometry& geo, const std::vector<at::Tensor>& outputs,
       scratch.tile.resize(std::max<int64_t>(1, kTile / s.W) * s.W);
     }
     for (int64_t item = begin; item < end; ++item) {
-      int64_t offset, b, n;
-      const acc_t* wp;
-      if (geo.single_patch()) {
-        b = item / geo.chunks;
-        const int64_t start = (item % geo.chunks) * kChunk;
-        n = std::min(kChunk, s.sample() - start);
-        offset = b * s.sample() + start;
-        wp = w + (s.Bw == 1 ? 0 : b) * K;
-      } else {
-        const int64_t ph = item % s.gh, plane = item / s.gh;  // plane = b * C + c
-        b = plane / s.C;
-        offset = plane * s.plane() + geo.rows[ph] * s.W;
-        n = (geo.rows[ph + 1] - geo.rows[ph]) * s.W;
-        wp = w + ((s.Bw == 1 ? 0 : b) * s.P() + ph * s.gw) * K;
-      }
+      const auto [offset, n, weight_row, slot] = geo.span(item);
+      const acc_t* wp = w + weight_row * K;
       for (int64_t k = 0; k < K; ++k) in[k] = base[k] + offset;
       if (geo.single_patch() || s.gw == 1) {
         forward_run(in.data(), K, wp, n, out + offset);
@@ -575,24 +562,9 @@ void backward_kernel(const Geometry& geo, const at::Tensor& grad, const std::vec
       if (need_weights) scratch.colsum.resize(K * s.W);
     }
     for (int64_t item = begin; item < end; ++item) {
-      int64_t offset, b, n;
-      const acc_t* wp;
-      acc_t* dots = nullptr;
-      if (geo.single_patch()) {
-        b = item / geo.chunks;
-        const int64_t start = (item % geo.chunks) * kChunk;
-        n = std::min(kChunk, s.sample() - start);
-        offset = b * s.sample() + start;
-        wp = w + (s.Bw == 1 ? 0 : b) * K;
-        if (need_weights) dots = partial_base + item * K;  // slot (b, chunk)
-      } else {
-        const int64_t ph = item % s.gh, plane = item / s.gh;
-        b = plane / s.C;
-        offset = plane * s.plane() + geo.rows[ph] * s.W;
-        n = (geo.rows[ph + 1] - geo.rows[ph]) * s.W;
-        wp = w + ((s.Bw == 1 ? 0 : b) * s.P() + ph * s.gw) * K;
-        if (need_weights) dots = partial_base + (plane * s.P() + ph * s.gw) * K;  // slot (b, c, p)
-      }
+      const auto [offset, n, weight_row, slot] = geo.span(item);
+      const acc_t* wp = w + weight_row * K;
+      acc_t* dots = need_weights ? partial_base + slot * K : nullptr;
       for (int64_t k = 0; k < K; ++k) {
         in[k] = base[k] + offset;
         if (need_outputs) grad_in[k] = grad_base[k] + offset;
