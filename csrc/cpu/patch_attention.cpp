@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/exp.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -15,6 +16,8 @@
 #include <cmath>
 #include <tuple>
 #include <vector>
+
+#include "cpu/dot.h"
 
 namespace nasops {
 namespace {
@@ -193,20 +196,25 @@ at::Tensor patch_softmax_attention_cpu(const at::Tensor& q_in, const at::Tensor&
     const scalar_t scale = 1 / std::sqrt(static_cast<scalar_t>(D));
     const scalar_t inv_tau = static_cast<scalar_t>(1 / tau);
     at::parallel_for(0, B * P, attention_grain(K, D), [&](int64_t begin, int64_t end) {
+      rowwise_dots(qp + begin * D, kp + begin * K * D, end - begin, K, D, wp + begin * K);
       for (const auto row : c10::irange(begin, end)) {
-        const scalar_t* qr = qp + row * D;
-        scalar_t* wr = wp + row * K;
+        scalar_t* lr = wp + row * K;
         scalar_t top = -std::numeric_limits<scalar_t>::infinity();
         for (const auto kk : c10::irange(K)) {
-          const scalar_t* kr = kp + (row * K + kk) * D;
-          scalar_t dot = 0;
-          for (const auto d : c10::irange(D)) dot += qr[d] * kr[d];
-          const scalar_t a = (dot * scale + (pp ? pp[kk] : scalar_t(0))) * inv_tau;
-          wr[kk] = a;
-          top = std::max(top, a);
+          lr[kk] = (lr[kk] * scale + (pp ? pp[kk] : scalar_t(0))) * inv_tau;
+          top = std::max(top, lr[kk]);
         }
+        for (const auto kk : c10::irange(K)) lr[kk] -= top;
+      }
+    });
+    // One vectorized exp over all rows: a scalar std::exp per logit cost more
+    // than the dot products (and ATen's softmax is slower still for rows of K = 8).
+    w.exp_();
+    at::parallel_for(0, B * P, attention_grain(K, D), [&](int64_t begin, int64_t end) {
+      for (const auto row : c10::irange(begin, end)) {
+        scalar_t* wr = wp + row * K;
         scalar_t total = 0;
-        for (const auto kk : c10::irange(K)) total += (wr[kk] = std::exp(wr[kk] - top));
+        for (const auto kk : c10::irange(K)) total += wr[kk];
         for (const auto kk : c10::irange(K)) wr[kk] /= total;
       }
     });
@@ -245,9 +253,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patch_softmax_attention_backward_
           const scalar_t* wr = wp + row * K;
           const scalar_t* gwr = gwp + row * K;
           scalar_t* glr = glp + row * K;
-          scalar_t dot = 0;
-          for (const auto kk : c10::irange(K)) dot += wr[kk] * gwr[kk];
-          for (const auto kk : c10::irange(K)) glr[kk] = wr[kk] * (gwr[kk] - dot) * inv_tau;
+          scalar_t w_dot_gw = 0;
+          for (const auto kk : c10::irange(K)) w_dot_gw += wr[kk] * gwr[kk];
+          for (const auto kk : c10::irange(K)) glr[kk] = wr[kk] * (gwr[kk] - w_dot_gw) * inv_tau;
           const scalar_t* qr = qp + row * D;
           scalar_t* gqr = gqp + row * D;
           for (const auto d : c10::irange(D)) gqr[d] = 0;

@@ -42,6 +42,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/dot.h"
+
 namespace nasops {
 namespace {
 
@@ -66,24 +68,6 @@ inline uint64_t order_key(double v) {
   uint64_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
   return (bits >> 63) ? ~bits : (bits | (uint64_t{1} << 63));
-}
-
-// sum_i a[i] * b[i] in acc_t, as 8 interleaved partial sums added pairwise at
-// the end. One running sum is a serial chain of adds (latency-bound, ~4 cycles
-// an element: most of the backward's time at C = 768); 8 independent chains
-// vectorize. The order is fixed, so the result does not depend on threads.
-template <typename acc_t, typename A, typename Bv>
-inline acc_t dot(const A* a, const Bv* b, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  acc_t part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l)
-      part[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(b[i + l]);
-  acc_t tail = 0;
-  for (; i < n; ++i) tail += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) +
-         tail;
 }
 
 // Maps the pages of [begin, begin + bytes) for writing in one system call

@@ -12,13 +12,15 @@ N_x = x.numel() (everything else is (B, P, ·)-sized and tiny):
 forward  (1) ``patch_pool`` of x: read N_x;
          (2) ``patch_pool`` of the K live outputs in one launch, each read in
              place: read K*N (pass 1 over the outputs);
-         (3) q = pooled_x @ Wq, k = pooled_o @ Wk with torch.matmul, Zero ops'
-             keys filled in, then ``patch_softmax_attention``: tiny;
+         (3) q = pooled_x @ Wq and u = q @ Wk^T with torch.matmul, then
+             ``patch_softmax_attention`` of u against the pooled outputs
+             themselves (see _attention_inputs): tiny;
          (4) y = mixed_op(outputs, w, grid): read K*N, write N (pass 2).
 backward (5) grad w = per-patch sum of g * o_k (``mixed_op_backward`` for the
              weights only): read N + K*N;
-         (6) ``patch_softmax_attention_backward``, then the matmul gradients
-             (Wq, Wk, pooled x, pooled outputs, zero key): tiny;
+         (6) ``patch_softmax_attention_backward`` (which yields the pooled
+             outputs' gradient directly), then the matmul gradients (Wq, Wk,
+             pooled x, zero key): tiny;
          (7) ``patch_attention_outputs_backward``: one pass that writes
              grad o_k = w_k * g + grad_pooled_k / |patch| for every k: read N,
              write K*N; ``patch_pool_backward`` writes grad x: N_x.
@@ -213,6 +215,32 @@ def _check_edge(x, outputs):
     return live, shape
 
 
+# ---- the fused op's attention inputs ----------------------------------------------------
+
+def _attention_inputs(q, pooled_o, Wk, zero_key, K, live_index):
+    """(query, keys) for ``patch_softmax_attention`` such that its logits are
+    q . k_k / sqrt(D) with k_k = pooled_o_k @ Wk (a Zero op's k_k = zero_key, or 0).
+
+    q . (pooled_o_k @ Wk) = pooled_o_k . (q @ Wk^T): projecting the query once per
+    patch, u = q @ Wk^T (B, P, C), costs B*P*C*D multiply-adds, K times fewer than
+    projecting the K keys, and the pooled outputs serve as keys as they are, so
+    the attention backward yields their gradient directly. With Zero ops the keys
+    get one more coordinate: 0 for live ops, 1 for Zero ops, against q . zero_key
+    in the query. The kernel divides by sqrt(keys' width), so the query is scaled
+    by sqrt(width / D) to keep the 1 / sqrt(D) of SPEC 2.2.
+    """
+    B, P, D = q.shape
+    C = Wk.shape[0]
+    u = q @ Wk.T  # (B, P, C)
+    if len(live_index) == K:
+        return u * (C / D) ** 0.5, pooled_o
+    keys = pooled_o.new_zeros(B, P, K, C + 1)
+    keys[:, :, live_index, :C] = pooled_o
+    keys[:, :, [k for k in range(K) if k not in live_index], C] = 1
+    zero_logit = q @ zero_key.to(q.dtype) if zero_key is not None else q.new_zeros(B, P)
+    return torch.cat([u, zero_logit.unsqueeze(-1)], dim=-1) * ((C + 1) / D) ** 0.5, keys
+
+
 # ---- the fused op's autograd -----------------------------------------------------------
 
 class _PatchAttentionMixedOp(torch.autograd.Function):
@@ -226,27 +254,18 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         grid_list = list(grid)
         pooled_x = pool([x], grid_list).squeeze(2)  # (B, P, Cx)
         pooled_o = pool(list(live_outputs), grid_list)  # (B, P, K_live, C)
-        q = pooled_x @ Wq.to(acc)
-        live_keys = pooled_o @ Wk.to(acc)  # (B, P, K_live, D)
-        B, P, D = q.shape
-        if len(live_index) == K:
-            keys = live_keys
-        else:
-            keys = q.new_zeros(B, P, K, D)
-            keys[:, :, live_index] = live_keys
-            if zero_key is not None:
-                zero_index = [k for k in range(K) if k not in live_index]
-                keys[:, :, zero_index] = zero_key.to(acc)
-        w = attention(q, keys, None if prior is None else prior.to(acc), tau)
+        q = pooled_x @ Wq.to(acc)  # (B, P, D)
+        query, keys = _attention_inputs(q, pooled_o, Wk.to(acc), zero_key, K, live_index)
+        w = attention(query, keys, None if prior is None else prior.to(acc), tau)
         w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
         y = mix[0](list(live_outputs), w_live, grid_list)
 
         ctx.kernels, ctx.mix, ctx.grid, ctx.tau, ctx.K = kernels, mix, grid, tau, K
         ctx.live_index = live_index
         ctx.x_meta = (x.shape[2], x.shape[3], x.dtype)
-        ctx.has_prior, ctx.has_zero_key = prior is not None, zero_key is not None
+        ctx.has_prior = prior is not None
         ctx.param_dtype = Wq.dtype
-        ctx.save_for_backward(pooled_x, pooled_o, q, keys, w, Wq, Wk, *live_outputs)
+        ctx.save_for_backward(pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs)
         ctx.set_materialize_grads(False)
         return y, w
 
@@ -254,14 +273,14 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_w_out):
         _, pool_backward, _, attention_backward, outputs_backward = ctx.kernels
-        pooled_x, pooled_o, q, keys, w, Wq, Wk, *live_outputs = ctx.saved_tensors
+        pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_x, need_Wq, need_Wk, need_prior, need_zero_key = needs[6:11]
         need_outputs = needs[11:]
         live_index, K, grid = ctx.live_index, ctx.K, ctx.grid
         acc = w.dtype
         B, P, D = q.shape
-
+        C = Wk.shape[0]
         # d loss / d w: through the weighted sum (live ops only), plus any use of
         # the returned w. Out of place: autograd's incoming gradients are not ours.
         grad_w = None if grad_w_out is None else grad_w_out.to(acc)
@@ -275,27 +294,31 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
             grad_w = mix_grad if grad_w is None else grad_w + mix_grad
         if grad_w is None:
             grad_w = torch.zeros_like(w)
-        grad_q, grad_keys, grad_prior = attention_backward(
-            grad_w.contiguous(), w, q, keys, ctx.tau, bool(need_prior))
-        grad_live_keys = grad_keys if len(live_index) == K else grad_keys[:, :, live_index]
-
+        grad_query, grad_keys, grad_prior = attention_backward(
+            grad_w.contiguous(), w, query, keys, ctx.tau, bool(need_prior))
+        # Undo _attention_inputs: query = [u, q . zero_key] * scale.
+        scale = (keys.shape[-1] / D) ** 0.5
+        grad_u = grad_query[..., :C] * scale  # (B, P, C)
+        grad_q = grad_u @ Wk.to(acc)  # (B, P, D)
         grad_x = grad_Wq = grad_Wk = grad_zero_key = None
+        if len(live_index) < K and zero_key is not None:
+            grad_zero_logit = grad_query[..., C] * scale  # (B, P): sum over the Zero ops
+            grad_q = grad_q + grad_zero_logit.unsqueeze(-1) * zero_key.to(acc)
+            if need_zero_key:
+                grad_zero_key = (grad_zero_logit.reshape(-1) @ q.reshape(-1, D)).to(ctx.param_dtype)
         if need_Wq:
             grad_Wq = (pooled_x.reshape(-1, pooled_x.shape[-1]).T @ grad_q.reshape(-1, D)).to(Wq.dtype)
         if need_Wk:
-            grad_Wk = (pooled_o.reshape(-1, pooled_o.shape[-1]).T
-                       @ grad_live_keys.reshape(-1, D)).to(Wk.dtype)
+            grad_Wk = (grad_u.reshape(-1, C).T @ q.reshape(-1, D)).to(Wk.dtype)
         if need_x:
             height, width, dtype = ctx.x_meta
             grad_x = pool_backward(grad_q @ Wq.to(acc).T, list(grid), height, width, dtype)
-        if need_zero_key and ctx.has_zero_key:
-            zero_index = [k for k in range(K) if k not in live_index]
-            grad_zero_key = grad_keys[:, :, zero_index].sum((0, 1, 2)).to(ctx.param_dtype)
         grad_prior = grad_prior.to(ctx.param_dtype) if need_prior and ctx.has_prior else None
 
         grad_outputs = [None] * len(live_outputs)
         if any(need_outputs):
-            grad_pooled = (grad_live_keys @ Wk.to(acc).T).contiguous()  # (B, P, K_live, C)
+            grad_pooled = (grad_keys if len(live_index) == K
+                           else grad_keys[:, :, live_index, :C].contiguous())  # (B, P, K_live, C)
             if grad_y is None:
                 grad_y = live_outputs[0].new_zeros(live_outputs[0].shape)
             w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
