@@ -144,8 +144,9 @@ def test_patch_pool_hand_computed():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_prior", [True, False])
-def test_patch_softmax_attention(backend, dtype, with_prior):
-    B, P, K, D = 3, 5, 7, 6
+@pytest.mark.parametrize("D", [6, 19])  # shorter than, and 2 lane groups + a tail of, the CPU dot
+def test_patch_softmax_attention(backend, dtype, with_prior, D):
+    B, P, K = 3, 5, 7
     q = leaf(torch.randn(B, P, D, device=DEVICE), dtype)
     k = leaf(torch.randn(B, P, K, D, device=DEVICE), dtype)
     prior = leaf(torch.randn(K, device=DEVICE), torch.float32) if with_prior else None
