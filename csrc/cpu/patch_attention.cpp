@@ -60,11 +60,106 @@ Mosaic check_mosaic(at::IntArrayRef grid, int64_t H, int64_t W) {
   return Mosaic(H, W, grid[0], grid[1]);
 }
 
+// Patches a few pixels wide cost more in per-patch loop overhead than in
+// pixels. When the grid divides W into patches of one of these widths, the
+// width is a compile-time constant and the per-patch column loops below
+// vectorize; any other mosaic takes the runtime-width path (kPatchWidth = 0),
+// whose runs are long enough for the loop overhead not to matter.
+template <typename Body>
+void with_patch_width(const Mosaic& mosaic, Body&& body) {
+  const int64_t width = mosaic.W % mosaic.gw == 0 ? mosaic.W / mosaic.gw : 0;
+  switch (width) {
+    case 1: return body(std::integral_constant<int64_t, 1>{});
+    case 2: return body(std::integral_constant<int64_t, 2>{});
+    case 4: return body(std::integral_constant<int64_t, 4>{});
+    case 8: return body(std::integral_constant<int64_t, 8>{});
+    default: return body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// per_patch[pw] = sum of row over the columns of patch column pw, left to right.
+template <int64_t kPatchWidth, typename acc_t>
+void sum_patch_columns(const acc_t* row, acc_t* per_patch, const Mosaic& mosaic) {
+  if constexpr (kPatchWidth == 0) {
+    for (const auto pw : c10::irange(mosaic.gw)) {
+      acc_t sum = row[mosaic.cols[pw]];
+      for (int64_t x = mosaic.cols[pw] + 1; x < mosaic.cols[pw + 1]; ++x) sum += row[x];
+      per_patch[pw] = sum;
+    }
+  } else {
+    for (const auto pw : c10::irange(mosaic.gw)) {
+      acc_t sum = row[pw * kPatchWidth];
+      for (int64_t t = 1; t < kPatchWidth; ++t) sum += row[pw * kPatchWidth + t];
+      per_patch[pw] = sum;
+    }
+  }
+}
+
+// row[x] = per_patch[patch column of x]: the inverse of sum_patch_columns's cut.
+template <int64_t kPatchWidth, typename acc_t>
+void spread_patch_columns(const acc_t* per_patch, acc_t* row, const Mosaic& mosaic) {
+  if constexpr (kPatchWidth == 0) {
+    for (const auto pw : c10::irange(mosaic.gw)) {
+      std::fill(row + mosaic.cols[pw], row + mosaic.cols[pw + 1], per_patch[pw]);
+    }
+  } else {
+    for (const auto pw : c10::irange(mosaic.gw)) {
+      for (int64_t t = 0; t < kPatchWidth; ++t) row[pw * kPatchWidth + t] = per_patch[pw];
+    }
+  }
+}
+
+// sums[x] = sum over rows r of rows[r * width + x], top to bottom. Two rows
+// per pass over sums: on rows a few vectors long, the passes' loads and stores
+// of sums cost as much as the rows themselves.
+template <typename scalar_t, typename acc_t>
+void sum_rows(const scalar_t* __restrict rows, int64_t count, int64_t width, acc_t* __restrict sums) {
+  int64_t r = 1;
+  if (count >= 2) {
+    for (int64_t x = 0; x < width; ++x) {
+      sums[x] = static_cast<acc_t>(rows[x]) + static_cast<acc_t>(rows[width + x]);
+    }
+    r = 2;
+  } else {
+    for (int64_t x = 0; x < width; ++x) sums[x] = static_cast<acc_t>(rows[x]);
+  }
+  for (; r + 1 < count; r += 2) {
+    const scalar_t* a = rows + r * width;
+    const scalar_t* b = a + width;
+    for (int64_t x = 0; x < width; ++x) {
+      sums[x] = (sums[x] + static_cast<acc_t>(a[x])) + static_cast<acc_t>(b[x]);
+    }
+  }
+  if (r < count) {
+    const scalar_t* a = rows + r * width;
+    for (int64_t x = 0; x < width; ++x) sums[x] += static_cast<acc_t>(a[x]);
+  }
+}
+
+// out = weight * grad + add over a row. The pointers never overlap; saying so
+// spares the vectorized loop a runtime overlap check, which costs as much as
+// the loop itself on the rows of a 16-pixel-wide map.
+template <typename scalar_t, typename acc_t>
+void multiply_add_row(const acc_t* __restrict weight, const scalar_t* __restrict grad,
+                      const acc_t* __restrict add, scalar_t* __restrict out, int64_t n) {
+  for (int64_t x = 0; x < n; ++x) out[x] = static_cast<scalar_t>(weight[x] * static_cast<acc_t>(grad[x]) + add[x]);
+}
+
 // Rows of (B, P) per task for the attention kernels: about 2^20 multiply-adds,
 // so the tiny (B*P, K, D) problems of a DARTS edge run on one thread instead
 // of paying a thread-pool barrier (costly on a loaded machine) for microseconds of work.
 int64_t attention_grain(int64_t K, int64_t D) {
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, K * D));
+}
+
+// Planes per task of the kernels that read or write (B, P, ., C) data, whose
+// channels are contiguous: a task moves runs of up to 64 channels (four cache
+// lines of fp32) instead of single values at a stride of C, which would pile
+// onto a few L1 sets (the strides are powers of two in practice) and defeat
+// the prefetcher. Fewer channels where the task's buffer, values_per_channel
+// values per channel, would outgrow a 256 KiB L2 (one-pixel patches of a big map).
+int64_t channel_block(int64_t values_per_channel) {
+  return std::clamp<int64_t>((int64_t{1} << 16) / std::max<int64_t>(1, values_per_channel), 1, 64);
 }
 
 at::ScalarType acc_scalar(at::ScalarType t) {
@@ -97,28 +192,38 @@ at::Tensor patch_pool_cpu(at::TensorList maps, at::IntArrayRef grid) {
     for (const auto m : c10::irange(M)) src[m] = contiguous[m].const_data_ptr<scalar_t>();
     acc_t* dst = out.mutable_data_ptr<acc_t>();
     const auto inv_counts = mosaic.inverse_counts<acc_t>();
-    // One task = one (m, b, c) plane. Rows of a patch row are summed into a
-    // column accumulator (a contiguous, vectorizable loop over W), which is
-    // then cut into the patch row's gw patches.
-    at::parallel_for(0, M * B * C, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> column_sums(W);
-      for (const auto task : c10::irange(begin, end)) {
-        const int64_t m = task / (B * C), bc = task % (B * C), b = bc / C, c = bc % C;
-        const scalar_t* plane = src[m] + bc * H * W;
-        acc_t* row_out = dst + (b * P * M + m) * C + c;  // + p * M * C
-        for (const auto ph : c10::irange(mosaic.gh)) {
-          std::fill(column_sums.begin(), column_sums.end(), acc_t(0));
-          for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
-            const scalar_t* row = plane + h * W;
-            for (const auto w : c10::irange(W)) column_sums[w] += static_cast<acc_t>(row[w]);
+    const int64_t block = channel_block(P), blocks = (C + block - 1) / block;
+    with_patch_width(mosaic, [&](auto patch_width) {
+      // One task = `block` planes (m, b, c0 + i). The rows of a patch
+      // row are summed into a column accumulator (a contiguous, vectorizable
+      // loop over W), which is then cut into the patch row's gw patches.
+      at::parallel_for(0, M * B * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> column_sums(W), patch_sums(mosaic.gw);
+        // [p][i]: the means of the task's planes, so that each patch's means
+        // leave as one contiguous run of out[b, p, m, c0:]. Stored plane by
+        // plane, they would land `block` times on each cache line, at a stride
+        // (M*C values) that maps them to a few L1 sets.
+        std::vector<acc_t> means(P * block);
+        for (const auto task : c10::irange(begin, end)) {
+          const int64_t m = task / (B * blocks), b = task / blocks % B;
+          const int64_t c0 = task % blocks * block, channels = std::min(block, C - c0);
+          for (const auto i : c10::irange(channels)) {
+            const scalar_t* plane = src[m] + (b * C + c0 + i) * H * W;
+            for (const auto ph : c10::irange(mosaic.gh)) {
+              sum_rows(plane + mosaic.rows[ph] * W, mosaic.rows[ph + 1] - mosaic.rows[ph], W,
+                       column_sums.data());
+              sum_patch_columns<patch_width()>(column_sums.data(), patch_sums.data(), mosaic);
+              for (const auto pw : c10::irange(mosaic.gw)) {
+                const int64_t p = ph * mosaic.gw + pw;
+                means[p * block + i] = patch_sums[pw] * inv_counts[p];
+              }
+            }
           }
-          for (const auto pw : c10::irange(mosaic.gw)) {
-            acc_t sum = 0;
-            for (int64_t w = mosaic.cols[pw]; w < mosaic.cols[pw + 1]; ++w) sum += column_sums[w];
-            row_out[(ph * mosaic.gw + pw) * M * C] = sum * inv_counts[ph * mosaic.gw + pw];
+          for (const auto p : c10::irange(P)) {
+            std::copy_n(means.data() + p * block, channels, dst + ((b * P + p) * M + m) * C + c0);
           }
         }
-      }
+      });
     });
   });
   return out;
@@ -321,41 +426,77 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cpu(const at::Tensor& g
     std::vector<scalar_t*> dst(K);
     for (const auto kk : c10::irange(K)) dst[kk] = grads[kk].mutable_data_ptr<scalar_t>();
     const auto inv_counts = mosaic.inverse_counts<acc_t>();
-    // One task = one (b, c) plane. Per patch row, the weight and the pooled
-    // gradient of every op are painted onto a row of W (K*W values each), so
-    // the pixel loop is a contiguous fused multiply-add per op: grad is read
-    // once and each op's gradient row written once.
-    at::parallel_for(0, B * C, 4, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row_weight(K * W), row_add(K * W);
-      for (const auto bc : c10::irange(begin, end)) {
-        const int64_t b = bc / C, c = bc % C;
-        const int64_t plane = bc * H * W;
-        for (const auto ph : c10::irange(mosaic.gh)) {
-          for (const auto pw : c10::irange(mosaic.gw)) {
-            const int64_t p = ph * mosaic.gw + pw;
-            const acc_t inv_count = inv_counts[p];
+    const int64_t block = channel_block(K * P), blocks = (C + block - 1) / block;
+    // Row stride of the per-channel additive terms below, one cache line over
+    // K*P so that a power-of-two K*P does not put the channel rows of a
+    // transposed column on the same few L1 sets.
+    const int64_t adds_stride = K * P + 64 / static_cast<int64_t>(sizeof(acc_t));
+    with_patch_width(mosaic, [&](auto patch_width) {
+      // A patch row of one-pixel-wide patches is already a row of W values:
+      // nothing to spread.
+      constexpr bool spread = patch_width() != 1;
+      // One task = `block` planes (b, c0 + i). The weight and the pooled
+      // gradient of every op are spread over rows of W (one per op and patch
+      // row), so the pixel loop is a contiguous multiply-add per op: grad is
+      // read once and each op's gradient row written once. The weights do not
+      // depend on c: their rows are spread once per sample, not per plane.
+      at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        // [kk][p]: the weights of sample b.
+        std::vector<acc_t> patch_weights(K * P);
+        // [kk][ph][x]: their rows, spread.
+        std::vector<acc_t> weight_rows(spread ? K * mosaic.gh * W : 0);
+        // [i][kk][p]: grad_pooled[b, p, kk, c0 + i] / |p|, read as contiguous runs over c.
+        std::vector<acc_t> patch_adds(block * adds_stride);
+        // [kk][x]: the additive terms of one plane and patch row, spread.
+        std::vector<acc_t> add_rows(spread ? K * W : 0);
+        int64_t spread_sample = -1;
+        for (const auto task : c10::irange(begin, end)) {
+          const int64_t b = task / blocks, c0 = task % blocks * block;
+          const int64_t channels = std::min(block, C - c0);
+          if (b != spread_sample) {
+            for (const auto p : c10::irange(P)) {
+              for (const auto kk : c10::irange(K)) patch_weights[kk * P + p] = wp[(b * P + p) * K + kk];
+            }
+            if constexpr (spread) {
+              for (const auto row : c10::irange(K * mosaic.gh)) {
+                spread_patch_columns<patch_width()>(patch_weights.data() + row * mosaic.gw,
+                                                    weight_rows.data() + row * W, mosaic);
+              }
+            }
+            spread_sample = b;
+          }
+          for (const auto p : c10::irange(P)) {
             for (const auto kk : c10::irange(K)) {
-              const acc_t wk = wp[(b * P + p) * K + kk];
-              const acc_t add = gpp[((b * P + p) * K + kk) * C + c] * inv_count;
-              for (int64_t x = mosaic.cols[pw]; x < mosaic.cols[pw + 1]; ++x) {
-                row_weight[kk * W + x] = wk;
-                row_add[kk * W + x] = add;
+              const acc_t* pooled = gpp + ((b * P + p) * K + kk) * C + c0;
+              for (const auto i : c10::irange(channels)) {
+                patch_adds[i * adds_stride + kk * P + p] = pooled[i] * inv_counts[p];
               }
             }
           }
-          for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
-            const scalar_t* grow = gp + plane + h * W;
-            for (const auto kk : c10::irange(K)) {
-              const acc_t* rw = row_weight.data() + kk * W;
-              const acc_t* ra = row_add.data() + kk * W;
-              scalar_t* orow = dst[kk] + plane + h * W;
-              for (const auto x : c10::irange(W)) {
-                orow[x] = static_cast<scalar_t>(rw[x] * static_cast<acc_t>(grow[x]) + ra[x]);
+          for (const auto i : c10::irange(channels)) {
+            const int64_t plane = (b * C + c0 + i) * H * W;
+            const acc_t* plane_adds = patch_adds.data() + i * adds_stride;
+            for (const auto ph : c10::irange(mosaic.gh)) {
+              if constexpr (spread) {
+                for (const auto kk : c10::irange(K)) {
+                  spread_patch_columns<patch_width()>(plane_adds + kk * P + ph * mosaic.gw,
+                                                      add_rows.data() + kk * W, mosaic);
+                }
+              }
+              for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
+                const scalar_t* grow = gp + plane + h * W;
+                for (const auto kk : c10::irange(K)) {
+                  const acc_t* rw = spread ? weight_rows.data() + (kk * mosaic.gh + ph) * W
+                                           : patch_weights.data() + kk * P + ph * W;
+                  const acc_t* ra = spread ? add_rows.data() + kk * W : plane_adds + kk * P + ph * W;
+                  scalar_t* orow = dst[kk] + plane + h * W;
+                  multiply_add_row(rw, grow, ra, orow, W);
+                }
               }
             }
           }
         }
-      }
+      });
     });
   });
   return grads;
