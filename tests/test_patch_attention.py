@@ -139,6 +139,44 @@ def test_patch_pool_hand_computed():
         torch.testing.assert_close(got.cpu(), want, msg=backend)
 
 
+# Map shapes and grids that walk every path of the compiled map kernels: uniform
+# patch widths 1, 2, 4 and 8 (compile-time in the C++ kernels), 3 and uneven
+# widths (runtime), 1 to 5 rows per patch, and channel counts that end in a
+# partial block of channels (70 > 64, and one-pixel patches of a 33x33 map,
+# whose many patches shrink the block).
+MAP_CASES = [((16, 16), (8, 8), 70), ((12, 16), (12, 4), 5), ((15, 16), (3, 2), 3), ((9, 7), (3, 7), 4),
+             ((8, 12), (2, 4), 3), ((7, 10), (2, 3), 66), ((33, 33), (33, 33), 70)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("size, grid, C", MAP_CASES)
+def test_compiled_map_kernels(dtype, size, grid, C):
+    if "cpu" not in _KERNELS:
+        pytest.skip("the compiled extension is not built")
+    pool, _, _, _, outputs_backward = _KERNELS["cpu"]
+    (H, W), B, K = size, 2, 3
+    P = grid[0] * grid[1]
+    maps = [torch.randn(B, C, H, W, device=DEVICE).to(dtype) for _ in range(K)]
+    got = pool(maps, list(grid))
+    assert got.shape == (B, P, K, C)
+    assert_close(got, torch.stack([pool64(m, grid) for m in maps], 2), dtype, what="patch_pool")
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad = torch.randn(B, C, H, W, device=DEVICE).to(dtype)
+    w = torch.softmax(torch.randn(B, P, K, device=DEVICE), -1).to(acc)
+    grad_pooled = torch.randn(B, P, K, C, device=DEVICE).to(acc)
+    mosaic = mosaic_matrix(H, W, grid)
+    patch_of_pixel = mosaic.argmax(1)
+    per_pixel = (grad_pooled.double() / mosaic.sum(0)[:, None, None])[:, patch_of_pixel]  # (B, HW, K, C)
+    w_pixel = w.double()[:, patch_of_pixel]  # (B, HW, K)
+    got = outputs_backward(grad, w, grad_pooled, list(grid))
+    for k in range(K):
+        add = per_pixel[:, :, k].permute(0, 2, 1).reshape(B, C, H, W)
+        want = w_pixel[:, :, k].reshape(B, 1, H, W) * grad.double() + add
+        assert got[k].dtype == dtype
+        assert_close(got[k], want, dtype, what=f"patch_attention_outputs_backward[{k}]")
+
+
 # ---- patch_softmax_attention --------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -142,7 +142,9 @@ void sum_rows(const scalar_t* __restrict rows, int64_t count, int64_t width, acc
 template <typename scalar_t, typename acc_t>
 void multiply_add_row(const acc_t* __restrict weight, const scalar_t* __restrict grad,
                       const acc_t* __restrict add, scalar_t* __restrict out, int64_t n) {
-  for (int64_t x = 0; x < n; ++x) out[x] = static_cast<scalar_t>(weight[x] * static_cast<acc_t>(grad[x]) + add[x]);
+  for (int64_t x = 0; x < n; ++x) {
+    out[x] = static_cast<scalar_t>(weight[x] * static_cast<acc_t>(grad[x]) + add[x]);
+  }
 }
 
 // Rows of (B, P) per task for the attention kernels: about 2^20 multiply-adds,
