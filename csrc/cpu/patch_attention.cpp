@@ -1,8 +1,9 @@
 // CPU kernels of the patchwise softmax attention (SPEC 2.2); schemas in csrc/ops.cpp.
 //
-// Every map kernel walks one contiguous (H, W) plane of a (B, C, H, W) tensor
-// per task, patch by patch: a 32x32 fp32 plane is 4 KiB, so the plane stays
-// in L1 while its patches are visited, and each pixel is read or written once.
+// Every map kernel walks the contiguous (H, W) planes of a (B, C, H, W) tensor
+// one at a time, patch by patch: a 32x32 fp32 plane is 4 KiB, so the plane
+// stays in L1 while its patches are visited, and each pixel is read or written
+// once. A task is a block of planes (channel_block) of one sample.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -137,8 +138,8 @@ void sum_rows(const scalar_t* __restrict rows, int64_t count, int64_t width, acc
 }
 
 // out = weight * grad + add over a row. The pointers never overlap; saying so
-// spares the vectorized loop a runtime overlap check, which costs as much as
-// the loop itself on the rows of a 16-pixel-wide map.
+// spares the vectorized loop its runtime overlap check per row, which took
+// ~8% of the outputs backward on 16-pixel rows.
 template <typename scalar_t, typename acc_t>
 void multiply_add_row(const acc_t* __restrict weight, const scalar_t* __restrict grad,
                       const acc_t* __restrict add, scalar_t* __restrict out, int64_t n) {
