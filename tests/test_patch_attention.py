@@ -153,7 +153,7 @@ MAP_CASES = [((16, 16), (8, 8), 70), ((12, 16), (12, 4), 5), ((15, 16), (3, 2), 
 def test_compiled_map_kernels(dtype, size, grid, C):
     if "cpu" not in _KERNELS:
         pytest.skip("the compiled extension is not built")
-    pool, _, _, _, outputs_backward = _KERNELS["cpu"]
+    pool, pool_backward, _, _, outputs_backward = _KERNELS["cpu"]
     (H, W), B, K = size, 2, 3
     P = grid[0] * grid[1]
     maps = [torch.randn(B, C, H, W, device=DEVICE).to(dtype) for _ in range(K)]
@@ -175,6 +175,12 @@ def test_compiled_map_kernels(dtype, size, grid, C):
         want = w_pixel[:, :, k].reshape(B, 1, H, W) * grad.double() + add
         assert got[k].dtype == dtype
         assert_close(got[k], want, dtype, what=f"patch_attention_outputs_backward[{k}]")
+
+    grad_means = grad_pooled[:, :, 0].contiguous()  # (B, P, C)
+    got = pool_backward(grad_means, list(grid), H, W, dtype)
+    want = (grad_means.double() / mosaic.sum(0)[:, None])[:, patch_of_pixel]  # (B, HW, C)
+    assert got.dtype == dtype
+    assert_close(got, want.permute(0, 2, 1).reshape(B, C, H, W), dtype, what="patch_pool_backward")
 
 
 # ---- patch_softmax_attention --------------------------------------------------------

@@ -249,21 +249,33 @@ at::Tensor patch_pool_backward_cpu(const at::Tensor& grad, at::IntArrayRef grid,
     const acc_t* gp = g.const_data_ptr<acc_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const auto inv_counts = mosaic.inverse_counts<acc_t>();
-    at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
-      for (const auto bc : c10::irange(begin, end)) {
-        const int64_t b = bc / C, c = bc % C;
-        scalar_t* plane = dst + bc * height * width;
-        for (const auto ph : c10::irange(mosaic.gh)) {
-          for (const auto pw : c10::irange(mosaic.gw)) {
-            const int64_t p = ph * mosaic.gw + pw;
-            const auto v = static_cast<scalar_t>(gp[(b * P + p) * C + c] * inv_counts[p]);
-            for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
-              scalar_t* row = plane + h * width;
-              for (int64_t w = mosaic.cols[pw]; w < mosaic.cols[pw + 1]; ++w) row[w] = v;
+    const int64_t block = channel_block(P), blocks = (C + block - 1) / block;
+    with_patch_width(mosaic, [&](auto patch_width) {
+      // One task = `block` planes (b, c0 + i). Each patch row's values are
+      // spread over one row once and copied to the patch row's pixel rows.
+      at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> values(block * P), row(width);
+        for (const auto task : c10::irange(begin, end)) {
+          const int64_t b = task / blocks, c0 = task % blocks * block;
+          const int64_t channels = std::min(block, C - c0);
+          // values[i][p] = grad[b, p, c0 + i] / |p|, read as runs of channels.
+          for (const auto p : c10::irange(P)) {
+            const acc_t* src = gp + (b * P + p) * C + c0;
+            for (const auto i : c10::irange(channels)) values[i * P + p] = src[i] * inv_counts[p];
+          }
+          for (const auto i : c10::irange(channels)) {
+            scalar_t* plane = dst + (b * C + c0 + i) * height * width;
+            for (const auto ph : c10::irange(mosaic.gh)) {
+              spread_patch_columns<patch_width()>(values.data() + i * P + ph * mosaic.gw, row.data(),
+                                                  mosaic);
+              for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
+                std::transform(row.begin(), row.end(), plane + h * width,
+                               [](acc_t v) { return static_cast<scalar_t>(v); });
+              }
             }
           }
         }
-      }
+      });
     });
   });
   return out;
