@@ -316,6 +316,28 @@ def test_cpu_patch_paths_float64(shape, grid, K, requires):
 
 
 @pytest.mark.skipif("cpu" not in kernel_backends(), reason="needs the compiled CPU kernel")
+@pytest.mark.parametrize("K", range(1, 10))  # the fp32 one-pass kernels take K <= 8, tiles beyond
+@pytest.mark.parametrize("weights_shape", ["(K,)", "(B,K)"])
+@pytest.mark.parametrize("requires", ["both", "outputs", "weights"])
+def test_cpu_float32_runs(K, weights_shape, requires):
+    # 3 * 5 * 7 = 105 elements per sample: 13 vectors of 8 and a tail of 1;
+    # 20 * 33 * 30 = 19800: more than one work item (16384 elements) per sample.
+    for shape in ((2, 3, 5, 7), (2, 20, 33, 30)):
+        outputs = [torch.randn(shape, requires_grad=requires != "weights") for _ in range(K)]
+        w = torch.randn(K if weights_shape == "(K,)" else (2, K), requires_grad=requires != "outputs")
+        g = torch.randn(shape)
+        y = mixed_op(outputs, w, backend="cpu")
+        leaves = [t for t in [*outputs, w] if t.requires_grad]
+        ref64 = expected_mixed([o.double() for o in outputs], w.double())
+        assert_close(y, ref64, torch.float32, what="y")
+        got = torch.autograd.grad(y, leaves, g)
+        want = torch.autograd.grad(ref64, leaves, g.double())
+        for a, b in zip(got, want):
+            terms = y[0].numel() if a.shape == w.shape else 1  # grad w sums over a sample
+            assert_close(a, b, torch.float32, scale=math.sqrt(terms), what=f"grad {tuple(a.shape)}")
+
+
+@pytest.mark.skipif("cpu" not in kernel_backends(), reason="needs the compiled CPU kernel")
 @pytest.mark.parametrize("shape,grid", [((4, 600, 3, 8), (2, 2)), ((2, 8, 7, 40), (3, 2)),
                                         ((4, 8, 300), None)])
 def test_cpu_grad_weights_independent_of_threads(shape, grid):

@@ -74,11 +74,109 @@ inline void load(acc_t* __restrict__ out, const scalar_t* __restrict__ in, int64
   for (int64_t i = 0; i < n; ++i) out[i] = to_acc<acc_t>(in[i]);
 }
 
+// ---- fp32 runs of up to kOnePassOps ops: every op in one pass ---------------
+// For float32 with few ops, one pass over the whole run with all 2K+1 streams
+// open beats L1 tiles taken four ops at a time: the hardware prefetchers follow
+// uninterrupted streams instead of restarting on every tile and group (measured
+// at (64,16,32,32) K=8: backward 1.9 -> 1.7 ms, at torch.compile's single fused
+// loop). 8-float GCC vectors: AVX registers where this file is compiled for
+// AVX2, pairs of SSE registers otherwise.
+constexpr int64_t kOnePassOps = 8;
+using f32x8 = float __attribute__((vector_size(32)));
+// The same at any float address, aliasing float data.
+using f32x8_unaligned = float __attribute__((vector_size(32), aligned(4), may_alias));
+
+// Vectors go by reference: by value they would change the ABI where AVX is
+// not enabled.
+inline void load8(f32x8& v, const float* p) { v = *reinterpret_cast<const f32x8_unaligned*>(p); }
+
+inline void store8(float* p, const f32x8& v) { *reinterpret_cast<f32x8_unaligned*>(p) = v; }
+
+inline float sum8(const f32x8& v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// y[0:n] = sum_k w[k] * in[k][0:n], k = 0..G-1 left to right.
+template <int G>
+void forward_run_one_pass(const float* const* in, const float* w, int64_t n, float* y) {
+  f32x8 wv[G];
+  for (int k = 0; k < G; ++k) wv[k] = f32x8{} + w[k];
+  const int64_t blocked = n - n % 8;
+  for (int64_t i = 0; i < blocked; i += 8) {
+    f32x8 acc, x;
+    load8(x, in[0] + i);
+    acc = wv[0] * x;
+#pragma GCC unroll 8
+    for (int k = 1; k < G; ++k) {
+      load8(x, in[k] + i);
+      acc += wv[k] * x;
+    }
+    store8(y + i, acc);
+  }
+  for (int64_t i = blocked; i < n; ++i) {
+    float acc = w[0] * in[0][i];
+    for (int k = 1; k < G; ++k) acc += w[k] * in[k][i];
+    y[i] = acc;
+  }
+}
+
+// grad_in[k][0:n] = w[k] * g[0:n] (kOut) and dots[k] += sum(g * in[k]) (kDot), k < G.
+template <int G, bool kOut, bool kDot>
+void backward_run_one_pass(const float* g, const float* const* in, const float* w, int64_t n,
+                           float* const* grad_in, float* dots) {
+  f32x8 wv[G], partial[G];
+  for (int k = 0; k < G; ++k) {
+    wv[k] = f32x8{} + w[k];
+    partial[k] = f32x8{};
+  }
+  const int64_t blocked = n - n % 8;
+  for (int64_t i = 0; i < blocked; i += 8) {
+    f32x8 gv, x;
+    load8(gv, g + i);
+#pragma GCC unroll 8
+    for (int k = 0; k < G; ++k) {
+      if constexpr (kOut) store8(grad_in[k] + i, wv[k] * gv);
+      if constexpr (kDot) {
+        load8(x, in[k] + i);
+        partial[k] += gv * x;
+      }
+    }
+  }
+  for (int k = 0; k < G; ++k) {
+    float dot = kDot ? sum8(partial[k]) : 0.0f;
+    for (int64_t i = blocked; i < n; ++i) {
+      if constexpr (kOut) grad_in[k][i] = w[k] * g[i];
+      if constexpr (kDot) dot += g[i] * in[k][i];
+    }
+    if constexpr (kDot) dots[k] += dot;
+  }
+}
+
+// Calls body(std::integral_constant<int, K>) for 1 <= K <= kOnePassOps.
+template <typename Body>
+void with_op_count(int64_t K, Body&& body) {
+  switch (K) {
+    case 1: return body(std::integral_constant<int, 1>{});
+    case 2: return body(std::integral_constant<int, 2>{});
+    case 3: return body(std::integral_constant<int, 3>{});
+    case 4: return body(std::integral_constant<int, 4>{});
+    case 5: return body(std::integral_constant<int, 5>{});
+    case 6: return body(std::integral_constant<int, 6>{});
+    case 7: return body(std::integral_constant<int, 7>{});
+    default: return body(std::integral_constant<int, 8>{});
+  }
+}
+
 // y[0:n] = sum_k w[k] * in[k][0:n]; in[k] and y already point at the run.
 template <typename scalar_t>
 void forward_run(const scalar_t* const* in, int64_t K, const acc_type<scalar_t>* w, int64_t n,
                  scalar_t* y) {
   using acc_t = acc_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (K <= kOnePassOps) {
+      return with_op_count(K, [&](auto G) { forward_run_one_pass<G()>(in, w, n, y); });
+    }
+  }
   acc_t tile[kAccumulatesInPlace<scalar_t> ? 1 : kTile];
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t m = std::min(kTile, n - t);
@@ -191,6 +289,19 @@ void backward_run(const scalar_t* g, const scalar_t* const* in, int64_t K,
                   const acc_type<scalar_t>* w, int64_t n, scalar_t* const* grad_in,
                   acc_type<scalar_t>* dots) {
   using acc_t = acc_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (K <= kOnePassOps) {
+      return with_op_count(K, [&](auto G) {
+        if (grad_in != nullptr && dots != nullptr) {
+          backward_run_one_pass<G(), true, true>(g, in, w, n, grad_in, dots);
+        } else if (grad_in != nullptr) {
+          backward_run_one_pass<G(), true, false>(g, in, w, n, grad_in, dots);
+        } else {
+          backward_run_one_pass<G(), false, true>(g, in, w, n, grad_in, dots);
+        }
+      });
+    }
+  }
   acc_t tile[kAccumulatesInPlace<scalar_t> ? 1 : kTile];
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t m = std::min(kTile, n - t);
