@@ -111,7 +111,7 @@ def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: 
                    probes: dict[str, Callable] | None = None) -> dict[str, list[float]]:
     """Seconds per step of each provider (and per call of each bandwidth probe,
     under the probe's name); reps interleaved round-robin, so that a noisy,
-    shared machine slows them alike, starting each round at the next provider."""
+    shared machine slows them alike."""
     probes = probes or {}
     for fn in fns.values():
         for _ in range(warmup):
@@ -119,13 +119,8 @@ def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: 
     time_probes(probes, device)
     sync(device)
     times = {name: [] for name in [*fns, *probes]}
-    names = list(fns)
-    for rep in range(reps):
-        # The order rotates every repetition: the leaves are shared, so each step
-        # frees the previous provider's gradients, and on the CPU whoever comes
-        # next reuses that memory instead of faulting in fresh pages.
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            fn = fns[name]
+    for _ in range(reps):
+        for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
             run_step(fn, inputs, mode)
