@@ -18,7 +18,8 @@ nasops call, and the SPEC's traffic floor). This module then provides:
   buffer the size of the case's inputs, timed in the same round-robin;
 - peak memory per provider (:func:`peak_memory_bytes`): on CUDA the peak of
   ``torch.cuda.max_memory_allocated`` above the inputs during one step; on the
-  CPU ``None`` (PyTorch's CPU allocator keeps no statistics);
+  CPU ``None`` (PyTorch's CPU allocator keeps no statistics), where the page
+  faults per step (``time_providers(faults=...)``) show what allocation cost;
 - markdown tables (:func:`markdown_table`).
 
 Used by pytest-benchmark suites (``pytest benchmarks/bench_<op>.py``) and by
@@ -26,6 +27,7 @@ Used by pytest-benchmark suites (``pytest benchmarks/bench_<op>.py``) and by
 """
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -96,11 +98,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clear_grads(inputs: Inputs) -> None:
+    for t in inputs.leaves:
+        t.grad = None
+
+
 def run_step(fn: Callable[[dict], torch.Tensor], inputs: Inputs, mode: str) -> None:
     """One training-like step: grads set to None, forward, backward for fwd+bwd.
     The forward runs with autograd on in both modes, as in training."""
-    for t in inputs.leaves:
-        t.grad = None
+    clear_grads(inputs)
     y = fn(inputs.args)
     if mode == "fwd+bwd":
         y.backward(inputs.grad_out)
@@ -108,10 +114,17 @@ def run_step(fn: Callable[[dict], torch.Tensor], inputs: Inputs, mode: str) -> N
 
 def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: str, *,
                    warmup: int = 2, reps: int = 7,
-                   probes: dict[str, Callable] | None = None) -> dict[str, list[float]]:
+                   probes: dict[str, Callable] | None = None,
+                   faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Seconds per step of each provider (and per call of each bandwidth probe,
     under the probe's name); reps interleaved round-robin, so that a noisy,
-    shared machine slows them alike."""
+    shared machine slows them alike, in the orders of :func:`provider_orders`.
+    Gradients are cleared between steps,
+    untimed: the leaves are shared, and freeing one provider's gradients (glibc
+    may unmap them, with a TLB shootdown) must not be charged to the next one.
+    With ``faults``, also the process's minor
+    page faults during each timed step, per provider: on the CPU, first touches
+    of fresh pages from the OS, which can cost more than a step's arithmetic."""
     probes = probes or {}
     for fn in fns.values():
         for _ in range(warmup):
@@ -119,16 +132,39 @@ def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: 
     time_probes(probes, device)
     sync(device)
     times = {name: [] for name in [*fns, *probes]}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    for order in provider_orders(list(fns), reps):
+        for name in order:
+            fn = fns[name]
             sync(device)
+            faults_before = minor_page_faults()
             start = time.perf_counter()
             run_step(fn, inputs, mode)
             sync(device)
             times[name].append(time.perf_counter() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_page_faults() - faults_before)
+            clear_grads(inputs)
         for name, seconds in time_probes(probes, device).items():
             times[name].append(seconds)
     return times
+
+
+def provider_orders(names: list[str], reps: int) -> list[list[str]]:
+    """The order of the providers in each repetition: the given cyclic order and
+    its reverse in turn, each rotated, so that every provider runs in every
+    position and right after each of the others. On the CPU it matters: a step
+    runs up to 20 % slower right after one provider than after another (the
+    caches and the thread pool as the previous step left them)."""
+    orders = []
+    for rep in range(reps):
+        cycle = names if rep % 2 == 0 else names[::-1]
+        shift = rep // 2 % len(names)
+        orders.append(cycle[shift:] + cycle[:shift])
+    return orders
+
+
+def minor_page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def median(xs: Sequence[float]) -> float:

@@ -84,7 +84,8 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
     header = ["case", "mode", "eager ms", "compile ms"]
     for k in kernels:
         header += [f"{k} ms", "x eager", "x compile", "% BW"]
-    header += ["peak MiB (eager / compile / " + " / ".join(kernels) + ")"]
+    per_provider = "(eager / compile / " + " / ".join(kernels) + ")"
+    header += [("page faults / step " if device == "cpu" else "peak MiB ") + per_provider]
     rows, bandwidths = [], []
     for case in bench.cases(quick):
         inputs = case.make_inputs(device, torch.float32)
@@ -94,8 +95,9 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
         probes = harness.bandwidth_probes(device, probe_bytes)
         for mode in harness.MODES:
             start = time.perf_counter()
+            faults: dict[str, list[int]] = {}
             times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps,
-                                           probes=probes)
+                                           probes=probes, faults=faults)
             med = {name: harness.median(ts) for name, ts in times.items()}
             bandwidth = {name: probe_bytes / med.pop(name) for name in probes}
             bandwidths.append(bandwidth)
@@ -104,8 +106,11 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
             for k in kernels:
                 row += [fmt_ms(med[k]), f"{med['eager'] / med[k]:.2f}", f"{med['compile'] / med[k]:.2f}",
                         f"{100 * floor / med[k]:.0f}"]
-            peaks = [harness.peak_memory_bytes(fn, inputs, mode, device) for fn in fns.values()]
-            row.append(" / ".join(fmt_mib(p) for p in peaks))
+            if device == "cpu":
+                row.append(" / ".join(f"{harness.median(faults[name]):.0f}" for name in fns))
+            else:
+                peaks = [harness.peak_memory_bytes(fn, inputs, mode, device) for fn in fns.values()]
+                row.append(" / ".join(fmt_mib(p) for p in peaks))
             rows.append(row)
             print(f"  {case.group} {mode}: " + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in med.items())
                   + f"; floor {fmt_ms(floor)} ms ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -141,7 +146,9 @@ def section(bench, kind, device, quick, command, bandwidths, table) -> str:
                      "own, as with a caching allocator.")
     memory = ("peak MiB: torch.cuda.max_memory_allocated above the inputs during one step."
               if kind == "cuda" else
-              "peak MiB: n/a on the CPU (PyTorch's CPU allocator keeps no statistics).")
+              "page faults / step: median minor page faults of the process during a step (a "
+              "fault is a 4 KiB page touched for the first time); they stand in for peak "
+              "memory, which PyTorch's CPU allocator keeps no statistics of.")
     noise = "\n" + "\n\n".join(notes) + "\n" if notes else ""
     return "\n".join([
         f"<!-- BEGIN {bench.op} {kind} -->",
