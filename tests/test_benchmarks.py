@@ -25,3 +25,20 @@ def test_every_benchmark_suite_runs_one_case_per_provider():
         passed = [line for line in proc.stdout.splitlines()
                   if f"::test_{suite}[" in line and "PASSED" in line]
         assert len(passed) >= 3, f"{suite}: {len(passed)} providers passed"  # eager, compile, nasops
+
+
+def test_provider_orders_put_every_provider_in_every_position_and_after_every_other():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    names = ["eager", "compile", "nasops-cpu"]
+    orders = harness.provider_orders(names, 2 * len(names))
+    assert all(sorted(order) == sorted(names) for order in orders)
+    positions = {(i, name) for order in orders for i, name in enumerate(order)}
+    assert positions == {(i, name) for i in range(len(names)) for name in names}
+    # Within a repetition, and from the last of one to the first of the next.
+    sequence = [name for order in orders for name in order]
+    followers = {(a, b) for a, b in zip(sequence, sequence[1:]) if a != b}
+    assert followers == {(a, b) for a in names for b in names if a != b}
