@@ -10,7 +10,7 @@ nasops call, and the SPEC's traffic floor). This module then provides:
   device (:func:`providers`);
 - a training-like step (:func:`run_step`): grads of the leaves set to None,
   forward, and for mode ``fwd+bwd`` a backward with a fixed upstream gradient;
-- timing (:func:`time_providers`): warm-up, then repetitions interleaved
+- timing (:func:`time_providers`): warm-up, then blocks of steps interleaved
   round-robin over providers so that a noisy, shared machine slows them alike;
   the median is reported;
 - the bandwidth of the same machine measured in the same run
@@ -113,48 +113,60 @@ def run_step(fn: Callable[[dict], torch.Tensor], inputs: Inputs, mode: str) -> N
 
 
 def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: str, *,
-                   warmup: int = 2, reps: int = 7,
+                   warmup: int = 2, reps: int = 9, block: int = 3,
                    probes: dict[str, Callable] | None = None,
                    faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Seconds per step of each provider (and per call of each bandwidth probe,
-    under the probe's name); reps interleaved round-robin, so that a noisy,
-    shared machine slows them alike, in the orders of :func:`provider_orders`.
-    Gradients are cleared between steps,
-    untimed: the leaves are shared, and freeing one provider's gradients (glibc
-    may unmap them, with a TLB shootdown) must not be charged to the next one.
-    With ``faults``, also the process's minor
-    page faults during each timed step, per provider: on the CPU, first touches
-    of fresh pages from the OS, which can cost more than a step's arithmetic."""
+    under the probe's name), ``reps`` steps each.
+
+    The steps run in blocks: a provider runs one untimed step and then ``block``
+    timed ones, and the blocks go round-robin (in the orders of
+    :func:`provider_orders`), so that a noisy, shared machine slows every
+    provider alike while each timed step follows a step of its own, as in
+    training. On the CPU that matters: glibc hands a step's allocations the
+    memory the previous step freed, and after another provider's step that is
+    often fresh pages from the OS (measured: nasops' mixed_op step at 0 page
+    faults run alone, 4000-8000 a step interleaved step by step with
+    torch.compile's). Gradients are cleared between steps, untimed.
+
+    With ``faults``, also the process's minor page faults during each timed
+    step, per provider: first touches of fresh pages, which on the CPU can cost
+    more than a step's arithmetic.
+    """
     probes = probes or {}
     for fn in fns.values():
         for _ in range(warmup):
             run_step(fn, inputs, mode)
+            clear_grads(inputs)
     time_probes(probes, device)
     sync(device)
     times = {name: [] for name in [*fns, *probes]}
-    for order in provider_orders(list(fns), reps):
+    rounds = -(-reps // block)
+    for order in provider_orders(list(fns), rounds):
         for name in order:
             fn = fns[name]
-            sync(device)
-            faults_before = minor_page_faults()
-            start = time.perf_counter()
-            run_step(fn, inputs, mode)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            if faults is not None:
-                faults.setdefault(name, []).append(minor_page_faults() - faults_before)
+            run_step(fn, inputs, mode)  # settles the heap after the previous provider
             clear_grads(inputs)
-        for name, seconds in time_probes(probes, device).items():
-            times[name].append(seconds)
+            for _ in range(block):
+                sync(device)
+                faults_before = minor_page_faults()
+                start = time.perf_counter()
+                run_step(fn, inputs, mode)
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+                if faults is not None:
+                    faults.setdefault(name, []).append(minor_page_faults() - faults_before)
+                clear_grads(inputs)
+        for _ in range(block):
+            for name, seconds in time_probes(probes, device).items():
+                times[name].append(seconds)
     return times
 
 
 def provider_orders(names: list[str], reps: int) -> list[list[str]]:
-    """The order of the providers in each repetition: the given cyclic order and
-    its reverse in turn, each rotated, so that every provider runs in every
-    position and right after each of the others. On the CPU it matters: a step
-    runs up to 20 % slower right after one provider than after another (the
-    caches and the thread pool as the previous step left them)."""
+    """The order of the providers in each round: the given cyclic order and its
+    reverse in turn, each rotated, so that every provider runs in every
+    position and right after each of the others."""
     orders = []
     for rep in range(reps):
         cycle = names if rep % 2 == 0 else names[::-1]
