@@ -47,9 +47,10 @@ WARM_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 <
 PREAMBLE = """# nasops benchmark results
 
 Written by `python benchmarks/report.py` (see its docstring); one section per op
-and device kind. Times are medians of repetitions interleaved round-robin over
-the providers; a step is what training runs: grads set to None, forward, and
-for `fwd+bwd` a backward with a fixed upstream gradient. `x eager` and
+and device kind. Times are medians of steps timed in blocks (one untimed step,
+then three timed) interleaved round-robin over the providers; a step is what
+training runs: forward, and for `fwd+bwd` a backward with a fixed upstream
+gradient, grads set to None between steps. `x eager` and
 `x compile` are speed-ups of the nasops kernel (higher is better); `% BW` is
 the SPEC traffic floor at the read/write bandwidth measured in the same run,
 divided by the median time (100 % = at the floor).
