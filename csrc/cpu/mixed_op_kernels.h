@@ -135,8 +135,7 @@ void backward_run_one_pass(const float* g, const float* const* in, const float* 
     load8(gv, g + i);
     // All loads before all stores: the streams are often equally aligned
     // (tensors of one size from the allocator), and a load that follows a store
-    // at the same address modulo 4 KiB waits for it (4K aliasing): interleaved,
-    // that halved the speed.
+    // to the same address modulo 4 KiB may wait for it (4K aliasing).
     if constexpr (kDot) {
 #pragma GCC unroll 8
       for (int k = 0; k < G; ++k) {
