@@ -281,11 +281,11 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         acc = w.dtype
         B, P, D = q.shape
         C = Wk.shape[0]
+        w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
         # d loss / d w: through the weighted sum (live ops only), plus any use of
         # the returned w. Out of place: autograd's incoming gradients are not ours.
         grad_w = None if grad_w_out is None else grad_w_out.to(acc)
         if grad_y is not None:
-            w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
             mix_grad = ctx.mix[1](grad_y, live_outputs, w_live, list(grid), False, True)[1]
             if len(live_index) < K:  # Zero ops' weights get gradient only through the softmax
                 full = w.new_zeros(B, P, K)
@@ -321,7 +321,6 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
                            else grad_keys[:, :, live_index, :C].contiguous())  # (B, P, K_live, C)
             if grad_y is None:
                 grad_y = live_outputs[0].new_zeros(live_outputs[0].shape)
-            w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
             grads = outputs_backward(grad_y, w_live, grad_pooled, list(grid))
             grad_outputs = [g if need else None for g, need in zip(grads, need_outputs)]
         return (None, None, None, None, None, None, grad_x, grad_Wq, grad_Wk, grad_prior,
