@@ -53,7 +53,13 @@ QUICK_LAYERS_OTHER = 5
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "nb201_table", "quiet",
-                "deterministic", "threads")
+                "deterministic", "threads", "memory_format", "compile", "recompute_edges")
+
+# --memory-format auto, per device type: channels_last where the whole search
+# step measured faster (benchmarks/RESULTS.md, "Search step": on the CPU eager
+# PyTorch and nasops both about 2x). CUDA stays contiguous until measured on a
+# GPU: benchmarks/bench_search_step.py prints both layouts there.
+AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 
@@ -136,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of torch (torch.set_num_threads). Default: 1 for the 8x8 digits "
                         "(ops that small lose more to a thread pool than they gain, badly so on a busy "
                         "machine), torch's choice otherwise")
+    g.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                   help="layout of the network's feature maps; auto: "
+                        + ", ".join(f"{k} on {d}" for d, k in AUTO_MEMORY_FORMAT.items())
+                        + " (what measured faster)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the search network (fullgraph; on CUDA mode=reduce-overhead, "
+                        "CUDA graphs); the first steps pay the compilation")
+    g.add_argument("--recompute-edges", action="store_true",
+                   help="each mixed edge keeps only its input and recomputes its ops' outputs in the "
+                        "backward: less memory for more time, same results")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
@@ -266,6 +282,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     method_cls = methods.get(args.method)
     model = method_cls.build_model(args, data).to(device)
+    _prepare_network(model, args, device)
     if world_size > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
@@ -285,6 +302,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     for epoch in range(start_epoch, args.epochs):
         method.begin_epoch(epoch)
+        _prepare_network(method.model, args, device)  # a method may have built a new one
         record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
                               world_size, device, show=is_main and not args.quiet)
         history.append(record)
@@ -328,7 +346,9 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, leave=False,
                unit="step", dynamic_ncols=True)
-    batches = zip(train_loader.epoch(epoch), val_loader.epoch(epoch))
+    fmt = memory_format(args, device)
+    batches = ((_in_format(t, fmt), _in_format(v, fmt))
+               for t, v in zip(train_loader.epoch(epoch), val_loader.epoch(epoch)))
     for _, (train_batch, val_batch) in zip(range(steps), batches):
         s = method.step(train_batch, val_batch)
         sums += torch.tensor([s.train_loss, s.train_correct, s.train_count,
@@ -359,6 +379,36 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
         "samples_per_s": (sums[2] + sums[5]).item() / seconds,
         **method.describe(),
     }
+
+
+# ---- how the network runs: --memory-format, --recompute-edges, --compile -------------------
+
+def memory_format(args, device: torch.device) -> torch.memory_format:
+    """The feature-map layout of --memory-format on ``device`` (auto: AUTO_MEMORY_FORMAT)."""
+    name = AUTO_MEMORY_FORMAT[device.type] if args.memory_format == "auto" else args.memory_format
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def _prepare_network(model, args, device: torch.device) -> None:
+    """Lay out, recompute and compile ``model`` as the flags say; once per network
+    (the driver calls this again after every ``begin_epoch``)."""
+    if getattr(model, "_nasops_prepared", False):
+        return
+    model.to(memory_format=memory_format(args, device))
+    if args.recompute_edges and not model.set_recompute_edges(True):
+        raise SearchError(f"--recompute-edges: the {type(model).__name__} of --method {args.method} "
+                          f"has no mixed edge that can recompute")
+    if args.compile:
+        # Module.compile compiles in place: the state dict keeps its keys, so
+        # checkpoints of compiled and plain runs are interchangeable.
+        model.compile(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    model._nasops_prepared = True
+
+
+def _in_format(batch, fmt: torch.memory_format):
+    """(images in ``fmt``, labels): the network's layout from its first layer on."""
+    x, y = batch
+    return (x.contiguous(memory_format=fmt) if x.dim() == 4 else x), y
 
 
 # ---- output folder and checkpoints -----------------------------------------------------------

@@ -1,11 +1,13 @@
 """The interface every search network of ``nasops.spaces`` implements."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import nasops.ops
 
@@ -16,7 +18,18 @@ class MixedEdge(nn.Module):
     ``ops`` holds one module per candidate, ``None`` for the Zero op: its output
     is passed to ``mixed_op`` as ``None`` and never computed. ``op_names`` keeps
     the candidates' names in the order of the weights.
+
+    ``recompute`` (off; :meth:`SearchNetwork.set_recompute_edges`): the edge
+    keeps only its input for the backward and computes its ops' outputs again
+    there (``torch.utils.checkpoint``, non-reentrant, RNG state preserved), so
+    none of the K op outputs and their intermediates stays alive between the
+    forward and the backward. BatchNorm layers would update their running
+    statistics twice, once per forward; the recomputation restores them, so a
+    run with recomputation equals one without (the tests check losses,
+    gradients and running statistics).
     """
+
+    recompute = False
 
     def __init__(self, op_names, ops):
         super().__init__()
@@ -25,6 +38,21 @@ class MixedEdge(nn.Module):
         self._is_zero = [op is None for op in ops]
 
     def forward(self, x, weights):
+        if self.recompute and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # AOTAutograd recomputes the region from the traced graph and
+                # applies buffer mutations once, in the forward: no restoring needed
+                # (and dynamo takes no custom context_fn).
+                return torch.utils.checkpoint.checkpoint(self._mix, x, weights, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self._mix, x, weights, use_reentrant=False,
+                                                     context_fn=self._recompute_contexts)
+        return self._mix(x, weights)
+
+    def _recompute_contexts(self):
+        """(forward, recomputation) contexts of torch.utils.checkpoint."""
+        return contextlib.nullcontext(), _restored_buffers(self)
+
+    def _mix(self, x, weights):
         outputs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
         dtypes = {o.dtype for o in outputs if o is not None}
         if len(dtypes) > 1:
@@ -37,6 +65,21 @@ class MixedEdge(nn.Module):
                 common = functools.reduce(torch.promote_types, dtypes)
             outputs = [o if o is None else o.to(common) for o in outputs]
         return nasops.ops.mixed_op(outputs, weights)
+
+
+@contextlib.contextmanager
+def _restored_buffers(module: nn.Module):
+    """Run a block (a recomputation) that may update ``module``'s buffers — the
+    BatchNorm running statistics and batch counters — and put them back as they
+    were. Also when the block stops early: torch.utils.checkpoint ends a
+    recomputation by an exception once it has what the backward needs."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 class SearchNetwork(nn.Module):
@@ -83,6 +126,16 @@ class SearchNetwork(nn.Module):
                                      f"(edges, ops), got {tuple(w.shape)}")
                 mixing[t] = w
         return mixing
+
+    def set_recompute_edges(self, enabled: bool = True) -> int:
+        """Switch recomputation on (or off) for every mixed edge (``MixedEdge.recompute``):
+        an edge then keeps only its input for the backward. Returns the number of
+        edges switched; an edge type of its own opts in with a ``recompute``
+        attribute that its forward honours."""
+        edges = [m for m in self.modules() if hasattr(type(m), "recompute")]
+        for m in edges:
+            m.recompute = enabled
+        return len(edges)
 
     # ---- description ----------------------------------------------------------------
     def op_names(self, cell_type: str) -> list[list[str]]:
