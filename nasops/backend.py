@@ -49,8 +49,21 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_AVAILABILITY: dict[str, str] | None = None
+
+
 def _availability() -> dict[str, str]:
-    """Backend name -> '' when usable, else the reason it is not."""
+    """Backend name -> '' when usable, else the reason it is not. Fixed for the
+    process (what was built and imported, the devices, TRITON_INTERPRET, which
+    Triton reads once): computed on the first call, as every op call asks.
+    (A module global rather than functools.lru_cache, which torch.compile warns about.)"""
+    global _AVAILABILITY
+    if _AVAILABILITY is None:
+        _AVAILABILITY = _find_availability()
+    return _AVAILABILITY
+
+
+def _find_availability() -> dict[str, str]:
     reasons = {"eager": ""}
     reasons["cpu"] = "" if extension_loaded() else _EXT_ERROR
     if not extension_loaded():

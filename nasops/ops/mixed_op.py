@@ -59,12 +59,15 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
     if name == "eager" or ref.numel() == 0:
         maps = dict(live)
         return reference.mixed_op([maps.get(k) for k in range(len(outputs))], weights, grid)
-    fwd, _ = kernel_for(_KERNELS, name, "mixed_op")
+    fwd, bwd = kernel_for(_KERNELS, name, "mixed_op")
 
     B = shape[0]
     K = len(outputs)
     if len(live) < K:
-        weights = weights[..., [k for k, _ in live]]
+        index = [k for k, _ in live]
+        # A run of live ops (DARTS: Zero first) is a view; others an index (slower per call).
+        weights = weights[..., index[0]:index[-1] + 1] if index[-1] - index[0] + 1 == len(index) \
+            else weights[..., index]
     w = weights.to(accumulation_dtype(ref.dtype))
     if len(shape) == 3:  # tokens (B, N, C) -> (B, 1, N, C)
         maps = [o.reshape(B, 1, shape[1], shape[2]) for _, o in live]
@@ -73,7 +76,42 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
         maps = [o for _, o in live]
         kernel_grid = list(grid) if w.dim() == 3 else [1, 1]
     w = w.reshape(B if w.dim() > 1 else 1, kernel_grid[0] * kernel_grid[1], len(live))
-    return fwd(maps, w, kernel_grid).reshape(shape)
+    if torch.compiler.is_compiling():
+        # The registered op: traced as one node, with the fake and autograd rules below.
+        return fwd(maps, w, kernel_grid).reshape(shape)
+    if torch.is_grad_enabled() and (w.requires_grad or any(m.requires_grad for m in maps)):
+        return _MixedOp.apply((fwd, bwd), kernel_grid, w, *maps).reshape(shape)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd(maps, w, kernel_grid).reshape(shape)
+
+
+class _MixedOp(torch.autograd.Function):
+    """The eager path of the kernels: the same forward and backward as the op's
+    registered autograd (below), without its Python layers. Those (the
+    tensor-list support of torch.library's autograd, a redispatch per call)
+    cost as much as the kernel of a small DARTS edge (measured: see
+    benchmarks/RESULTS.md, "Search step"). The kernels run below the autograd
+    dispatch key, straight to the CPU or CUDA (or Triton) implementation."""
+
+    @staticmethod
+    def forward(ctx, kernels, grid, weights, *maps):
+        fwd, bwd = kernels
+        with torch._C._AutoDispatchBelowAutograd():
+            y = fwd(list(maps), weights, grid)
+        ctx.bwd, ctx.grid = bwd, grid
+        ctx.save_for_backward(weights, *maps)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weights, *maps = ctx.saved_tensors
+        need_weights = ctx.needs_input_grad[2]
+        need_maps = ctx.needs_input_grad[3:]
+        with torch._C._AutoDispatchBelowAutograd():
+            grads, grad_w = ctx.bwd(grad, maps, weights, ctx.grid, any(need_maps), need_weights)
+        grads = [g if need else None for g, need in zip(grads, need_maps)] if grads else [None] * len(maps)
+        return None, None, (grad_w if need_weights else None), *grads
 
 
 def _check_weights(weights, K, shape, ref, grid):
