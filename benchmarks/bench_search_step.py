@@ -200,26 +200,23 @@ def measure_memory(provider, method, batch, device, steps, threads) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def largest_batch(fits, start: int = 64, limit: int = 1 << 14) -> int:
-    """The largest batch size b <= limit with fits(b), assuming fits is monotone
-    (True up to some size, False beyond): doubling from ``start``, then bisection.
-    0 when not even 1 fits."""
-    low, high = 0, None
+def largest_batch(fits, start: int = 64, limit: int = 1 << 14, resolution: int = 1) -> int:
+    """The largest batch size b <= limit with fits(b), to within ``resolution``
+    (the answer is a size that fits, at most resolution - 1 below the true
+    largest), assuming fits is monotone (True up to some size, False beyond):
+    doubling from ``start``, then bisection. 0 when not even 1 fits."""
+    low_fit, high = 0, None
     b = start
     while b <= limit:
         if fits(b):
-            low, b = b, b * 2
+            low_fit, b = b, b * 2
         else:
             high = b
             break
     if high is None:
-        return low
-    if low == 0:  # start did not fit: bisect below it
-        low_fit = 0
-        lo, hi = 1, high
-    else:
-        low_fit, lo, hi = low, low + 1, high
-    while lo < hi:
+        return low_fit
+    lo, hi = low_fit + 1, high  # the largest fit is in [low_fit, high)
+    while hi - lo >= resolution:
         mid = (lo + hi) // 2
         if fits(mid):
             low_fit, lo = mid, mid + 1
@@ -347,7 +344,8 @@ def report(results: dict, device: torch.device, providers: list[str], command: s
                   f"{SEARCH_STEPS_PER_EPOCH} steps (CIFAR-10, 25,000 + 25,000 images, batch 64).", "",
                   table(proj, ["method", "batch", "provider", "GPU-hours"])]
     if max_batches:
-        lines += ["", "Largest batch that fits (doubling from 64, then bisection):", "",
+        lines += ["", "Largest batch that fits (doubling from 64, then bisection to within 8; "
+                  "one step in a fresh process per try):", "",
                   table([[m, p, str(b)] for (m, p), b in max_batches.items()], ["method", "provider", "batch"])]
     lines.append(f"<!-- END search_step {kind} -->")
     return "\n".join(lines)
@@ -407,7 +405,7 @@ def main(argv=None) -> None:
             for p in providers:
                 def fits(b, p=p, method=method):
                     return "error" not in measure_memory(p, method, b, device, 1, args.threads)
-                max_batches[(method, p)] = largest_batch(fits)
+                max_batches[(method, p)] = largest_batch(fits, resolution=8)
                 print(f"  largest batch {method} {p}: {max_batches[(method, p)]}", flush=True)
     from report import update_results
     body = report(results, device, providers, command.strip(), args.quick, args.threads, max_batches)

@@ -53,6 +53,9 @@ def test_largest_batch_doubles_then_bisects():
         assert len(calls) <= 2 * 12
     assert bench_search_step.largest_batch(lambda b: False) == 0
     assert bench_search_step.largest_batch(lambda b: True, limit=512) == 512
+    for limit_fit in (37, 100, 1000):
+        found = bench_search_step.largest_batch(lambda b, f=limit_fit: b <= f, resolution=8)
+        assert limit_fit - 8 < found <= limit_fit
 
 
 def test_gpu_report_has_the_projection_and_the_largest_batches(monkeypatch):
