@@ -128,7 +128,9 @@ def run_step(method, args, data, device) -> None:
 
 # ---- time: every provider in one process, interleaved ---------------------------------------
 
-def time_providers(providers, method, batch, device, steps, warmup, threads) -> dict[str, list[float]]:
+def time_providers(providers, method, batch, device, steps, warmup, threads, profile=False):
+    """Median-ready step times per provider (and, with ``profile``, where one more
+    step's time goes per op category: profile_step)."""
     built = {p: build(p, method, batch, device, threads) for p in providers}
     data = batches(batch, device)
     for p, (m, args) in built.items():
@@ -144,8 +146,44 @@ def time_providers(providers, method, batch, device, steps, warmup, threads) -> 
             times[p].append(time.perf_counter() - start)
         print(f"    round {r + 1}/{steps}: " + ", ".join(f"{p} {times[p][-1]:.2f} s" for p in providers),
               flush=True)
+    profiles = {p: profile_step(*built[p], data, device) for p in providers} if profile else None
     nasops.set_backend(None)
-    return times
+    return times, profiles
+
+
+# Op categories of a step's profile: the first pattern an op's name contains wins.
+CATEGORIES = [
+    ("convolution", ("convolution", "conv2d", "conv_depthwise")),
+    ("batch norm", ("batch_norm",)),
+    ("relu", ("clamp_min", "relu", "threshold_backward")),
+    ("pooling", ("pool2d",)),
+    ("mixed edge sum (nasops kernels)", ("nasops::", "_MixedOp")),
+    ("elementwise mul / add / sum (eager weighted sums, node sums, grad accumulation)",
+     ("aten::mul", "aten::add", "aten::sum", "MulBackward", "AddBackward")),
+    ("allocation, copies, layout", ("aten::empty", "aten::copy_", "aten::clone", "aten::contiguous",
+                                    "aten::fill_", "aten::zero", "aten::resize_")),
+]
+
+
+def profile_step(method, args, data, device) -> dict[str, float]:
+    """Self time (CPU; device time on CUDA) of one step by op category, in seconds;
+    'total' is the whole step's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_step(method, args, data, device)
+    cuda = device.type == "cuda"
+    sums = {name: 0.0 for name, _ in CATEGORIES}
+    sums["other"] = 0.0
+    total = 0.0
+    for event in prof.key_averages():
+        t = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6
+        total += t
+        category = next((name for name, patterns in CATEGORIES if any(p in event.key for p in patterns)), "other")
+        sums[category] += t
+    sums["total"] = total
+    return sums
 
 
 # ---- memory: a fresh process per provider ----------------------------------------------------
@@ -343,6 +381,16 @@ def report(results: dict, device: torch.device, providers: list[str], command: s
         lines += ["", f"A whole search projected from the step time: {SEARCH_EPOCHS} epochs of "
                   f"{SEARCH_STEPS_PER_EPOCH} steps (CIFAR-10, 25,000 + 25,000 images, batch 64).", "",
                   table(proj, ["method", "batch", "provider", "GPU-hours"])]
+    for (method, batch), res in results.items():
+        if res.get("profile"):
+            prof = res["profile"]
+            cats = [name for name, _ in CATEGORIES] + ["other"]
+            prows = [[c] + [f"{prof[p][c]:.2f} ({100 * prof[p][c] / prof[p]['total']:.0f} %)" for p in providers]
+                     for c in cats]
+            prows.append(["total (profiled step)"] + [f"{prof[p]['total']:.2f}" for p in providers])
+            lines += ["", f"Where one step's time goes, {method}, batch {batch} (torch.profiler, self "
+                      f"{'device' if cuda else 'CPU'} seconds by op category; the profiler slows the "
+                      f"step):", "", table(prows, ["category"] + providers)]
     if max_batches:
         lines += ["", "Largest batch that fits (doubling from 64, then bisection to within 8; "
                   "one step in a fresh process per try):", "",
@@ -375,6 +423,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default torch's)")
     parser.add_argument("--layers", type=int, default=NETWORK["layers"], help="cells of the search network")
     parser.add_argument("--init-channels", type=int, default=NETWORK["init_channels"], help="its C")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per provider: its time by op category")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=None, help="default: search_step_<device>.png beside --out")
@@ -392,10 +442,11 @@ def main(argv=None) -> None:
     for method in args.methods:
         for batch in batches_:
             print(f"{method}, batch {batch}:", flush=True)
-            times = time_providers(providers, method, batch, device, steps, args.warmup, args.threads)
+            times, profiles = time_providers(providers, method, batch, device, steps, args.warmup, args.threads,
+                                             profile=args.profile)
             memory = {} if args.no_memory else {
                 p: measure_memory(p, method, batch, device, args.memory_steps, args.threads) for p in providers}
-            results[(method, batch)] = {"time": times, "memory": memory}
+            results[(method, batch)] = {"time": times, "memory": memory, "profile": profiles}
             print("  median: " + ", ".join(f"{p} {statistics.median(t):.3f} s" for p, t in times.items())
                   + ("\n  memory: " + json.dumps(memory) if memory else ""), flush=True)
     max_batches = None
