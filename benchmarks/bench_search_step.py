@@ -29,8 +29,9 @@ after warm-up steps (compilation for ``nasops-compile``), rounds of one step
 per provider, the order rotated every round, so a noisy machine slows all
 alike; the median per provider is reported, with its ratio to the eager
 providers. Memory: a fresh process per provider runs a few steps; on the CPU
-its peak resident set size (``getrusage``), and that peak minus the resident
-set before the first step (the step's own working memory); on CUDA
+its peak resident set size (VmHWM: getrusage's ru_maxrss survives execve and
+would report this script's own peak), and the peak during the steps minus the
+resident set before the first step (the steps' own working memory); on CUDA
 ``torch.cuda.max_memory_allocated``. ``--max-batch`` (CUDA) doubles then
 bisects the batch size until a step runs out of memory, per provider.
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -217,12 +217,17 @@ def child_memory(provider, method, batch, device, steps, threads) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     before = _status_bytes("VmRSS")
+    setup_peak = _status_bytes("VmHWM")
     reset = _reset_peak_rss()
     for _ in range(steps + WARMUP.get(provider, 0)):
         run_step(m, args, data, device)
-    # getrusage: the process's peak, imports included; VmHWM after the reset: the steps' peak.
-    result = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_before": before,
-              "steps_peak_rss": _status_bytes("VmHWM") if reset else None}
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a
+    # process started from a big one (this benchmark's parent) reports the
+    # parent's peak. VmHWM is this process's own: up to the setup (imports, the
+    # network), then, after the reset, the steps'.
+    steps_peak = _status_bytes("VmHWM")
+    result = {"peak_rss": max(setup_peak, steps_peak) if reset else steps_peak, "rss_before": before,
+              "steps_peak_rss": steps_peak if reset else None}
     if device.type == "cuda":
         result.update(peak_cuda=torch.cuda.max_memory_allocated(device), cuda_before=base)
     return result
@@ -366,7 +371,7 @@ def report(results: dict, device: torch.device, providers: list[str], command: s
         "",
         "Peak memory, a fresh process per provider: "
         + ("`torch.cuda.max_memory_allocated`." if cuda else
-           "peak resident set size of the process (`getrusage`, imports included); in "
+           "peak resident set size of the process (its VmHWM, imports included); in "
            "parentheses the steps' own memory: the peak during the steps (VmHWM, reset before "
            "the first step) minus the resident set before it."),
         "",
