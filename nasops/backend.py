@@ -49,17 +49,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_AVAILABILITY: dict[str, str] | None = None
-
-
 def _availability() -> dict[str, str]:
     """Backend name -> '' when usable, else the reason it is not. Fixed for the
     process (what was built and imported, the devices, TRITON_INTERPRET, which
-    Triton reads once): computed on the first call, as every op call asks.
-    (A module global rather than functools.lru_cache, which torch.compile warns about.)"""
-    global _AVAILABILITY
-    if _AVAILABILITY is None:
-        _AVAILABILITY = _find_availability()
+    Triton reads once): computed once, at import, as every op call asks. (Not
+    lazily: torch.compile would trace the first computation and guard on the
+    cache being empty, then recompile the whole network once it is filled.)"""
     return _AVAILABILITY
 
 
@@ -81,6 +76,9 @@ def _find_availability() -> dict[str, str]:
     else:
         reasons["triton"] = ""
     return reasons
+
+
+_AVAILABILITY = _find_availability()
 
 
 def backends() -> dict[str, dict]:

@@ -181,3 +181,23 @@ def test_compile_first_steps_match_eager(tmp_path, monkeypatch):
     assert compiled_with == {"fullgraph": True, "mode": None}  # reduce-overhead on CUDA only
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # architecture and weight steps
     _assert_same_run(plain, compiled, tmp_path / "plain", tmp_path / "compiled", rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_op_is_traced_once():
+    """The backend choice is fixed at import: a compiled function calling an op
+    is traced once, not again after the first call fills a lazy cache (dynamo
+    guards on module globals it read while tracing)."""
+    from nasops.ops.mixed_op import mixed_op
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda outs, w: mixed_op(outs, w).sum(), backend=count_graphs, fullgraph=True)
+    outputs = [torch.randn(2, 4, 5, 5) for _ in range(3)]
+    weights = torch.randn(3)
+    for _ in range(3):
+        step(outputs, weights)
+    assert len(graphs) == 1
