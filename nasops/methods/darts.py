@@ -126,8 +126,7 @@ class Darts:
     @classmethod
     def build_model(cls, args: argparse.Namespace, data) -> torch.nn.Module:
         """The search network for ``args`` (flags) and ``data`` (an ImageDataset)."""
-        return spaces.build(args.space, in_channels=data.in_channels, num_classes=data.num_classes,
-                            C=args.init_channels, layers=args.layers)
+        return spaces.from_args(args, data)
 
     @classmethod
     def from_args(cls, model: torch.nn.Module, args: argparse.Namespace, *, device: torch.device,
