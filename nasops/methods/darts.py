@@ -147,6 +147,13 @@ class Darts:
         A method may change its network here (``self.model``), e.g. a stage of a
         progressive search; it must then depend on ``epoch`` alone."""
 
+    def arch_penalty(self) -> torch.Tensor | None:
+        """A regulariser added to the architecture loss of every architecture step
+        (a function of the alphas alone, e.g. DASViT's fairness loss), or None.
+        Its gradient joins the alphas' after the all-reduce of the validation
+        gradient (it is the same on every rank)."""
+        return None
+
     def describe(self) -> dict:
         """The architecture as it stands: ``genotype``, ``genotype_str`` and the
         per-edge op weights ``edge_weights``; a method may add entries (they go
@@ -236,8 +243,11 @@ class Darts:
     def _arch_step(self, x, y):
         self.a_opt.zero_grad(set_to_none=True)
         loss, correct = self._loss(x, y)
-        grads = _grad(self.a_scaler.scale(loss), self.alphas)
-        for a, g in zip(self.alphas, self._average(grads)):
+        grads = self._average(_grad(self.a_scaler.scale(loss), self.alphas))
+        penalty = self.arch_penalty()
+        if penalty is not None:
+            grads = [g + p for g, p in zip(grads, _grad(self.a_scaler.scale(penalty), self.alphas))]
+        for a, g in zip(self.alphas, grads):
             a.grad = g
         self.a_scaler.step(self.a_opt)
         self.a_scaler.update()
@@ -280,6 +290,9 @@ class Darts:
                 p.copy_(b)
         hvp = self._average([(gp - gn) / (2 * eps) for gp, gn in zip(*alpha_grads)])
 
+        penalty = self.arch_penalty()
+        if penalty is not None:
+            d_alpha = [g + p for g, p in zip(d_alpha, _grad(penalty, self.alphas))]
         self.a_opt.zero_grad(set_to_none=True)
         for a, g, h in zip(self.alphas, d_alpha, hvp):
             a.grad = g - xi * h

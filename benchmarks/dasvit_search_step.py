@@ -1,0 +1,242 @@
+"""DASViT search step: memory and time at token ratio 0.5 vs 1.0 vs eager literal selection.
+
+A step is what ``python -m nasops.search --method dasvit`` runs per batch
+(:meth:`nasops.methods.dasvit.DasVit.step`): an architecture step on a
+validation batch (forward, backward to the alphas, fairness loss, Adam) and a
+weight step on a training batch (forward, backward, AdamW), on the first
+stage's network (all 8 ops on every edge). Providers:
+
+- ``ratio-1.0``: no token selection (plain DARTS mixed edges);
+- ``ratio-0.5``: partial token selection with :func:`nasops.ops.topk_tokens`
+  (the O(N*D) score, ``--backend``'s kernel);
+- ``ratio-0.5-literal``: the same selection written as DASViT's formula reads,
+  in eager PyTorch: the N x N score matrix ``Q K^T / sqrt(C)``, its mean over
+  the keys, ``topk``, gather, straight-through gate.
+
+Memory: each provider in a fresh process (``--child``), which builds the
+network, the method and the batches, notes its peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``; on CUDA
+``torch.cuda.max_memory_allocated``), runs two steps and notes the peak again.
+The step's memory is the difference (activations, gradients, the optimizers'
+state); the absolute peak includes the Python process and torch itself.
+Time: the providers in one process, one untimed step each, then steps
+interleaved round-robin (rotating order); medians and ratios.
+
+    python benchmarks/dasvit_search_step.py                      # CPU, small width, writes RESULTS.md
+    python benchmarks/dasvit_search_step.py --device cuda --vit-base   # ViT-B width on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+import nasops  # noqa: E402
+import nasops.ops  # noqa: E402
+from nasops.methods.dasvit import DasVit  # noqa: E402
+from nasops.ops.topk_tokens import resolve_keep  # noqa: E402
+from nasops.spaces.vit import VitSearchNetwork  # noqa: E402
+
+PROVIDERS = ("ratio-1.0", "ratio-0.5", "ratio-0.5-literal")
+RESULTS = HERE / "RESULTS.md"
+SMALL = dict(embed_dim=64, depth=2, image_size=32, patch_size=4, batch_size=32)
+VIT_BASE = dict(embed_dim=768, depth=2, image_size=224, patch_size=16, batch_size=32)
+
+
+# ---- the eager literal selection (DASViT eqs. 13-15 as written) ---------------------------
+
+def literal_topk_tokens(x, q, k, keep, *, keep_cls=True, gate="straight_through", backend=None):
+    """topk_tokens's contract, computed through the (B, N, N) score matrix."""
+    n = x.shape[1]
+    keep = resolve_keep(keep, n)
+    scores = (q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])).mean(dim=-1)  # (B, N)
+    first = 1 if keep_cls else 0
+    top = torch.topk(scores[:, first:].detach(), keep - first, dim=1).indices + first
+    if keep_cls:
+        top = torch.cat([torch.zeros_like(top[:, :1]), top], dim=1)
+    idx = torch.sort(top, dim=1).values
+    x_sel = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    s_sel = torch.gather(scores, 1, idx).unsqueeze(-1)
+    if gate == "straight_through":
+        x_sel = x_sel * (1 + s_sel - s_sel.detach()).to(x.dtype)
+    elif gate == "sigmoid":
+        x_sel = x_sel * torch.sigmoid(s_sel).to(x.dtype)
+    return x_sel, idx, scores.to(x.dtype)
+
+
+# ---- one provider's search ----------------------------------------------------------------
+
+def make_search(provider: str, cfg: dict, device: torch.device, seed: int = 0):
+    """(method, train batch, val batch) of ``provider`` at sizes ``cfg``."""
+    torch.manual_seed(seed)
+    ratio = 1.0 if provider == "ratio-1.0" else 0.5
+    model = VitSearchNetwork(in_channels=3, num_classes=10, embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+                             image_size=cfg["image_size"], patch_size=cfg["patch_size"],
+                             token_ratio=ratio).to(device)
+    method = DasVit(model, epochs=1, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = (cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"])
+    batches = [(torch.randn(shape, generator=g).to(device), torch.randint(0, 10, (shape[0],), generator=g)
+                .to(device)) for _ in range(2)]
+    return method, batches[0], batches[1]
+
+
+def run_step(provider: str, method, train, val) -> None:
+    original = nasops.ops.topk_tokens
+    if provider.endswith("literal"):
+        nasops.ops.topk_tokens = literal_topk_tokens
+    try:
+        method.step(train, val)
+    finally:
+        nasops.ops.topk_tokens = original
+    if method.device.type == "cuda":
+        torch.cuda.synchronize(method.device)
+
+
+def child(provider: str, cfg: dict, device: torch.device) -> dict:
+    """Peak memory of two steps of ``provider`` in this (fresh) process."""
+    method, train, val = make_search(provider, cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(2):
+        run_step(provider, method, train, val)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"provider": provider, "before": before, "peak": peak, "step": peak - before}
+
+
+def measure_memory(providers, cfg, device, backend, threads) -> dict:
+    results = {}
+    for provider in providers:
+        cmd = [sys.executable, __file__, "--child", provider, "--device", str(device), "--backend", backend,
+               "--config", json.dumps(cfg)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{provider}: the memory run failed:\n{proc.stderr[-3000:]}")
+        results[provider] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def measure_time(providers, cfg, device, reps: int) -> dict:
+    searches = {p: make_search(p, cfg, device) for p in providers}
+    for p in providers:  # settle: first-touch allocations, optimizer state
+        run_step(p, *searches[p])
+    times = {p: [] for p in providers}
+    for r in range(reps):
+        order = providers[r % len(providers):] + providers[:r % len(providers)]
+        for p in order:
+            start = time.perf_counter()
+            run_step(p, *searches[p])
+            times[p].append(time.perf_counter() - start)
+    return times
+
+
+# ---- the report --------------------------------------------------------------------------
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
+def section(kind, cfg, device, backend, memory, times, command) -> str:
+    tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
+    base_mem = memory["ratio-1.0"]["step"]
+    base_time = statistics.median(times["ratio-1.0"])
+    peak_name = "max_memory_allocated" if kind == "cuda" else "peak RSS (ru_maxrss)"
+    lines = [
+        f"<!-- BEGIN dasvit-search-step {kind} -->",
+        f"## DASViT search step on {kind}",
+        "",
+        f"- Device: {_device_name(device)}; torch {torch.__version__}, nasops {nasops.__version__}, "
+        f"Python {platform.python_version()}, {torch.get_num_threads()} threads",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Command: `{command}`",
+        f"- Network: the first stage (depth {cfg['depth']}, 2 nodes, 5 edges per encoder, all 8 ops), "
+        f"embed dim {cfg['embed_dim']}, {cfg['image_size']}x{cfg['image_size']}x3 images, patch "
+        f"{cfg['patch_size']} ({tokens} tokens), batch {cfg['batch_size']} (train and validation), "
+        f"first order, fp32, topk_tokens backend `{backend}`",
+        f"- Step = architecture step + weight step (`DasVit.step`). Memory: {peak_name} of a fresh "
+        f"process per provider over two steps, minus its value before them (`step`); `peak` is the "
+        f"absolute value. Time: median of {len(times['ratio-1.0'])} interleaved steps per provider.",
+        "",
+        "| provider | step memory MiB | x ratio-1.0 | peak MiB | median step ms | x ratio-1.0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in PROVIDERS:
+        m, t = memory[p], statistics.median(times[p])
+        lines.append(f"| {p} | {_mib(m['step'])} | {m['step'] / base_mem:.2f} | {_mib(m['peak'])} | "
+                     f"{1e3 * t:.1f} | {t / base_time:.2f} |")
+    lines.append(f"<!-- END dasvit-search-step {kind} -->")
+    return "\n".join(lines)
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def update_results(path: Path, kind: str, body: str) -> None:
+    sys.path.insert(0, str(HERE))
+    import report  # the marker-section writer of the op benchmarks
+
+    report.update_results(path, {("dasvit-search-step", kind): body})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", help="nasops backend for topk_tokens and mixed_op")
+    parser.add_argument("--vit-base", action="store_true",
+                        help=f"ViT-Base width: {VIT_BASE} (default: {SMALL})")
+    parser.add_argument("--config", default=None, help="JSON of the sizes (overrides)")
+    parser.add_argument("--reps", type=int, default=7, help="timed steps per provider")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file ('-': print only)")
+    parser.add_argument("--child", choices=PROVIDERS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cfg = dict(VIT_BASE if args.vit_base else SMALL)
+    if args.config:
+        cfg.update(json.loads(args.config))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.backend != "auto":
+        nasops.set_backend(args.backend)
+    device = torch.device(args.device)
+    if args.child:
+        print(json.dumps(child(args.child, cfg, device)))
+        return
+    memory = measure_memory(list(PROVIDERS), cfg, device, args.backend, args.threads)
+    times = measure_time(list(PROVIDERS), cfg, device, args.reps)
+    command = "python benchmarks/dasvit_search_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    body = section(kind, cfg, device, args.backend, memory, times, command.strip())
+    print(body)
+    if str(args.out) != "-":
+        update_results(args.out, kind, body)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
