@@ -147,6 +147,31 @@ def test_edge_with_selection_matches_the_papers_formula_forward_and_backward():
         torch.testing.assert_close(out[b, dropped], w[1] * x[b, dropped])
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_recomputed_selection_has_the_gradients_of_the_direct_one(autocast):
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    weight = (0.5 * torch.randn(32, 16)).requires_grad_()
+    upstream = torch.randn(3, 4, 16)
+    results = []
+    for select in (lambda *a: vit.RecomputedSelection.apply(*a), vit.select_tokens):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            x_sel, idx = select(x, weight, 0.5, "straight_through")
+        results.append((x_sel, idx, torch.autograd.grad((x_sel.float() * upstream).sum(), [x, weight])))
+    (recomputed, idx_r, grads_r), (direct, idx_d, grads_d) = results
+    assert torch.equal(idx_r, idx_d) and torch.equal(recomputed, direct)
+    for g_r, g_d in zip(grads_r, grads_d):
+        assert torch.equal(g_r, g_d)
+
+
+def test_recomputed_selection_gradcheck_with_the_sigmoid_gate():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: vit.RecomputedSelection.apply(x, w, 0.5, "sigmoid")[0],
+                                    (x, weight))
+
+
 def test_selection_without_identity_leaves_dropped_tokens_zero():
     torch.manual_seed(0)
     ops = ("none", "msa_h8", "mlp_r4")

@@ -66,7 +66,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 import nasops.ops
 from nasops.ops.reference import TOKEN_GATES
@@ -244,13 +244,7 @@ class VitMixedEdge(nn.Module):
                        for n in self.op_names]
             return nasops.ops.mixed_op(one_dtype(outputs, x.device.type), weights)
 
-        if torch.is_grad_enabled():
-            # Recompute the selection in the backward pass rather than keep its (B, N, 2C)
-            # query and key projections: at ratio 0.5 they would be a tenth of the memory
-            # the selection is there to save (benchmarks/RESULTS.md, "DASViT search step").
-            x_sel, idx = checkpoint(self._select, x, use_reentrant=False)
-        else:
-            x_sel, idx = self._select(x)
+        x_sel, idx = RecomputedSelection.apply(x, self.selector.weight, self.token_ratio, self.token_gate)
         outputs = [None if n in PARAMETER_FREE else self.ops[_module_key(n)](x_sel) for n in self.op_names]
         y_sel = nasops.ops.mixed_op(one_dtype(outputs, x.device.type), weights)  # (B, keep, C)
         if self.identity is None:
@@ -260,11 +254,53 @@ class VitMixedEdge(nn.Module):
             y = (w_id.reshape(-1, 1, 1) * x).to(y_sel.dtype)
         return y.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), y_sel)
 
-    def _select(self, x):
-        """(x_sel (B, keep, C), idx (B, keep)): the kept tokens, gated, and their indices."""
-        q, k = self.selector(x).to(x.dtype).chunk(2, dim=-1)
-        x_sel, idx, _ = nasops.ops.topk_tokens(x, q, k, self.token_ratio, keep_cls=True, gate=self.token_gate)
+
+def select_tokens(x, weight, ratio, gate):
+    """(x_sel (B, keep, C), idx (B, keep)): the tokens of ``x`` that :func:`nasops.ops.topk_tokens`
+    keeps with the queries and keys ``x @ weight.T`` split in two (CLS kept), gated."""
+    q, k = F.linear(x, weight).to(x.dtype).chunk(2, dim=-1)
+    x_sel, idx, _ = nasops.ops.topk_tokens(x, q, k, ratio, keep_cls=True, gate=gate)
+    return x_sel, idx
+
+
+class RecomputedSelection(torch.autograd.Function):
+    """:func:`select_tokens`, recomputed in the backward pass.
+
+    Differentiating through it directly would keep the (B, N, 2C) queries and
+    keys of every edge until the backward pass: at ratio 0.5 about a tenth of
+    the memory the selection is there to save (benchmarks/RESULTS.md, "DASViT
+    search step"). The forward keeps only ``x`` (alive anyway) and the weight;
+    the backward redoes the selection under the forward's autocast state (same
+    tokens: it is deterministic) and differentiates it. torch.utils.checkpoint
+    would do the same, but its first use imports torch._dynamo (seconds per
+    process).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, ratio, gate):
+        device = x.device.type
+        ctx.recompute = (ratio, gate, device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x, weight)
+        x_sel, idx = select_tokens(x, weight, ratio, gate)
+        ctx.mark_non_differentiable(idx)
         return x_sel, idx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x_sel, grad_idx):
+        x, weight = ctx.saved_tensors
+        ratio, gate, device, autocast, dtype = ctx.recompute
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+            x = x.detach().requires_grad_(need_x)
+            weight = weight.detach().requires_grad_(need_weight)
+            x_sel, _ = select_tokens(x, weight, ratio, gate)
+            # A scalar, not grad_outputs=: autograd.grad with a gradient tensor imports
+            # torch.fx's symbolic shapes (seconds) on first use.
+            acc = torch.promote_types(x_sel.dtype, torch.float32)
+            product = (x_sel.to(acc) * grad_x_sel.to(acc)).sum()
+            grads = iter(torch.autograd.grad(product, [t for t in (x, weight) if t.requires_grad]))
+        return (next(grads) if need_x else None), (next(grads) if need_weight else None), None, None
 
 
 class VitSearchEncoder(nn.Module):
