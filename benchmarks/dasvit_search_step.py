@@ -42,9 +42,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
+import harness  # noqa: E402
 import nasops  # noqa: E402
 import nasops.ops  # noqa: E402
 from nasops.methods.dasvit import DasVit  # noqa: E402
@@ -168,8 +170,8 @@ def section(kind, cfg, device, backend, memory, times, command) -> str:
         f"<!-- BEGIN dasvit-search-step {kind} -->",
         f"## DASViT search step on {kind}",
         "",
-        f"- Device: {_device_name(device)}; torch {torch.__version__}, nasops {nasops.__version__}, "
-        f"Python {platform.python_version()}, {torch.get_num_threads()} threads",
+        f"- Device: {harness.device_name(str(device))} ({os.cpu_count()} cores); torch {torch.__version__}, "
+        f"nasops {nasops.__version__}, Python {platform.python_version()}",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Command: `{command}`",
         f"- Network: the first stage (depth {cfg['depth']}, 2 nodes, 5 edges per encoder, all 8 ops), "
@@ -191,14 +193,7 @@ def section(kind, cfg, device, backend, memory, times, command) -> str:
     return "\n".join(lines)
 
 
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
-
-
 def update_results(path: Path, kind: str, body: str) -> None:
-    sys.path.insert(0, str(HERE))
     import report  # the marker-section writer of the op benchmarks
 
     report.update_results(path, {("dasvit-search-step", kind): body})

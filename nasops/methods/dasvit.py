@@ -34,7 +34,9 @@ Optimisation (section IV-A): weights AdamW, lr 1e-3, weight decay 5e-2, cosine
 annealing. Where the paper is silent: as in P-DARTS, every stage starts fresh
 optimizers (its parameters changed) and its own cosine over its epochs; the
 architecture optimizer is DARTS's Adam (3e-4, betas (0.5, 0.999), wd 1e-3);
-gradients are clipped as in DARTS (``--grad-clip``).
+gradients are clipped as in DARTS (``--grad-clip``). With ``--second-order``
+the virtual step is Algorithm 1's gradient step ``w - xi (grad L_train + wd w)``
+(xi the current learning rate), not an AdamW step.
 """
 from __future__ import annotations
 
