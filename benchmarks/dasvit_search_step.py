@@ -13,12 +13,19 @@ stage's network (all 8 ops on every edge). Providers:
   in eager PyTorch: the N x N score matrix ``Q K^T / sqrt(C)``, its mean over
   the keys, ``topk``, gather, straight-through gate.
 
-Memory: each provider in a fresh process (``--child``), which builds the
-network, the method and the batches, notes its peak RSS
+Memory: each provider in a fresh process (``--child``) that builds the
+network, the method and the batches and notes its peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; on CUDA
-``torch.cuda.max_memory_allocated``), runs two steps and notes the peak again.
-The step's memory is the difference (activations, gradients, the optimizers'
-state); the absolute peak includes the Python process and torch itself.
+``torch.cuda.max_memory_allocated``): ``start``. It then takes one step on a
+batch of 2, which allocates the gradients and the optimizers' state and
+initialises the libraries (``warm``), and two steps on the full batches
+(``peak``). ``step = peak - warm`` is what a search step needs on top of the
+model, its gradients and optimizer state (activations, their gradients,
+temporaries): what the token ratio acts on; ``total = peak - start`` adds the
+gradients and optimizer state. On the CPU the children run with a fixed glibc
+mmap threshold (``MALLOC_MMAP_THRESHOLD_``): large blocks are then always
+mapped and unmapped, so the RSS follows the live memory instead of glibc's
+adaptive threshold (which moved the ratio-1.0 step by +-7 % between runs).
 Time: the providers in one process, one untimed step each, then steps
 interleaved round-robin (rotating order); medians and ratios.
 
@@ -55,8 +62,9 @@ from nasops.spaces.vit import VitSearchNetwork  # noqa: E402
 
 PROVIDERS = ("ratio-1.0", "ratio-0.5", "ratio-0.5-literal")
 RESULTS = HERE / "RESULTS.md"
-SMALL = dict(embed_dim=64, depth=2, image_size=32, patch_size=4, batch_size=32)
-VIT_BASE = dict(embed_dim=768, depth=2, image_size=224, patch_size=16, batch_size=32)
+MMAP_THRESHOLD = 1 << 16  # bytes; a fixed value also switches glibc's adaptive threshold off
+SMALL = dict(embed_dim=64, depth=2, image_size=32, patch_size=4, batch_size=64)  # DASViT searches with batch 64
+VIT_BASE = dict(embed_dim=768, depth=2, image_size=224, patch_size=16, batch_size=64)
 
 
 # ---- the eager literal selection (DASViT eqs. 13-15 as written) ---------------------------
@@ -109,22 +117,30 @@ def run_step(provider: str, method, train, val) -> None:
         torch.cuda.synchronize(method.device)
 
 
-def child(provider: str, cfg: dict, device: torch.device) -> dict:
-    """Peak memory of two steps of ``provider`` in this (fresh) process."""
-    method, train, val = make_search(provider, cfg, device)
+def _memory_mark(device: torch.device) -> int:
+    """The peak so far (CPU: the process's peak RSS); on CUDA the memory held now,
+    and the peak statistics restart from it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return torch.cuda.memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(provider: str, cfg: dict, device: torch.device) -> dict:
+    """Memory of ``provider``'s steps in this (fresh) process (see the module docstring)."""
+    method, train, val = make_search(provider, cfg, device)
+    start = _memory_mark(device)
+    run_step(provider, method, tuple(t[:2] for t in train), tuple(t[:2] for t in val))
+    warm = _memory_mark(device)
     for _ in range(2):
         run_step(provider, method, train, val)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"provider": provider, "before": before, "peak": peak, "step": peak - before}
+    return {"provider": provider, "start": start, "warm": warm, "peak": peak, "step": peak - warm,
+            "total": peak - start}
 
 
 def measure_memory(providers, cfg, device, backend, threads) -> dict:
@@ -134,7 +150,10 @@ def measure_memory(providers, cfg, device, backend, threads) -> dict:
                "--config", json.dumps(cfg)]
         if threads:
             cmd += ["--threads", str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        env = dict(os.environ)
+        if device.type == "cpu":
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{provider}: the memory run failed:\n{proc.stderr[-3000:]}")
         results[provider] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -163,9 +182,13 @@ def _mib(nbytes: float) -> str:
 
 def section(kind, cfg, device, backend, memory, times, command) -> str:
     tokens = (cfg["image_size"] // cfg["patch_size"]) ** 2 + 1
-    base_mem = memory["ratio-1.0"]["step"]
+    base_step, base_total = memory["ratio-1.0"]["step"], memory["ratio-1.0"]["total"]
     base_time = statistics.median(times["ratio-1.0"])
-    peak_name = "max_memory_allocated" if kind == "cuda" else "peak RSS (ru_maxrss)"
+    if kind == "cuda":
+        how = "`torch.cuda.max_memory_allocated` above the memory held before"
+    else:
+        how = (f"peak RSS (`ru_maxrss`) above its value before, glibc mmap threshold fixed at "
+               f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', MMAP_THRESHOLD)} B")
     lines = [
         f"<!-- BEGIN dasvit-search-step {kind} -->",
         f"## DASViT search step on {kind}",
@@ -178,17 +201,18 @@ def section(kind, cfg, device, backend, memory, times, command) -> str:
         f"embed dim {cfg['embed_dim']}, {cfg['image_size']}x{cfg['image_size']}x3 images, patch "
         f"{cfg['patch_size']} ({tokens} tokens), batch {cfg['batch_size']} (train and validation), "
         f"first order, fp32, topk_tokens backend `{backend}`",
-        f"- Step = architecture step + weight step (`DasVit.step`). Memory: {peak_name} of a fresh "
-        f"process per provider over two steps, minus its value before them (`step`); `peak` is the "
-        f"absolute value. Time: median of {len(times['ratio-1.0'])} interleaved steps per provider.",
+        f"- Step = architecture step + weight step (`DasVit.step`). Memory, each provider in a fresh "
+        f"process: {how}. `step`: two steps after a warm-up step on 2 samples (which allocated the "
+        f"gradients and optimizer state); `total`: from before the warm-up (gradients and optimizer "
+        f"state included). Time: median of {len(times['ratio-1.0'])} interleaved steps per provider.",
         "",
-        "| provider | step memory MiB | x ratio-1.0 | peak MiB | median step ms | x ratio-1.0 |",
-        "|---|---|---|---|---|---|",
+        "| provider | step MiB | x ratio-1.0 | total MiB | x ratio-1.0 | median step ms | x ratio-1.0 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in PROVIDERS:
         m, t = memory[p], statistics.median(times[p])
-        lines.append(f"| {p} | {_mib(m['step'])} | {m['step'] / base_mem:.2f} | {_mib(m['peak'])} | "
-                     f"{1e3 * t:.1f} | {t / base_time:.2f} |")
+        lines.append(f"| {p} | {_mib(m['step'])} | {m['step'] / base_step:.2f} | {_mib(m['total'])} | "
+                     f"{m['total'] / base_total:.2f} | {1e3 * t:.1f} | {t / base_time:.2f} |")
     lines.append(f"<!-- END dasvit-search-step {kind} -->")
     return "\n".join(lines)
 
