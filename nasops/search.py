@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import random
 import signal
 import sys
@@ -143,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default runs/<space>-<method>-<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
-    g.add_argument("--nb201-table", default=None, metavar="CSV",
-                   help="nb201: look up the found cell's 200-epoch test accuracies in this table")
+    g.add_argument("--nb201-table", nargs="?", const=str(nb201.BUILTIN_TABLE), default=None, metavar="CSV",
+                   help="nb201: the table of 200-epoch test accuracies the found cell is looked up in "
+                        "(default, or the flag alone: the NAS-Bench-201 table shipped with nasops)")
     return p
 
 
@@ -159,8 +161,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.layers = QUICK_LAYERS.get(args.space, QUICK_LAYERS_OTHER)
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
-    if args.nb201_table and not os.path.isfile(args.nb201_table):
-        parser.error(f"--nb201-table: no such file {args.nb201_table!r} (the NB201 accuracy CSV)")
+    if args.space == "nb201":
+        # Read now, so that a wrong table stops the run before the search, not after.
+        args.nb201_table = args.nb201_table or str(nb201.BUILTIN_TABLE)
+        if not os.path.isfile(args.nb201_table):
+            parser.error(f"--nb201-table: no such file {args.nb201_table!r} (the NB201 accuracy CSV)")
+        try:
+            table = nb201.load_table(args.nb201_table)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--nb201-table: {exc}".replace("\n", " "))
+        if len(table) != nb201.NUM_ARCHITECTURES:
+            parser.error(f"--nb201-table: {args.nb201_table} has {len(table)} architectures, "
+                         f"expected all {nb201.NUM_ARCHITECTURES} of NAS-Bench-201")
     for name in ("epochs", "batch_size", "layers", "init_channels", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
@@ -402,8 +414,24 @@ def _prepare_out(out: Path, args, config: dict):
         if not path.exists():
             raise SearchError(f"--resume: no checkpoint at {path}; start a new run without --resume")
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            # weights_only: a pickle may run code when loaded; only tensors, plain
+            # Python values and the numpy RNG state (_CHECKPOINT_GLOBALS) load.
+            with torch.serialization.safe_globals(_CHECKPOINT_GLOBALS):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             saved = checkpoint["config"]
+        except pickle.UnpicklingError as exc:
+            # torch's message is long and suggests weights_only=False: keep the
+            # line that names what was refused (a global or class: the file
+            # would run code), else the one saying why the file is unreadable.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            refused = [line for line in lines if "GLOBAL" in line or "allowlisted" in line]
+            if refused:
+                raise SearchError(f"--resume: refused to load the checkpoint {path}: it holds objects a "
+                                  f"nasops.search checkpoint never holds, and loading them could run code "
+                                  f"({refused[0]})") from None
+            detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+            raise SearchError(f"--resume: cannot read the checkpoint {path} (UnpicklingError: {detail}); "
+                              f"it is not a nasops.search checkpoint or it is damaged") from None
         except Exception as exc:  # any unreadable file is the same problem to the user
             raise SearchError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); "
                               f"it is not a nasops.search checkpoint or it is damaged") from None
@@ -424,6 +452,12 @@ def _prepare_out(out: Path, args, config: dict):
             p.unlink()
         out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+# What a checkpoint may hold besides tensors and plain Python values: the
+# pickled numpy RNG state (np.random.get_state(): a uint32 ndarray).
+_CHECKPOINT_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,
+                       np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _rng_states() -> dict:
