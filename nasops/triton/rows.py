@@ -24,7 +24,7 @@ _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 @triton.jit
 def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, rows, W, targets, SCATTER: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                      STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = r < rows
     target = tl.load(idx_ptr + r, mask=row_ok, other=0)
@@ -42,13 +42,23 @@ def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, rows, W, targets, SCATTER: tl.c
         src_row, dst_row = target, r
         read_ok = row_ok & in_range
         write_ok = row_ok
-    # Grid axis 1 is capped (CUDA allows 65535 programs there), so a program
-    # strides over the row's words; 64-bit offsets, since W may reach 2^31.
-    for w0 in range(tl.program_id(1).to(tl.int64) * BLOCK_W, W, tl.num_programs(1).to(tl.int64) * BLOCK_W):
-        w = w0 + tl.arange(0, BLOCK_W)
-        col_ok = (w < W)[None, :]
-        v = tl.load(src_ptr + src_row[:, None] * W + w[None, :], mask=read_ok[:, None] & col_ok, other=0)
-        tl.store(dst_ptr + dst_row[:, None] * W + w[None, :], v, mask=write_ok[:, None] & col_ok)
+    # Grid axis 1 is capped (CUDA allows 65535 programs there): with STRIDED a
+    # program strides over the row's words, 64-bit offsets since W may reach
+    # 2^31; without, it copies one tile (fewer registers: a loop keeps the tile's
+    # row offsets live).
+    if STRIDED:
+        for w0 in range(tl.program_id(1).to(tl.int64) * BLOCK_W, W, tl.num_programs(1).to(tl.int64) * BLOCK_W):
+            _copy_tile(src_ptr, dst_ptr, src_row, dst_row, read_ok, write_ok, w0 + tl.arange(0, BLOCK_W), W)
+    else:
+        _copy_tile(src_ptr, dst_ptr, src_row, dst_row, read_ok, write_ok,
+                   tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W), W)
+
+
+@triton.jit
+def _copy_tile(src_ptr, dst_ptr, src_row, dst_row, read_ok, write_ok, w, W):
+    col_ok = (w < W)[None, :]
+    v = tl.load(src_ptr + src_row[:, None] * W + w[None, :], mask=read_ok[:, None] & col_ok, other=0)
+    tl.store(dst_ptr + dst_row[:, None] * W + w[None, :], v, mask=write_ok[:, None] & col_ok)
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +91,8 @@ def _launch(src_words, dst_words, idx, rows, targets, scatter):
         return
     grid, block_r, block_w = _launch_shape(rows, W)
     _copy_rows_kernel[grid](src_words, dst_words, idx, rows, W, targets, SCATTER=scatter,
-                            BLOCK_R=block_r, BLOCK_W=block_w, num_warps=1 if _INTERPRET else 4)
+                            STRIDED=grid[1] * block_w < W, BLOCK_R=block_r, BLOCK_W=block_w,
+                            num_warps=1 if _INTERPRET else 4)
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
