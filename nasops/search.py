@@ -5,7 +5,7 @@ scikit-learn's 8x8 digits (no download) in about two minutes on a 2-core CPU,
 and writes its results to ``runs/<space>-<method>-<seed>`` (``runs/darts-darts-0``):
 
 - ``genotype.json``  the found architecture (space, method, genotype, its
-  string, seed, full config; NB201 accuracies with ``--nb201-table``);
+  string, seed, full config; for nb201 the found cell's NAS-Bench-201 accuracies);
 - ``cell_<type>.png`` the picture of each searched cell, ``weights_<type>.png``
   the heatmap of its edges' op weights;
 - ``metrics.jsonl``  one JSON object per epoch: losses, accuracies, lr, time,
@@ -26,22 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import nasops
 from nasops import data as datasets
-from nasops import methods, spaces
-from nasops.spaces import nb201
+from nasops import methods, runtime, spaces
 from nasops.backend import resolve
+from nasops.methods.darts import RunContext
+from nasops.runtime import write_text
+from nasops.spaces import nb201
 
 # What a search that needs no flags runs: sized to take about two minutes on a
 # 2-core CPU with the digits (measured in README.md).
@@ -57,7 +56,6 @@ RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "
                 "deterministic", "threads")
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
-OUTPUT_PATTERNS = ("cell_*.png", "weights_*.png", "checkpoint.pt.tmp*")
 
 # Test hooks (environment variables, used by tests/test_search.py only):
 # kill this process with SIGKILL right after the checkpoint of that (1-based) epoch is written,
@@ -66,8 +64,8 @@ _KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
 _DUMP_ALPHAS = "NASOPS_TEST_DUMP_ALPHAS"
 
 
-class SearchError(RuntimeError):
-    """A run that cannot start or continue, with the reason (bad out folder, checkpoint, ...)."""
+# A run that cannot start or continue, with the reason (bad out folder, checkpoint, ...).
+SearchError = runtime.RunError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nb201-table", nargs="?", const=str(nb201.BUILTIN_TABLE), default=None, metavar="CSV",
                    help="nb201: the table of 200-epoch test accuracies the found cell is looked up in "
                         "(default, or the flag alone: the NAS-Bench-201 table shipped with nasops)")
+
+    # Each method adds its own group; remember whose flags are whose, so that a
+    # run's config holds only its own method's.
+    p.method_flags = {}
+    for name, cls in methods.METHODS.items():
+        before = {a.dest for a in p._actions}
+        cls.add_arguments(p)
+        p.method_flags[name] = {a.dest for a in p._actions} - before
     return p
 
 
@@ -181,12 +187,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.train_portion < 1.0:
         parser.error(f"--train-portion: expected a fraction in (0, 1), got {args.train_portion}")
     args.arch_betas = tuple(args.arch_betas)
+    method = methods.get(args.method)
+    if method.spaces is not None and args.space not in method.spaces:
+        parser.error(f"--method {args.method} searches the spaces {', '.join(method.spaces)}; "
+                     f"got --space {args.space}")
+    try:
+        method.check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 
 def run_config(args: argparse.Namespace) -> dict:
-    """The settings that decide what a run computes (compared on --resume)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS}
+    """The settings that decide what a run computes (compared on --resume): the
+    common flags and the run's own method's, not where or how it runs."""
+    method_flags = build_parser().method_flags
+    others = set().union(*(flags for name, flags in method_flags.items() if name != args.method))
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS and k not in others}
 
 
 # ---- the run -----------------------------------------------------------------------------
@@ -204,7 +221,7 @@ def main(argv=None) -> dict:
 
 
 def _run(args) -> dict:
-    rank, world_size, device = _setup_distributed(args.device)
+    rank, world_size, device = runtime.setup_distributed(args.device)
     # main() may run in-process (tests, notebooks): leave the process-wide
     # settings as they were found.
     saved_backend = nasops.backend._override
@@ -227,7 +244,7 @@ def _run(args) -> dict:
 def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     is_main = rank == 0
     if args.deterministic:
-        _make_deterministic()
+        runtime.make_deterministic()
     try:
         resolve(args.backend, device)  # an unusable backend fails here, with the reason
     except ValueError as exc:
@@ -256,39 +273,36 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     if world_size > 1:
         dist.barrier()
 
-    _seed_everything(args.seed)
+    runtime.seed_everything(args.seed)
 
-    model = spaces.build(args.space, in_channels=data.in_channels, num_classes=data.num_classes,
-                            C=args.init_channels, layers=args.layers).to(device)
+    method_cls = methods.get(args.method)
+    model = method_cls.build_model(args, data).to(device)
     if world_size > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
-    method = methods.get(args.method)(
-        model, epochs=args.epochs, device=device, amp=amp, lr=args.lr, lr_min=args.lr_min,
-        momentum=args.momentum, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        arch_lr=args.arch_lr, arch_betas=args.arch_betas, arch_weight_decay=args.arch_weight_decay,
-        second_order=args.second_order)
+    method = method_cls.from_args(model, args, device=device, amp=amp)
 
     history: list[dict] = []
     start_epoch = 0
     if checkpoint is not None:
         try:
-            start_epoch, history = _restore(checkpoint, model, method, device)
+            start_epoch, history = _restore(checkpoint, method, device)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise SearchError(f"--resume: the checkpoint {out / 'checkpoint.pt'} does not fit this "
                               f"network and method ({type(exc).__name__}: {exc})") from None
         if is_main:
-            _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
     for epoch in range(start_epoch, args.epochs):
-        record = _train_epoch(args, epoch, steps, model, method, train_loader, val_loader,
+        method.begin_epoch(epoch)
+        record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
                               world_size, device, show=is_main and not args.quiet)
         history.append(record)
         if is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            _save_checkpoint(out / "checkpoint.pt", model, method, epoch + 1, history, config)
+            _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
                   f"acc {record['val_acc']:.4f} | lr {record['lr']:.5f} | {record['time']:.1f} s | "
@@ -296,26 +310,29 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
             if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    result = {"space": args.space, "method": args.method, "genotype": model.genotype(),
-              "genotype_str": model.genotype_str(), "seed": args.seed, "epochs": args.epochs,
-              "world_size": world_size, "config": config}
+    run = RunContext(args=args, data=data, train_loader=train_loader, val_loader=val_loader,
+                     device=device, rank=rank, world_size=world_size)
+    result = {"space": args.space, "method": args.method, **method.finish(run), "seed": args.seed,
+              "epochs": args.epochs, "world_size": world_size, "config": config}
     if args.nb201_table:
         result["nb201"] = nb201.lookup(result["genotype_str"], args.nb201_table)
     if is_main:
-        _write_outputs(out, model, result)
+        write_text(out / "genotype.json", json.dumps(result, indent=2) + "\n")
+        method.write_outputs(out, result)
         if "nb201" in result:
             print(f"NAS-Bench-201 200-epoch test accuracy of {result['genotype_str']}: "
                   + ", ".join(f"{k} {v}" for k, v in result["nb201"].items()), flush=True)
         print(f"genotype: {result['genotype_str']}\noutputs in {out}/", flush=True)
     if os.environ.get(_DUMP_ALPHAS):
-        torch.save([a.detach().cpu() for a in model.arch_parameters()],
+        torch.save([a.detach().cpu() for a in method.model.arch_parameters()],
                    os.path.join(os.environ[_DUMP_ALPHAS], f"alphas_rank{rank}.pt"))
     return {**result, "metrics": history, "out": str(out)}
 
 
-def _train_epoch(args, epoch, steps, model, method, train_loader, val_loader, world_size, device, show):
+def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_size, device, show):
     from tqdm import tqdm
 
+    model = method.model
     model.train()
     lr = method.lr
     sums = torch.zeros(6, dtype=torch.float64)  # train loss, correct, count; val loss, correct, count
@@ -351,59 +368,18 @@ def _train_epoch(args, epoch, steps, model, method, train_loader, val_loader, wo
         "val_loss": (sums[3] / sums[5]).item(), "val_acc": (sums[4] / sums[5]).item(),
         "lr": lr, "steps": steps, "time": seconds,
         "samples_per_s": (sums[2] + sums[5]).item() / seconds,
-        "genotype": model.genotype(), "genotype_str": model.genotype_str(),
-        "edge_weights": model.edge_weights(),
+        **method.describe(),
     }
-
-
-# ---- setup --------------------------------------------------------------------------------
-
-def _setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device_arg)
-    except RuntimeError:
-        raise SearchError(f"--device: expected auto, cpu, cuda or cuda:N, got {device_arg!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise SearchError(f"--device: expected auto, cpu, cuda or cuda:N, got {device_arg!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SearchError(f"--device {device_arg}: no CUDA device is visible to torch")
-        if world_size > 1:  # one GPU per process
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        elif device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)  # the CUDA RNG state we checkpoint is the current device's
-    if world_size == 1:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _make_deterministic() -> None:
-    # warn_only: a few CUDA kernels (pooling backward) have no deterministic
-    # variant; torch names them in a warning instead of stopping the search.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 # ---- output folder and checkpoints -----------------------------------------------------------
 
 def _run_files(out: Path) -> list[Path]:
     found = [out / name for name in OUTPUT_FILES if (out / name).exists()]
-    for pattern in OUTPUT_PATTERNS:
-        found += sorted(out.glob(pattern))
+    # Every method's files count as a run's: --out may hold a run of another method.
+    patterns = {"checkpoint.pt.tmp*", *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
+    for pattern in sorted(patterns):
+        found += sorted(p for p in out.glob(pattern) if p not in found)
     return found
 
 
@@ -413,28 +389,10 @@ def _prepare_out(out: Path, args, config: dict):
         path = out / "checkpoint.pt"
         if not path.exists():
             raise SearchError(f"--resume: no checkpoint at {path}; start a new run without --resume")
-        try:
-            # weights_only: a pickle may run code when loaded; only tensors, plain
-            # Python values and the numpy RNG state (_CHECKPOINT_GLOBALS) load.
-            with torch.serialization.safe_globals(_CHECKPOINT_GLOBALS):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            saved = checkpoint["config"]
-        except pickle.UnpicklingError as exc:
-            # torch's message is long and suggests weights_only=False: keep the
-            # line that names what was refused (a global or class: the file
-            # would run code), else the one saying why the file is unreadable.
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            refused = [line for line in lines if "GLOBAL" in line or "allowlisted" in line]
-            if refused:
-                raise SearchError(f"--resume: refused to load the checkpoint {path}: it holds objects a "
-                                  f"nasops.search checkpoint never holds, and loading them could run code "
-                                  f"({refused[0]})") from None
-            detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
-            raise SearchError(f"--resume: cannot read the checkpoint {path} (UnpicklingError: {detail}); "
-                              f"it is not a nasops.search checkpoint or it is damaged") from None
-        except Exception as exc:  # any unreadable file is the same problem to the user
-            raise SearchError(f"--resume: cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); "
-                              f"it is not a nasops.search checkpoint or it is damaged") from None
+        checkpoint = runtime.load_checkpoint(path)
+        saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+        if not isinstance(saved, dict):
+            raise SearchError(f"--resume: the file {path} is not a nasops.search checkpoint (no config)")
         pairs = {k: (saved.get(k, "<unset>"), config.get(k, "<unset>")) for k in sorted(set(saved) | set(config))}
         differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
         if differ:
@@ -454,64 +412,20 @@ def _prepare_out(out: Path, args, config: dict):
     return None
 
 
-# What a checkpoint may hold besides tensors and plain Python values: the
-# pickled numpy RNG state (np.random.get_state(): a uint32 ndarray).
-_CHECKPOINT_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,
-                       np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def _rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # This process's device only: touching every GPU would open a context on
-        # each of them from every DDP process.
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def _set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def _save_checkpoint(path: Path, model, method, epoch: int, history: list, config: dict) -> None:
-    state = {
-        "epoch": epoch, "config": config, "model": model.state_dict(),
-        "alphas": [a.detach().clone() for a in model.arch_parameters()],
-        "method": method.state_dict(), "rng": _rng_states(), "history": history,
+def _save_checkpoint(path: Path, method, epoch: int, history: list, config: dict) -> None:
+    # The architecture parameters are part of the network's state dict.
+    runtime.save_atomic({
+        "epoch": epoch, "config": config, "model": method.model.state_dict(),
+        "method": method.state_dict(), "rng": runtime.rng_states(), "history": history,
         "nasops_version": nasops.__version__,
-    }
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the old or the new checkpoint, never half of one
+    }, path)
 
 
-def _restore(checkpoint: dict, model, method, device) -> tuple[int, list]:
-    model.load_state_dict(checkpoint["model"])
-    with torch.no_grad():
-        for a, saved in zip(model.arch_parameters(), checkpoint["alphas"]):
-            a.copy_(saved.to(device))
-    method.load_state_dict(checkpoint["method"])
-    _set_rng_states(checkpoint["rng"])
+def _restore(checkpoint: dict, method, device) -> tuple[int, list]:
+    method.load_state_dict(checkpoint["method"])  # first: a method may rebuild its network here
+    method.model.load_state_dict(checkpoint["model"])
+    runtime.set_rng_states(checkpoint["rng"])
     return checkpoint["epoch"], list(checkpoint["history"])
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _write_outputs(out: Path, model, result: dict) -> None:
-    from nasops.spaces import plot
-    _write_text(out / "genotype.json", json.dumps(result, indent=2) + "\n")
-    for cell_type, table in model.edge_weights().items():
-        plot.plot_cell(result["genotype"], cell_type, str(out / f"cell_{cell_type}.png"))
-        plot.plot_edge_weights(table, str(out / f"weights_{cell_type}.png"),
-                               f"{result['space']} {cell_type} cell: op weights")
 
 
 if __name__ == "__main__":

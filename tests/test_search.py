@@ -261,9 +261,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     resumed = main(_tiny("darts", out, *args, "--resume"))
     assert resumed["genotype"] == full["genotype"]
     assert _comparable(_metrics(out)) == _comparable(_metrics(tmp_path / "full"))
-    for a, b in zip(torch.load(out / "checkpoint.pt", weights_only=False)["alphas"],
-                    torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["alphas"]):
-        assert torch.equal(a, b)
+    resumed_state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    full_state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    assert resumed_state.keys() == full_state.keys()
+    assert any(name.startswith("alphas_") for name in full_state)  # weights and architecture alike
+    for name, value in full_state.items():
+        assert torch.equal(resumed_state[name], value), name
 
 
 @pytest.mark.slow
@@ -282,7 +285,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_alphas(tmp_path):
     assert any(a.abs().max() > 0 for a in rank0)
     saved = json.loads((out / "genotype.json").read_text())
     assert saved["world_size"] == 2
-    assert torch.equal(torch.load(out / "checkpoint.pt", weights_only=False)["alphas"][0], rank0[0])
+    assert torch.equal(torch.load(out / "checkpoint.pt", weights_only=False)["model"]["alphas_normal"], rank0[0])
     # each rank saw its own half of every batch: 2 steps x 16 samples x 2 ranks per split
     assert _metrics(out)[0]["steps"] == 2
 
@@ -297,10 +300,9 @@ def test_kernel_backend_gives_the_eager_loss_curve(tmp_path, backend):
     for e, k in zip(eager["metrics"], kernel["metrics"]):
         for key in ("train_loss", "val_loss"):
             assert k[key] == pytest.approx(e[key], rel=1e-4, abs=1e-5), (key, e["epoch"])
-    alphas = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["alphas"]
+    alphas = [torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]["alphas_normal"]
               for name in ("eager", backend)]
-    for a, b in zip(*alphas):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alphas[1], alphas[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

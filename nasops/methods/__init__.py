@@ -1,15 +1,20 @@
 """Search methods (SPEC 4). Every method runs the DARTS bilevel loop and is a
 class with the interface of :class:`nasops.methods.darts.Darts`:
 
-- ``Method(model, *, epochs, device, amp, **hyperparameters)``;
+- what the driver asks of a method: its flags (``add_arguments``,
+  ``check_args``), the spaces it searches (``spaces``), its network
+  (``build_model``), its construction from the flags (``from_args``), the epoch
+  hook (``begin_epoch``), the architecture as it stands (``describe``), the end
+  of the run (``finish``) and its files (``write_outputs``, ``output_patterns``);
 - ``step(train_batch, val_batch) -> StepStats`` — one architecture step on the
   validation batch, then one weight step on the training batch;
 - ``end_epoch()`` — advances the learning-rate schedule;
 - ``lr`` — the weight learning rate of the current epoch;
+- ``model`` — the network it searches (a method may replace it in ``begin_epoch``);
 - ``state_dict()`` / ``load_state_dict()`` — optimizers, schedule, scalers.
 
-A new method (midas, dasvit, hardexit) subclasses ``Darts`` (or implements that
-interface) and adds one line to ``METHODS``.
+A new method subclasses ``Darts``, overrides what it needs and adds one line to
+``METHODS``.
 """
 from __future__ import annotations
 

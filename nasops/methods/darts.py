@@ -35,12 +35,30 @@ autocast instead.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from nasops import spaces
+
+
+@dataclass
+class RunContext:
+    """What the driver hands a method at the end of a search (:meth:`Darts.finish`):
+    the parsed flags, the data set, the loaders of both halves, and where it runs."""
+
+    args: argparse.Namespace
+    data: object  # nasops.data.ImageDataset
+    train_loader: object  # nasops.data.ShardedLoader over the weights' half
+    val_loader: object  # ... over the architecture's half
+    device: torch.device
+    rank: int
+    world_size: int
 
 
 @dataclass
@@ -60,9 +78,18 @@ class Darts:
 
     ``model`` has ``arch_parameters()`` and ``weight_parameters()`` and maps a batch
     of images to logits.
+
+    The driver (:mod:`nasops.search`) talks to a method only through the class
+    attributes and methods under "what the driver asks of a method"; a new method
+    subclasses ``Darts`` and overrides those it needs.
     """
 
     name = "darts"
+    # Spaces the method searches (None: every space of nasops.spaces.SPACES).
+    spaces: tuple[str, ...] | None = None
+    # Files (glob patterns, in --out) the method writes besides genotype.json,
+    # metrics.jsonl and checkpoint.pt: a new run refuses an --out holding them.
+    output_patterns: tuple[str, ...] = ("cell_*.png", "weights_*.png")
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, device: torch.device,
                  amp: torch.dtype | None = None, lr: float = 0.025, lr_min: float = 0.001,
@@ -85,7 +112,64 @@ class Darts:
         self.a_scaler = torch.amp.GradScaler(self.device.type, enabled=scale)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    # ---- public interface -------------------------------------------------------------
+    # ---- what the driver asks of a method -------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the method's own flags (an argument group named after it). Only the
+        flags a method adds here (and the common ones) enter its run's config."""
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Reject flag values the method cannot run with: ValueError naming the flag."""
+
+    @classmethod
+    def build_model(cls, args: argparse.Namespace, data) -> torch.nn.Module:
+        """The search network for ``args`` (flags) and ``data`` (an ImageDataset)."""
+        return spaces.build(args.space, in_channels=data.in_channels, num_classes=data.num_classes,
+                            C=args.init_channels, layers=args.layers)
+
+    @classmethod
+    def from_args(cls, model: torch.nn.Module, args: argparse.Namespace, *, device: torch.device,
+                  amp: torch.dtype | None) -> "Darts":
+        """The method for the driver's flags."""
+        return cls(model, epochs=args.epochs, device=device, amp=amp, **cls.hyperparameters(args))
+
+    @staticmethod
+    def hyperparameters(args: argparse.Namespace) -> dict:
+        """The keyword arguments of ``__init__`` that the common flags set."""
+        return dict(lr=args.lr, lr_min=args.lr_min, momentum=args.momentum,
+                    weight_decay=args.weight_decay, grad_clip=args.grad_clip, arch_lr=args.arch_lr,
+                    arch_betas=args.arch_betas, arch_weight_decay=args.arch_weight_decay,
+                    second_order=args.second_order)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before each epoch (0-based), also the first one after a resume.
+        A method may change its network here (``self.model``), e.g. a stage of a
+        progressive search; it must then depend on ``epoch`` alone."""
+
+    def describe(self) -> dict:
+        """The architecture as it stands: ``genotype``, ``genotype_str`` and the
+        per-edge op weights ``edge_weights``; a method may add entries (they go
+        into every epoch's metrics record)."""
+        return {"genotype": self.model.genotype(), "genotype_str": self.model.genotype_str(),
+                "edge_weights": self.model.edge_weights()}
+
+    def finish(self, run: RunContext) -> dict:
+        """Called on every rank after the last epoch; returns entries for the result
+        (genotype.json). The default is :meth:`describe` without the edge weights."""
+        return {k: v for k, v in self.describe().items() if k != "edge_weights"}
+
+    def write_outputs(self, out: Path, result: dict) -> None:
+        """Rank 0 writes the method's files into ``out`` (the driver writes
+        genotype.json): by default a picture and an op-weight heatmap per cell type."""
+        from nasops.spaces import plot
+        for cell_type, table in self.model.edge_weights().items():
+            plot.plot_cell(result["genotype"], cell_type, str(out / f"cell_{cell_type}.png"))
+            plot.plot_edge_weights(table, str(out / f"weights_{cell_type}.png"),
+                                   f"{result['space']} {cell_type} cell: op weights")
+
+    # ---- the step and its state ---------------------------------------------------------
 
     @property
     def lr(self) -> float:
@@ -106,11 +190,14 @@ class Darts:
         self.scheduler.step()
 
     def state_dict(self) -> dict:
+        """Optimizers, schedule, scalers (the driver saves the network's own state)."""
         return {"w_opt": self.w_opt.state_dict(), "a_opt": self.a_opt.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "w_scaler": self.w_scaler.state_dict(),
                 "a_scaler": self.a_scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. The driver calls it before it loads the network's
+        state into ``self.model``, so a method may rebuild its network here first."""
         self.w_opt.load_state_dict(state["w_opt"])
         self.a_opt.load_state_dict(state["a_opt"])
         self.scheduler.load_state_dict(state["scheduler"])

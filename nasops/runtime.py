@@ -1,0 +1,131 @@
+"""What every long-running command of nasops (``nasops.search``, and the
+commands that train or evaluate what it finds) needs around its loop: the
+process group under torchrun, seeding and determinism, RNG states for
+checkpoints, and files written atomically so that a kill at any moment leaves
+the old or the new file, never a torn one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue, with the reason (bad out folder, checkpoint, device, ...)."""
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun.
+
+    ``device_arg``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``;
+    under torchrun each process takes ``cuda:LOCAL_RANK``.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        raise RunError(f"--device: expected auto, cpu, cuda or cuda:N, got {device_arg!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RunError(f"--device: expected auto, cpu, cuda or cuda:N, got {device_arg!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {device_arg}: no CUDA device is visible to torch")
+        if world_size > 1:  # one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)  # the CUDA RNG state we checkpoint is the current device's
+    if world_size == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def make_deterministic() -> None:
+    # warn_only: a few CUDA kernels (pooling backward) have no deterministic
+    # variant; torch names them in a warning instead of stopping the run.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This process's device only: touching every GPU would open a context on
+        # each of them from every DDP process.
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (atomic)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``: a kill leaves
+    the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# What a checkpoint may hold besides tensors and plain Python values: the
+# pickled numpy RNG state of rng_states() (np.random.get_state(): a uint32 ndarray).
+CHECKPOINT_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,
+                      np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: Path, flag: str = "--resume") -> dict:
+    """Read a checkpoint written by :func:`save_atomic`; RunError naming ``flag`` otherwise.
+
+    Loaded with ``weights_only=True``: unpickling a file from elsewhere could
+    run code, so only tensors, plain Python values and CHECKPOINT_GLOBALS load;
+    a file holding anything else is refused, naming what it holds.
+    """
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is long and suggests weights_only=False: keep the line
+        # that names what was refused (a global or class: the file would run
+        # code), else the one saying why the file is unreadable.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = [line for line in lines if "GLOBAL" in line or "allowlisted" in line]
+        if refused:
+            raise RunError(f"{flag}: refused to load the checkpoint {path}: it holds objects a nasops "
+                           f"checkpoint never holds, and loading them could run code ({refused[0]})") from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        raise RunError(f"{flag}: cannot read the checkpoint {path} (UnpicklingError: {detail}); "
+                       f"it is not a nasops checkpoint or it is damaged") from None
+    except Exception as exc:  # any unreadable file is the same problem to the user
+        raise RunError(f"{flag}: cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); "
+                       f"it is not a nasops checkpoint or it is damaged") from None
