@@ -34,14 +34,11 @@ def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, rows, W, targets, SCATTER: tl.c
     # dereferenced: its gather row comes out zero, its scatter row is dropped.
     in_range = (target >= 0) & (target < targets)
     tl.device_assert(in_range | ~row_ok, "gather_rows/scatter_rows: an idx entry is outside [0, n)")
+    read_ok = row_ok & in_range
     if SCATTER:
-        src_row, dst_row = r, target
-        read_ok = row_ok & in_range
-        write_ok = read_ok
+        src_row, dst_row, write_ok = r, target, read_ok
     else:
-        src_row, dst_row = target, r
-        read_ok = row_ok & in_range
-        write_ok = row_ok
+        src_row, dst_row, write_ok = target, r, row_ok
     # Grid axis 1 is capped (CUDA allows 65535 programs there): with STRIDED a
     # program strides over the row's words, 64-bit offsets since W may reach
     # 2^31; without, it copies one tile (fewer registers: a loop keeps the tile's
