@@ -5,7 +5,7 @@ scikit-learn's 8x8 digits (no download) in about two minutes on a 2-core CPU,
 and writes its results to ``runs/<space>-<method>-<seed>`` (``runs/darts-darts-0``):
 
 - ``genotype.json``  the found architecture (space, method, genotype, its
-  string, seed, full config; NB201 accuracies with ``--nb201-table``);
+  string, seed, full config; for nb201 the found cell's NAS-Bench-201 accuracies);
 - ``cell_<type>.png`` the picture of each searched cell, ``weights_<type>.png``
   the heatmap of its edges' op weights;
 - ``metrics.jsonl``  one JSON object per epoch: losses, accuracies, lr, time,
@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default runs/<space>-<method>-<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
-    g.add_argument("--nb201-table", default=None, metavar="CSV",
-                   help="nb201: look up the found cell's 200-epoch test accuracies in this table")
+    g.add_argument("--nb201-table", nargs="?", const=str(nb201.BUILTIN_TABLE), default=None, metavar="CSV",
+                   help="nb201: the table of 200-epoch test accuracies the found cell is looked up in "
+                        "(default, or the flag alone: the NAS-Bench-201 table shipped with nasops)")
 
     # Each method adds its own group; remember whose flags are whose, so that a
     # run's config holds only its own method's.
@@ -168,8 +169,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.layers = QUICK_LAYERS.get(args.space, QUICK_LAYERS_OTHER)
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
-    if args.nb201_table and not os.path.isfile(args.nb201_table):
-        parser.error(f"--nb201-table: no such file {args.nb201_table!r} (the NB201 accuracy CSV)")
+    if args.space == "nb201":
+        try:
+            args.nb201_table = nb201.checked_table(args.nb201_table)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--nb201-table: {exc}".replace("\n", " "))
     for name in ("epochs", "batch_size", "layers", "init_channels", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")

@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default <genotype's folder>/train-<dataset>-<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
-    g.add_argument("--nb201-table", default=None, metavar="CSV",
-                   help="nb201: print the table's 200-epoch test accuracies beside the measured one")
+    g.add_argument("--nb201-table", nargs="?", const=str(nb201.BUILTIN_TABLE), default=None, metavar="CSV",
+                   help="nb201: the table whose 200-epoch test accuracies are printed beside the measured "
+                        "one (default, or the flag alone: the NAS-Bench-201 table shipped with nasops)")
     return p
 
 
@@ -364,8 +365,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"{feature.replace('_', '-')} (got {getattr(args, flag)}; use 0)")
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table: needs an nb201 genotype (this one is of space {args.space})")
-    if args.nb201_table and not os.path.isfile(args.nb201_table):
-        parser.error(f"--nb201-table: no such file {args.nb201_table!r} (the NB201 accuracy CSV)")
+    if args.space == "nb201":
+        try:
+            args.nb201_table = nb201.checked_table(args.nb201_table)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--nb201-table: {exc}".replace("\n", " "))
     return args
 
 
@@ -652,17 +656,14 @@ def _evaluate(model, data, batch_size, amp, rank, world_size, device) -> dict:
 
 
 def _nb201_accuracies(args, doc) -> dict | None:
-    """The NB201 table's accuracies of the genotype: from --nb201-table, else those the
-    search recorded in genotype.json; None for other spaces or without either."""
+    """The NB201 table's accuracies of the genotype (--nb201-table, by default the
+    shipped table); None for other spaces."""
     if args.space != "nb201":
         return None
-    if args.nb201_table:
-        try:
-            return nb201.lookup(doc["genotype"]["arch"], args.nb201_table)
-        except (KeyError, ValueError) as exc:
-            raise TrainError(f"--nb201-table {args.nb201_table}: {exc}") from None
-    recorded = doc.get("nb201")
-    return dict(recorded) if isinstance(recorded, dict) else None
+    try:
+        return nb201.lookup(doc["genotype"]["arch"], args.nb201_table)
+    except (KeyError, ValueError) as exc:
+        raise TrainError(f"--nb201-table {args.nb201_table}: {exc}") from None
 
 
 # ---- output folder ----------------------------------------------------------------------
