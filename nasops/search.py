@@ -5,13 +5,15 @@ scikit-learn's 8x8 digits (no download) in about two minutes on a 2-core CPU,
 and writes its results to ``runs/<space>-<method>-<seed>`` (``runs/darts-darts-0``):
 
 - ``genotype.json``  the found architecture (space, method, genotype, its
-  string, seed, full config; NB201 accuracies with ``--nb201-table``);
+  string, seed, full config; for nb201 the found cell's NAS-Bench-201 accuracies);
 - ``cell_<type>.png`` the picture of each searched cell, ``weights_<type>.png``
   the heatmap of its edges' op weights;
 - ``metrics.jsonl``  one JSON object per epoch: losses, accuracies, lr, time,
   throughput, the current genotype and the op-weight table of every edge;
 - ``checkpoint.pt``  everything needed to resume, rewritten atomically after
-  every epoch.
+  every epoch;
+- TensorBoard event files of the numbers in metrics.jsonl, when ``tensorboard``
+  is installed.
 
 ``torchrun --nproc_per_node=N -m nasops.search ...`` runs data parallel (gloo on
 CPU, nccl on CUDA): each rank sees its shard of every batch, all gradients
@@ -156,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default runs/<space>-<method>-<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
-    g.add_argument("--nb201-table", default=None, metavar="CSV",
-                   help="nb201: look up the found cell's 200-epoch test accuracies in this table")
+    g.add_argument("--nb201-table", nargs="?", const=str(nb201.BUILTIN_TABLE), default=None, metavar="CSV",
+                   help="nb201: the table of 200-epoch test accuracies the found cell is looked up in "
+                        "(default, or the flag alone: the NAS-Bench-201 table shipped with nasops)")
 
     # Each method adds its own group; remember whose flags are whose, so that a
     # run's config holds only its own method's.
@@ -185,8 +188,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{', '.join(given)}: only for --space vit (got --space {args.space})")
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
-    if args.nb201_table and not os.path.isfile(args.nb201_table):
-        parser.error(f"--nb201-table: no such file {args.nb201_table!r} (the NB201 accuracy CSV)")
+    if args.space == "nb201":
+        try:
+            args.nb201_table = nb201.checked_table(args.nb201_table)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--nb201-table: {exc}".replace("\n", " "))
     for name in ("epochs", "batch_size", "layers", "init_channels", "threads", *VIT_FLAGS):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
@@ -310,6 +316,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
             write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
+    writer = runtime.open_scalar_writer(out) if is_main else None  # None without tensorboard
     for epoch in range(start_epoch, args.epochs):
         method.begin_epoch(epoch)
         record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
@@ -319,12 +326,15 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
+            runtime.write_scalars(writer, record, epoch + 1)
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
                   f"acc {record['val_acc']:.4f} | lr {record['lr']:.5f} | {record['time']:.1f} s | "
                   f"{record['genotype_str']}", flush=True)
             if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
                 os.kill(os.getpid(), signal.SIGKILL)
+    if writer is not None:
+        writer.close()
 
     run = RunContext(args=args, data=data, train_loader=train_loader, val_loader=val_loader,
                      device=device, rank=rank, world_size=world_size)
@@ -395,7 +405,8 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
 def _run_files(out: Path) -> list[Path]:
     found = [out / name for name in OUTPUT_FILES if (out / name).exists()]
     # Every method's files count as a run's: --out may hold a run of another method.
-    patterns = {"checkpoint.pt.tmp*", *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
+    patterns = {"checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN,
+                *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
     for pattern in sorted(patterns):
         found += sorted(p for p in out.glob(pattern) if p not in found)
     return found

@@ -344,6 +344,39 @@ def test_nb201_lookup_full_table():
         assert nb201.format_arch(nb201.parse_arch(arch)) == arch
 
 
+def test_nb201_table_ships_with_nasops():
+    """Issue #10 item 8: the table is package data; checked against the reference
+    points of its source and the repository's excerpt (and the full CSV if here)."""
+    assert nb201.BUILTIN_TABLE.is_file() and nb201.BUILTIN_TABLE.name.endswith(".csv.gz")
+    table = nb201.load_table()
+    assert len(table) == nb201.NUM_ARCHITECTURES == 15625
+    assert round(nb201.lookup(BEST)["cifar10"], 2) == 94.37
+    assert round(nb201.lookup(ALL_SKIP)["cifar10"], 2) == 54.30
+    assert round(sum(r["cifar10"] for r in table.values()) / len(table), 2) == 87.06
+    assert max(table, key=lambda a: table[a]["cifar10"]) == BEST
+    for arch, accuracies in nb201.load_table(EXCERPT).items():
+        assert table[arch] == accuracies
+    if _full_table() is not None:
+        assert table == nb201.load_table(_full_table())
+    attribution = (nb201.BUILTIN_TABLE.parent / "README.md").read_text()
+    assert "NATS-Bench" in attribution and "nb201_test_accuracy.csv.gz" in attribution
+
+
+def test_nb201_table_errors_name_the_file_and_the_problem(tmp_path):
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="binary.csv is not a CSV table"):
+        nb201.load_table(binary)
+    broken_gz = tmp_path / "broken.csv.gz"
+    broken_gz.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError, match="broken.csv.gz is not a CSV table"):
+        nb201.load_table(broken_gz)
+    bad_value = tmp_path / "bad_value.csv"
+    bad_value.write_text(EXCERPT.read_text().splitlines()[0] + "\n" + f"high,1,2,{BEST},x\n")
+    with pytest.raises(ValueError, match="bad_value.csv line 2: expected an architecture string and three"):
+        nb201.load_table(bad_value)
+
+
 # ---- pictures ----------------------------------------------------------------------------
 
 def _assert_png(path):
