@@ -42,14 +42,15 @@ from nasops import methods, runtime, spaces
 from nasops.backend import resolve
 from nasops.methods.darts import RunContext
 from nasops.runtime import write_text
-from nasops.spaces import nb201
+from nasops.spaces import nb201, vit
 
 # What a search that needs no flags runs: sized to take about two minutes on a
 # 2-core CPU with the digits (measured in README.md).
 DEFAULTS = dict(space="darts", method="darts", dataset="digits", epochs=6, batch_size=64, init_channels=8)
 # --layers when not given: darts/rdarts count cells (DARTS searches with 8), nb201
-# counts cells per stage (NB201 has 5, times 3 stages).
-QUICK_LAYERS = {"nb201": 2}
+# counts cells per stage (NB201 has 5, times 3 stages), vit counts encoders (DASViT's
+# first stage has 2).
+QUICK_LAYERS = {"nb201": 2, "vit": 2}
 QUICK_LAYERS_OTHER = 5
 
 # Settings that may differ between a run and its resumption: where and how it
@@ -62,8 +63,12 @@ OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 # Test hooks (environment variables, used by tests/test_search.py only):
 # kill this process with SIGKILL right after the checkpoint of that (1-based) epoch is written,
 _KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
-# and save every rank's final architecture parameters to <dir>/alphas_rank<r>.pt.
+# and save every rank's final architecture parameters to <dir>/alphas_rank<r>.pt (and its
+# whole network state to <dir>/model_rank<r>.pt).
 _DUMP_ALPHAS = "NASOPS_TEST_DUMP_ALPHAS"
+
+# The vit space's size flags (None for every other space).
+VIT_FLAGS = ("embed_dim", "patch_size", "input_size", "encoder_nodes")
 
 
 # A run that cannot start or continue, with the reason (bad out folder, checkpoint, ...).
@@ -92,9 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DARTS's unrolled (second-order, finite-difference) architecture gradient")
     g.add_argument("--layers", type=int, default=None,
                    help=f"darts/rdarts: cells in the search network (default {QUICK_LAYERS_OTHER}; DARTS "
-                        f"uses 8); nb201: cells per stage (default {QUICK_LAYERS['nb201']}; NB201 uses 5)")
+                        f"uses 8); nb201: cells per stage (default {QUICK_LAYERS['nb201']}; NB201 uses 5); "
+                        f"vit: encoders (default {QUICK_LAYERS['vit']}; dasvit: from --stage-depths)")
     g.add_argument("--init-channels", type=int, default=DEFAULTS["init_channels"],
-                   help="channels of the first cell (C)")
+                   help="channels of the first cell (C); not used by vit")
+    g.add_argument("--embed-dim", type=int, default=None,
+                   help=f"vit: token width (default {vit.DEFAULT_EMBED_DIM}; ViT-B: 768)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="vit: patch side (default: a 4x4 grid of patches, 2 on the 8x8 digits; ViT-B: 16)")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="vit: resize the images to this side first (default: their own size; DASViT: 224)")
+    g.add_argument("--encoder-nodes", type=int, default=None,
+                   help=f"vit: intermediate nodes per encoder (default {vit.DEFAULT_NODES})")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=DEFAULTS["dataset"], choices=list(datasets.DATASETS),
@@ -165,8 +179,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = os.path.join("runs", f"{args.space}-{args.method}-{args.seed}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
-    if args.layers is None:
-        args.layers = QUICK_LAYERS.get(args.space, QUICK_LAYERS_OTHER)
+    if args.space == "vit":
+        args.embed_dim = vit.DEFAULT_EMBED_DIM if args.embed_dim is None else args.embed_dim
+        args.encoder_nodes = vit.DEFAULT_NODES if args.encoder_nodes is None else args.encoder_nodes
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in VIT_FLAGS if getattr(args, n) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only for --space vit (got --space {args.space})")
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
     if args.space == "nb201":
@@ -174,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.nb201_table = nb201.checked_table(args.nb201_table)
         except (OSError, ValueError) as exc:
             parser.error(f"--nb201-table: {exc}".replace("\n", " "))
-    for name in ("epochs", "batch_size", "layers", "init_channels", "threads"):
+    for name in ("epochs", "batch_size", "layers", "init_channels", "threads", *VIT_FLAGS):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -187,17 +206,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--method {args.method} searches the spaces {', '.join(method.spaces)}; "
                      f"got --space {args.space}")
     try:
-        method.check_args(args)
+        method.check_args(args)  # before the default --layers: a method may set it
     except ValueError as exc:
         parser.error(str(exc))
+    if args.layers is None:
+        args.layers = QUICK_LAYERS.get(args.space, QUICK_LAYERS_OTHER)
     return args
 
 
 def run_config(args: argparse.Namespace) -> dict:
     """The settings that decide what a run computes (compared on --resume): the
-    common flags and the run's own method's, not where or how it runs."""
+    common flags (the vit size flags for --space vit only) and the run's own
+    method's, not where or how it runs."""
     method_flags = build_parser().method_flags
     others = set().union(*(flags for name, flags in method_flags.items() if name != args.method))
+    if args.space != "vit":
+        others |= set(VIT_FLAGS)
     return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS and k not in others}
 
 
@@ -271,7 +295,10 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     runtime.seed_everything(args.seed)
 
     method_cls = methods.get(args.method)
-    model = method_cls.build_model(args, data).to(device)
+    try:
+        model = method_cls.build_model(args, data).to(device)
+    except ValueError as exc:  # sizes that do not fit the data, e.g. a patch that does not divide the image
+        raise SearchError(str(exc)) from None
     if world_size > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
@@ -325,6 +352,8 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     if os.environ.get(_DUMP_ALPHAS):
         torch.save([a.detach().cpu() for a in method.model.arch_parameters()],
                    os.path.join(os.environ[_DUMP_ALPHAS], f"alphas_rank{rank}.pt"))
+        torch.save({k: v.detach().cpu() for k, v in method.model.state_dict().items()},
+                   os.path.join(os.environ[_DUMP_ALPHAS], f"model_rank{rank}.pt"))
     return {**result, "metrics": history, "out": str(out)}
 
 

@@ -126,8 +126,7 @@ class Darts:
     @classmethod
     def build_model(cls, args: argparse.Namespace, data) -> torch.nn.Module:
         """The search network for ``args`` (flags) and ``data`` (an ImageDataset)."""
-        return spaces.build(args.space, in_channels=data.in_channels, num_classes=data.num_classes,
-                            C=args.init_channels, layers=args.layers)
+        return spaces.from_args(args, data)
 
     @classmethod
     def from_args(cls, model: torch.nn.Module, args: argparse.Namespace, *, device: torch.device,
@@ -147,6 +146,13 @@ class Darts:
         """Called before each epoch (0-based), also the first one after a resume.
         A method may change its network here (``self.model``), e.g. a stage of a
         progressive search; it must then depend on ``epoch`` alone."""
+
+    def arch_penalty(self) -> torch.Tensor | None:
+        """A regulariser added to the architecture loss of every architecture step
+        (a function of the alphas alone, e.g. DASViT's fairness loss), or None.
+        Its gradient joins the alphas' after the all-reduce of the validation
+        gradient (it is the same on every rank)."""
+        return None
 
     def describe(self) -> dict:
         """The architecture as it stands: ``genotype``, ``genotype_str`` and the
@@ -237,8 +243,11 @@ class Darts:
     def _arch_step(self, x, y):
         self.a_opt.zero_grad(set_to_none=True)
         loss, correct = self._loss(x, y)
-        grads = _grad(self.a_scaler.scale(loss), self.alphas)
-        for a, g in zip(self.alphas, self._average(grads)):
+        grads = self._average(_grad(self.a_scaler.scale(loss), self.alphas))
+        penalty = self.arch_penalty()
+        if penalty is not None:
+            grads = [g + p for g, p in zip(grads, _grad(self.a_scaler.scale(penalty), self.alphas))]
+        for a, g in zip(self.alphas, grads):
             a.grad = g
         self.a_scaler.step(self.a_opt)
         self.a_scaler.update()
@@ -281,6 +290,9 @@ class Darts:
                 p.copy_(b)
         hvp = self._average([(gp - gn) / (2 * eps) for gp, gn in zip(*alpha_grads)])
 
+        penalty = self.arch_penalty()
+        if penalty is not None:
+            d_alpha = [g + p for g, p in zip(d_alpha, _grad(penalty, self.alphas))]
         self.a_opt.zero_grad(set_to_none=True)
         for a, g, h in zip(self.alphas, d_alpha, hvp):
             a.grad = g - xi * h
