@@ -19,9 +19,11 @@ A new method subclasses ``Darts``, overrides what it needs and adds one line to
 from __future__ import annotations
 
 from nasops.methods.darts import Darts, StepStats
+from nasops.methods.hardexit import HardExit
 
 METHODS: dict[str, type] = {
     "darts": Darts,
+    "hardexit": HardExit,
 }
 
 
