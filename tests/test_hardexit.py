@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from nasops import spaces
 from nasops.methods import hardexit_report as report
 from nasops.methods.hardexit import (HardExit, HardExitNetwork, data_splits, exit_distribution,
-                                     hard_exit_inference, hardexit_objective, lambda_at,
+                                     hard_exit_inference, hardexit_objective, lambda_at, load_run,
                                      log_exit_distribution)
 from nasops.search import SearchError, main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--init-channels", "4", "--batch-size", "16", "--threads", "1", "--quiet", "--method", "hardexit"]
+TINY = ["--init-channels", "4", "--batch-size", "16", "--threads", "1", "--quiet", "--method", "hardexit",
+        "--holdout-portion", "0.1"]
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +122,7 @@ def test_objective_adds_the_cost_the_perturbation_and_the_exit_supervision():
     ce = F.nll_loss(sum(q[:, i:i + 1] * F.softmax(z, 1) for i, z in enumerate(out.logits)).log(), y)
     cost = (q * model.exit_costs).sum(1).mean()
     delta_sq = sum(float((d ** 2).sum()) for d in delta.values())
-    aux = sum(F.cross_entropy(z, y) for z in out.logits) / len(out.logits)
+    aux = sum(F.cross_entropy(z, y) for z in out.logits)
     torch.testing.assert_close(parts.loss, ce + 0.3 * cost + 0.01 * delta_sq + 0.5 * aux)
     assert parts.delta_sq.item() == pytest.approx(delta_sq, rel=1e-5)
 
@@ -153,6 +154,12 @@ def test_costs_are_the_cumulative_flops_of_the_conv_and_linear_layers():
     torch.testing.assert_close(model.exit_costs, torch.tensor([c1 / c3, c2 / c3, 1.0]))
     assert model.plain_flops == stem + cell(4, 64) + block(4, 8, 16) + cell(8, 16) + block(8, 16, 4) \
         + cell(16, 4) + 2 * 16 * 10
+    # torch's own counter agrees on darts' plain search network (depthwise, dilated, strided convs)
+    from torch.utils.flop_counter import FlopCounterMode
+    darts = _network("darts", layers=3)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        darts.supernet.eval()(torch.zeros(1, 1, 8, 8))
+    assert counter.get_total_flops() == darts.plain_flops
 
 
 # ---- hard-exit inference --------------------------------------------------------------------------
@@ -388,6 +395,28 @@ def test_search_writes_the_report_and_evaluate_only_redoes_it(tmp_path):
         assert sum(float(r[f"q_exit{i}"]) for i in (1, 2, 3)) == pytest.approx(1.0, abs=1e-5)
     assert json.loads((out / "genotype.json").read_text())["hardexit"]["top1"] == chosen["top1"]
 
+    # the finished run outside the driver: its network reproduces the chosen point's top-1
+    model, args, data = load_run(out / "checkpoint.pt")
+    selection = data_splits(args, len(data))["selection"]
+    x, y = data.batch(selection)
+    c = summary["chosen"]
+    hard = hard_exit_inference(model, x, tau_s=math.inf if c["full_depth"] else c["tau_s"],
+                               tau_c=math.inf if c["full_depth"] else c["tau_c"], temperature=c["temperature"])
+    assert (hard.logits.argmax(1) == y).double().mean().item() == pytest.approx(c["top1"])
+    assert torch.bincount(hard.exit_index, minlength=3).tolist() == c["exit_counts"]
+
+    # the benchmark script runs on it (one tiny pass: a smoke test, not a measurement)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import hardexit_throughput
+        bench = hardexit_throughput.main(["--checkpoint", str(out / "checkpoint.pt"), "--batch-size", "32",
+                                          "--rounds", "1", "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert set(bench["median_s"]) == {"full", "plain", "hard"}
+    assert bench["predicted_saving"] == pytest.approx(1 - sum(
+        f * c for f, c in zip(bench["exit_fractions"], costs)))
+
     # --evaluate-only: the run's settings from its checkpoint, the same report again
     before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl")}
     pareto = (out / "pareto.csv").read_text()
@@ -450,7 +479,7 @@ def _subprocess_env(**extra):
 
 @pytest.mark.slow
 def test_killed_and_resumed_hardexit_run_equals_uninterrupted_run(tmp_path):
-    args = ["--epochs", "3", "--max-steps", "2", "--deterministic", "--warmup-epochs", "1"]
+    args = ["--epochs", "2", "--max-steps", "2", "--deterministic", "--warmup-epochs", "1"]
     main(_tiny("nb201", tmp_path / "full", *args))
     out = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-m", "nasops.search", *_tiny("nb201", out, *args)],
@@ -466,7 +495,25 @@ def test_killed_and_resumed_hardexit_run_equals_uninterrupted_run(tmp_path):
     resumed, full = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (out, tmp_path / "full"))
     for name, value in full["model"].items():
         assert torch.equal(resumed["model"][name], value), name
-    assert full["method"]["ema_steps"] == resumed["method"]["ema_steps"] == 6
+    assert full["method"]["ema_steps"] == resumed["method"]["ema_steps"] == 4
     for name, value in full["method"]["ema"].items():
         assert torch.equal(resumed["method"]["ema"][name], value), name
     assert (out / "pareto.csv").read_text() == (tmp_path / "full" / "pareto.csv").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_end_with_identical_architecture_and_report(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nasops.search",
+         *_tiny("nb201", out, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0")],
+        env=_subprocess_env(NASOPS_TEST_DUMP_ALPHAS=str(tmp_path), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"alphas_rank{r}.pt") for r in (0, 1))
+    assert len(rank0) == 1 + 4  # the alphas and the controller's two linear layers
+    for a, b in zip(rank0, rank1):
+        assert torch.equal(a, b)
+    assert rank0[3].abs().max() > 0 and rank0[4].abs().max() > 0  # the zero-initialised last layer learned
+    assert json.loads((out / "genotype.json").read_text())["world_size"] == 2
+    assert json.loads((out / "summary.json").read_text())["chosen"]["hard_matches_sweep"]
