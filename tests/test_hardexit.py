@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nasops import data as datasets
 from nasops import spaces
 from nasops.methods import hardexit_report as report
 from nasops.methods.hardexit import (HardExit, HardExitNetwork, data_splits, exit_distribution,
@@ -145,7 +146,8 @@ def test_costs_are_the_cumulative_flops_of_the_conv_and_linear_layers():
     controller = 2 * 4 * 32 + 2 * 32 * 30  # pooled stem (4) -> 32 -> 6 edges x 5 ops
     stem = conv(4, 1, 3, 64)
     cell = lambda c, hw: 6 * (conv(c, c, 1, hw) + conv(c, c, 3, hw))  # noqa: E731  (1x1 and 3x3 per edge)
-    block = lambda c_in, c_out, hw: conv(c_out, c_in, 3, hw) + conv(c_out, c_out, 3, hw) + conv(c_out, c_in, 1, hw)  # noqa: E731,E501
+    def block(c_in, c_out, hw):  # NB201's stride-2 ResNet block: conv_a, conv_b, 1x1 downsample
+        return conv(c_out, c_in, 3, hw) + conv(c_out, c_out, 3, hw) + conv(c_out, c_in, 1, hw)
     head = lambda c: 2 * 4 * c * 10 + 2 * 4 * c  # noqa: E731  (2x2 pooled: classifier + stop head)
     c1 = controller + stem + cell(4, 64) + head(4)
     c2 = c1 + block(4, 8, 16) + cell(8, 16) + head(8)
@@ -294,7 +296,7 @@ def test_fitted_temperature_undoes_a_known_overconfidence():
 def test_held_out_splits_partition_the_architecture_half():
     args = parse_args(["--method", "hardexit", "--holdout-portion", "0.3", "--seed", "3"])
     splits = data_splits(args, 1797)
-    train, val = (set(t.tolist()) for t in __import__("nasops.data").data.split(1797, 0.5, 3))
+    train, val = (set(t.tolist()) for t in datasets.split(1797, 0.5, 3))
     parts = [set(splits[k].tolist()) for k in ("arch", "calibration", "selection")]
     assert set(splits["train"].tolist()) == train and set().union(*parts) == val
     assert sum(map(len, parts)) == len(val) and len(parts[1]) + len(parts[2]) == int(0.3 * len(val))

@@ -25,10 +25,9 @@ The network (:class:`HardExitNetwork`) wraps a space's search network:
   output (eq. 9) blends the exits' class *probabilities*:
   ``y_hat = sum_i q_i softmax(y_i)``, and ``CE(y, y_hat) = -log y_hat[y]``, the
   likelihood of the label when the exit is drawn from q (what hard-exit
-  inference does with one draw). Blending the logits instead rewards the deep
-  exits for their larger logits: on the digits the stop heads then learned
-  "never stop" (q_N -> 0.95) whatever lambda (0.05 and 0.3 tried). Computed in
-  log space (:func:`log_exit_distribution`, :func:`blend`).
+  inference does with one draw), and blind to the exits' logit scales, which
+  a blend of logits would reward. Computed in log space
+  (:func:`log_exit_distribution`, :func:`blend`).
 
 **Cost model** (:func:`count_exit_flops`): ``C_i`` = the FLOPs that hard-exit
 inference spends on one sample that leaves at exit i: controller, stem, nodes
@@ -55,10 +54,10 @@ slope s(1 - s) ~ 0.004 left the later compute pressure no grip (q_N stayed at
 
 Defaults, measured on 12-epoch nb201 digits searches (C=16, 2 cells per
 stage): the auxiliary term sums the exits' CEs, each head trained as a
-classifier; with the mean over 6 exits each head got 1/12 of a CE gradient and
-stayed under-confident (label probability 0.44 at a 95 %-accurate exit 3), and
-for such heads any lambda below about 1 keeps every sample at full depth.
-With the sum, lambda 0.3 moved q_N from 0.96 to 0.52 and lambda 1 to 0.11
+classifier; with the mean over 6 exits (weight 0.5) each head got 1/12 of a CE
+gradient and stayed under-confident (label probability 0.44 at a 95 %-accurate
+exit 3), and with lambda 0.3 and 1 alike q_N stayed at 0.96. With the sum,
+lambda 0.3 (weight 0.5) ended at q_N 0.52 and lambda 1 (weight 1) at 0.11
 (chosen point: 61 % fewer FLOPs at the full-depth top-1). ``--lambda-target``
 defaults to 0.5, above the seed's 1e-3..1e-1: short searches leave the exits
 less confident than long trainings, and the CE term weighs more.
@@ -107,7 +106,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nasops import data as datasets
-from nasops import spaces
 from nasops.methods.darts import Darts, RunContext
 from nasops.ops import gather_rows, scatter_rows
 from nasops.spaces.darts import DartsSearchNetwork
