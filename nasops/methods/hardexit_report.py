@@ -12,7 +12,9 @@ Protocol (choices where the seed is silent):
   inference returns exactly the exit node's full-depth prediction (tested), so
   the simulation is the hard run's result. The chosen point is then run for
   real with :func:`~nasops.methods.hardexit.hard_exit_inference`, and the
-  report states whether the two agree (``hard_matches_sweep``).
+  report states whether the two agree (``hard_matches_sweep``,
+  ``hard_mismatches``). They cannot agree in rdarts-s4, whose ``noise`` op
+  draws new noise on every pass (a tiny run: 29 of 45 samples differed).
 - Calibration split: the temperature T* minimising the mean NLL of all exits'
   ``softmax(y_i / T)`` (golden-section search over log T in [0.05, 20]); per exit
   the quantiles (0.1, 0.25, 0.5, 0.75, 0.9) of s_i and of c_i = max softmax(y_i /
