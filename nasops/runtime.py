@@ -104,3 +104,44 @@ def load_checkpoint(path: Path, flag: str = "--resume") -> dict:
     except Exception as exc:  # any unreadable file is the same problem to the user
         raise RunError(f"{flag}: cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); "
                        f"it is not a nasops checkpoint or it is damaged") from None
+
+
+def config_differences(saved: dict, config: dict) -> dict:
+    """``{key: (saved value, current value)}`` for every setting that differs
+    (a key missing on one side reads ``"<unset>"``): what a resume must refuse."""
+    pairs = {k: (saved.get(k, "<unset>"), config.get(k, "<unset>")) for k in sorted(set(saved) | set(config))}
+    return {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+
+
+# ---- TensorBoard (optional) ---------------------------------------------------------------
+
+# Event files the scalar writer leaves in a run folder (a new run replaces them with the rest).
+TENSORBOARD_PATTERN = "events.out.tfevents.*"
+
+
+def _summary_writer_class():
+    """torch's SummaryWriter, or None when the ``tensorboard`` package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter
+
+
+def open_scalar_writer(out: Path):
+    """A TensorBoard writer whose event files go straight into the run folder
+    ``out`` (``tensorboard --logdir runs/`` then shows every run), or None when
+    tensorboard is not installed: it is optional, and nothing else needs it."""
+    writer_class = _summary_writer_class()
+    return None if writer_class is None else writer_class(log_dir=str(out))
+
+
+def write_scalars(writer, record: dict, step: int) -> None:
+    """Every number of a metrics record (not ``epoch`` itself) as a scalar at
+    ``step``, flushed so that a killed run keeps what it wrote. No-op without a writer."""
+    if writer is None:
+        return
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, step)
+    writer.flush()

@@ -11,7 +11,9 @@ and writes its results to ``runs/<space>-<method>-<seed>`` (``runs/darts-darts-0
 - ``metrics.jsonl``  one JSON object per epoch: losses, accuracies, lr, time,
   throughput, the current genotype and the op-weight table of every edge;
 - ``checkpoint.pt``  everything needed to resume, rewritten atomically after
-  every epoch.
+  every epoch;
+- TensorBoard event files of the numbers in metrics.jsonl, when ``tensorboard``
+  is installed.
 
 ``torchrun --nproc_per_node=N -m nasops.search ...`` runs data parallel (gloo on
 CPU, nccl on CUDA): each rank sees its shard of every batch, all gradients
@@ -296,6 +298,8 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
             write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
+    # None without tensorboard; an evaluation (no epochs) writes no event file
+    writer = runtime.open_scalar_writer(out) if is_main and not evaluated else None
     for epoch in range(start_epoch, args.epochs):
         method.begin_epoch(epoch)
         record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
@@ -305,12 +309,15 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
+            runtime.write_scalars(writer, record, epoch + 1)
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
                   f"acc {record['val_acc']:.4f} | lr {record['lr']:.5f} | {record['time']:.1f} s | "
                   f"{record['genotype_str']}", flush=True)
             if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
                 os.kill(os.getpid(), signal.SIGKILL)
+    if writer is not None:
+        writer.close()
 
     run = RunContext(args=args, data=data, train_loader=train_loader, val_loader=val_loader,
                      device=device, rank=rank, world_size=world_size)
@@ -379,7 +386,8 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
 def _run_files(out: Path) -> list[Path]:
     found = [out / name for name in OUTPUT_FILES if (out / name).exists()]
     # Every method's files count as a run's: --out may hold a run of another method.
-    patterns = {"checkpoint.pt.tmp*", *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
+    patterns = {"checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN,
+                *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
     for pattern in sorted(patterns):
         found += sorted(p for p in out.glob(pattern) if p not in found)
     return found

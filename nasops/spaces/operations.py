@@ -123,20 +123,21 @@ class Noise(nn.Module):
         return torch.randn(shape, dtype=x.dtype, device=x.device)
 
 
-def make_darts_op(name: str, C: int, stride: int) -> nn.Module | None:
-    """One candidate op of a DARTS/RobustDARTS search edge (BN affine=False, as in search).
+def make_darts_op(name: str, C: int, stride: int, *, search: bool = True) -> nn.Module | None:
+    """One op of a DARTS/RobustDARTS edge. Returns None for ``none`` (the Zero op).
 
-    Pools are followed by an affine-free BN, as DARTS' ``MixedOp`` does, so their
-    scale matches the conv ops'. Returns None for ``none`` (the Zero op).
+    ``search=True`` (the one-shot network): BN without affine parameters, and
+    pools followed by an affine-free BN, as DARTS' ``MixedOp`` does, so their
+    scale matches the conv ops'. ``search=False`` (a found cell trained from
+    scratch, DARTS' ``OPS[name](C, stride, affine=True)``): affine BN, bare pools.
     """
-    affine = False
+    affine = not search
     if name == "none":
         return None
-    if name == "max_pool_3x3":
-        return nn.Sequential(nn.MaxPool2d(3, stride=stride, padding=1), nn.BatchNorm2d(C, affine=False))
-    if name == "avg_pool_3x3":
-        return nn.Sequential(nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
-                             nn.BatchNorm2d(C, affine=False))
+    if name in ("max_pool_3x3", "avg_pool_3x3"):
+        pool = (nn.MaxPool2d(3, stride=stride, padding=1) if name == "max_pool_3x3"
+                else nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False))
+        return nn.Sequential(pool, nn.BatchNorm2d(C, affine=False)) if search else pool
     if name == "skip_connect":
         return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
     if name == "sep_conv_3x3":
@@ -152,21 +153,22 @@ def make_darts_op(name: str, C: int, stride: int) -> nn.Module | None:
     raise ValueError(f"op: expected one of {DARTS_OPS + RDARTS_EXTRA_OPS}, got {name!r}")
 
 
-def make_nb201_op(name: str, C: int) -> nn.Module | None:
-    """One candidate op of an NB201 search edge (stride 1, C in = C out).
+def make_nb201_op(name: str, C: int, *, search: bool = True) -> nn.Module | None:
+    """One op of an NB201 edge (stride 1, C in = C out). Returns None for ``none`` (the Zero op).
 
-    As NB201's search (``affine=False``): BN without affine parameters, and its
-    ``ReLUConvBN`` then gives the conv a bias (``bias=not affine``). The pool
-    has no BN (unlike DARTS). Returns None for ``none`` (the Zero op).
+    ``search=True``, as NB201's search (``affine=False``): BN without affine
+    parameters, and its ``ReLUConvBN`` then gives the conv a bias
+    (``bias=not affine``). ``search=False``, as NB201's trained cells
+    (``InferCell``, ``affine=True``): affine BN, conv without bias. The pool has
+    no BN (unlike DARTS).
     """
     if name == "none":
         return None
     if name == "skip_connect":
         return nn.Identity()
-    if name == "nor_conv_1x1":
-        return ReLUConvBN(C, C, 1, 1, 0, affine=False, conv_bias=True)
-    if name == "nor_conv_3x3":
-        return ReLUConvBN(C, C, 3, 1, 1, affine=False, conv_bias=True)
+    if name in ("nor_conv_1x1", "nor_conv_3x3"):
+        k = 1 if name == "nor_conv_1x1" else 3
+        return ReLUConvBN(C, C, k, 1, k // 2, affine=not search, conv_bias=search)
     if name == "avg_pool_3x3":
         return nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
     raise ValueError(f"op: expected one of {NB201_OPS}, got {name!r}")
