@@ -175,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.space}-{args.method}-{args.seed}")
+    method = methods.get(args.method)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     if args.space == "vit":
@@ -201,7 +200,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.train_portion < 1.0:
         parser.error(f"--train-portion: expected a fraction in (0, 1), got {args.train_portion}")
     args.arch_betas = tuple(args.arch_betas)
-    method = methods.get(args.method)
     if method.spaces is not None and args.space not in method.spaces:
         parser.error(f"--method {args.method} searches the spaces {', '.join(method.spaces)}; "
                      f"got --space {args.space}")
@@ -211,6 +209,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.layers is None:
         args.layers = QUICK_LAYERS.get(args.space, QUICK_LAYERS_OTHER)
+    if args.out is None:
+        evaluated = method.evaluation_checkpoint(args)
+        args.out = (os.path.dirname(os.path.abspath(evaluated)) if evaluated
+                    else os.path.join("runs", f"{args.space}-{args.method}-{args.seed}"))
     return args
 
 
@@ -272,10 +274,15 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         nasops.set_backend(args.backend)
     amp = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
 
+    method_cls = methods.get(args.method)
+    evaluated = method_cls.evaluation_checkpoint(args)
+    if evaluated:  # no search: the finished run's settings, its state, then finish()
+        evaluation, args = _evaluation_checkpoint(Path(evaluated), args, method_cls)
     try:
         data = datasets.load(args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                              num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
-        train_idx, val_idx = datasets.split(len(data), args.train_portion, args.seed)
+        train_idx, val_idx = method_cls.search_split(
+            args, *datasets.split(len(data), args.train_portion, args.seed))
         train_loader = datasets.ShardedLoader(data, train_idx, args.batch_size, seed=args.seed,
                                               rank=rank, world_size=world_size)
         val_loader = datasets.ShardedLoader(data, val_idx, args.batch_size, seed=args.seed + 1,
@@ -288,13 +295,15 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     out = Path(args.out)
     config = run_config(args)
-    checkpoint = _prepare_out(out, args, config)  # every rank checks; only rank 0 clears
+    if evaluated:
+        checkpoint = _prepare_evaluation_out(out, Path(evaluated), evaluation)
+    else:
+        checkpoint = _prepare_out(out, args, config)  # every rank checks; only rank 0 clears
     if world_size > 1:
         dist.barrier()
 
     runtime.seed_everything(args.seed)
 
-    method_cls = methods.get(args.method)
     try:
         model = method_cls.build_model(args, data).to(device)
     except ValueError as exc:  # sizes that do not fit the data, e.g. a patch that does not divide the image
@@ -310,13 +319,18 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         try:
             start_epoch, history = _restore(checkpoint, method, device)
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise SearchError(f"--resume: the checkpoint {out / 'checkpoint.pt'} does not fit this "
+            flag, path = ("--checkpoint", evaluated) if evaluated else ("--resume", out / "checkpoint.pt")
+            raise SearchError(f"{flag}: the checkpoint {path} does not fit this "
                               f"network and method ({type(exc).__name__}: {exc})") from None
-        if is_main:
+        if evaluated:
+            if is_main:
+                print(f"evaluating {evaluated} (epoch {start_epoch} of {args.epochs})", flush=True)
+        elif is_main:
             write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
-    writer = runtime.open_scalar_writer(out) if is_main else None  # None without tensorboard
+    # None without tensorboard; an evaluation (no epochs) writes no event file
+    writer = runtime.open_scalar_writer(out) if is_main and not evaluated else None
     for epoch in range(start_epoch, args.epochs):
         method.begin_epoch(epoch)
         record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
@@ -344,7 +358,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         result["nb201"] = nb201.lookup(result["genotype_str"], args.nb201_table)
     if is_main:
         write_text(out / "genotype.json", json.dumps(result, indent=2) + "\n")
-        method.write_outputs(out, result)
+        method.write_outputs(out, {**result, "metrics": history})
         if "nb201" in result:
             print(f"NAS-Bench-201 200-epoch test accuracy of {result['genotype_str']}: "
                   + ", ".join(f"{k} {v}" for k, v in result["nb201"].items()), flush=True)
@@ -439,6 +453,38 @@ def _prepare_out(out: Path, args, config: dict):
             p.unlink()
         out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _evaluation_checkpoint(path: Path, args, method_cls) -> tuple[dict, argparse.Namespace]:
+    """The checkpoint of a finished run of this method, and ``args`` with its
+    settings (all but the method's ``evaluation_keys`` and the runtime flags)."""
+    checkpoint = runtime.load_checkpoint(path, flag="--checkpoint")
+    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict) or "method" not in saved or "epoch" not in checkpoint:
+        raise SearchError(f"--checkpoint: the file {path} is not a nasops.search checkpoint (no config)")
+    if saved["method"] != args.method:
+        raise SearchError(f"--checkpoint: {path} is a checkpoint of --method {saved['method']}, "
+                          f"not --method {args.method}")
+    if checkpoint["epoch"] != saved.get("epochs"):
+        raise SearchError(f"--checkpoint: {path} stopped after epoch {checkpoint['epoch']} of "
+                          f"{saved.get('epochs')}; finish that run with --resume first")
+    merged = argparse.Namespace(**vars(args))
+    for key, value in saved.items():
+        if key not in RUNTIME_KEYS and key not in method_cls.evaluation_keys:
+            setattr(merged, key, value)
+    return checkpoint, merged
+
+
+def _prepare_evaluation_out(out: Path, path: Path, checkpoint: dict) -> dict:
+    """An evaluation writes genotype.json and the method's files into --out, which
+    may be the checkpoint's folder or one without another run's checkpoint."""
+    other = out / "checkpoint.pt"
+    if other.exists() and not other.samefile(path):
+        raise SearchError(f"--out {out} holds another run's checkpoint; evaluate --checkpoint {path} "
+                          f"into its own folder or a folder without a checkpoint")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return checkpoint
 
 
 def _save_checkpoint(path: Path, method, epoch: int, history: list, config: dict) -> None:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from nasops.methods.darts import Darts, StepStats
 from nasops.methods.dasvit import DasVit
+from nasops.methods.hardexit import HardExit
 
 METHODS: dict[str, type] = {
     "darts": Darts,
     "dasvit": DasVit,
+    "hardexit": HardExit,
 }
 
 

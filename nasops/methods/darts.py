@@ -90,6 +90,9 @@ class Darts:
     # Files (glob patterns, in --out) the method writes besides genotype.json,
     # metrics.jsonl and checkpoint.pt: a new run refuses an --out holding them.
     output_patterns: tuple[str, ...] = ("cell_*.png", "weights_*.png")
+    # Flags that an evaluation of a finished run (``evaluation_checkpoint``) takes
+    # from its own command line; every other setting comes from the checkpoint.
+    evaluation_keys: tuple[str, ...] = ()
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, device: torch.device,
                  amp: torch.dtype | None = None, lr: float = 0.025, lr_min: float = 0.001,
@@ -122,6 +125,24 @@ class Darts:
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
         """Reject flag values the method cannot run with: ValueError naming the flag."""
+
+    @classmethod
+    def search_split(cls, args: argparse.Namespace, train_idx: torch.Tensor,
+                     val_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples the search trains on: (weights' indices, architecture's
+        indices). The driver passes ``nasops.data.split(len(data),
+        args.train_portion, args.seed)``; a method may hold samples out of them
+        (for its own evaluation in :meth:`finish`). Must depend on ``args`` alone."""
+        return train_idx, val_idx
+
+    @classmethod
+    def evaluation_checkpoint(cls, args: argparse.Namespace) -> str | None:
+        """A finished run's checkpoint to evaluate instead of searching; None (the
+        default): search. The driver then takes every setting from the checkpoint's
+        config except :attr:`evaluation_keys` and the runtime flags, restores the
+        network and the method state, runs no epoch, and calls :meth:`finish` and
+        :meth:`write_outputs` (default ``--out``: the checkpoint's folder)."""
+        return None
 
     @classmethod
     def build_model(cls, args: argparse.Namespace, data) -> torch.nn.Module:
@@ -168,7 +189,8 @@ class Darts:
 
     def write_outputs(self, out: Path, result: dict) -> None:
         """Rank 0 writes the method's files into ``out`` (the driver writes
-        genotype.json): by default a picture and an op-weight heatmap per cell type."""
+        genotype.json; ``result`` is its content plus ``metrics``, the epoch
+        records): by default a picture and an op-weight heatmap per cell type."""
         from nasops.spaces import plot
         for cell_type, table in self.model.edge_weights().items():
             plot.plot_cell(result["genotype"], cell_type, str(out / f"cell_{cell_type}.png"))
