@@ -50,7 +50,7 @@ from nasops import data as datasets
 from nasops import runtime
 from nasops.runtime import RunError, write_text
 from nasops.search import _HelpFormatter
-from nasops.spaces import nb201
+from nasops.spaces import nb201, vit
 from nasops.spaces.discrete import DartsNetwork, NB201Network
 
 
@@ -63,7 +63,8 @@ class Recipe:
     ``paper``: epochs, batch size (per process), layers and initial channels at
     the paper's scale (CIFAR and synthetic data); ``digits``: the same for the
     8x8 digits, sized for a run of a minute or two on a 2-core CPU. A None
-    layers / init_channels leaves the size to the genotype's builder.
+    layers / init_channels leaves the size to the genotype's builder. Either
+    may also override another field of the recipe for its scale.
     ``cutout``: whether to cut out a square of half the image side (DARTS: 16
     on 32x32). ``lr`` is reached after ``warmup_epochs`` of linear warm-up from
     ``warmup_lr``, then cosine-annealed to ``lr_min`` over the remaining epochs.
@@ -100,11 +101,12 @@ RECIPES = {
                     source="NAS-Bench-201 (Dong & Yang, 2020), 200-epoch schedule"),
     # DASViT's retraining (paper, section IV): AdamW 1e-3, weight decay 5e-2, batch
     # 128, 500 epochs, the first 20 a warm-up from 1e-6, cosine. The paper does not
-    # name the final learning rate: 0. Used once the vit kind is connected (below).
+    # name the final learning rate: 0.
     "dasvit": Recipe(optimizer="adamw", lr=1e-3, lr_min=0.0, weight_decay=5e-2, warmup_epochs=20,
                      warmup_lr=1e-6,
                      paper=dict(epochs=500, batch_size=128, layers=None, init_channels=None),
-                     digits=dict(epochs=20, batch_size=64, layers=None, init_channels=None),
+                     # the paper's 4 % of the epochs warm up, at least one
+                     digits=dict(epochs=20, batch_size=64, layers=None, init_channels=None, warmup_epochs=1),
                      source="DASViT (Wu et al., 2025), retraining phase"),
 }
 
@@ -144,6 +146,14 @@ def _build_nb201(space, genotype, args, data):
                         C=args.init_channels, layers=args.layers)
 
 
+def _build_vit(space, genotype, args, data):
+    """The found encoder stacked ``--layers`` deep (default: the search's depth) at
+    width ``--init-channels`` (default: the search's embedding dimension); the
+    patch size and input size are the search's (other image sizes are resized)."""
+    return vit.build_derived_vit(genotype, depth=args.layers, embed_dim=args.init_channels,
+                                 in_channels=data.in_channels, num_classes=data.num_classes)
+
+
 _DARTS_KIND = Kind(_build_darts, RECIPES["darts"], frozenset({"auxiliary", "drop_path"}))
 
 # Space (genotype.json's "space") -> how to train its genotypes.
@@ -151,15 +161,7 @@ KINDS: dict[str, Kind] = {
     "darts": _DARTS_KIND,
     **{f"rdarts-s{i}": _DARTS_KIND for i in range(1, 5)},
     "nb201": Kind(_build_nb201, RECIPES["nb201"]),
-    # DASViT encoders (space "vit") plug in here with one line once nasops/spaces/vit.py
-    # is merged, e.g.
-    #   "vit": Kind(lambda space, genotype, args, data: vit.<builder>(genotype, ...), RECIPES["dasvit"]),
-    # (then delete "vit" from NOT_SUPPORTED_YET below).
-}
-
-# Spaces whose genotypes nasops.search writes, or soon will, that cannot be trained yet.
-NOT_SUPPORTED_YET = {
-    "vit": "training DASViT encoders (space vit) is not supported yet",
+    "vit": Kind(_build_vit, RECIPES["dasvit"]),
 }
 
 # --layers / --init-channels / --epochs / --batch-size when not given.
@@ -207,8 +209,6 @@ def read_genotype(path: str) -> dict:
     space = doc["space"]
     if not isinstance(space, str):
         raise TrainError(f"--genotype {p}: space: expected the name of a space, got {space!r}")
-    if space in NOT_SUPPORTED_YET and space not in KINDS:
-        raise TrainError(f"--genotype {p}: {NOT_SUPPORTED_YET[space]}")
     if space not in KINDS:
         raise TrainError(f"--genotype {p}: space {space!r} is not one nasops.train can train "
                          f"(expected one of {', '.join(KINDS)})")
@@ -233,9 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the genotype.json of a search (or its folder)")
     g.add_argument("--layers", type=int, default=None,
                    help="darts/rdarts: cells (recipe: 20 on CIFAR, 5 on digits); nb201: cells per stage "
-                        "(5 on CIFAR, 2 on digits)")
+                        "(5 on CIFAR, 2 on digits); vit: encoders (default: the search's depth)")
     g.add_argument("--init-channels", type=int, default=None,
-                   help="channels C of the first cells (recipe: darts 36, nb201 16)")
+                   help="channels C of the first cells (recipe: darts 36, nb201 16); vit: the embedding "
+                        "dimension (default: the search's)")
     g.add_argument("--auxiliary-weight", type=float, default=None,
                    help="darts/rdarts: weight of the auxiliary head's loss; 0 = no head (recipe 0.4)")
     g.add_argument("--drop-path", type=float, default=None,
@@ -332,8 +333,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, sizes.get(name))
     for name in ("optimizer", "lr", "lr_min", "momentum", "nesterov", "weight_decay", "warmup_epochs",
                  "warmup_lr", "grad_clip", "drop_path", "auxiliary_weight"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(recipe, name))
+        if getattr(args, name) is None:  # a scale may override a recipe value (dasvit's warm-up)
+            setattr(args, name, sizes.get(name, getattr(recipe, name)))
     # Augmentation scales with the image: DARTS' padding 4 and Cutout 16 are for 32x32.
     side = 8 if args.dataset == "digits" else 32 if args.dataset in ("cifar10", "cifar100") else args.image_size
     if args.crop_padding is None:

@@ -22,6 +22,7 @@ import nasops.search
 from nasops import data as datasets
 from nasops import runtime
 import nasops.spaces.nb201
+from nasops.spaces import vit
 from nasops.train import KINDS, TrainError, learning_rate, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,6 +186,34 @@ def test_augment_flips_and_cuts_out_as_darts():
     assert torch.equal(a, b)  # a function of the generator alone
 
 
+@pytest.mark.slow
+def test_a_dasvit_search_then_trains_its_encoder(tmp_path):
+    search = nasops.search.main(["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-size", "2",
+                                 "--stage-depths", "1", "2", "--stage-keep", "3", "--batch-size", "8",
+                                 "--threads", "1", "--quiet", "--epochs", "2", "--max-steps", "1",
+                                 "--out", str(tmp_path / "s")])
+    out = tmp_path / "t"
+    result = main(["--genotype", str(tmp_path / "s"), "--out", str(out), "--batch-size", "16", "--threads", "1",
+                   "--quiet", "--epochs", "3", "--max-steps", "2"])
+    genotype = search["genotype"]
+    assert result["genotype"] == genotype and genotype["depth"] == 2 and genotype["embed_dim"] == 16
+    expected = vit.build_derived_vit(genotype, num_classes=10)  # the search's sizes by default
+    assert result["params"] == sum(p.numel() for p in expected.parameters())
+    assert result["test_samples"] == 355 and 0 <= result["test_acc"] <= result["test_top5"] <= 1
+    recipe = KINDS["vit"].recipe
+    assert recipe.optimizer == "adamw" and result["config"]["warmup_epochs"] == 1
+    lrs = [r["lr"] for r in _metrics(out)]  # one warm-up epoch from 1e-6, then the cosine
+    assert lrs == pytest.approx([learning_rate(e, epochs=3, lr=1e-3, lr_min=0.0, warmup_epochs=1, warmup_lr=1e-6)
+                                 for e in range(3)])
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(1e-3)
+    # wider and deeper than the search, as DASViT retrains its encoders
+    bigger = main(["--genotype", str(tmp_path / "s"), "--out", str(tmp_path / "t2"), "--layers", "3",
+                   "--init-channels", "24", "--batch-size", "16", "--threads", "1", "--quiet", "--epochs", "2",
+                   "--max-steps", "1"])
+    assert bigger["params"] == sum(p.numel() for p in vit.build_derived_vit(
+        genotype, depth=3, embed_dim=24, num_classes=10).parameters())
+
+
 def test_eval_batches_cover_every_sample_once_over_the_ranks():
     ds = datasets.load("synthetic", image_size=2, synthetic_size=23)
     labels = [torch.cat([y for _, y in datasets.eval_batches(ds, 4, rank=r, world_size=3)]) for r in range(3)]
@@ -287,7 +316,7 @@ def test_an_nb201_table_given_by_path_is_used(tmp_path, capsys):
     ('{"space": "darts"}', "missing key 'genotype'"),
     ('{"space": ["darts"], "genotype": {}}', "space: expected the name of a space, got ['darts']"),
     ('{"space": "mobilenet", "genotype": {}}', "space 'mobilenet' is not one nasops.train can train"),
-    ('{"space": "vit", "genotype": {}}', "training DASViT encoders (space vit) is not supported yet"),
+    ('{"space": "vit", "genotype": {}}', "genotype: not a vit genotype, it lacks ['encoder'"),
     (json.dumps({"space": "darts", "genotype": {"arch": BEST_NB201}}), "genotype: missing key 'normal'"),
     (json.dumps({"space": "nb201", "genotype": DARTS_GENOTYPE}), "an nb201 genotype is"),
     (json.dumps({"space": "nb201", "genotype": {"arch": "|sep_conv_3x3~0|+|"}}), "arch: node 1 gene"),
@@ -307,12 +336,13 @@ def test_bad_genotype_files_give_one_line_naming_the_file(tmp_path, write, messa
 
 def test_command_line_errors_exit_with_status_1_and_one_line(tmp_path):
     path = tmp_path / "genotype.json"
-    path.write_text('{"space": "vit", "genotype": {"encoders": []}}')
+    path.write_text('{"space": "mobilenet", "genotype": {}}')
     proc = subprocess.run([sys.executable, "-m", "nasops.train", "--genotype", str(path)],
                           env=_subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr == (f"nasops.train: error: --genotype {path}: training DASViT encoders (space vit) "
-                           f"is not supported yet\n")
+    assert proc.stderr.startswith(f"nasops.train: error: --genotype {path}: space 'mobilenet' is not one "
+                                  f"nasops.train can train")
+    assert proc.stderr.count("\n") == 1
 
 
 def test_flags_the_kind_lacks_are_refused(tmp_path, capsys):
