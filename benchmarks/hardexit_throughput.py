@@ -32,12 +32,7 @@ Where the two differ, the per-node times tell why: the full-depth pass is also
 timed node by node, and the saving these time shares predict for the same exits
 (``time_share_saving``) is what a cost model in seconds would have said; hard
 exit's own overhead (heads, decisions, compaction) is the gap between that and
-the realised saving. ``--fast-pool`` (a diagnostic, never the headline) swaps
-NB201's ``AvgPool2d(3, 1, 1, count_include_pad=False)`` for the same average
-computed as a depthwise convolution (checked equal): PyTorch's NCHW CPU
-avg_pool2d takes about ten times a 3x3 depthwise convolution's time on these
-maps, time that FLOPs do not see. ``--results`` replaces this run's section of
-RESULTS.md.
+the realised saving. ``--results`` replaces this run's section of RESULTS.md.
 """
 from __future__ import annotations
 
@@ -55,7 +50,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import harness  # noqa: E402
 import report  # noqa: E402
@@ -76,36 +70,6 @@ def train(run_dir: Path) -> Path:
     return checkpoint
 
 
-class BoxAverage3x3(torch.nn.Module):
-    """``AvgPool2d(3, stride=1, padding=1, count_include_pad=False)``: the 3x3 box sum
-    as a depthwise convolution of ones, divided by the number of in-image pixels."""
-
-    def __init__(self):
-        super().__init__()
-        self._cache = {}  # (channels, height, width, dtype, device) -> (ones kernel, 1 / count)
-
-    def forward(self, x):
-        key = (*x.shape[1:], x.dtype, x.device)
-        if key not in self._cache:
-            channels, height, width = x.shape[1:]
-            count = F.conv2d(x.new_ones(1, 1, height, width), x.new_ones(1, 1, 3, 3), padding=1)
-            self._cache[key] = (x.new_ones(channels, 1, 3, 3), 1 / count)
-        ones, inverse_count = self._cache[key]
-        return F.conv2d(x, ones, padding=1, groups=x.shape[1]) * inverse_count
-
-
-def use_fast_pool(model) -> int:
-    """Replace every 3x3 stride-1 AvgPool2d that excludes the padding; returns how many."""
-    replaced = 0
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if (isinstance(child, torch.nn.AvgPool2d) and child.kernel_size == 3 and child.stride == 1
-                    and child.padding == 1 and not child.count_include_pad):
-                setattr(module, name, BoxAverage3x3())
-                replaced += 1
-    return replaced
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,16 +82,6 @@ def measure(args) -> dict:
     checkpoint = Path(args.checkpoint) if args.checkpoint else train(Path(args.run_dir))
     model, run_args, data = load_run(checkpoint, device=device, data_dir=args.data_dir)
     summary = json.loads((checkpoint.parent / "summary.json").read_text())
-    fast_pool = 0
-    if args.fast_pool:
-        probe = data.batch(torch.arange(64))[0].to(device)
-        with torch.no_grad():
-            before = model.forward_exits(probe).logits
-            fast_pool = use_fast_pool(model)
-            after = model.forward_exits(probe).logits
-        difference = max((a - b).abs().max().item() for a, b in zip(after, before))
-        if difference > 1e-4:
-            raise RuntimeError(f"--fast-pool changed the logits by {difference}")
     chosen = summary["chosen"]
     tau_s = math.inf if chosen["full_depth"] else chosen["tau_s"]
     tau_c = math.inf if chosen["full_depth"] else chosen["tau_c"]
@@ -210,7 +164,6 @@ def measure(args) -> dict:
     predicted_plain = 1 - mean_cost / plain_ratio
     realised_plain = 1 - medians["hard"] / medians["plain"]
     return {
-        "fast_pool_replaced": fast_pool,
         "cpu_median_s": cpu_medians, "realised_saving_cpu_time": realised_cpu,
         "realised_over_predicted_cpu_time": realised_cpu / predicted if predicted > 0 else float("nan"),
         "node_time_shares": [t / sum(shares) for t in shares],
@@ -247,8 +200,6 @@ def markdown(result: dict, command: str, kind: str) -> str:
 
     def verdict(ratio):
         return "met" if ratio >= target else "NOT met"
-    pool = (f"; **diagnostic: {result['fast_pool_replaced']} NB201 3x3 average pools replaced by the same "
-            f"average as a depthwise convolution**" if result["fast_pool_replaced"] else "")
     return "\n".join([
         f"<!-- BEGIN {SECTION} {kind} -->",
         f"## Hard-exit inference on {kind}",
@@ -257,7 +208,7 @@ def markdown(result: dict, command: str, kind: str) -> str:
         "thresholds the run's deployment rule chose, against full depth, and the saving the FLOP cost "
         "model predicts for the same samples (see `benchmarks/hardexit_throughput.py`).",
         "",
-        f"- device: {result['device']}{pool}",
+        f"- device: {result['device']}",
         f"- versions: {report.versions()}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- command: `{command}`",
@@ -303,16 +254,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=4, help="batches per timed pass")
     parser.add_argument("--repeats", type=int, default=15, help="timed passes per provider")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per provider")
-    parser.add_argument("--fast-pool", action="store_true",
-                        help="diagnostic: NB201's 3x3 average pools as depthwise convolutions (module doc)")
     parser.add_argument("--kind", default=None,
-                        help="section name (default: cpu-<threads>t or cuda, -fast-pool appended)")
+                        help="section name (default: cpu-<threads>t or cuda)")
     parser.add_argument("--results", type=Path, default=None,
                         help="replace this kind's section of this file (benchmarks/RESULTS.md)")
     args = parser.parse_args(argv)
     result = measure(args)
-    kind = args.kind or (("cuda" if args.device.startswith("cuda") else f"cpu-{result['threads']}t")
-                         + ("-fast-pool" if args.fast_pool else ""))
+    kind = args.kind or ("cuda" if args.device.startswith("cuda") else f"cpu-{result['threads']}t")
     command = "python benchmarks/hardexit_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(result, command.strip(), kind)
     print(json.dumps(result, indent=1))

@@ -435,3 +435,19 @@ def test_eager_and_kernels_agree(space):
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_avg_pool_3x3_is_torchs_pool_without_padding_counted(stride, layout):
+    from nasops.spaces.operations import AvgPool3x3
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    g = torch.randn(3, 5, (7 - 1) // stride + 1, (6 - 1) // stride + 1, dtype=torch.float64)
+    ref = torch.nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)(x)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    y = AvgPool3x3(stride)(x)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    # a corner averages its 4 in-map pixels, not 9 with zeros
+    torch.testing.assert_close(y[0, 0, 0, 0], x[0, 0, :2, :2].mean())
