@@ -19,9 +19,13 @@ A new method subclasses ``Darts``, overrides what it needs and adds one line to
 from __future__ import annotations
 
 from nasops.methods.darts import Darts, StepStats
+from nasops.methods.dasvit import DasVit
+from nasops.methods.hardexit import HardExit
 
 METHODS: dict[str, type] = {
     "darts": Darts,
+    "dasvit": DasVit,
+    "hardexit": HardExit,
 }
 
 
@@ -33,4 +37,4 @@ def get(name: str) -> type:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}; got {name!r}") from None
 
 
-__all__ = ["METHODS", "Darts", "StepStats", "get"]
+__all__ = ["METHODS", "Darts", "DasVit", "StepStats", "get"]

@@ -54,17 +54,24 @@ class MixedEdge(nn.Module):
 
     def _mix(self, x, weights):
         outputs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
-        dtypes = {o.dtype for o in outputs if o is not None}
-        if len(dtypes) > 1:
-            # Under autocast a conv may return half precision while an identity or a
-            # pool keeps its input's dtype; mixed_op needs one dtype.
-            device = x.device.type
-            if torch.is_autocast_enabled(device):
-                common = torch.get_autocast_dtype(device)
-            else:
-                common = functools.reduce(torch.promote_types, dtypes)
-            outputs = [o if o is None else o.to(common) for o in outputs]
-        return nasops.ops.mixed_op(outputs, weights)
+        return nasops.ops.mixed_op(one_dtype(outputs, x.device.type), weights)
+
+
+def one_dtype(outputs, device_type: str):
+    """The op outputs (``None`` = Zero) in one dtype, as ``mixed_op`` needs them.
+
+    Under autocast a conv or a linear layer returns half precision while an
+    identity or a pool keeps its input's dtype: they meet in the autocast dtype.
+    Otherwise mixed dtypes meet in their promoted type.
+    """
+    dtypes = {o.dtype for o in outputs if o is not None}
+    if len(dtypes) <= 1:
+        return outputs
+    if torch.is_autocast_enabled(device_type):
+        common = torch.get_autocast_dtype(device_type)
+    else:
+        common = functools.reduce(torch.promote_types, dtypes)
+    return [o if o is None else o.to(common) for o in outputs]
 
 
 @contextlib.contextmanager
