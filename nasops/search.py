@@ -43,6 +43,7 @@ from nasops.backend import resolve
 from nasops.methods.darts import RunContext
 from nasops.runtime import write_text
 from nasops.spaces import nb201, vit
+from nasops.spaces.base import set_recompute_edges
 
 # What a search that needs no flags runs: sized to take about two minutes on a
 # 2-core CPU with the digits (measured in README.md).
@@ -63,6 +64,9 @@ RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "
 # PyTorch and nasops both about 2x). CUDA stays contiguous until measured on a
 # GPU: benchmarks/bench_search_step.py prints both layouts there.
 AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
+# Spaces whose mixed edges work on token tensors (B, N, C): no channels_last
+# layout there (only the patch embedding is a convolution), auto is contiguous.
+TOKEN_SPACES = ("vit",)
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 
@@ -201,6 +205,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         given = [f"--{n.replace('_', '-')}" for n in VIT_FLAGS if getattr(args, n) is not None]
         if given:
             parser.error(f"{', '.join(given)}: only for --space vit (got --space {args.space})")
+    if args.space in TOKEN_SPACES and args.memory_format == "channels_last":
+        parser.error(f"--memory-format channels_last: the {args.space} space's edges mix token tensors "
+                     f"(B, N, C), which have no channels_last layout; use auto or contiguous")
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
     if args.space == "nb201":
@@ -324,11 +331,11 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         model = method_cls.build_model(args, data).to(device)
     except ValueError as exc:  # sizes that do not fit the data, e.g. a patch that does not divide the image
         raise SearchError(str(exc)) from None
-    _prepare_network(model, args, device)
     if world_size > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
     method = method_cls.from_args(model, args, device=device, amp=amp)
+    _prepare_network(method, args, device)
 
     history: list[dict] = []
     start_epoch = 0
@@ -350,7 +357,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     writer = runtime.open_scalar_writer(out) if is_main and not evaluated else None
     for epoch in range(start_epoch, args.epochs):
         method.begin_epoch(epoch)
-        _prepare_network(method.model, args, device)  # a method may have built a new one
+        _prepare_network(method, args, device)  # a method may have built a new network
         record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
                               world_size, device, show=is_main and not args.quiet)
         history.append(record)
@@ -437,24 +444,28 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
 # ---- how the network runs: --memory-format, --recompute-edges, --compile -------------------
 
 def memory_format(args, device: torch.device) -> torch.memory_format:
-    """The feature-map layout of --memory-format on ``device`` (auto: AUTO_MEMORY_FORMAT)."""
-    name = AUTO_MEMORY_FORMAT[device.type] if args.memory_format == "auto" else args.memory_format
+    """The feature-map layout of --memory-format on ``device`` (auto: AUTO_MEMORY_FORMAT;
+    contiguous for the vit space, whose edges mix token tensors)."""
+    name = args.memory_format
+    if name == "auto":
+        name = "contiguous" if args.space in TOKEN_SPACES else AUTO_MEMORY_FORMAT[device.type]
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
 
 
-def _prepare_network(model, args, device: torch.device) -> None:
-    """Lay out, recompute and compile ``model`` as the flags say; once per network
-    (the driver calls this again after every ``begin_epoch``)."""
+def _prepare_network(method, args, device: torch.device) -> None:
+    """Lay out, recompute and compile ``method.model`` as the flags say; once per
+    network (the driver calls this again after every ``begin_epoch``). The layout
+    change keeps the parameter objects (Module.to moves their data), so the
+    method's optimizers still hold them."""
+    model = method.model
     if getattr(model, "_nasops_prepared", False):
         return
     model.to(memory_format=memory_format(args, device))
-    if args.recompute_edges and not model.set_recompute_edges(True):
+    if args.recompute_edges and not set_recompute_edges(model, True):
         raise SearchError(f"--recompute-edges: the {type(model).__name__} of --method {args.method} "
                           f"has no mixed edge that can recompute")
     if args.compile:
-        # Module.compile compiles in place: the state dict keeps its keys, so
-        # checkpoints of compiled and plain runs are interchangeable.
-        model.compile(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+        method.compile_network(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     model._nasops_prepared = True
 
 

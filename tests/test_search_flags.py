@@ -201,3 +201,86 @@ def test_compiled_op_is_traced_once():
     for _ in range(3):
         step(outputs, weights)
     assert len(graphs) == 1
+
+
+# ---- every method: dasvit (space vit) and hardexit -------------------------------------------
+DASVIT = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-size", "2", "--batch-size", "8",
+          "--threads", "1", "--quiet", "--stage-depths", "1", "2", "--stage-keep", "3", "--token-ratio", "0.5",
+          "--epochs", "2", "--max-steps", "2", "--deterministic"]
+HARDEXIT = [*TINY, "--method", "hardexit", "--holdout-portion", "0.1", "--max-steps", "2"]
+METHOD_RUNS = {"dasvit": DASVIT, "hardexit": HARDEXIT}
+
+
+def _method_run(out, method, *flags):
+    return main(["--out", str(out), *METHOD_RUNS[method], *flags])
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
+def test_recompute_edges_every_method_equals_plain(tmp_path, method):
+    """dasvit's token edges (with token selection) and hardexit's per-sample
+    mixing recompute too, with the plain run's results."""
+    plain = _method_run(tmp_path / "plain", method)
+    recompute = _method_run(tmp_path / "recompute", method, "--recompute-edges")
+    _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_edges_token_edges_keep_less():
+    from nasops.spaces.vit import VitSearchNetwork
+    torch.manual_seed(0)
+    plain = VitSearchNetwork(in_channels=3, num_classes=5, image_size=8, patch_size=2, embed_dim=16,
+                             depth=2, token_ratio=0.5).train()
+    recompute = copy.deepcopy(plain)
+    assert recompute.set_recompute_edges(True) > 0
+    x = torch.randn(4, 3, 8, 8)
+    kept, kept_recompute = _saved_bytes(plain, x), _saved_bytes(recompute, x)
+    assert kept_recompute < 0.5 * kept, (kept, kept_recompute)
+
+
+def test_memory_format_token_space(tmp_path, capsys):
+    """The vit space's edges mix (B, N, C) tokens: auto means contiguous there, and
+    an explicit channels_last is refused, naming the flag."""
+    from nasops.search import memory_format
+    args = parse_args(["--out", str(tmp_path), *DASVIT])
+    assert memory_format(args, torch.device("cpu")) == torch.contiguous_format
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--out", str(tmp_path), *DASVIT, "--memory-format", "channels_last"])
+    assert exc.value.code == 2
+    assert "--memory-format channels_last" in capsys.readouterr().err
+    # hardexit's networks are DARTS ones: channels_last by default on the CPU
+    args = parse_args(["--out", str(tmp_path), *HARDEXIT])
+    assert memory_format(args, torch.device("cpu")) == torch.channels_last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
+def test_compile_every_method_first_steps_match_eager(tmp_path, monkeypatch, method):
+    """--compile compiles what each method's step runs (hardexit: forward_exits,
+    not forward) and the first steps match the eager run (aot_eager: see above)."""
+    compiled_with = []
+    torch_compile = torch.compile
+
+    def compile_with_aot_eager(fn, **kwargs):
+        if "backend" not in kwargs:  # not the call inside Module.compile below
+            compiled_with.append(kwargs)
+        return torch_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+    module_compile = torch.nn.Module.compile
+
+    def module_compile_with_aot_eager(self, **kwargs):
+        compiled_with.append(kwargs)
+        return module_compile(self, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    monkeypatch.setattr(torch.nn.Module, "compile", module_compile_with_aot_eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # hardexit on NB201 with one cell per stage (3 exits): tracing DARTS cells
+    # takes minutes here
+    small = ["--space", "nb201", "--layers", "1"] if method == "hardexit" else []
+    plain = _method_run(tmp_path / "plain", method, *small)
+    compiled = _method_run(tmp_path / "compiled", method, "--compile", *small)
+    # one per network: dasvit's second stage builds a new one
+    assert compiled_with and all(k == {"fullgraph": True, "mode": None} for k in compiled_with)
+    assert len(compiled_with) == (2 if method == "dasvit" else 1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # traced, not bypassed
+    _assert_same_run(plain, compiled, tmp_path / "plain", tmp_path / "compiled", rtol=1e-4, atol=1e-5)

@@ -12,30 +12,21 @@ import torch.utils.checkpoint
 import nasops.ops
 
 
-class MixedEdge(nn.Module):
-    """One DARTS mixed edge: ``sum_k w_k * op_k(x)`` through :func:`nasops.ops.mixed_op`.
+class RecomputableEdge(nn.Module):
+    """A mixed edge whose op outputs may be recomputed in the backward.
 
-    ``ops`` holds one module per candidate, ``None`` for the Zero op: its output
-    is passed to ``mixed_op`` as ``None`` and never computed. ``op_names`` keeps
-    the candidates' names in the order of the weights.
-
-    ``recompute`` (off; :meth:`SearchNetwork.set_recompute_edges`): the edge
-    keeps only its input for the backward and computes its ops' outputs again
-    there (``torch.utils.checkpoint``, non-reentrant, RNG state preserved), so
-    none of the K op outputs and their intermediates stays alive between the
-    forward and the backward. BatchNorm layers would update their running
-    statistics twice, once per forward; the recomputation restores them, so a
-    run with recomputation equals one without (the tests check losses,
-    gradients and running statistics).
+    A subclass computes the edge in ``_mix(x, weights)``. With ``recompute``
+    on (off by default; :func:`set_recompute_edges`) the edge keeps only its
+    input for the backward and computes its ops' outputs again there
+    (``torch.utils.checkpoint``, non-reentrant, RNG state preserved), so none of
+    the K op outputs and their intermediates stays alive between the forward
+    and the backward. BatchNorm layers would update their running statistics
+    twice, once per forward; the recomputation restores them, so a run with
+    recomputation equals one without (the tests check losses, gradients and
+    running statistics).
     """
 
     recompute = False
-
-    def __init__(self, op_names, ops):
-        super().__init__()
-        self.op_names = list(op_names)
-        self.ops = nn.ModuleList([op if op is not None else nn.Identity() for op in ops])
-        self._is_zero = [op is None for op in ops]
 
     def forward(self, x, weights):
         if self.recompute and torch.is_grad_enabled():
@@ -51,6 +42,35 @@ class MixedEdge(nn.Module):
     def _recompute_contexts(self):
         """(forward, recomputation) contexts of torch.utils.checkpoint."""
         return contextlib.nullcontext(), _restored_buffers(self)
+
+    def _mix(self, x, weights):
+        raise NotImplementedError
+
+
+def set_recompute_edges(module: nn.Module, enabled: bool = True) -> int:
+    """Switch recomputation on (or off) for every :class:`RecomputableEdge` in
+    ``module`` (any network: a search network, or one that wraps it). Returns
+    the number of edges switched."""
+    edges = [m for m in module.modules() if isinstance(m, RecomputableEdge)]
+    for m in edges:
+        m.recompute = enabled
+    return len(edges)
+
+
+class MixedEdge(RecomputableEdge):
+    """One DARTS mixed edge: ``sum_k w_k * op_k(x)`` through :func:`nasops.ops.mixed_op`.
+
+    ``ops`` holds one module per candidate, ``None`` for the Zero op: its output
+    is passed to ``mixed_op`` as ``None`` and never computed. ``op_names`` keeps
+    the candidates' names in the order of the weights. Recomputation: see
+    :class:`RecomputableEdge`.
+    """
+
+    def __init__(self, op_names, ops):
+        super().__init__()
+        self.op_names = list(op_names)
+        self.ops = nn.ModuleList([op if op is not None else nn.Identity() for op in ops])
+        self._is_zero = [op is None for op in ops]
 
     def _mix(self, x, weights):
         outputs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
@@ -135,14 +155,8 @@ class SearchNetwork(nn.Module):
         return mixing
 
     def set_recompute_edges(self, enabled: bool = True) -> int:
-        """Switch recomputation on (or off) for every mixed edge (``MixedEdge.recompute``):
-        an edge then keeps only its input for the backward. Returns the number of
-        edges switched; an edge type of its own opts in with a ``recompute``
-        attribute that its forward honours."""
-        edges = [m for m in self.modules() if hasattr(type(m), "recompute")]
-        for m in edges:
-            m.recompute = enabled
-        return len(edges)
+        """:func:`set_recompute_edges` on this network."""
+        return set_recompute_edges(self, enabled)
 
     # ---- description ----------------------------------------------------------------
     def op_names(self, cell_type: str) -> list[list[str]]:
