@@ -19,10 +19,14 @@ Providers (PROVIDERS; add one with a line):
 - ``nasops-compile``: the same with --compile;
 - ``nasops-recompute``: the same with --recompute-edges (memory against time).
 On CUDA also ``nasops-nchw`` and ``nasops-nhwc``, which decide --memory-format
-auto there (search.AUTO_MEMORY_FORMAT).
+auto there (search.AUTO_MEMORY_FORMAT). Token networks (DASViT's vit space)
+have no layout to choose: ``eager`` replaces the two eager providers there.
 
-Methods (METHODS; MIDAS, DASViT and hard-exit join with a line each): the
-driver flags that select them, e.g. DARTS first and second order.
+Methods (METHODS; a new one joins with a line): the driver flags that select
+them and the kind of network (feature maps or tokens), which decides the
+default providers: DARTS first and second order and hard exit on the DARTS
+space, DASViT on the vit space. DARTS' network is sized by --layers and
+--init-channels; the others carry small sizes of their own.
 
 Time: every provider gets its own network (same seed, same initialisation);
 after warm-up steps (compilation for ``nasops-compile``), rounds of one step
@@ -68,16 +72,31 @@ PROVIDERS = {
     "nasops-recompute": ["--recompute-edges"],
     "nasops-nchw": ["--memory-format", "contiguous"],
     "nasops-nhwc": ["--memory-format", "channels_last"],
+    "eager": ["--backend", "eager"],  # token spaces: no layout to choose
 }
+# Providers per kind of network: feature maps (a layout to choose) or tokens (none).
 DEFAULT_PROVIDERS = {
-    "cpu": ["eager-nchw", "eager-nhwc", "nasops", "nasops-compile", "nasops-recompute"],
-    "cuda": ["eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc", "nasops-compile", "nasops-recompute"],
+    ("maps", "cpu"): ["eager-nchw", "eager-nhwc", "nasops", "nasops-compile", "nasops-recompute"],
+    ("maps", "cuda"): ["eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc", "nasops-compile",
+                       "nasops-recompute"],
+    ("tokens", "cpu"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
+    ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
-# method -> driver flags (the network's size comes from --layers and --init-channels,
-# by default the DARTS paper's search network: 8 cells, C = 16).
+LAYOUT_PROVIDERS = ("eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc")
+# method -> driver flags, and the kind of network. Methods on the DARTS space take
+# their size from --layers and --init-channels (NETWORK, by default the DARTS
+# paper's search network: 8 cells, C = 16); the others carry small sizes of
+# their own, so that a CPU run stays within minutes.
 METHODS = {
-    "darts-1st": ["--method", "darts", "--space", "darts"],
-    "darts-2nd": ["--method", "darts", "--space", "darts", "--second-order"],
+    "darts-1st": {"flags": ["--method", "darts", "--space", "darts"], "kind": "maps"},
+    "darts-2nd": {"flags": ["--method", "darts", "--space", "darts", "--second-order"], "kind": "maps"},
+    # DASViT's search step (benchmarks/dasvit_search_step.py's SMALL): width 64,
+    # 4x4 patches of 32x32 (64 tokens + CLS), one stage of depth 2, token ratio 0.5.
+    "dasvit": {"flags": ["--method", "dasvit", "--space", "vit", "--embed-dim", "64", "--patch-size", "4",
+                         "--stage-depths", "2", "--stage-keep", "--token-ratio", "0.5"], "kind": "tokens", "sized": False},
+    # hard exit on the DARTS network of 5 cells, C = 8 (per-sample mixing, exit heads).
+    "hardexit": {"flags": ["--method", "hardexit", "--space", "darts", "--layers", "5", "--init-channels", "8"],
+                 "kind": "maps", "sized": False},
 }
 NETWORK = {"layers": 8, "init_channels": 16}
 IMAGE = (3, 32, 32)
@@ -91,13 +110,29 @@ SEARCH_EPOCHS, SEARCH_STEPS_PER_EPOCH = 50, 25000 // 64
 
 class _Data:
     """What a method's build_model reads of a data set."""
-    in_channels, num_classes = IMAGE[0], NUM_CLASSES
+    in_channels, num_classes, image_size = IMAGE[0], NUM_CLASSES, IMAGE[1]
+    images = torch.empty(0, *IMAGE)  # hardexit reads the image shape
+
+
+def method_flags(method: str) -> list[str]:
+    """The driver flags of ``method``, with NETWORK's size for the DARTS-space ones."""
+    spec = METHODS[method]
+    size = ["--layers", str(NETWORK["layers"]), "--init-channels", str(NETWORK["init_channels"])]
+    return [*spec["flags"], *(size if spec.get("sized", True) else [])]
+
+
+def method_providers(method: str, device_kind: str, chosen: list[str] | None) -> list[str]:
+    """The providers to run for ``method``: ``chosen`` (--providers) or the default
+    set of its kind of network; layout providers are left out for token networks."""
+    kind = METHODS[method]["kind"]
+    if chosen is None:
+        return list(DEFAULT_PROVIDERS[(kind, device_kind)])
+    return [p for p in chosen if not (kind == "tokens" and p in LAYOUT_PROVIDERS)]
 
 
 def build(provider: str, method: str, batch: int, device: torch.device, threads: int | None):
     """(method object, driver args) for ``provider`` x ``method``, as the driver builds them."""
-    flags = [*METHODS[method], *PROVIDERS[provider], "--batch-size", str(batch),
-             "--layers", str(NETWORK["layers"]), "--init-channels", str(NETWORK["init_channels"]),
+    flags = [*method_flags(method), *PROVIDERS[provider], "--batch-size", str(batch),
              "--device", str(device), "--dataset", "synthetic", "--out", os.devnull]
     if threads:
         flags += ["--threads", str(threads)]
@@ -105,9 +140,10 @@ def build(provider: str, method: str, batch: int, device: torch.device, threads:
     torch.manual_seed(0)
     cls = methods.get(args.method)
     model = cls.build_model(args, _Data()).to(device)
-    search._prepare_network(model, args, device)
     model.train()
-    return cls.from_args(model, args, device=device, amp=None), args
+    method = cls.from_args(model, args, device=device, amp=None)
+    search._prepare_network(method, args, device)
+    return method, args
 
 
 def batches(batch: int, device: torch.device, count: int = 2):
@@ -314,8 +350,50 @@ def plot(results: dict, path: Path, device_kind: str) -> None:
     plt.close(fig)
 
 
-def report(results: dict, device: torch.device, providers: list[str], command: str, quick: bool,
+def _tables(results: dict, cuda: bool) -> tuple[list[str], list[str]]:
+    """Markdown lines of the time and the memory tables, one pair per set of
+    providers (methods of one kind of network share theirs)."""
+    groups: dict[tuple, list] = {}
+    for key, res in results.items():
+        groups.setdefault(tuple(res["time"]), []).append((key, res))
+    time_lines, memory_lines = [], []
+    for providers, entries in groups.items():
+        providers = list(providers)
+        base = "eager-nchw" if "eager-nchw" in providers else providers[0]
+        best_eager = "eager-nhwc" if "eager-nhwc" in providers else base
+        vs_best = [p for p in providers if p.startswith("nasops")] if best_eager != base else []
+        header = ["method", "batch"] + [f"{p} s" for p in providers] + [
+            f"{p} x {base}" for p in providers if p != base] + [f"{p} x {best_eager}" for p in vs_best]
+        mem_header = ["method", "batch"] + [f"{p} MiB" for p in providers]
+        rows, mem_rows = [], []
+        for (method, batch), res in entries:
+            med = {p: statistics.median(res["time"][p]) for p in providers}
+            rows.append([method, str(batch)] + [f"{med[p]:.3f}" for p in providers]
+                        + [f"{med[base] / med[p]:.2f}" for p in providers if p != base]
+                        + [f"{med[best_eager] / med[p]:.2f}" for p in vs_best])
+            cells = []
+            for p in providers:
+                m = res["memory"].get(p)
+                if not m:
+                    cells.append("n/a")
+                elif "error" in m:
+                    cells.append(m["error"])
+                elif cuda:
+                    cells.append(fmt_mib(m["peak_cuda"]))
+                else:
+                    steps_peak = m.get("steps_peak_rss") or m["peak_rss"]
+                    cells.append(f"{fmt_mib(m['peak_rss'])} ({fmt_mib(steps_peak - m['rss_before'])})")
+            mem_rows.append([method, str(batch)] + cells)
+        time_lines += [table(rows, header), ""]
+        memory_lines += [table(mem_rows, mem_header), ""]
+    return time_lines[:-1], memory_lines[:-1]
+
+
+def report(results: dict, device: torch.device, command: str, quick: bool,
            threads: int | None, max_batches: dict | None) -> str:
+    """This script's RESULTS.md section. ``results``: (method, batch) -> {"time":
+    {provider: [seconds]}, "memory": {provider: {...}}, "profile": ...}; the
+    providers of a result are its "time" keys, in order."""
     import datetime
 
     import harness
@@ -323,38 +401,16 @@ def report(results: dict, device: torch.device, providers: list[str], command: s
 
     kind = device.type
     cuda = kind == "cuda"
-    base = "eager-nchw" if "eager-nchw" in providers else providers[0]
-    best_eager = "eager-nhwc" if "eager-nhwc" in providers else base
-    vs_best = [p for p in providers if p.startswith("nasops")] if best_eager != base else []
-    header = ["method", "batch"] + [f"{p} s" for p in providers] + [
-        f"{p} x {base}" for p in providers if p != base] + [f"{p} x {best_eager}" for p in vs_best]
-    mem_header = ["method", "batch"] + [f"{p} MiB" for p in providers]
-    rows, mem_rows = [], []
-    for (method, batch), res in results.items():
-        med = {p: statistics.median(res["time"][p]) for p in providers}
-        rows.append([method, str(batch)] + [f"{med[p]:.3f}" for p in providers]
-                    + [f"{med[base] / med[p]:.2f}" for p in providers if p != base]
-                    + [f"{med[best_eager] / med[p]:.2f}" for p in vs_best])
-        cells = []
-        for p in providers:
-            m = res["memory"].get(p)
-            if not m:
-                cells.append("n/a")
-            elif "error" in m:
-                cells.append(m["error"])
-            elif cuda:
-                cells.append(fmt_mib(m["peak_cuda"]))
-            else:
-                steps_peak = m.get("steps_peak_rss") or m["peak_rss"]
-                cells.append(f"{fmt_mib(m['peak_rss'])} ({fmt_mib(steps_peak - m['rss_before'])})")
-        mem_rows.append([method, str(batch)] + cells)
+    time_tables, memory_tables = _tables(results, cuda)
+    others = [f"{m}: `{' '.join(method_flags(m))}`" for m in dict.fromkeys(m for m, _ in results)
+              if not METHODS[m].get("sized", True)]
     lines = [
         f"<!-- BEGIN search_step {kind} -->",
         f"## Search step on {kind} (bench_search_step.py)",
         "",
         "The whole search step of `python -m nasops.search` (see the script's docstring): "
         "median seconds per step, interleaved rounds; `x` columns are speed-ups (higher is "
-        "better) over eager channels-first and over eager channels_last.",
+        "better) over eager channels-first and over eager channels_last (token networks: over eager).",
         "",
         f"- device: {harness.device_name(str(device))}",
         f"- versions: {versions()}",
@@ -363,11 +419,12 @@ def report(results: dict, device: torch.device, providers: list[str], command: s
         f"- threads: {threads or torch.get_num_threads()}; glibc tunables: "
         + (" ".join(f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
                     if k in os.environ) or "none"),
-        f"- network: {NETWORK['layers']} cells, C = {NETWORK['init_channels']}; synthetic "
+        f"- network: DARTS space {NETWORK['layers']} cells, C = {NETWORK['init_channels']}"
+        + (f"; {'; '.join(others)}" if others else "") + f"; synthetic "
         f"{IMAGE[0]}x{IMAGE[1]}x{IMAGE[2]} images, {NUM_CLASSES} classes; float32",
         f"- plot: `search_step_{kind}.png`",
         "",
-        table(rows, header),
+        *time_tables,
         "",
         "Peak memory, a fresh process per provider: "
         + ("`torch.cuda.max_memory_allocated`." if cuda else
@@ -375,12 +432,12 @@ def report(results: dict, device: torch.device, providers: list[str], command: s
            "parentheses the steps' own memory: the peak during the steps (VmHWM, reset before "
            "the first step) minus the resident set before it."),
         "",
-        table(mem_rows, mem_header),
+        *memory_tables,
     ]
     if cuda:
         proj = []
         for (method, batch), res in results.items():
-            for p in providers:
+            for p in res["time"]:
                 hours = statistics.median(res["time"][p]) * SEARCH_STEPS_PER_EPOCH * SEARCH_EPOCHS / 3600
                 proj.append([method, str(batch), p, f"{hours:.2f}"])
         lines += ["", f"A whole search projected from the step time: {SEARCH_EPOCHS} epochs of "
@@ -389,6 +446,7 @@ def report(results: dict, device: torch.device, providers: list[str], command: s
     for (method, batch), res in results.items():
         if res.get("profile"):
             prof = res["profile"]
+            providers = list(res["time"])
             cats = [name for name, _ in CATEGORIES] + ["other"]
             prows = [[c] + [f"{prof[p][c]:.2f} ({100 * prof[p][c] / prof[p]['total']:.0f} %)" for p in providers]
                      for c in cats]
@@ -437,7 +495,6 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     kind = device.type
     NETWORK.update(layers=args.layers, init_channels=args.init_channels)
-    providers = args.providers or DEFAULT_PROVIDERS[kind]
     batches_ = args.batch_sizes or ([16] if args.quick and kind == "cpu" else [16, 64] if kind == "cpu" else [64])
     steps = args.steps or (2 if args.quick else 5)
     if args.threads:
@@ -445,6 +502,7 @@ def main(argv=None) -> None:
     command = "python benchmarks/bench_search_step.py " + " ".join(argv)
     results = {}
     for method in args.methods:
+        providers = method_providers(method, kind, args.providers)
         for batch in batches_:
             print(f"{method}, batch {batch}:", flush=True)
             times, profiles = time_providers(providers, method, batch, device, steps, args.warmup, args.threads,
@@ -458,13 +516,13 @@ def main(argv=None) -> None:
     if args.max_batch and kind == "cuda":
         max_batches = {}
         for method in args.methods:
-            for p in providers:
+            for p in method_providers(method, kind, args.providers):
                 def fits(b, p=p, method=method):
                     return "error" not in measure_memory(p, method, b, device, 1, args.threads)
                 max_batches[(method, p)] = largest_batch(fits, resolution=8)
                 print(f"  largest batch {method} {p}: {max_batches[(method, p)]}", flush=True)
     from report import update_results
-    body = report(results, device, providers, command.strip(), args.quick, args.threads, max_batches)
+    body = report(results, device, command.strip(), args.quick, args.threads, max_batches)
     update_results(args.out, {("search_step", kind): body})
     plot_path = args.plot or args.out.parent / f"search_step_{kind}.png"
     plot(results, plot_path, kind)
