@@ -123,11 +123,15 @@ def method_flags(method: str) -> list[str]:
 
 def method_providers(method: str, device_kind: str, chosen: list[str] | None) -> list[str]:
     """The providers to run for ``method``: ``chosen`` (--providers) or the default
-    set of its kind of network; layout providers are left out for token networks."""
+    set of its kind of network. A token network has no layout: there the layout
+    providers stand for the plain ones (eager-nchw, eager-nhwc -> eager;
+    nasops-nchw, nasops-nhwc -> nasops)."""
     kind = METHODS[method]["kind"]
     if chosen is None:
         return list(DEFAULT_PROVIDERS[(kind, device_kind)])
-    return [p for p in chosen if not (kind == "tokens" and p in LAYOUT_PROVIDERS)]
+    if kind == "tokens":
+        chosen = [p.split("-")[0] if p in LAYOUT_PROVIDERS else p for p in chosen]
+    return list(dict.fromkeys(chosen))
 
 
 def build(provider: str, method: str, batch: int, device: torch.device, threads: int | None):

@@ -19,13 +19,13 @@ import bench_search_step  # noqa: E402
 sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def test_benchmark_runs_every_provider_and_writes_its_section(tmp_path):
+def test_benchmark_runs_every_method_and_writes_its_section(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# results\n\n<!-- BEGIN mixed_op cpu -->\nkept\n<!-- END mixed_op cpu -->\n")
-    providers = ["eager-nchw", "eager-nhwc", "nasops", "nasops-recompute"]
+    chosen = ["eager-nchw", "eager-nhwc", "nasops-recompute"]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_search_step.py"), "--device", "cpu",
-           "--methods", "darts-1st", "--providers", *providers, "--batch-sizes", "4", "--steps", "1",
-           "--warmup", "0", "--memory-steps", "1", "--layers", "3", "--init-channels", "4",
+           "--methods", "darts-1st", "dasvit", "hardexit", "--providers", *chosen, "--batch-sizes", "4",
+           "--steps", "1", "--warmup", "0", "--memory-steps", "1", "--layers", "3", "--init-channels", "4",
            "--threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                           text=True, timeout=900)
@@ -33,12 +33,28 @@ def test_benchmark_runs_every_provider_and_writes_its_section(tmp_path):
     text = out.read_text()
     assert "kept" in text  # other sections stay
     section = text.split("<!-- BEGIN search_step cpu -->")[1].split("<!-- END search_step cpu -->")[0]
-    rows = [line for line in section.splitlines() if line.startswith("| darts-1st | 4 |")]
-    assert len(rows) == 2, section  # the time table and the memory table
-    time_cells, memory_cells = rows[0].split("|")[3:-1], rows[1].split("|")[3:-1]
-    assert all(float(c) > 0 for c in time_cells), rows[0]
-    assert len(memory_cells) == len(providers) and all("(" in c for c in memory_cells), rows[1]
+    # the token network (dasvit) runs no layout provider: a table of its own
+    for method, providers in (("darts-1st", chosen), ("hardexit", chosen), ("dasvit", ["eager", "nasops-recompute"])):
+        rows = [line for line in section.splitlines() if line.startswith(f"| {method} | 4 |")]
+        assert len(rows) == 2, section  # the time table and the memory table
+        time_cells, memory_cells = rows[0].split("|")[3:-1], rows[1].split("|")[3:-1]
+        assert len(time_cells) == 2 * len(providers) - 1  # times, then ratios to the first provider
+        assert all(float(c) > 0 for c in time_cells), rows[0]
+        assert len(memory_cells) == len(providers) and all("(" in c for c in memory_cells), rows[1]
+    assert "| method | batch | eager s | nasops-recompute s | nasops-recompute x eager |" in section
     assert (tmp_path / "search_step_cpu.png").stat().st_size > 1000
+
+
+def test_method_providers():
+    assert bench_search_step.method_providers("dasvit", "cpu", None) == [
+        "eager", "nasops", "nasops-compile", "nasops-recompute"]
+    assert bench_search_step.method_providers("darts-2nd", "cpu", None)[:2] == ["eager-nchw", "eager-nhwc"]
+    # a token network has no layout: the layout providers stand for the plain ones
+    assert bench_search_step.method_providers("dasvit", "cuda", ["eager-nchw", "eager-nhwc", "nasops-nchw",
+                                                                  "nasops"]) == ["eager", "nasops"]
+    # DARTS' size comes from --layers / --init-channels, the others carry their own
+    assert bench_search_step.method_flags("darts-1st")[-4:] == ["--layers", "8", "--init-channels", "16"]
+    assert "--embed-dim" in bench_search_step.method_flags("dasvit")
 
 
 def test_largest_batch_doubles_then_bisects():
@@ -61,12 +77,11 @@ def test_largest_batch_doubles_then_bisects():
 def test_gpu_report_has_the_projection_and_the_largest_batches(monkeypatch):
     import harness
     monkeypatch.setattr(harness, "device_name", lambda device: "a test GPU")
-    providers = ["eager-nchw", "nasops-nchw"]
     results = {("darts-1st", 64): {
         "time": {"eager-nchw": [0.2, 0.2, 0.2], "nasops-nchw": [0.1, 0.1, 0.1]},
         "memory": {"eager-nchw": {"peak_cuda": 3 * 2**30, "cuda_before": 0},
                    "nasops-nchw": {"error": "out of memory"}}}}
-    text = bench_search_step.report(results, torch.device("cuda"), providers, "cmd", False, None,
+    text = bench_search_step.report(results, torch.device("cuda"), "cmd", False, None,
                                     {("darts-1st", "eager-nchw"): 96, ("darts-1st", "nasops-nchw"): 160})
     assert "<!-- BEGIN search_step cuda -->" in text and "a test GPU" in text
     assert "| darts-1st | 64 | 0.200 | 0.100 | 2.00 |" in text
