@@ -19,9 +19,11 @@ A new method subclasses ``Darts``, overrides what it needs and adds one line to
 from __future__ import annotations
 
 from nasops.methods.darts import Darts, StepStats
+from nasops.methods.midas import Midas
 
 METHODS: dict[str, type] = {
     "darts": Darts,
+    "midas": Midas,
 }
 
 
@@ -33,4 +35,4 @@ def get(name: str) -> type:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}; got {name!r}") from None
 
 
-__all__ = ["METHODS", "Darts", "StepStats", "get"]
+__all__ = ["METHODS", "Darts", "Midas", "StepStats", "get"]

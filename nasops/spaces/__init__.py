@@ -31,7 +31,7 @@ DEFAULT_LAYERS.update({s: 8 for s in SPACES if s != "nb201"})
 
 
 def build(name: str, *, in_channels: int, num_classes: int, C: int = 16, layers: int | None = None,
-          nodes: int = 4, stem_multiplier: int = 3) -> SearchNetwork:
+          nodes: int = 4, stem_multiplier: int = 3, cell=None, alphas: bool = True) -> SearchNetwork:
     """The search network of space ``name`` (one of :data:`SPACES`).
 
     Args:
@@ -43,13 +43,21 @@ def build(name: str, *, in_channels: int, num_classes: int, C: int = 16, layers:
             cell including the input node (4).
         stem_multiplier: darts/rdarts stem width is ``stem_multiplier * C``;
             unused by nb201.
+        cell: the cell module to build the network from, called with the
+            arguments of the space's own (``darts.DartsCell`` for darts/rdarts,
+            ``nb201.NB201Cell`` for nb201, which a replacement must subclass);
+            None = the space's own. MIDAS passes its cells here.
+        alphas: False builds no alpha tables: the cells compute their own op
+            weights and get ``None`` as weights (MIDAS without a prior).
     """
     if name not in SPACES:
         raise ValueError(f"space: expected one of {SPACES}, got {name!r}")
     if layers is None:
         layers = DEFAULT_LAYERS[name]
     kwargs = dict(in_channels=in_channels, num_classes=num_classes, C=C, layers=layers, nodes=nodes,
-                  stem_multiplier=stem_multiplier)
+                  stem_multiplier=stem_multiplier, alphas=alphas)
+    if cell is not None:
+        kwargs["cell"] = cell
     if name == "darts":
         return build_darts(**kwargs)
     if name == "nb201":

@@ -24,19 +24,28 @@ class MixedEdge(nn.Module):
         self.ops = nn.ModuleList([op if op is not None else nn.Identity() for op in ops])
         self._is_zero = [op is None for op in ops]
 
+    def op_outputs(self, x) -> list[torch.Tensor | None]:
+        """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op)."""
+        return same_dtype([None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)],
+                          x.device.type)
+
     def forward(self, x, weights):
-        outputs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
-        dtypes = {o.dtype for o in outputs if o is not None}
-        if len(dtypes) > 1:
-            # Under autocast a conv may return half precision while an identity or a
-            # pool keeps its input's dtype; mixed_op needs one dtype.
-            device = x.device.type
-            if torch.is_autocast_enabled(device):
-                common = torch.get_autocast_dtype(device)
-            else:
-                common = functools.reduce(torch.promote_types, dtypes)
-            outputs = [o if o is None else o.to(common) for o in outputs]
-        return nasops.ops.mixed_op(outputs, weights)
+        return nasops.ops.mixed_op(self.op_outputs(x), weights)
+
+
+def same_dtype(tensors, device_type: str) -> list[torch.Tensor | None]:
+    """``tensors`` (``None`` entries kept) cast to one dtype where they differ, as the
+    nasops ops need: under autocast a conv may return half precision while an
+    identity or a pool keeps its input's dtype. The common dtype is autocast's
+    when it is on, else the promotion of the tensors' dtypes."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) <= 1:
+        return list(tensors)
+    if torch.is_autocast_enabled(device_type):
+        common = torch.get_autocast_dtype(device_type)
+    else:
+        common = functools.reduce(torch.promote_types, dtypes)
+    return [t if t is None else t.to(common) for t in tensors]
 
 
 class SearchNetwork(nn.Module):
@@ -45,23 +54,44 @@ class SearchNetwork(nn.Module):
     Subclasses register one alpha table per cell type (``alphas_<cell type>``,
     shape ``(edges, ops per edge)``) and implement ``forward`` and ``genotype``.
 
+    A network built with ``alphas=False`` (see ``nasops.spaces.build``) has no
+    alpha tables: its cells compute their op weights themselves (MIDAS, whose
+    edges hold their own architecture parameters and define ``arch_parameters()``).
+    Such a network hands its cells ``None`` as weights and cannot derive a
+    genotype on its own (the method decodes it).
+
     Attributes:
         space: the space's name (one of ``nasops.spaces.SPACES``).
         cell_types: the cell types with their own alphas, e.g. ("normal", "reduce").
+        has_alphas: whether the alpha tables exist.
     """
 
     space: str = ""
     cell_types: tuple[str, ...] = ()
+    has_alphas: bool = True
 
     # ---- parameters -----------------------------------------------------------------
     def alphas(self, cell_type: str) -> nn.Parameter:
         """The architecture parameter table of ``cell_type``, shape (edges, ops per edge)."""
         self._check_cell_type(cell_type)
+        if not self.has_alphas:
+            raise ValueError(f"cell_type {cell_type!r}: this {self.space} network was built without "
+                             f"alphas (its cells compute their own op weights)")
         return getattr(self, f"alphas_{cell_type}")
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        """The alphas, one table per cell type (in ``cell_types`` order)."""
-        return [self.alphas(t) for t in self.cell_types]
+        """The alphas, one table per cell type (in ``cell_types`` order), then the
+        parameters of every submodule that declares its own (``arch_parameters()``,
+        e.g. MIDAS's attention edges), in module order."""
+        params = [self.alphas(t) for t in self.cell_types] if self.has_alphas else []
+        seen = {id(p) for p in params}
+        for module in self.modules():
+            if module is not self and hasattr(module, "arch_parameters"):
+                for p in module.arch_parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+        return params
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not an alpha (the supernet's weights)."""
@@ -73,7 +103,13 @@ class SearchNetwork(nn.Module):
 
         ``weights`` may override them per cell type with a tensor of shape
         (edges, K) or, per sample, (B, edges, K) (e.g. input-adaptive methods).
+        A network without alphas gives every cell type ``None``.
         """
+        if not self.has_alphas:
+            if weights:
+                raise ValueError("weights: this network's cells compute their own op weights "
+                                 "(built without alphas); no override is possible")
+            return {t: None for t in self.cell_types}
         mixing = {t: F.softmax(self.alphas(t), dim=-1) for t in self.cell_types}
         if weights:
             for t, w in weights.items():
