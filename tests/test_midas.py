@@ -274,6 +274,54 @@ def test_network_arch_parameters_are_the_attention_parameters(space, prior):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
 
 
+def test_describe_decodes_the_running_means_of_the_architecture_steps():
+    """describe() (metrics.jsonl) averages what the validation forwards of the
+    epoch's architecture steps saw, and begin_epoch starts over."""
+    torch.manual_seed(4)
+    net = midas.build_network("rdarts-s3", in_channels=1, num_classes=10, C=4, layers=3, dim=3)
+    method = midas.Midas(net, epochs=1, device="cpu")
+    seen = []
+    for edge in [m for m in net.modules() if isinstance(m, MidasEdge)]:
+        edge.register_forward_hook(lambda module, inputs, output: seen.append(output[1].detach()))
+    batches = [(torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))) for _ in range(2)]
+    method.begin_epoch(0)
+    expected = 0
+    for x, y in batches:
+        seen.clear()
+        method._arch_step(x, y)
+        w = torch.stack([s.double().mean(dim=1) for s in seen]).reshape(3, 14, 6, 3)  # cells, edges, B, K
+        expected = expected + w[[0]].mean(dim=0).sum(dim=1)  # cell 0 is the only normal cell
+    seen.clear()
+    method._weight_step(*batches[0])  # weight steps are not counted
+    described = method.describe()
+    got = torch.tensor([list(e["ops"].values()) for e in described["edge_weights"]["normal"]],
+                       dtype=torch.float64)
+    torch.testing.assert_close(got, expected / 12)
+    genes, _ = decode_darts_cell(got.tolist(), net.op_names("normal"), 4)
+    assert described["genotype"]["normal"] == genes
+    method.begin_epoch(1)
+    assert all(e["ops"]["none"] == pytest.approx(1 / 3) for e in method.describe()["edge_weights"]["normal"])
+
+
+@pytest.mark.parametrize("space,layers", [("darts", 5), ("nb201", 2)])
+def test_weights_start_nearly_uniform_on_every_edge(space, layers):
+    """The driver's default network on the digits: every edge's weights start close
+    to uniform (as DARTS's alphas), deep cells included. With Wq, Wk of the usual
+    1/C variance the last NB201 stage started at weights 0 and 1 and the supernet
+    did not train (midas module docstring, INIT_SCALE)."""
+    torch.manual_seed(0)
+    net = midas.build_network(space, in_channels=1, num_classes=10, C=8, layers=layers)
+    x, _ = datasets.load("digits").batch(torch.arange(64))
+    weights = []
+    for edge in [m for m in net.modules() if isinstance(m, MidasEdge)]:
+        edge.register_forward_hook(lambda module, inputs, output: weights.append(output[1]))
+    with torch.no_grad():
+        net(x)
+    for w in weights:
+        K = w.shape[-1]
+        assert 0.8 / K < w.min() and w.max() < 1.25 / K
+
+
 # ---- flags ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,message", [
