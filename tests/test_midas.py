@@ -150,6 +150,16 @@ def test_edge_strength_hand_computed():
     assert torch.isfinite(edge_strength(torch.tensor([1.0, 0.0, 0.0]), 0))
 
 
+def test_node_strengths_are_the_edges_strengths_from_their_patch_means():
+    torch.manual_seed(5)
+    ws = [torch.softmax(torch.randn(2, 4, 3, dtype=torch.float64), -1) for _ in range(3)]
+    for zeros in ([0, 0, 0], [None] * 3, [0, None, 2]):  # alike (batched) and mixed (per edge)
+        expected = torch.stack([edge_strength(w.mean(dim=1), z) for w, z in zip(ws, zeros)], dim=1)
+        torch.testing.assert_close(midas.node_strengths(ws, zeros), expected)
+    by_hand = torch.log(1 - ws[1].mean(dim=1)[:, 0])
+    torch.testing.assert_close(midas.node_strengths(ws, [0, 0, 0])[:, 1], by_hand)
+
+
 def _row(none, *others):
     return [none, *others]
 

@@ -34,11 +34,14 @@ def plot_class_weights(edges: list[dict], samples_per_class: list[int], path, ti
     fig = Figure(figsize=(columns * (0.9 + 0.32 * n_ops), rows * (1.3 + 0.2 * n_classes) + 0.6))
     axes = fig.subplots(rows, columns, squeeze=False)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")  # classes without samples
+    tables = [np.array([row if row is not None else [np.nan] * len(entry["ops"]) for row in entry["weights"]],
+                       dtype=float) for entry in edges]
+    # One colour scale for all edges, up to the largest weight (early in a search
+    # every weight is near 1/K: a 0..1 scale would show one flat colour).
+    vmax = max(float(np.nanmax(t)) if np.isfinite(t).any() else 0.0 for t in tables) or 1.0
     image = None
-    for ax, entry in zip(axes.flat, edges):
-        table = np.array([row if row is not None else [np.nan] * len(entry["ops"]) for row in entry["weights"]],
-                         dtype=float)
-        image = ax.imshow(np.ma.masked_invalid(table), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for ax, entry, table in zip(axes.flat, edges, tables):
+        image = ax.imshow(np.ma.masked_invalid(table), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
         ax.set_title(entry["edge"], fontsize=8)
         ax.set_xticks(range(len(entry["ops"])), entry["ops"], rotation=60, ha="right", fontsize=6)
         ax.set_yticks(range(n_classes), [str(c) for c in range(n_classes)], fontsize=6)
@@ -103,7 +106,7 @@ def plot_mosaic(mosaic: dict, path) -> str:
     palette = np.array([colors[k % len(colors)] for k in range(len(names))])
     columns = min(n, 4)
     rows = math.ceil(n / columns)
-    fig = Figure(figsize=(2.1 * columns, 2.2 * rows + 0.9))
+    fig = Figure(figsize=(2.1 * columns, 2.4 * rows + 0.9))
     axes = fig.subplots(rows, columns, squeeze=False)
     H, W = images.shape[2:]
     for i, ax in enumerate(axes.flat):
