@@ -8,16 +8,22 @@ the same network size, data and backend, built by the driver's own
 ``build_model``/``from_args`` from the driver's flags. Steps are timed in
 blocks interleaved round-robin (benchmarks/harness.py, ``provider_orders``):
 one untimed step, then ``block`` timed ones, per method per round; medians and
-the MIDAS/DARTS ratio are reported.
+the MIDAS/DARTS ratio are reported, of wall time and of the process's CPU time
+(``time.process_time``). On a shared machine other jobs stretch the wall time
+of whichever step they overlap; the CPU time of a one-thread step is what the
+step itself cost (with more threads it also counts the pool's spinning).
 
 Configurations:
 - ``driver-default``: the driver with no flags (darts space, digits 8x8, C=8,
   5 cells, batch 64, one thread, as the driver sets for digits);
 - ``darts-c16-32px``: the DARTS paper's search network (C=16, 8 cells) on
-  32x32 synthetic 3-channel images, batch 32, torch's thread count;
+  32x32 synthetic 3-channel images, batch 16, one thread (on this project's
+  shared 2-core machine, with other jobs running, a two-thread step at batch
+  32 took 88 s, a one-thread step at batch 16 9 s: the thread pool waits on
+  the other jobs, and the ratio drowns in that noise);
 - ``nb201-c16-32px``: NB201 (C=16, 5 cells per stage) on the same images.
 
-    python benchmarks/bench_midas_step.py [--configs driver-default ...] [--reps 6]
+    python benchmarks/bench_midas_step.py [--configs driver-default ...] [--reps 8]
         [--backend auto] [--write benchmarks/RESULTS.md]
 
 ``--write`` replaces the block between ``<!-- BEGIN midas step -->`` and
@@ -28,8 +34,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -45,9 +51,9 @@ from nasops.search import parse_args  # noqa: E402
 CONFIGS = {
     "driver-default": ["--space", "darts"],
     "darts-c16-32px": ["--space", "darts", "--dataset", "synthetic", "--image-size", "32", "--init-channels",
-                       "16", "--layers", "8", "--batch-size", "32"],
+                       "16", "--layers", "8", "--batch-size", "16", "--threads", "1"],
     "nb201-c16-32px": ["--space", "nb201", "--dataset", "synthetic", "--image-size", "32", "--init-channels",
-                       "16", "--layers", "5", "--batch-size", "32"],
+                       "16", "--layers", "5", "--batch-size", "16", "--threads", "1"],
 }
 BEGIN, END = "<!-- BEGIN midas step -->", "<!-- END midas step -->"
 
@@ -81,21 +87,24 @@ def time_config(name: str, flags: list[str], reps: int, block: int, backend: str
         for fn in steps.values():  # warm-up
             fn()
             fn()
-        times = {m: [] for m in steps}
-        import time
+        wall = {m: [] for m in steps}
+        cpu = {m: [] for m in steps}
         for order in harness.provider_orders(list(steps), -(-reps // block)):
             for m in order:
                 steps[m]()  # settles the heap after the other method's step
                 for _ in range(block):
                     harness.sync(str(device))
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     steps[m]()
                     harness.sync(str(device))
-                    times[m].append(time.perf_counter() - start)
-        medians = {m: harness.median(t) for m, t in times.items()}
+                    wall[m].append(time.perf_counter() - start)
+                    cpu[m].append(time.process_time() - start_cpu)
+        med = {m: harness.median(wall[m]) for m in steps}
+        med_cpu = {m: harness.median(cpu[m]) for m in steps}
         return {"config": name, "flags": " ".join(flags), "threads": torch.get_num_threads(),
-                "darts_s": medians["darts"], "midas_s": medians["midas"],
-                "ratio": medians["midas"] / medians["darts"], "reps": len(times["darts"]),
+                "darts_s": med["darts"], "midas_s": med["midas"], "ratio": med["midas"] / med["darts"],
+                "darts_cpu_s": med_cpu["darts"], "midas_cpu_s": med_cpu["midas"],
+                "cpu_ratio": med_cpu["midas"] / med_cpu["darts"], "reps": len(wall["darts"]),
                 "backend": nasops.backend.resolve(None if backend == "auto" else backend, device)}
     finally:
         torch.set_num_threads(saved_threads)
@@ -104,12 +113,15 @@ def time_config(name: str, flags: list[str], reps: int, block: int, backend: str
 def section(rows: list[dict], device: torch.device, command: str) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = harness.markdown_table(
-        ["config", "driver flags", "backend", "threads", "DARTS step (s)", "MIDAS step (s)", "MIDAS / DARTS"],
-        [[r["config"], f"`{r['flags']}`", r["backend"], r["threads"], f"{r['darts_s']:.4f}", f"{r['midas_s']:.4f}",
-          f"{r['ratio']:.2f}x"] for r in rows])
+        ["config", "driver flags", "backend", "threads", "steps", "DARTS wall (s)", "MIDAS wall (s)",
+         "MIDAS / DARTS wall", "DARTS CPU (s)", "MIDAS CPU (s)", "MIDAS / DARTS CPU"],
+        [[r["config"], f"`{r['flags']}`", r["backend"], r["threads"], r["reps"], f"{r['darts_s']:.3f}",
+          f"{r['midas_s']:.3f}", f"{r['ratio']:.2f}x", f"{r['darts_cpu_s']:.3f}", f"{r['midas_cpu_s']:.3f}",
+          f"{r['cpu_ratio']:.2f}x"] for r in rows])
     return "\n".join([
         BEGIN, "## MIDAS search step vs DARTS search step", "",
-        f"- device: {harness.device_name(str(device))}; torch {torch.__version__}, Python "
+        f"- device: {harness.device_name(str(device)).rsplit(',', 1)[0]} (threads per run: the table); "
+        f"torch {torch.__version__}, Python "
         f"{platform.python_version()}; {date}",
         f"- command: `{command}`",
         "- a step = `method.step(train_batch, val_batch)`: architecture step (forward + backward on the "
@@ -131,7 +143,7 @@ def write(path: Path, text: str) -> None:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--reps", type=int, default=6, help="timed steps per method and config")
+    p.add_argument("--reps", type=int, default=8, help="timed steps per method and config")
     p.add_argument("--block", type=int, default=2, help="timed steps per block")
     p.add_argument("--backend", default="auto", choices=["auto", *nasops.backend.BACKENDS])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -142,7 +154,8 @@ def main(argv=None) -> list[dict]:
     for name in a.configs:
         row = time_config(name, CONFIGS[name], a.reps, a.block, a.backend, device)
         print(f"{name}: DARTS {row['darts_s'] * 1e3:.1f} ms, MIDAS {row['midas_s'] * 1e3:.1f} ms, "
-              f"ratio {row['ratio']:.2f}x ({row['backend']}, {row['threads']} threads)", flush=True)
+              f"ratio {row['ratio']:.2f}x; CPU time {row['darts_cpu_s'] * 1e3:.1f} / {row['midas_cpu_s'] * 1e3:.1f} ms, "
+              f"ratio {row['cpu_ratio']:.2f}x ({row['backend']}, {row['threads']} threads)", flush=True)
         rows.append(row)
     if a.write:
         command = "python benchmarks/bench_midas_step.py " + " ".join(argv if argv is not None else sys.argv[1:])

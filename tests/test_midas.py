@@ -547,3 +547,24 @@ def test_torchrun_two_cpu_ranks_end_with_identical_midas_parameters(tmp_path):
     saved = json.loads((out / "genotype.json").read_text())
     # both ranks' shards were decoded: 2 batches of 16 per rank
     assert saved["world_size"] == 2 and saved["decode_samples"] == 2 * 2 * 16
+
+
+def test_step_benchmark_runs_and_rewrites_its_results_block(tmp_path):
+    """benchmarks/bench_midas_step.py stays runnable (timing itself is not a test)."""
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import bench_midas_step as bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    flags = ["--space", "nb201", "--layers", "1", "--init-channels", "4", "--batch-size", "8", "--threads", "1"]
+    row = bench.time_config("tiny", flags, reps=1, block=1, backend="auto", device=torch.device("cpu"))
+    assert row["reps"] == 1 and row["darts_s"] > 0 and row["midas_cpu_s"] > 0
+    assert row["ratio"] == pytest.approx(row["midas_s"] / row["darts_s"])
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n\nother section\n")
+    bench.write(results, bench.section([row], torch.device("cpu"), "cmd one"))
+    bench.write(results, bench.section([row], torch.device("cpu"), "cmd two"))
+    text = results.read_text()
+    assert text.startswith("# results\n\nother section\n") and text.count(bench.BEGIN) == 1
+    assert "cmd two" in text and "cmd one" not in text and "| tiny |" in text
