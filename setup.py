@@ -19,6 +19,12 @@ import os
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# nvcc flags besides the optimization level (tests/test_cuda_sources.py compiles
+# with these too). No --use_fast_math: it makes division and square root
+# approximate, so CUDA token scores would differ by ulps from the CPU, Triton
+# and eager ones and a near-tie could select other tokens on CUDA. It was never
+# measured to pay off (the kernels are memory-bound): measure before adding it.
+NVCC_FLAGS = ["-std=c++17", "-lineinfo"]
 
 
 def _env_flag(name):
@@ -55,7 +61,7 @@ def get_extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         define_macros.append(("NASOPS_WITH_CUDA", None))
         extension = CUDAExtension
-        extra = {"cxx": cxx, "nvcc": [opt, "-std=c++17", "--use_fast_math", "-lineinfo"]}
+        extra = {"cxx": cxx, "nvcc": [opt, *NVCC_FLAGS]}
         print("nasops: building C++ CPU and CUDA kernels")
     else:
         extension = CppExtension

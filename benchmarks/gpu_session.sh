@@ -4,7 +4,8 @@
 # pytest-benchmark, hypothesis, scikit-learn, matplotlib and tqdm):
 #   1. build nasops._C with the CUDA kernels (in place, editable);
 #   2. the whole test suite on the GPU (tests use CUDA tensors when one is visible:
-#      backends cuda, triton and eager);
+#      backends cuda, triton and eager), then python -m nasops.selftest (what a
+#      user runs after installing) in float32, bfloat16 and float16;
 #   3. compute-sanitizer memcheck over the CUDA-backend tests of every op;
 #   4. the side-by-side benchmarks of every op -> $OUT/RESULTS.md (merge its GPU
 #      sections into benchmarks/RESULTS.md afterwards).
@@ -40,6 +41,9 @@ if want tests; then
 start=$SECONDS
 timeout 420 python3 -m pytest -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
 summary "tests (GPU): rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/tests.log")"
+start=$SECONDS
+timeout 120 python3 -m nasops.selftest --dtypes float32 bfloat16 float16 > "$OUT/selftest.log" 2>&1
+summary "selftest: rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/selftest.log")"
 fi
 
 if want sanitizer; then

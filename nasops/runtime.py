@@ -7,6 +7,7 @@ the old or the new file, never a torn one.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -97,10 +98,75 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# What a checkpoint may hold besides tensors and plain Python values: the
+# pickled numpy RNG state of rng_states() (np.random.get_state(): a uint32 ndarray).
+CHECKPOINT_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,
+                      np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: Path, flag: str = "--resume") -> dict:
-    """Read a checkpoint written by :func:`save_atomic`; RunError naming ``flag`` otherwise."""
+    """Read a checkpoint written by :func:`save_atomic`; RunError naming ``flag`` otherwise.
+
+    Loaded with ``weights_only=True``: unpickling a file from elsewhere could
+    run code, so only tensors, plain Python values and CHECKPOINT_GLOBALS load;
+    a file holding anything else is refused, naming what it holds.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is long and suggests weights_only=False: keep the line
+        # that names what was refused (a global or class: the file would run
+        # code), else the one saying why the file is unreadable.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = [line for line in lines if "GLOBAL" in line or "allowlisted" in line]
+        if refused:
+            raise RunError(f"{flag}: refused to load the checkpoint {path}: it holds objects a nasops "
+                           f"checkpoint never holds, and loading them could run code ({refused[0]})") from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        raise RunError(f"{flag}: cannot read the checkpoint {path} (UnpicklingError: {detail}); "
+                       f"it is not a nasops checkpoint or it is damaged") from None
     except Exception as exc:  # any unreadable file is the same problem to the user
         raise RunError(f"{flag}: cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); "
                        f"it is not a nasops checkpoint or it is damaged") from None
+
+
+def config_differences(saved: dict, config: dict) -> dict:
+    """``{key: (saved value, current value)}`` for every setting that differs
+    (a key missing on one side reads ``"<unset>"``): what a resume must refuse."""
+    pairs = {k: (saved.get(k, "<unset>"), config.get(k, "<unset>")) for k in sorted(set(saved) | set(config))}
+    return {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+
+
+# ---- TensorBoard (optional) ---------------------------------------------------------------
+
+# Event files the scalar writer leaves in a run folder (a new run replaces them with the rest).
+TENSORBOARD_PATTERN = "events.out.tfevents.*"
+
+
+def _summary_writer_class():
+    """torch's SummaryWriter, or None when the ``tensorboard`` package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter
+
+
+def open_scalar_writer(out: Path):
+    """A TensorBoard writer whose event files go straight into the run folder
+    ``out`` (``tensorboard --logdir runs/`` then shows every run), or None when
+    tensorboard is not installed: it is optional, and nothing else needs it."""
+    writer_class = _summary_writer_class()
+    return None if writer_class is None else writer_class(log_dir=str(out))
+
+
+def write_scalars(writer, record: dict, step: int) -> None:
+    """Every number of a metrics record (not ``epoch`` itself) as a scalar at
+    ``step``, flushed so that a killed run keeps what it wrote. No-op without a writer."""
+    if writer is None:
+        return
+    for key, value in record.items():
+        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, step)
+    writer.flush()

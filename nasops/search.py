@@ -5,13 +5,15 @@ scikit-learn's 8x8 digits (no download) in about two minutes on a 2-core CPU,
 and writes its results to ``runs/<space>-<method>-<seed>`` (``runs/darts-darts-0``):
 
 - ``genotype.json``  the found architecture (space, method, genotype, its
-  string, seed, full config; NB201 accuracies with ``--nb201-table``);
+  string, seed, full config; for nb201 the found cell's NAS-Bench-201 accuracies);
 - ``cell_<type>.png`` the picture of each searched cell, ``weights_<type>.png``
   the heatmap of its edges' op weights;
 - ``metrics.jsonl``  one JSON object per epoch: losses, accuracies, lr, time,
   throughput, the current genotype and the op-weight table of every edge;
 - ``checkpoint.pt``  everything needed to resume, rewritten atomically after
-  every epoch.
+  every epoch;
+- TensorBoard event files of the numbers in metrics.jsonl, when ``tensorboard``
+  is installed.
 
 ``torchrun --nproc_per_node=N -m nasops.search ...`` runs data parallel (gloo on
 CPU, nccl on CUDA): each rank sees its shard of every batch, all gradients
@@ -40,15 +42,22 @@ from nasops import methods, runtime, spaces
 from nasops.backend import resolve
 from nasops.methods.darts import RunContext
 from nasops.runtime import write_text
-from nasops.spaces import nb201
+from nasops.spaces import nb201, vit
 
 # What a search that needs no flags runs: sized to take about two minutes on a
 # 2-core CPU with the digits (measured in README.md).
 DEFAULTS = dict(space="darts", method="darts", dataset="digits", epochs=6, batch_size=64, init_channels=8)
 # --layers when not given: darts/rdarts count cells (DARTS searches with 8), nb201
-# counts cells per stage (NB201 has 5, times 3 stages).
-QUICK_LAYERS = {"nb201": 2}
+# counts cells per stage (NB201 has 5, times 3 stages), vit counts encoders (DASViT's
+# first stage has 2).
+QUICK_LAYERS = {"nb201": 2, "vit": 2}
 QUICK_LAYERS_OTHER = 5
+
+
+def default_layers(space: str) -> int:
+    """--layers of a run of ``space`` that does not give it (a method's
+    ``check_args`` runs before the driver fills it in, and may need it)."""
+    return QUICK_LAYERS.get(space, QUICK_LAYERS_OTHER)
 
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
@@ -60,8 +69,12 @@ OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 # Test hooks (environment variables, used by tests/test_search.py only):
 # kill this process with SIGKILL right after the checkpoint of that (1-based) epoch is written,
 _KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
-# and save every rank's final architecture parameters to <dir>/alphas_rank<r>.pt.
+# and save every rank's final architecture parameters to <dir>/alphas_rank<r>.pt (and its
+# whole network state to <dir>/model_rank<r>.pt).
 _DUMP_ALPHAS = "NASOPS_TEST_DUMP_ALPHAS"
+
+# The vit space's size flags (None for every other space).
+VIT_FLAGS = ("embed_dim", "patch_size", "input_size", "encoder_nodes")
 
 
 # A run that cannot start or continue, with the reason (bad out folder, checkpoint, ...).
@@ -90,9 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DARTS's unrolled (second-order, finite-difference) architecture gradient")
     g.add_argument("--layers", type=int, default=None,
                    help=f"darts/rdarts: cells in the search network (default {QUICK_LAYERS_OTHER}; DARTS "
-                        f"uses 8); nb201: cells per stage (default {QUICK_LAYERS['nb201']}; NB201 uses 5)")
+                        f"uses 8); nb201: cells per stage (default {QUICK_LAYERS['nb201']}; NB201 uses 5); "
+                        f"vit: encoders (default {QUICK_LAYERS['vit']}; dasvit: from --stage-depths)")
     g.add_argument("--init-channels", type=int, default=DEFAULTS["init_channels"],
-                   help="channels of the first cell (C)")
+                   help="channels of the first cell (C); not used by vit")
+    g.add_argument("--embed-dim", type=int, default=None,
+                   help=f"vit: token width (default {vit.DEFAULT_EMBED_DIM}; ViT-B: 768)")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="vit: patch side (default: a 4x4 grid of patches, 2 on the 8x8 digits; ViT-B: 16)")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="vit: resize the images to this side first (default: their own size; DASViT: 224)")
+    g.add_argument("--encoder-nodes", type=int, default=None,
+                   help=f"vit: intermediate nodes per encoder (default {vit.DEFAULT_NODES})")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=DEFAULTS["dataset"], choices=list(datasets.DATASETS),
@@ -142,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default runs/<space>-<method>-<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
-    g.add_argument("--nb201-table", default=None, metavar="CSV",
-                   help="nb201: look up the found cell's 200-epoch test accuracies in this table")
+    g.add_argument("--nb201-table", nargs="?", const=str(nb201.BUILTIN_TABLE), default=None, metavar="CSV",
+                   help="nb201: the table of 200-epoch test accuracies the found cell is looked up in "
+                        "(default, or the flag alone: the NAS-Bench-201 table shipped with nasops)")
 
     # Each method adds its own group; remember whose flags are whose, so that a
     # run's config holds only its own method's.
@@ -158,17 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.space}-{args.method}-{args.seed}")
+    method = methods.get(args.method)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
-    if args.layers is None:
-        args.layers = QUICK_LAYERS.get(args.space, QUICK_LAYERS_OTHER)
+    if args.space == "vit":
+        args.embed_dim = vit.DEFAULT_EMBED_DIM if args.embed_dim is None else args.embed_dim
+        args.encoder_nodes = vit.DEFAULT_NODES if args.encoder_nodes is None else args.encoder_nodes
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in VIT_FLAGS if getattr(args, n) is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only for --space vit (got --space {args.space})")
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
-    if args.nb201_table and not os.path.isfile(args.nb201_table):
-        parser.error(f"--nb201-table: no such file {args.nb201_table!r} (the NB201 accuracy CSV)")
-    for name in ("epochs", "batch_size", "layers", "init_channels", "threads"):
+    if args.space == "nb201":
+        try:
+            args.nb201_table = nb201.checked_table(args.nb201_table)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--nb201-table: {exc}".replace("\n", " "))
+    for name in ("epochs", "batch_size", "layers", "init_channels", "threads", *VIT_FLAGS):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -176,22 +206,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.train_portion < 1.0:
         parser.error(f"--train-portion: expected a fraction in (0, 1), got {args.train_portion}")
     args.arch_betas = tuple(args.arch_betas)
-    method = methods.get(args.method)
     if method.spaces is not None and args.space not in method.spaces:
         parser.error(f"--method {args.method} searches the spaces {', '.join(method.spaces)}; "
                      f"got --space {args.space}")
     try:
-        method.check_args(args)
+        method.check_args(args)  # before the default --layers: a method may set it
     except ValueError as exc:
         parser.error(str(exc))
+    if args.layers is None:
+        args.layers = default_layers(args.space)
+    if args.out is None:
+        evaluated = method.evaluation_checkpoint(args)
+        args.out = (os.path.dirname(os.path.abspath(evaluated)) if evaluated
+                    else os.path.join("runs", f"{args.space}-{args.method}-{args.seed}"))
     return args
 
 
 def run_config(args: argparse.Namespace) -> dict:
     """The settings that decide what a run computes (compared on --resume): the
-    common flags and the run's own method's, not where or how it runs."""
+    common flags (the vit size flags for --space vit only) and the run's own
+    method's, not where or how it runs."""
     method_flags = build_parser().method_flags
     others = set().union(*(flags for name, flags in method_flags.items() if name != args.method))
+    if args.space != "vit":
+        others |= set(VIT_FLAGS)
     return {k: v for k, v in sorted(vars(args).items()) if k not in RUNTIME_KEYS and k not in others}
 
 
@@ -242,10 +280,15 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         nasops.set_backend(args.backend)
     amp = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
 
+    method_cls = methods.get(args.method)
+    evaluated = method_cls.evaluation_checkpoint(args)
+    if evaluated:  # no search: the finished run's settings, its state, then finish()
+        evaluation, args = _evaluation_checkpoint(Path(evaluated), args, method_cls)
     try:
         data = datasets.load(args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                              num_classes=args.num_classes, synthetic_size=args.synthetic_size, seed=args.seed)
-        train_idx, val_idx = datasets.split(len(data), args.train_portion, args.seed)
+        train_idx, val_idx = method_cls.search_split(
+            args, *datasets.split(len(data), args.train_portion, args.seed))
         train_loader = datasets.ShardedLoader(data, train_idx, args.batch_size, seed=args.seed,
                                               rank=rank, world_size=world_size)
         val_loader = datasets.ShardedLoader(data, val_idx, args.batch_size, seed=args.seed + 1,
@@ -258,14 +301,19 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     out = Path(args.out)
     config = run_config(args)
-    checkpoint = _prepare_out(out, args, config)  # every rank checks; only rank 0 clears
+    if evaluated:
+        checkpoint = _prepare_evaluation_out(out, Path(evaluated), evaluation)
+    else:
+        checkpoint = _prepare_out(out, args, config)  # every rank checks; only rank 0 clears
     if world_size > 1:
         dist.barrier()
 
     runtime.seed_everything(args.seed)
 
-    method_cls = methods.get(args.method)
-    model = method_cls.build_model(args, data).to(device)
+    try:
+        model = method_cls.build_model(args, data).to(device)
+    except ValueError as exc:  # sizes that do not fit the data, e.g. a patch that does not divide the image
+        raise SearchError(str(exc)) from None
     if world_size > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
@@ -277,12 +325,18 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         try:
             start_epoch, history = _restore(checkpoint, method, device)
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise SearchError(f"--resume: the checkpoint {out / 'checkpoint.pt'} does not fit this "
+            flag, path = ("--checkpoint", evaluated) if evaluated else ("--resume", out / "checkpoint.pt")
+            raise SearchError(f"{flag}: the checkpoint {path} does not fit this "
                               f"network and method ({type(exc).__name__}: {exc})") from None
-        if is_main:
+        if evaluated:
+            if is_main:
+                print(f"evaluating {evaluated} (epoch {start_epoch} of {args.epochs})", flush=True)
+        elif is_main:
             write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
+    # None without tensorboard; an evaluation (no epochs) writes no event file
+    writer = runtime.open_scalar_writer(out) if is_main and not evaluated else None
     for epoch in range(start_epoch, args.epochs):
         method.begin_epoch(epoch)
         record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
@@ -292,12 +346,15 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
+            runtime.write_scalars(writer, record, epoch + 1)
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
                   f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
                   f"acc {record['val_acc']:.4f} | lr {record['lr']:.5f} | {record['time']:.1f} s | "
                   f"{record['genotype_str']}", flush=True)
             if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
                 os.kill(os.getpid(), signal.SIGKILL)
+    if writer is not None:
+        writer.close()
 
     run = RunContext(args=args, data=data, train_loader=train_loader, val_loader=val_loader,
                      device=device, rank=rank, world_size=world_size)
@@ -307,7 +364,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         result["nb201"] = nb201.lookup(result["genotype_str"], args.nb201_table)
     if is_main:
         write_text(out / "genotype.json", json.dumps(result, indent=2) + "\n")
-        method.write_outputs(out, result)
+        method.write_outputs(out, {**result, "metrics": history})
         if "nb201" in result:
             print(f"NAS-Bench-201 200-epoch test accuracy of {result['genotype_str']}: "
                   + ", ".join(f"{k} {v}" for k, v in result["nb201"].items()), flush=True)
@@ -315,6 +372,8 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     if os.environ.get(_DUMP_ALPHAS):
         torch.save([a.detach().cpu() for a in method.model.arch_parameters()],
                    os.path.join(os.environ[_DUMP_ALPHAS], f"alphas_rank{rank}.pt"))
+        torch.save({k: v.detach().cpu() for k, v in method.model.state_dict().items()},
+                   os.path.join(os.environ[_DUMP_ALPHAS], f"model_rank{rank}.pt"))
     return {**result, "metrics": history, "out": str(out)}
 
 
@@ -366,7 +425,8 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
 def _run_files(out: Path) -> list[Path]:
     found = [out / name for name in OUTPUT_FILES if (out / name).exists()]
     # Every method's files count as a run's: --out may hold a run of another method.
-    patterns = {"checkpoint.pt.tmp*", *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
+    patterns = {"checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN,
+                *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
     for pattern in sorted(patterns):
         found += sorted(p for p in out.glob(pattern) if p not in found)
     return found
@@ -399,6 +459,38 @@ def _prepare_out(out: Path, args, config: dict):
             p.unlink()
         out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _evaluation_checkpoint(path: Path, args, method_cls) -> tuple[dict, argparse.Namespace]:
+    """The checkpoint of a finished run of this method, and ``args`` with its
+    settings (all but the method's ``evaluation_keys`` and the runtime flags)."""
+    checkpoint = runtime.load_checkpoint(path, flag="--checkpoint")
+    saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict) or "method" not in saved or "epoch" not in checkpoint:
+        raise SearchError(f"--checkpoint: the file {path} is not a nasops.search checkpoint (no config)")
+    if saved["method"] != args.method:
+        raise SearchError(f"--checkpoint: {path} is a checkpoint of --method {saved['method']}, "
+                          f"not --method {args.method}")
+    if checkpoint["epoch"] != saved.get("epochs"):
+        raise SearchError(f"--checkpoint: {path} stopped after epoch {checkpoint['epoch']} of "
+                          f"{saved.get('epochs')}; finish that run with --resume first")
+    merged = argparse.Namespace(**vars(args))
+    for key, value in saved.items():
+        if key not in RUNTIME_KEYS and key not in method_cls.evaluation_keys:
+            setattr(merged, key, value)
+    return checkpoint, merged
+
+
+def _prepare_evaluation_out(out: Path, path: Path, checkpoint: dict) -> dict:
+    """An evaluation writes genotype.json and the method's files into --out, which
+    may be the checkpoint's folder or one without another run's checkpoint."""
+    other = out / "checkpoint.pt"
+    if other.exists() and not other.samefile(path):
+        raise SearchError(f"--out {out} holds another run's checkpoint; evaluate --checkpoint {path} "
+                          f"into its own folder or a folder without a checkpoint")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    return checkpoint
 
 
 def _save_checkpoint(path: Path, method, epoch: int, history: list, config: dict) -> None:

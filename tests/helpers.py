@@ -1,6 +1,9 @@
 """Shared test utilities: which backends to test and how close is close enough."""
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import torch
 
 import nasops
@@ -38,3 +41,31 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale,
                                msg=lambda m: f"{what}: {m}")
+
+
+@contextlib.contextmanager
+def triton_launches():
+    """Record every Triton kernel launch in the block (compiled or interpreted):
+    a list of ``(kernel name, {parameter: value}, {parameter: annotation})``."""
+    import triton.runtime.jit as jit
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    originals = {cls: cls.run for cls in (jit.JITFunction, InterpretedFunction)}
+
+    def recording(original):
+        def run(self, *args, grid, warmup, **kwargs):
+            params = inspect.signature(self.fn).parameters
+            values = dict(zip(params, args), **kwargs)
+            annotations = {name: str(p.annotation) for name, p in params.items()}
+            launches.append((self.fn.__name__, values, annotations))
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return run
+
+    try:
+        for cls, original in originals.items():
+            cls.run = recording(original)
+        yield launches
+    finally:
+        for cls, original in originals.items():
+            cls.run = original

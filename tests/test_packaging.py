@@ -24,6 +24,9 @@ def test_skip_extensions_builds_a_pure_python_wheel(tmp_path):
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name  # no compiled code
     names = zipfile.ZipFile(wheel).namelist()
     assert "nasops/ops/mixed_op.py" in names and "nasops/spaces/data/rdarts_spaces.json" in names
+    assert "nasops/spaces/data/nb201_test_accuracy.csv.gz" in names  # the NB201 table ships
+    assert "nasops/spaces/data/README.md" in names  # with its attribution
+    assert "nasops/selftest.py" in names
     assert not [n for n in names if n.endswith(".so")]
 
 

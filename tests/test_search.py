@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import json
 import os
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 import nasops.spaces
-from nasops.search import SearchError, main
+from nasops.search import SearchError, main, parse_args
+from nasops.spaces import nb201
 from helpers import kernel_backends
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +105,9 @@ def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_ta
     assert checkpoint["epoch"] == 1 and checkpoint["config"]["space"] == space
     assert not list(out.glob("*.tmp*"))
 
-    if "nb201" in saved:
-        with open(nb201_table) as f:
+    if space == "nb201":  # the table given, else the one shipped with nasops
+        table = nb201_table if "--nb201-table" in extra else nb201.BUILTIN_TABLE
+        with (gzip.open(table, "rt") if table.suffix == ".gz" else open(table)) as f:
             row = next(r for r in csv.DictReader(f) if r["ArchitectureString"] == saved["genotype_str"])
         assert saved["nb201"]["cifar10"] == pytest.approx(float(row["CIFAR10TestAccuracy200Epochs"]))
         assert saved["nb201"]["cifar100"] == pytest.approx(float(row["CIFAR100TestAccuracy200Epochs"]))
@@ -183,6 +186,58 @@ def test_out_dir_resume_and_overwrite_rules(tmp_path):
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SearchError, match="cannot read the checkpoint"):
         main(base + ["--resume", "--seed", "1"])
+
+
+class _CodeInAPickle:
+    """Unpickling this runs os.mkdir(path): what a malicious checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    """Issue #10 item 7: --resume loads with weights_only=True; a pickle with a
+    payload is refused, with the reason, and its code never runs."""
+    out, marker = tmp_path / "run", tmp_path / "payload_ran"
+    out.mkdir()
+    torch.save({"epoch": 1, "config": {}, "history": [], "x": _CodeInAPickle(marker)}, out / "checkpoint.pt")
+    with pytest.raises(SearchError, match=r"refused to load the checkpoint .*could run code \(.*mkdir"):
+        main(_tiny("darts", out, "--epochs", "1", "--resume"))
+    assert not marker.exists()
+
+
+def test_nb201_table_is_on_by_default_from_the_package(tmp_path):
+    """Issue #10 item 8: --space nb201 looks the found cell up in the shipped table
+    (also with the flag alone); another CSV is still accepted."""
+    builtin = str(nb201.BUILTIN_TABLE)
+    assert parse_args(["--space", "nb201"]).nb201_table == builtin
+    assert parse_args(["--space", "nb201", "--nb201-table"]).nb201_table == builtin
+    assert parse_args(["--space", "nb201", "--nb201-table", "--epochs", "2"]).epochs == 2
+    assert parse_args(["--space", "darts"]).nb201_table is None
+    custom = tmp_path / "table.csv"
+    with gzip.open(nb201.BUILTIN_TABLE, "rt") as f:
+        custom.write_text(f.read())
+    assert parse_args(["--space", "nb201", "--nb201-table", str(custom)]).nb201_table == str(custom)
+
+
+def test_a_wrong_nb201_table_is_a_one_line_error_before_the_search(tmp_path, capsys):
+    excerpt = REPO / "tests" / "data" / "nb201_excerpt.csv"
+    other = tmp_path / "other.csv"
+    other.write_text("epoch,loss\n1,0.5\n")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    cases = [(other, "lacks the NB201 table columns"), (binary, "is not a CSV table"),
+             (excerpt, "has 7 architectures, expected all 15625")]
+    for table, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["--space", "nb201", "--nb201-table", str(table), "--out", str(tmp_path / "never")])
+        assert exc.value.code == 2 and not (tmp_path / "never").exists()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("python -m nasops.search: error: --nb201-table: "), err
+        assert message in err[-1] and "Traceback" not in "\n".join(err), err
 
 
 def _subprocess_env(**extra):

@@ -104,9 +104,9 @@ def test_step_updates_both_levels_and_state_round_trips():
 
 # ---- data ------------------------------------------------------------------------------
 
-def test_digits_is_normalised_and_complete():
-    ds = datasets.load("digits")
-    assert ds.images.shape == (1797, 1, 8, 8) and ds.num_classes == 10 and len(ds) == 1797
+def test_digits_training_split_is_normalised_and_has_every_class():
+    ds = datasets.load("digits")  # the training split: the test split is held out (tests/test_train.py)
+    assert ds.images.shape == (1442, 1, 8, 8) and ds.num_classes == 10 and len(ds) == 1442
     assert abs(ds.images.mean().item()) < 1e-5 and abs(ds.images.std().item() - 1) < 1e-4
     assert sorted(ds.labels.unique().tolist()) == list(range(10))
 

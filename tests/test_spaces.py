@@ -344,6 +344,39 @@ def test_nb201_lookup_full_table():
         assert nb201.format_arch(nb201.parse_arch(arch)) == arch
 
 
+def test_nb201_table_ships_with_nasops():
+    """Issue #10 item 8: the table is package data; checked against the reference
+    points of its source and the repository's excerpt (and the full CSV if here)."""
+    assert nb201.BUILTIN_TABLE.is_file() and nb201.BUILTIN_TABLE.name.endswith(".csv.gz")
+    table = nb201.load_table()
+    assert len(table) == nb201.NUM_ARCHITECTURES == 15625
+    assert round(nb201.lookup(BEST)["cifar10"], 2) == 94.37
+    assert round(nb201.lookup(ALL_SKIP)["cifar10"], 2) == 54.30
+    assert round(sum(r["cifar10"] for r in table.values()) / len(table), 2) == 87.06
+    assert max(table, key=lambda a: table[a]["cifar10"]) == BEST
+    for arch, accuracies in nb201.load_table(EXCERPT).items():
+        assert table[arch] == accuracies
+    if _full_table() is not None:
+        assert table == nb201.load_table(_full_table())
+    attribution = (nb201.BUILTIN_TABLE.parent / "README.md").read_text()
+    assert "NATS-Bench" in attribution and "nb201_test_accuracy.csv.gz" in attribution
+
+
+def test_nb201_table_errors_name_the_file_and_the_problem(tmp_path):
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="binary.csv is not a CSV table"):
+        nb201.load_table(binary)
+    broken_gz = tmp_path / "broken.csv.gz"
+    broken_gz.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ValueError, match="broken.csv.gz is not a CSV table"):
+        nb201.load_table(broken_gz)
+    bad_value = tmp_path / "bad_value.csv"
+    bad_value.write_text(EXCERPT.read_text().splitlines()[0] + "\n" + f"high,1,2,{BEST},x\n")
+    with pytest.raises(ValueError, match="bad_value.csv line 2: expected an architecture string and three"):
+        nb201.load_table(bad_value)
+
+
 # ---- pictures ----------------------------------------------------------------------------
 
 def _assert_png(path):
@@ -402,3 +435,19 @@ def test_eager_and_kernels_agree(space):
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_avg_pool_3x3_is_torchs_pool_without_padding_counted(stride, layout):
+    from nasops.spaces.operations import AvgPool3x3
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64).to(memory_format=layout).requires_grad_()
+    g = torch.randn(3, 5, (7 - 1) // stride + 1, (6 - 1) // stride + 1, dtype=torch.float64)
+    ref = torch.nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)(x)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    y = AvgPool3x3(stride)(x)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    # a corner averages its 4 in-map pixels, not 9 with zeros
+    torch.testing.assert_close(y[0, 0, 0, 0], x[0, 0, :2, :2].mean())

@@ -12,6 +12,7 @@ import importlib
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,52 @@ def test_random_shapes(backend):
         assert torch.equal(got[1].cpu(), want[1].cpu()), config
         for a, b in zip(got[:1] + got[2:], want[:1] + want[2:]):
             assert_close(a, b, torch.float32, scale=8, what=config)
+
+
+def planted_near_ties(dtype, rows_per_kind=6, D=3):
+    """(q, k, expected scores) with near-ties that only the score's rounding decides.
+
+    Every key is (1, 0, ..), so mean_j k_j = (1, 0, ..) and token i's dot is its
+    query's first entry a_i, exactly, in any summation order. Tokens 1 and 2 of a
+    row get adjacent floats a < a' whose scores dot / sqrt(D) (D = 3: not exact)
+    tie when computed as specified (both steps correctly rounded) but not as
+    dot * (1 / sqrt(D)), or the reverse: a backend that scales differently keeps
+    a different token. Tokens 0 and 3 score lower. The expected scores come from
+    numpy's IEEE division and square root, not from nasops.
+    """
+    np_dtype, bits = (np.float32, np.uint32) if dtype == torch.float32 else (np.float64, np.uint64)
+    start = np.array(1.8, np_dtype).view(bits)
+    a = (start + np.arange(1 << 12, dtype=bits)).view(np_dtype)
+    specified = a / np.sqrt(np_dtype(D))
+    reciprocal = a * np_dtype(1 / np.sqrt(np.float64(D)))
+    tie_specified = specified[:-1] == specified[1:]
+    tie_reciprocal = reciprocal[:-1] == reciprocal[1:]
+    firsts = np.concatenate([np.flatnonzero(tie_specified & ~tie_reciprocal)[:rows_per_kind],
+                             np.flatnonzero(~tie_specified & tie_reciprocal)[:rows_per_kind]])
+    dots = np.stack([np.full_like(a[firsts], 0.5), a[firsts], a[firsts + 1],
+                     np.full_like(a[firsts], 0.25)], axis=1)  # (B, N = 4)
+    q = torch.zeros(len(firsts), 4, D, dtype=dtype)
+    q[:, :, 0] = torch.from_numpy(dots)
+    k = torch.zeros(len(firsts), 4, D, dtype=dtype)
+    k[:, :, 0] = 1
+    expected = torch.from_numpy(dots / np.sqrt(np_dtype(D)))
+    return q.to(DEVICE), k.to(DEVICE), expected
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_near_ties_select_the_same_tokens_on_every_backend(dtype):
+    """Issue #10 item 6: every backend computes a score as dot / sqrt(D), bit for bit."""
+    q, k, expected = planted_near_ties(dtype)
+    x = torch.randn(q.shape[0], 4, 2, dtype=dtype, device=DEVICE)
+    tied = expected[:, 1] == expected[:, 2]
+    assert 0 < int(tied.sum()) < len(tied)  # both kinds of rows are there
+    best = torch.where(tied, 1, 2)  # ties to the lower index
+    for backend in BACKENDS:
+        for keep, keep_cls, want in ((1, False, best[:, None]),
+                                     (2, True, torch.stack([torch.zeros_like(best), best], 1))):
+            _, idx, s = topk_tokens(x, q, k, keep, keep_cls=keep_cls, gate="none", backend=backend)
+            assert torch.equal(s.cpu(), expected), (backend, (s.cpu() - expected).abs().max())
+            assert torch.equal(idx.cpu(), want), (backend, keep_cls, idx.cpu().tolist())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -377,6 +424,92 @@ def test_rows_integer_and_empty(backend):
     pick = torch.tensor([6, 0, 3], device=DEVICE)
     assert torch.equal(gather_rows(strided, pick, backend=backend), strided[[6, 0, 3]])
     assert torch.equal(scatter_rows(strided[:3], pick, 7, backend=backend)[[6, 0, 3]], strided[:3])
+
+
+# ---- bad indices inside a compiled graph, and on the device (issue #10, item 1) ---------------
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in BACKENDS])
+def test_rows_compiled_graph_refuses_bad_idx(backend):
+    """Under torch.compile the host checks cannot run (they would be data-dependent
+    guards); the graph checks idx on the device and raises when it runs."""
+    torch._dynamo.reset()
+    x = torch.arange(12.0, device=DEVICE).reshape(4, 3)
+    gather = torch.compile(lambda x, i: gather_rows(x, i, backend=backend), fullgraph=True,
+                           backend="aot_eager")
+    scatter = torch.compile(lambda y, i: scatter_rows(y, i, 4, backend=backend), fullgraph=True,
+                            backend="aot_eager")
+    assert torch.equal(gather(x, torch.tensor([2, 0], device=DEVICE)), x[[2, 0]])
+    assert torch.equal(scatter(x[:2], torch.tensor([3, 1], device=DEVICE)),
+                       _scatter_by_hand(x[:2], torch.tensor([3, 1]), 4))
+    for bad in ([0, 4, 5], [-1, 2]):
+        with pytest.raises(RuntimeError, match=r"idx: expected entries in \[0, x.shape\[0\]\)"):
+            gather(x, torch.tensor(bad, device=DEVICE))
+    with pytest.raises(RuntimeError, match=r"idx: expected entries in \[0, n\)"):
+        scatter(x[:2], torch.tensor([0, 4], device=DEVICE))
+    with pytest.raises(RuntimeError, match="idx: expected distinct entries"):
+        scatter(x[:2], torch.tensor([1, 1], device=DEVICE))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+def test_rows_inductor_graph_refuses_bad_idx():
+    """The issue's reproduction: inductor, fullgraph, Triton rows, idx past the end."""
+    torch._dynamo.reset()
+    x = torch.arange(12.0, device=DEVICE).reshape(4, 3)
+    gather = torch.compile(lambda x, i: gather_rows(x, i, backend="triton"), fullgraph=True)
+    with pytest.raises(RuntimeError, match="idx: expected entries in"):
+        gather(x, torch.tensor([0, 4, 5], device=DEVICE))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+def test_rows_triton_kernel_never_touches_a_row_outside_the_tensor():
+    """Called past nasops.ops' checks, the kernel reads no row outside x (the row
+    comes out zero) and writes none outside the output (the row is dropped)."""
+    rows_triton = importlib.import_module("nasops.triton.rows")
+    x = torch.arange(12.0, device=DEVICE).reshape(4, 3)
+    got = torch.ops.nasops.gather_rows_triton(x, torch.tensor([1, 4, -3], device=DEVICE))
+    assert torch.equal(got, torch.stack([x[1], torch.zeros(3), torch.zeros(3)]))
+    # Scatter into the first 4 rows of a 6-row buffer: rows 4 and 5 are guards.
+    buffer = torch.full((6, 3), 7.0, device=DEVICE)
+    buffer[:4] = 0
+    rows_triton._launch(rows_triton._as_words(x[:3]), rows_triton._as_words(buffer)[:4],
+                        torch.tensor([2, 4, 5], device=DEVICE), 3, 4, scatter=True)
+    assert torch.equal(buffer[:4], torch.stack([torch.zeros(3), torch.zeros(3), x[0], torch.zeros(3)]))
+    assert torch.equal(buffer[4:], torch.full((2, 3), 7.0))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or DEVICE != "cpu", reason="needs the Triton interpreter")
+def test_rows_triton_device_assert_fires_in_debug_mode(monkeypatch):
+    """tl.device_assert runs only in debug mode (TRITON_DEBUG=1; the interpreter's
+    builder option here): then a bad entry stops the kernel."""
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(interpreter.interpreter_builder, "options",
+                        interpreter.InterpreterOptions(debug=True))
+    x = torch.arange(12.0).reshape(4, 3)
+    assert torch.equal(torch.ops.nasops.gather_rows_triton(x, torch.tensor([3, 0])), x[[3, 0]])
+    with pytest.raises(Exception, match="idx entry is outside"):
+        torch.ops.nasops.gather_rows_triton(x, torch.tensor([0, 4]))
+    with pytest.raises(Exception, match="idx entry is outside"):
+        torch.ops.nasops.scatter_rows_triton(x[:2], torch.tensor([0, 4]), 4)
+
+
+# ---- wide rows: Triton's grid axis 1 is capped and strided over (issue #10, item 5) -----------
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+def test_rows_triton_grid_fits_cuda_limits_and_wide_rows_are_strided(monkeypatch):
+    rows_triton = importlib.import_module("nasops.triton.rows")
+    # A 16 GiB row of bytes (2^34 words) still launches at most 65535 programs on axis 1.
+    for rows, W in ((1, 2 ** 34), (3, 2 ** 27 + 5), (70000, 1)):
+        grid, _, _ = rows_triton._launch_shape(rows, W)
+        assert grid[1] <= 65535 and grid[0] <= 2 ** 31 - 1, (rows, W, grid)
+    # Few column programs for a row of many blocks: each program strides over the row.
+    monkeypatch.setattr(rows_triton, "_MAX_COLUMN_PROGRAMS", 2)
+    x = torch.randint(0, 255, (3, 7 * 16384 + 5), dtype=torch.uint8, device=DEVICE)
+    (grid, _, block_w) = rows_triton._launch_shape(3, x.shape[1])
+    assert grid[1] == 2 and x.shape[1] > 4 * block_w  # several strides per program
+    idx = torch.tensor([2, 0], device=DEVICE)
+    assert torch.equal(gather_rows(x, idx, backend="triton"), x[[2, 0]])
+    assert torch.equal(scatter_rows(x[:2], idx, 3, backend="triton"), _scatter_by_hand(x[:2], idx, 3))
 
 
 # ---- errors ------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 // the patch's pixels row by row, so a patch row of >= 32 pixels is one
 // coalesced 128-byte read (fp32). Map-sized elementwise kernels (pool
 // backward, outputs backward) use a grid-stride loop over 16-byte runs of a
-// row (when W allows), 32-bit index math below 2^31 elements; the outputs
+// row (when W allows), 32-bit index math when no index nor the loop counter
+// can pass 2^31 - 1 (grid_stride.cuh); the outputs
 // backward reads grad once and writes all K gradients. The attention kernels are one
 // thread per (b, p) row: B*P rows of K <= 16 logits are tiny next to the maps.
 #include <cuda_bf16.h>
@@ -16,6 +17,7 @@
 
 #include "patch_attention.cuh"
 #include "accumulate.cuh"
+#include "grid_stride.cuh"
 
 namespace nasops {
 namespace cuda {
@@ -95,7 +97,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 // The elementwise kernels below walk a flat (B, C, H, W) index in runs of VEC
 // elements of one row (W % VEC == 0), so a run shares b, c and the row's
 // patch row; only the patch column changes inside it. Index is int32_t when
-// the map has fewer than 2^31 elements (cheaper divisions), else int64_t.
+// 32-bit arithmetic cannot overflow (cheaper divisions), else int64_t.
 template <typename Index>
 struct RowRun {
   Index b, c, prow;  // prow = patch row * gw
@@ -218,11 +220,6 @@ __global__ void attention_backward_kernel(const A* grad_w, const A* w, const A* 
 
 constexpr int kThreads = 256;
 
-unsigned elementwise_blocks(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65535 * 8 ? blocks : 65535 * 8);
-}
-
 template <typename F>
 cudaError_t dispatch(PatchDType dtype, F&& f) {
   switch (dtype) {
@@ -270,18 +267,19 @@ bool vectorizable(const PatchSizes& s, const void* const* ptrs, int count) {
 }
 
 // Launch kernel<VEC, Index> over N / VEC runs: VEC = 16 / sizeof(T) or 1, Index
-// int32_t when every index the kernel forms is below `index_bound` < 2^31.
+// int32_t when every index the kernel forms is below `index_bound` and the
+// grid-stride counter cannot wrap (int32_grid_stride_fits).
 template <typename T, typename Launch>
 void launch_runs(const PatchSizes& s, bool vectorize, int64_t index_bound, Launch&& launch) {
   constexpr int kVec = 16 / sizeof(T);
   const int64_t n = s.B * s.C * s.H * s.W;
-  const bool small = index_bound < (int64_t{1} << 31);
+  const int64_t runs = vectorize ? n / kVec : n;
+  const unsigned blocks = grid_stride_blocks(runs, kThreads);
+  const bool small = int32_grid_stride_fits(index_bound, runs, static_cast<int64_t>(blocks) * kThreads);
   if (vectorize) {
-    const unsigned blocks = elementwise_blocks(n / kVec);
     small ? launch(std::integral_constant<int, kVec>{}, int32_t{}, blocks)
           : launch(std::integral_constant<int, kVec>{}, int64_t{}, blocks);
   } else {
-    const unsigned blocks = elementwise_blocks(n);
     small ? launch(std::integral_constant<int, 1>{}, int32_t{}, blocks)
           : launch(std::integral_constant<int, 1>{}, int64_t{}, blocks);
   }

@@ -1,6 +1,9 @@
 // gather_rows / scatter_rows (SPEC 2.3) CUDA glue: checks, allocation, stream,
 // and the registration for the CUDA key. Index ranges and duplicates are
-// checked by nasops.ops (on the host) before these run.
+// checked by nasops.ops before these run: on the host when called eagerly,
+// with torch._assert_async on the device inside a torch.compile graph. The
+// kernel checks the range again (a device-side assert: rows.cu); duplicates
+// only nasops.ops checks (a duplicate scatter entry races, it stays in bounds).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,7 +35,7 @@ Tensor gather_rows_cuda(const Tensor& x_in, const Tensor& idx_in) {
   if (out.numel() == 0) return out;
   const int64_t row_bytes = static_cast<int64_t>(out.nbytes()) / idx.numel();
   C10_CUDA_CHECK(cuda::launch_copy_rows(x.const_data_ptr(), out.mutable_data_ptr(),
-                                        idx.const_data_ptr<int64_t>(), idx.numel(), row_bytes, false,
+                                        idx.const_data_ptr<int64_t>(), idx.numel(), row_bytes, x.size(0), false,
                                         c10::cuda::getCurrentCUDAStream(x.get_device())));
   return out;
 }
@@ -49,7 +52,7 @@ Tensor scatter_rows_cuda(const Tensor& y_in, const Tensor& idx_in, int64_t n) {
   if (y.numel() == 0) return out;
   const int64_t row_bytes = static_cast<int64_t>(y.nbytes()) / y.size(0);
   C10_CUDA_CHECK(cuda::launch_copy_rows(y.const_data_ptr(), out.mutable_data_ptr(),
-                                        idx.const_data_ptr<int64_t>(), idx.numel(), row_bytes, true,
+                                        idx.const_data_ptr<int64_t>(), idx.numel(), row_bytes, n, true,
                                         c10::cuda::getCurrentCUDAStream(y.get_device())));
   return out;
 }

@@ -125,6 +125,14 @@ __device__ __forceinline__ Acc warp_dot(const T* __restrict__ row, const Acc* __
   return warp_sum(dot);
 }
 
+// The score of a token: dot / sqrt(D), both steps correctly rounded in Acc (the
+// build has no --use_fast_math). The one expression of a score in every backend
+// (CPU, Triton, eager): a near-tie selects the same tokens everywhere.
+template <typename Acc>
+__device__ __forceinline__ Acc token_score(Acc dot, int64_t D) {
+  return dot / sqrt(static_cast<Acc>(D));
+}
+
 // ---- 1. scores and selection: one block per sample ------------------------------
 template <typename T>
 __global__ void select_kernel(const T* __restrict__ q, const T* __restrict__ k, T* __restrict__ s,
@@ -165,10 +173,9 @@ __global__ void select_kernel(const T* __restrict__ q, const T* __restrict__ k, 
   }
 
   // Scores and keys: one warp per token.
-  const Acc inv_sqrt_d = Acc(1) / sqrt(static_cast<Acc>(D));
   const int first = keep_cls ? 1 : 0;
   for (int64_t i = tid / kWarp; i < N; i += threads / kWarp) {
-    const Acc score = warp_dot(qb + i * D, k_mean, D) * inv_sqrt_d;
+    const Acc score = token_score(warp_dot(qb + i * D, k_mean, D), D);
     if (tid % kWarp == 0) {
       s[b * N + i] = from_acc<T>(score);
       key[i] = i >= first ? KeyOf<Acc>::of(score) : Key(0);
@@ -242,7 +249,7 @@ __global__ void gather_kernel(const T* __restrict__ x, const T* __restrict__ q,
   T* dst = out + r * C;
   Acc gate = 1;
   if (sigmoid) {
-    const Acc score = warp_dot(q + src_row * D, k_mean + b * D, D) / sqrt(static_cast<Acc>(D));
+    const Acc score = token_score(warp_dot(q + src_row * D, k_mean + b * D, D), D);
     gate = Acc(1) / (Acc(1) + exp(-score));
   }
   if (kVector) {
@@ -295,7 +302,7 @@ __global__ void rows_backward_kernel(const T* __restrict__ grad_y,
   }
   Acc gate = 1, slope = 1;  // forward factor and d gate / d s (1: straight-through)
   if (gate_kind == static_cast<int>(TokenGate::kSigmoid)) {
-    const Acc score = warp_dot(q + r * D, k_mean + b * D, D) / sqrt(static_cast<Acc>(D));
+    const Acc score = token_score(warp_dot(q + r * D, k_mean + b * D, D), D);
     gate = Acc(1) / (Acc(1) + exp(-score));
     slope = gate * (Acc(1) - gate);
   }
@@ -342,7 +349,6 @@ __global__ void qk_backward_kernel(const typename AccOf<T>::type* __restrict__ g
   Acc* partial = reinterpret_cast<Acc*>(smem);  // blockDim.x
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x, threads = blockDim.x;
-  const Acc inv_sqrt_d = Acc(1) / sqrt(static_cast<Acc>(D));
   const Acc* gs = grad_score + b * N;
   for (int64_t d0 = 0; d0 < D; d0 += threads) {
     const int width = static_cast<int>(D - d0 < threads ? D - d0 : threads);
@@ -353,7 +359,7 @@ __global__ void qk_backward_kernel(const typename AccOf<T>::type* __restrict__ g
     if (g < groups) {
       const Acc km = k_mean[b * D + d];
       for (int64_t i = g; i < N; i += groups) {
-        const Acc gi = gs[i] * inv_sqrt_d;
+        const Acc gi = token_score(gs[i], D);  // d loss / d dot: the score's 1/sqrt(D)
         grad_q[(b * N + i) * D + d] = from_acc<T>(gi * km);
         sum += gi * to_acc(q[(b * N + i) * D + d]);
       }

@@ -90,6 +90,9 @@ class Darts:
     # Files (glob patterns, in --out) the method writes besides genotype.json,
     # metrics.jsonl and checkpoint.pt: a new run refuses an --out holding them.
     output_patterns: tuple[str, ...] = ("cell_*.png", "weights_*.png")
+    # Flags that an evaluation of a finished run (``evaluation_checkpoint``) takes
+    # from its own command line; every other setting comes from the checkpoint.
+    evaluation_keys: tuple[str, ...] = ()
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, device: torch.device,
                  amp: torch.dtype | None = None, lr: float = 0.025, lr_min: float = 0.001,
@@ -124,10 +127,27 @@ class Darts:
         """Reject flag values the method cannot run with: ValueError naming the flag."""
 
     @classmethod
+    def search_split(cls, args: argparse.Namespace, train_idx: torch.Tensor,
+                     val_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples the search trains on: (weights' indices, architecture's
+        indices). The driver passes ``nasops.data.split(len(data),
+        args.train_portion, args.seed)``; a method may hold samples out of them
+        (for its own evaluation in :meth:`finish`). Must depend on ``args`` alone."""
+        return train_idx, val_idx
+
+    @classmethod
+    def evaluation_checkpoint(cls, args: argparse.Namespace) -> str | None:
+        """A finished run's checkpoint to evaluate instead of searching; None (the
+        default): search. The driver then takes every setting from the checkpoint's
+        config except :attr:`evaluation_keys` and the runtime flags, restores the
+        network and the method state, runs no epoch, and calls :meth:`finish` and
+        :meth:`write_outputs` (default ``--out``: the checkpoint's folder)."""
+        return None
+
+    @classmethod
     def build_model(cls, args: argparse.Namespace, data) -> torch.nn.Module:
         """The search network for ``args`` (flags) and ``data`` (an ImageDataset)."""
-        return spaces.build(args.space, in_channels=data.in_channels, num_classes=data.num_classes,
-                            C=args.init_channels, layers=args.layers)
+        return spaces.from_args(args, data)
 
     @classmethod
     def from_args(cls, model: torch.nn.Module, args: argparse.Namespace, *, device: torch.device,
@@ -148,6 +168,13 @@ class Darts:
         A method may change its network here (``self.model``), e.g. a stage of a
         progressive search; it must then depend on ``epoch`` alone."""
 
+    def arch_penalty(self) -> torch.Tensor | None:
+        """A regulariser added to the architecture loss of every architecture step
+        (a function of the alphas alone, e.g. DASViT's fairness loss), or None.
+        Its gradient joins the alphas' after the all-reduce of the validation
+        gradient (it is the same on every rank)."""
+        return None
+
     def describe(self) -> dict:
         """The architecture as it stands: ``genotype``, ``genotype_str`` and the
         per-edge op weights ``edge_weights``; a method may add entries (they go
@@ -162,7 +189,8 @@ class Darts:
 
     def write_outputs(self, out: Path, result: dict) -> None:
         """Rank 0 writes the method's files into ``out`` (the driver writes
-        genotype.json): by default a picture and an op-weight heatmap per cell type."""
+        genotype.json; ``result`` is its content plus ``metrics``, the epoch
+        records): by default a picture and an op-weight heatmap per cell type."""
         from nasops.spaces import plot
         for cell_type, table in self.model.edge_weights().items():
             plot.plot_cell(result["genotype"], cell_type, str(out / f"cell_{cell_type}.png"))
@@ -243,8 +271,11 @@ class Darts:
     def _arch_step(self, x, y):
         self.a_opt.zero_grad(set_to_none=True)
         loss, correct = self._val_loss(x, y)
-        grads = _grad(self.a_scaler.scale(loss), self.alphas)
-        for a, g in zip(self.alphas, self._average(grads)):
+        grads = self._average(_grad(self.a_scaler.scale(loss), self.alphas))
+        penalty = self.arch_penalty()
+        if penalty is not None:
+            grads = [g + p for g, p in zip(grads, _grad(self.a_scaler.scale(penalty), self.alphas))]
+        for a, g in zip(self.alphas, grads):
             a.grad = g
         self.a_scaler.step(self.a_opt)
         self.a_scaler.update()
@@ -287,6 +318,9 @@ class Darts:
                 p.copy_(b)
         hvp = self._average([(gp - gn) / (2 * eps) for gp, gn in zip(*alpha_grads)])
 
+        penalty = self.arch_penalty()
+        if penalty is not None:
+            d_alpha = [g + p for g, p in zip(d_alpha, _grad(penalty, self.alphas))]
         self.a_opt.zero_grad(set_to_none=True)
         for a, g, h in zip(self.alphas, d_alpha, hvp):
             a.grad = g - xi * h

@@ -107,7 +107,7 @@ from nasops.methods.darts import Darts, RunContext
 from nasops.runtime import write_text
 from nasops.spaces import darts as darts_space
 from nasops.spaces import nb201 as nb201_space
-from nasops.spaces.base import MixedEdge, same_dtype
+from nasops.spaces.base import MixedEdge, one_dtype
 
 SPACES = ("darts", "rdarts-s1", "rdarts-s2", "rdarts-s3", "rdarts-s4", "nb201")
 ZERO_OP = "none"
@@ -283,7 +283,7 @@ def pair_weighted_node(outputs: list[torch.Tensor], strengths: torch.Tensor) -> 
     pi = pair_weights(strengths)  # (B, pairs)
     first, second = _pair_index(len(outputs), strengths.device)
     beta = pi.new_zeros(strengths.shape).index_add(1, first, pi).index_add(1, second, pi)  # (B, n)
-    outputs = same_dtype(outputs, outputs[0].device.type)
+    outputs = one_dtype(outputs, outputs[0].device.type)
     return nasops.ops.mixed_op(outputs, beta)
 
 
@@ -472,7 +472,10 @@ class Midas(Darts):
             raise ValueError(f"--midas-tau: expected a positive number, got {args.midas_tau}")
         if args.midas_decode_batches is not None and args.midas_decode_batches < 1:
             raise ValueError(f"--midas-decode-batches: expected >= 1, got {args.midas_decode_batches}")
-        parse_mosaic_edge(args.midas_mosaic_edge, args.space, args.layers)
+        from nasops.search import default_layers  # the driver imports the methods
+
+        layers = args.layers if args.layers is not None else default_layers(args.space)
+        parse_mosaic_edge(args.midas_mosaic_edge, args.space, layers)
 
     @classmethod
     def build_model(cls, args: argparse.Namespace, data) -> torch.nn.Module:

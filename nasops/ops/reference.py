@@ -103,11 +103,16 @@ TOKEN_GATES = ("none", "straight_through", "sigmoid")
 def token_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """(B, N) scores s_i = q_i . mean_j(k_j) / sqrt(D), in the accumulation dtype.
 
-    Equal to the DASViT mean over j of q_i . k_j / sqrt(D), in O(N*D).
+    Equal to the DASViT mean over j of q_i . k_j / sqrt(D), in O(N*D). The
+    division and the square root are correctly rounded, as in every kernel.
     """
     acc = accumulation_dtype(q.dtype)
     k_mean = k.to(acc).mean(dim=1)  # (B, D)
-    return (q.to(acc) @ k_mean.unsqueeze(-1)).squeeze(-1) / q.shape[-1] ** 0.5
+    # Divided by sqrt(D) as a tensor on q's device, not by a Python float: CUDA
+    # torch multiplies by the reciprocal of a host scalar divisor, which rounds
+    # differently from the kernels' dot / sqrt(D) and could break near-ties.
+    sqrt_d = torch.full((), q.shape[-1], dtype=acc, device=q.device).sqrt()
+    return (q.to(acc) @ k_mean.unsqueeze(-1)).squeeze(-1) / sqrt_d
 
 
 def select_tokens(s: torch.Tensor, keep: int, keep_cls: bool) -> torch.Tensor:

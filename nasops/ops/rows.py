@@ -4,7 +4,8 @@ They serve hard-exit batch compaction (SPEC 4.4): ``gather_rows(h, alive)``
 keeps the samples still computing, ``scatter_rows(h_alive, alive, B)`` puts
 their results back in a batch-sized tensor. Each is the other's adjoint, which
 is their backward. Any dtype and trailing shape; ``idx`` is checked (integer
-dtype, range, no duplicates), which reads it on the host.
+dtype, range, no duplicates): eagerly on the host, in a ``torch.compile`` graph
+with ``torch._assert_async`` on the device (a RuntimeError when the graph runs).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, *, backend: str | None = Non
     check_tensor(x, "x", dtypes=None)
     if x.dim() == 0:
         raise ValueError("x: expected at least one dimension, got a 0-d tensor")
-    idx = _check_index(idx, x.shape[0], x, "x")
+    idx = _check_index(idx, x.shape[0], "x.shape[0]", x, "x")
     name = resolve(backend, x.device)
     if name == "eager":
         return reference.gather_rows(x, idx)
@@ -44,7 +45,7 @@ def scatter_rows(y: torch.Tensor, idx: torch.Tensor, n: int, *,
         raise ValueError("y: expected at least one dimension, got a 0-d tensor")
     if isinstance(n, bool) or not isinstance(n, Integral) or n < 0:
         raise ValueError(f"n: expected an int >= 0, got {n!r}")
-    idx = _check_index(idx, int(n), y, "y")
+    idx = _check_index(idx, int(n), "n", y, "y")
     if idx.numel() != y.shape[0]:
         raise ValueError(f"idx: expected {y.shape[0]} entries (y.shape[0]), got {idx.numel()}")
     name = resolve(backend, y.device)
@@ -54,7 +55,8 @@ def scatter_rows(y: torch.Tensor, idx: torch.Tensor, n: int, *,
     return scatter(y, idx, int(n))
 
 
-def _check_index(idx, n: int, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+def _check_index(idx, n: int, n_name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
+    """idx: 1-D, integer, on ref's device, entries distinct and in [0, n) (n named n_name)."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx: expected an integer torch.Tensor, got {type(idx).__name__}")
     if idx.dtype not in _INDEX_DTYPES:
@@ -62,9 +64,16 @@ def _check_index(idx, n: int, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
     if idx.dim() != 1:
         raise ValueError(f"idx: expected 1 dimension, got shape {tuple(idx.shape)}")
     check_same_device("idx", idx, ref, ref_name)
-    # The value checks read idx on the host; a compiled graph skips them (they
-    # would be data-dependent guards) and relies on the kernels' range checks.
-    if idx.numel() and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        # Reading idx on the host would be a data-dependent guard (a graph
+        # break): the graph checks it on the device instead, raising at run time
+        # (CUDA: a device-side assert). The kernels check the range once more.
+        torch._assert_async(((idx >= 0) & (idx < n)).all(),
+                            f"idx: expected entries in [0, {n_name}), got one outside")
+        ordered = torch.sort(idx).values
+        torch._assert_async((ordered[1:] != ordered[:-1]).all(),
+                            "idx: expected distinct entries (each row moves once), got duplicates")
+    elif idx.numel():
         low, high = int(idx.min()), int(idx.max())
         if low < 0 or high >= n:
             raise ValueError(f"idx: expected entries in [0, {n}), got min {low} and max {high}")

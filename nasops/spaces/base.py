@@ -26,26 +26,28 @@ class MixedEdge(nn.Module):
 
     def op_outputs(self, x) -> list[torch.Tensor | None]:
         """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op)."""
-        return same_dtype([None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)],
-                          x.device.type)
+        return one_dtype([None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)],
+                         x.device.type)
 
     def forward(self, x, weights):
         return nasops.ops.mixed_op(self.op_outputs(x), weights)
 
 
-def same_dtype(tensors, device_type: str) -> list[torch.Tensor | None]:
-    """``tensors`` (``None`` entries kept) cast to one dtype where they differ, as the
-    nasops ops need: under autocast a conv may return half precision while an
-    identity or a pool keeps its input's dtype. The common dtype is autocast's
-    when it is on, else the promotion of the tensors' dtypes."""
-    dtypes = {t.dtype for t in tensors if t is not None}
+def one_dtype(outputs, device_type: str):
+    """The op outputs (``None`` = Zero) in one dtype, as ``mixed_op`` needs them.
+
+    Under autocast a conv or a linear layer returns half precision while an
+    identity or a pool keeps its input's dtype: they meet in the autocast dtype.
+    Otherwise mixed dtypes meet in their promoted type.
+    """
+    dtypes = {o.dtype for o in outputs if o is not None}
     if len(dtypes) <= 1:
-        return list(tensors)
+        return outputs
     if torch.is_autocast_enabled(device_type):
         common = torch.get_autocast_dtype(device_type)
     else:
         common = functools.reduce(torch.promote_types, dtypes)
-    return [t if t is None else t.to(common) for t in tensors]
+    return [o if o is None else o.to(common) for o in outputs]
 
 
 class SearchNetwork(nn.Module):

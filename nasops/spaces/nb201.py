@@ -19,15 +19,22 @@ as the architecture string
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from nasops.spaces.base import MixedEdge, SearchNetwork
 from nasops.spaces.operations import NB201_OPS, ResNetBasicBlock, make_nb201_op
+
+# The table that ships with nasops (data/README.md says where it comes from): all
+# 15,625 cells, the four columns below of NATS-Bench's export, gzipped.
+BUILTIN_TABLE = Path(__file__).resolve().parent / "data" / "nb201_test_accuracy.csv.gz"
+NUM_ARCHITECTURES = 5 ** 6  # 5 ops on each of 6 edges
 
 # Columns of the table (../shared/data/nb201_test_accuracy.csv) -> our data set names.
 TABLE_COLUMNS = {
@@ -89,19 +96,32 @@ def derive_arch(weights: Sequence[Sequence[float]], op_names: Sequence[str] = NB
 
 @lru_cache(maxsize=4)
 def _load_cached(path: str, mtime: float) -> dict[str, dict]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (ARCH_COLUMN, *TABLE_COLUMNS.values()) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"path: {path} lacks the NB201 table columns {missing} "
-                             f"(has {reader.fieldnames})")
-        return {row[ARCH_COLUMN]: {name: float(row[col]) for name, col in TABLE_COLUMNS.items()}
-                for row in reader}
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in (ARCH_COLUMN, *TABLE_COLUMNS.values())
+                       if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"path: {path} lacks the NB201 table columns {missing} "
+                                 f"(has {reader.fieldnames})")
+            table = {}
+            for row in reader:
+                try:
+                    table[row[ARCH_COLUMN]] = {name: float(row[col]) for name, col in TABLE_COLUMNS.items()}
+                except (TypeError, ValueError):
+                    raise ValueError(f"path: {path} line {reader.line_num}: expected an architecture "
+                                     f"string and three accuracies, got {row}") from None
+            return table
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, csv.Error) as exc:
+        raise ValueError(f"path: {path} is not a CSV table ({type(exc).__name__}: {exc})") from None
 
 
-def load_table(path: str | os.PathLike) -> dict[str, dict]:
-    """Read the NB201 accuracy CSV: ``{arch string: {"cifar10": .., "cifar100": ..,
-    "imagenet16-120": ..}}`` (200-epoch test accuracies in percent). Cached per file."""
+def load_table(path: str | os.PathLike = BUILTIN_TABLE) -> dict[str, dict]:
+    """Read an NB201 accuracy CSV (``.gz`` too; by default the one shipped with
+    nasops): ``{arch string: {"cifar10": .., "cifar100": .., "imagenet16-120": ..}}``
+    (200-epoch test accuracies in percent). Cached per file. A file that is not
+    such a table raises ValueError naming the file and what is wrong."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: NB201 table {path!r} does not exist (the CSV with columns "
@@ -109,7 +129,22 @@ def load_table(path: str | os.PathLike) -> dict[str, dict]:
     return _load_cached(os.path.abspath(path), os.path.getmtime(path))
 
 
-def lookup(arch: str, path_or_table: str | os.PathLike | Mapping[str, dict]) -> dict[str, float]:
+def checked_table(path: str | os.PathLike | None) -> str:
+    """The table a command line names (None: the one shipped with nasops), read
+    now so that a wrong file stops a run before it starts: ValueError in one
+    line when it is missing, not a CSV table, or not all of NAS-Bench-201."""
+    path = os.fspath(path) if path is not None else str(BUILTIN_TABLE)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file {path!r} (the NB201 accuracy CSV)")
+    table = load_table(path)
+    if len(table) != NUM_ARCHITECTURES:
+        raise ValueError(f"{path} has {len(table)} architectures, expected all {NUM_ARCHITECTURES} "
+                         f"of NAS-Bench-201")
+    return path
+
+
+def lookup(arch: str, path_or_table: str | os.PathLike | Mapping[str, dict] = BUILTIN_TABLE,
+           ) -> dict[str, float]:
     """The test accuracies of ``arch``: ``{"cifar10": .., "cifar100": .., "imagenet16-120": ..}``.
 
     Raises ValueError for a malformed string, KeyError for a valid one the table lacks.

@@ -2,8 +2,9 @@
 
 - :func:`plot_cell`: the derived cell as a DAG, edges labelled with their op.
   DARTS/RobustDARTS: inputs ``c_{k-2}``, ``c_{k-1}``, nodes 0..n-1 and the
-  output ``c_{k}`` (the concatenation of the nodes). NB201: nodes 0..3, node 3
-  the output; ``none`` edges are not drawn.
+  output ``c_{k}`` (the concatenation of the nodes). vit (a genotype with
+  ``<type>_sum``): ``e_{k-2}``, ``e_{k-1}`` and ``e_{k}``, the sum of the
+  nodes. NB201: nodes 0..3, node 3 the output; ``none`` edges are not drawn.
 - :func:`plot_edge_weights`: a heatmap edges x ops of the softmax weights
   (``SearchNetwork.edge_weights()[cell_type]``); ops an edge lacks are blank.
 
@@ -41,11 +42,14 @@ def _cell_graph(genotype: dict, cell_type: str):
                          f"(has {sorted(k for k in genotype if not k.endswith('_concat'))})")
     genes = genotype[cell_type]
     n = len(genes) // 2
-    nodes = {0: ("c_{k-2}", _INPUT_COLOR), 1: ("c_{k-1}", _INPUT_COLOR)}
+    # A vit encoder sums its nodes into e_k (``<type>_sum``); a DARTS cell concatenates them.
+    summed = f"{cell_type}_sum" in genotype
+    state = "e" if summed else "c"
+    nodes = {0: (f"{state}_{{k-2}}", _INPUT_COLOR), 1: (f"{state}_{{k-1}}", _INPUT_COLOR)}
     nodes.update({2 + i: (str(i), _NODE_COLOR) for i in range(n)})
-    nodes["out"] = ("c_{k}", _OUTPUT_COLOR)
+    nodes["out"] = (f"{state}_{{k}}", _OUTPUT_COLOR)
     edges = [(j, 2 + g // 2, op) for g, (op, j) in enumerate(genes)]
-    concat = genotype.get(f"{cell_type}_concat", range(2, 2 + n))
+    concat = genotype.get(f"{cell_type}_sum" if summed else f"{cell_type}_concat", range(2, 2 + n))
     edges += [(s, "out", "") for s in concat]
     return nodes, edges
 
@@ -164,11 +168,17 @@ def plot_cell(genotype: dict, cell_type: str, path: str | os.PathLike, title: st
     return os.fspath(path)
 
 
-def plot_edge_weights(edge_weights: list[dict], path: str | os.PathLike, title: str = "") -> str:
-    """Heatmap (edges x ops) of one cell type's ``edge_weights()`` entry to the PNG ``path``."""
+def plot_edge_weights(edge_weights: list[dict], path: str | os.PathLike, title: str = "",
+                      ops: list[str] | None = None) -> str:
+    """Heatmap (edges x ops) of one cell type's ``edge_weights()`` entry to the PNG ``path``.
+
+    ``ops``: the columns in order (default: the ops in order of appearance)."""
     if not edge_weights:
         raise ValueError("edge_weights: expected a non-empty list of {'edge', 'ops'} entries")
-    ops = []
+    present = {op for entry in edge_weights for op in entry["ops"]}
+    if ops is not None and not present <= set(ops):
+        raise ValueError(f"ops: expected every op of edge_weights, lacks {sorted(present - set(ops))}")
+    ops = list(ops) if ops is not None else []
     for entry in edge_weights:
         ops += [op for op in entry["ops"] if op not in ops]
     table = np.full((len(edge_weights), len(ops)), np.nan)

@@ -8,6 +8,12 @@ Kernels accumulate in the dtype of their accumulation-typed tensor (the pooled
 output, the weights, q): float32, or float64 for float64 inputs (gradcheck).
 The mosaic: patch row ph covers rows [ceil(ph*H/gh), ceil((ph+1)*H/gh)), which
 is SPEC 2.1's floor(h*gh/H) == ph; columns likewise.
+
+Launches pass only tensors, ints and float64-annotated scalars: the K maps or
+gradients as a tuple of tensors (K pointer parameters; a table of pointers
+would be a host-to-device copy per call, which also breaks CUDA-graph capture),
+and 1 / sqrt(D), 1 / tau computed in the kernel in the accumulation dtype (a
+Python float would arrive as float32, losing the float64 path's precision).
 """
 from __future__ import annotations
 
@@ -28,19 +34,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 # ---- patch_pool ------------------------------------------------------------------------
 
-def _pointer_table(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The data pointers of ``tensors`` as an int64 tensor on their device: the kernels
-    read K tensors in place through it (no stacking)."""
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(tensors[0].device)
-
-
 @triton.jit
-def _pool_kernel(src_table, like, out, C, H, W, M, gh: tl.constexpr, gw: tl.constexpr,
+def _pool_kernel(maps, out, C, H, W, M: tl.constexpr, gh: tl.constexpr, gw: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
     # One program: the patch means of BLOCK_C channels of one (b, p) of map m.
+    # The M maps arrive as a tuple (M pointer parameters: no table to copy to the
+    # device per call); program_id(2) picks one, unrolled over the M choices.
     bp = tl.program_id(0)
-    m = tl.program_id(2)
-    src = tl.load(src_table + m).to(tl.pointer_type(like.dtype.element_ty))
+    m_id = tl.program_id(2)
     P = gh * gw
     b = bp // P
     p = bp % P
@@ -53,14 +54,16 @@ def _pool_kernel(src_table, like, out, C, H, W, M, gh: tl.constexpr, gw: tl.cons
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = c0 + tl.arange(0, BLOCK_W)
     mask = (chans[:, None] < C) & (cols[None, :] < c1)
-    base = src + (b * C + chans[:, None]).to(tl.int64) * H * W + cols[None, :]
+    offs = (b * C + chans[:, None]).to(tl.int64) * H * W + cols[None, :]
     acc_ty = out.dtype.element_ty
-    total = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
-    for h in range(r0, r1):
-        total += tl.load(base + h * W, mask=mask, other=0.0).to(acc_ty)
     count = ((r1 - r0) * (c1 - c0)).to(acc_ty)
-    mean = tl.sum(total, axis=1) / count
-    tl.store(out + ((b * P + p) * M + m) * C + chans, mean, mask=chans < C)
+    for m in tl.static_range(M):
+        if m == m_id:
+            total = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
+            for h in range(r0, r1):
+                total += tl.load(maps[m] + offs + h * W, mask=mask, other=0.0).to(acc_ty)
+            mean = tl.sum(total, axis=1) / count
+            tl.store(out + ((b * P + p) * M + m) * C + chans, mean, mask=chans < C)
 
 
 def patch_pool_triton(maps: list[torch.Tensor], grid: list[int]) -> torch.Tensor:
@@ -73,9 +76,9 @@ def patch_pool_triton(maps: list[torch.Tensor], grid: list[int]) -> torch.Tensor
     maps = [x.contiguous() for x in maps]
     block_w = triton.next_power_of_2(triton.cdiv(W, gw))
     block_c = min(triton.next_power_of_2(C), max(1, 4096 // block_w) if triton_interpreting() else 32)
-    # All M maps in one launch, each read in place through the pointer table.
+    # All M maps in one launch, each read in place.
     _pool_kernel[(B * P, triton.cdiv(C, block_c), M)](
-        _pointer_table(maps), maps[0], out, C, H, W, M, gh, gw, BLOCK_C=block_c, BLOCK_W=block_w)
+        tuple(maps), out, C, H, W, M, gh, gw, BLOCK_C=block_c, BLOCK_W=block_w)
     return out
 
 
@@ -117,7 +120,7 @@ def patch_pool_backward_triton(grad: torch.Tensor, grid: list[int], height: int,
 
 
 @triton.jit
-def _outputs_backward_kernel(grad, weights, grad_pooled, out_table, N, C, H, W, K: tl.constexpr,
+def _outputs_backward_kernel(grad, weights, grad_pooled, grad_outs, N, C, H, W, K: tl.constexpr,
                              gh: tl.constexpr, gw: tl.constexpr, BLOCK: tl.constexpr):
     # grad o_k = w[b, p, k] * g + grad_pooled[b, p, k, c] / |p|: g read once for all K.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -130,8 +133,7 @@ def _outputs_backward_kernel(grad, weights, grad_pooled, out_table, N, C, H, W, 
     for k in tl.static_range(K):
         wk = tl.load(weights + row * K + k, mask=mask, other=0.0)
         add = tl.load(grad_pooled + (row * K + k) * C + c, mask=mask, other=0.0)
-        out = tl.load(out_table + k).to(tl.pointer_type(grad.dtype.element_ty))
-        tl.store(out + offs, (wk * g + add * inv_count).to(grad.dtype.element_ty), mask=mask)
+        tl.store(grad_outs[k] + offs, (wk * g + add * inv_count).to(grad.dtype.element_ty), mask=mask)
 
 
 def patch_attention_outputs_backward_triton(grad: torch.Tensor, weights: torch.Tensor,
@@ -142,7 +144,7 @@ def patch_attention_outputs_backward_triton(grad: torch.Tensor, weights: torch.T
     N = grad.numel()
     if N:
         _outputs_backward_kernel[(triton.cdiv(N, _ELEMENT_BLOCK),)](
-            grad.contiguous(), weights.contiguous(), grad_pooled.contiguous(), _pointer_table(grads),
+            grad.contiguous(), weights.contiguous(), grad_pooled.contiguous(), tuple(grads),
             N, C, H, W, K, grid[0], grid[1], BLOCK=_ELEMENT_BLOCK)
     return grads
 
@@ -150,12 +152,26 @@ def patch_attention_outputs_backward_triton(grad: torch.Tensor, weights: torch.T
 # ---- patch_softmax_attention -------------------------------------------------------------
 
 @triton.jit
-def _attention_kernel(q, k, prior, w, R, K, D, scale, inv_tau, HAS_PRIOR: tl.constexpr,
+def _logit_scales(D, inv_tau, ACC: tl.constexpr):
+    """(1 / sqrt(D), 1 / tau) in ACC. Triton passes a Python float as float32, so
+    D arrives as an int and 1 / tau as a float64 parameter (an exact float64
+    path); both are rounded to ACC here, as the CPU kernel does."""
+    d = tl.full([], D, ACC)  # (not D.to: Triton passes D == 1 as a constant)
+    if ACC == tl.float64:
+        scale = 1.0 / tl.sqrt(d)
+    else:
+        scale = tl.div_rn(tl.full([], 1.0, ACC), tl.sqrt_rn(d))
+    return scale, tl.full([], inv_tau, ACC)
+
+
+@triton.jit
+def _attention_kernel(q, k, prior, w, R, K, D, inv_tau: tl.float64, HAS_PRIOR: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = tl.arange(0, BLOCK_K)
     ds = tl.arange(0, BLOCK_D)
     row_ok = rows < R
+    scale, inv_tau = _logit_scales(D, inv_tau, q.dtype.element_ty)
     qv = tl.load(q + rows[:, None] * D + ds[None, :], mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
     k_mask = row_ok[:, None, None] & (ks[None, :, None] < K) & (ds[None, None, :] < D)
     kv = tl.load(k + (rows[:, None, None] * K + ks[None, :, None]) * D + ds[None, None, :],
@@ -182,18 +198,19 @@ def patch_softmax_attention_triton(q: torch.Tensor, k: torch.Tensor, prior: torc
         block_r = _row_block(K, D)
         _attention_kernel[(triton.cdiv(R, block_r),)](
             q.contiguous(), k.contiguous(), prior.contiguous() if prior is not None else q, w, R, K, D,
-            D ** -0.5, 1.0 / tau, HAS_PRIOR=prior is not None, BLOCK_R=block_r,
+            1.0 / tau, HAS_PRIOR=prior is not None, BLOCK_R=block_r,
             BLOCK_K=triton.next_power_of_2(K), BLOCK_D=triton.next_power_of_2(D))
     return w
 
 
 @triton.jit
-def _attention_backward_kernel(grad_w, w, q, k, grad_q, grad_k, grad_logits, R, K, D, scale, inv_tau,
-                               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_backward_kernel(grad_w, w, q, k, grad_q, grad_k, grad_logits, R, K, D,
+                               inv_tau: tl.float64, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = tl.arange(0, BLOCK_K)
     ds = tl.arange(0, BLOCK_D)
     row_ok = rows < R
+    scale, inv_tau = _logit_scales(D, inv_tau, q.dtype.element_ty)
     rk_mask = row_ok[:, None] & (ks[None, :] < K)
     rk = rows[:, None] * K + ks[None, :]
     wv = tl.load(w + rk, mask=rk_mask, other=0.0)
@@ -221,7 +238,7 @@ def patch_softmax_attention_backward_triton(grad_w: torch.Tensor, w: torch.Tenso
         block_r = _row_block(K, D)
         _attention_backward_kernel[(triton.cdiv(R, block_r),)](
             grad_w.contiguous(), w.contiguous(), q.contiguous(), k.contiguous(), grad_q, grad_k,
-            grad_logits, R, K, D, D ** -0.5, 1.0 / tau, BLOCK_R=block_r,
+            grad_logits, R, K, D, 1.0 / tau, BLOCK_R=block_r,
             BLOCK_K=triton.next_power_of_2(K), BLOCK_D=triton.next_power_of_2(D))
     grad_prior = grad_logits.sum(0) if prior_requires_grad else q.new_empty(0)
     return grad_q, grad_k, grad_prior

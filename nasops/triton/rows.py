@@ -6,7 +6,9 @@ Rows are moved as raw bits: each row is viewed as the widest integer words that
 divide its size (8, 4, 2 or 1 bytes), so one kernel serves every dtype and
 trailing shape, with wide loads. A program copies a [BLOCK_R rows, BLOCK_W
 words] tile; gather reads row idx[r] and writes row r, scatter the reverse
-into a zero-filled output (idx has no duplicates: checked by nasops.ops).
+into a zero-filled output (idx has no duplicates: checked by nasops.ops). A
+program strides over the row's words when a row is wider than
+_MAX_COLUMN_PROGRAMS blocks.
 """
 from __future__ import annotations
 
@@ -21,19 +23,39 @@ _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 @triton.jit
-def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, rows, W, SCATTER: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _copy_rows_kernel(src_ptr, dst_ptr, idx_ptr, rows, W, targets, SCATTER: tl.constexpr,
+                      STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    w = tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W)
     row_ok = r < rows
     target = tl.load(idx_ptr + r, mask=row_ok, other=0)
+    # nasops.ops checked idx before the launch (on the host, or with
+    # torch._assert_async in a compiled graph); this is the device's own check
+    # (active with TRITON_DEBUG=1), and whatever happens a bad entry is never
+    # dereferenced: its gather row comes out zero, its scatter row is dropped.
+    in_range = (target >= 0) & (target < targets)
+    tl.device_assert(in_range | ~row_ok, "gather_rows/scatter_rows: an idx entry is outside [0, n)")
+    read_ok = row_ok & in_range
     if SCATTER:
-        src_row, dst_row = r, target
+        src_row, dst_row, write_ok = r, target, read_ok
     else:
-        src_row, dst_row = target, r
-    mask = row_ok[:, None] & (w < W)[None, :]
-    v = tl.load(src_ptr + src_row[:, None] * W + w[None, :], mask=mask)
-    tl.store(dst_ptr + dst_row[:, None] * W + w[None, :], v, mask=mask)
+        src_row, dst_row, write_ok = target, r, row_ok
+    # Grid axis 1 is capped (CUDA allows 65535 programs there): with STRIDED a
+    # program strides over the row's words, 64-bit offsets since W may reach
+    # 2^31; without, it copies one tile (fewer registers: a loop keeps the tile's
+    # row offsets live).
+    if STRIDED:
+        for w0 in range(tl.program_id(1).to(tl.int64) * BLOCK_W, W, tl.num_programs(1).to(tl.int64) * BLOCK_W):
+            _copy_tile(src_ptr, dst_ptr, src_row, dst_row, read_ok, write_ok, w0 + tl.arange(0, BLOCK_W), W)
+    else:
+        _copy_tile(src_ptr, dst_ptr, src_row, dst_row, read_ok, write_ok,
+                   tl.program_id(1).to(tl.int64) * BLOCK_W + tl.arange(0, BLOCK_W), W)
+
+
+@triton.jit
+def _copy_tile(src_ptr, dst_ptr, src_row, dst_row, read_ok, write_ok, w, W):
+    col_ok = (w < W)[None, :]
+    v = tl.load(src_ptr + src_row[:, None] * W + w[None, :], mask=read_ok[:, None] & col_ok, other=0)
+    tl.store(dst_ptr + dst_row[:, None] * W + w[None, :], v, mask=write_ok[:, None] & col_ok)
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
@@ -47,15 +69,27 @@ def _as_words(t: torch.Tensor) -> torch.Tensor:
     return as_bytes.view(_WORDS[width])
 
 
-def _launch(src_words, dst_words, idx, rows, scatter):
+# Programs along grid axis 1 (the words of a row) at most: CUDA's limit there is
+# 65535; a row wider than this many blocks is strided over (1024 as rows.cu).
+_MAX_COLUMN_PROGRAMS = 1024
+
+
+def _launch_shape(rows: int, W: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, BLOCK_R, BLOCK_W) of a copy of ``rows`` rows of ``W`` words."""
+    block_w = min(triton.next_power_of_2(W), 16384 if _INTERPRET else 1024)
+    block_r = max(1, (16384 if _INTERPRET else 2048) // block_w)
+    grid = (triton.cdiv(rows, block_r), min(triton.cdiv(W, block_w), _MAX_COLUMN_PROGRAMS))
+    return grid, block_r, block_w
+
+
+def _launch(src_words, dst_words, idx, rows, targets, scatter):
     W = src_words.shape[1]
     if rows == 0 or W == 0:
         return
-    block_w = min(triton.next_power_of_2(W), 16384 if _INTERPRET else 1024)
-    block_r = max(1, (16384 if _INTERPRET else 2048) // block_w)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(W, block_w))
-    _copy_rows_kernel[grid](src_words, dst_words, idx, rows, W, SCATTER=scatter,
-                            BLOCK_R=block_r, BLOCK_W=block_w, num_warps=1 if _INTERPRET else 4)
+    grid, block_r, block_w = _launch_shape(rows, W)
+    _copy_rows_kernel[grid](src_words, dst_words, idx, rows, W, targets, SCATTER=scatter,
+                            STRIDED=grid[1] * block_w < W, BLOCK_R=block_r, BLOCK_W=block_w,
+                            num_warps=1 if _INTERPRET else 4)
 
 
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -65,7 +99,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return out
     src = _as_words(x)
     _launch(src, out.view(-1).view(torch.uint8).view(src.dtype).view(out.shape[0], -1), idx,
-            idx.shape[0], scatter=False)
+            idx.shape[0], x.shape[0], scatter=False)
     return out
 
 
@@ -75,7 +109,7 @@ def scatter_rows(y: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     if y.numel() == 0:
         return out
     src = _as_words(y)
-    _launch(src, out.view(-1).view(torch.uint8).view(src.dtype).view(n, -1), idx, idx.shape[0],
+    _launch(src, out.view(-1).view(torch.uint8).view(src.dtype).view(n, -1), idx, idx.shape[0], n,
             scatter=True)
     return out
 

@@ -27,7 +27,10 @@ Backward, two launches:
   4. ``_qk_backward_kernel``, one program per sample: grad_q = g_s k_mean /
      sqrt(D) and grad_k = sum_i g_s,i q_i / (N sqrt(D)) (the same for every j).
 Accumulation in float32 (float64 for float64 inputs); no atomics, so results
-are reproducible. Under TRITON_INTERPRET=1 the row tiles are large (the
+are reproducible. Scores are dot / sqrt(D) with a correctly rounded square
+root and division (``_token_score``), as in the CPU and CUDA kernels and the
+eager reference; no Python float reaches a kernel (Triton would pass it as
+float32). Under TRITON_INTERPRET=1 the row tiles are large (the
 interpreter runs every program in Python).
 """
 from __future__ import annotations
@@ -62,8 +65,30 @@ def _order_key(score, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _div_rn(a, b):
+    """a / b correctly rounded: Triton's float32 ``/`` is an approximate division
+    on the GPU (div.full.f32, up to 2 ulp), float64's is exact (div.rn.f64)."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def _token_score(dot, D, ACC: tl.constexpr):
+    """dot / sqrt(D) in ACC, correctly rounded at each step: the one expression of
+    a token score in every backend (the CPU and CUDA kernels, the eager
+    reference), so that near-ties select the same tokens everywhere."""
+    d = tl.full([], D, ACC)  # (not D.to: Triton passes D == 1 as a constant)
+    if ACC == tl.float64:
+        return dot / tl.sqrt(d)
+    else:
+        return tl.div_rn(dot, tl.sqrt_rn(d))
+
+
+@triton.jit
 def _select_kernel(q_ptr, k_ptr, s_ptr, score_ptr, k_mean_ptr, idx_ptr, pos_ptr,
-                   N, D, keep, want, inv_sqrt_d,
+                   N, D, keep, want,
                    KEEP_CLS: tl.constexpr, IS_F64: tl.constexpr, KEY_BITS: tl.constexpr,
                    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -78,14 +103,14 @@ def _select_kernel(q_ptr, k_ptr, s_ptr, score_ptr, k_mean_ptr, idx_ptr, pos_ptr,
         tile = tl.load(k_ptr + base + t[:, None] * D + cols[None, :],
                        mask=(t < N)[:, None] & col_ok[None, :], other=0.0)
         k_sum += tl.sum(tile.to(ACC), axis=0)
-    k_mean = k_sum / N
+    k_mean = _div_rn(k_sum, tl.full([BLOCK_D], N, ACC))
     tl.store(k_mean_ptr + b * D + cols, k_mean, mask=col_ok)
 
     for t0 in range(0, N, BLOCK_T):
         t = t0 + tokens
         tile = tl.load(q_ptr + base + t[:, None] * D + cols[None, :],
                        mask=(t < N)[:, None] & col_ok[None, :], other=0.0)
-        score = tl.sum(tile.to(ACC) * k_mean[None, :], axis=1) * inv_sqrt_d
+        score = _token_score(tl.sum(tile.to(ACC) * k_mean[None, :], axis=1), D, ACC)
         tl.store(score_ptr + b * N + t, score, mask=t < N)
         tl.store(s_ptr + b * N + t, score.to(s_ptr.dtype.element_ty), mask=t < N)
     tl.debug_barrier()  # the whole row of scores is read back by every thread
@@ -138,7 +163,7 @@ def _gather_kernel(x_ptr, idx_ptr, score_ptr, out_ptr, rows, N, C, keep,
 
 @triton.jit
 def _rows_backward_kernel(grad_y_ptr, grad_s_ptr, x_ptr, q_ptr, k_mean_ptr, pos_ptr,
-                          grad_x_ptr, grad_score_ptr, rows, N, C, D, keep, inv_sqrt_d,
+                          grad_x_ptr, grad_score_ptr, rows, N, C, D, keep,
                           GATE: tl.constexpr, NEED_X: tl.constexpr, NEED_QK: tl.constexpr,
                           ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                           BLOCK_D: tl.constexpr):
@@ -156,7 +181,7 @@ def _rows_backward_kernel(grad_y_ptr, grad_s_ptr, x_ptr, q_ptr, k_mean_ptr, pos_
         qr = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=kept[:, None] & d_ok[None, :], other=0.0)
         km = tl.load(k_mean_ptr + b[:, None] * D + d[None, :], mask=kept[:, None] & d_ok[None, :],
                      other=0.0)
-        gate = 1.0 / (1.0 + tl.exp(-tl.sum(qr.to(ACC) * km, axis=1) * inv_sqrt_d))
+        gate = 1.0 / (1.0 + tl.exp(-_token_score(tl.sum(qr.to(ACC) * km, axis=1), D, ACC)))
         slope = gate * (1.0 - gate)
     dot = tl.zeros([BLOCK_R], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
@@ -176,7 +201,7 @@ def _rows_backward_kernel(grad_y_ptr, grad_s_ptr, x_ptr, q_ptr, k_mean_ptr, pos_
 
 
 @triton.jit
-def _qk_backward_kernel(grad_score_ptr, q_ptr, k_mean_ptr, grad_q_ptr, grad_k_ptr, N, D, inv_sqrt_d,
+def _qk_backward_kernel(grad_score_ptr, q_ptr, k_mean_ptr, grad_q_ptr, grad_k_ptr, N, D,
                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -188,7 +213,7 @@ def _qk_backward_kernel(grad_score_ptr, q_ptr, k_mean_ptr, grad_q_ptr, grad_k_pt
     for t0 in range(0, N, BLOCK_T):
         t = t0 + tokens
         mask = (t < N)[:, None] & col_ok[None, :]
-        g = tl.load(grad_score_ptr + b * N + t, mask=t < N, other=0.0) * inv_sqrt_d
+        g = _token_score(tl.load(grad_score_ptr + b * N + t, mask=t < N, other=0.0), D, ACC)
         tl.store(grad_q_ptr + base + t[:, None] * D + cols[None, :],
                  (g[:, None] * k_mean[None, :]).to(grad_q_ptr.dtype.element_ty), mask=mask)
         qt = tl.load(q_ptr + base + t[:, None] * D + cols[None, :], mask=mask, other=0.0)
@@ -247,7 +272,7 @@ def topk_tokens_forward(x, q, k, keep: int, keep_cls: bool, gate: str):
     block_t, block_d = _token_tile(D)
     block_n = triton.next_power_of_2(N)
     _select_kernel[(B,)](q, k, s, scores, k_mean, idx, pos, N, D, keep, keep - int(keep_cls),
-                         1.0 / D ** 0.5, KEEP_CLS=keep_cls, IS_F64=x.dtype == torch.float64,
+                         KEEP_CLS=keep_cls, IS_F64=x.dtype == torch.float64,
                          KEY_BITS=64 if x.dtype == torch.float64 else 32,
                          ACC=acc_tl, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=block_d,
                          num_warps=1 if _INTERPRET else (4 if block_n <= 1024 else 8))
@@ -280,15 +305,14 @@ def topk_tokens_backward(grad_x_sel, grad_s, x, q, k, idx, k_mean, pos, gate: st
     grad_score = x.new_empty(B, N, dtype=acc_torch)
     block_r, block_c = _row_tile(C)
     block_t, block_d = _token_tile(D)
-    inv_sqrt_d = 1.0 / D ** 0.5
     rows = B * N
     _rows_backward_kernel[(triton.cdiv(rows, block_r),)](
-        grad_y, grad_s, x, q, k_mean, pos, grad_x, grad_score, rows, N, C, D, keep, inv_sqrt_d,
+        grad_y, grad_s, x, q, k_mean, pos, grad_x, grad_score, rows, N, C, D, keep,
         GATE=gate_id, NEED_X=x_requires_grad, NEED_QK=qk_requires_grad, ACC=acc_tl,
         BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=1 if _INTERPRET else 4)
     if qk_requires_grad:
-        _qk_backward_kernel[(B,)](grad_score, q, k_mean, grad_q, grad_k, N, D, inv_sqrt_d,
+        _qk_backward_kernel[(B,)](grad_score, q, k_mean, grad_q, grad_k, N, D,
                                   ACC=acc_tl, BLOCK_T=block_t, BLOCK_D=block_d,
                                   num_warps=1 if _INTERPRET else 4)
     return grad_x, grad_q, grad_k
