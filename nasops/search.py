@@ -367,7 +367,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         method.write_outputs(out, {**result, "metrics": history})
         if "nb201" in result:
             print(f"NAS-Bench-201 200-epoch test accuracy of {result['genotype_str']}: "
-                  + ", ".join(f"{k} {v}" for k, v in result["nb201"].items()), flush=True)
+                  + ", ".join(f"{k} {v:.2f} %" for k, v in result["nb201"].items()), flush=True)
         print(f"genotype: {result['genotype_str']}\noutputs in {out}/", flush=True)
     if os.environ.get(_DUMP_ALPHAS):
         torch.save([a.detach().cpu() for a in method.model.arch_parameters()],

@@ -76,7 +76,7 @@ def _comparable(records):
 @pytest.mark.slow
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
 @pytest.mark.parametrize("space", nasops.spaces.SPACES)
-def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_table):
+def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_table, capsys):
     out = tmp_path / "run"
     extra = ["--epochs", "1", "--max-steps", "1"] + (["--second-order"] if second_order else [])
     if space == "nb201" and not second_order:
@@ -111,6 +111,8 @@ def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_ta
             row = next(r for r in csv.DictReader(f) if r["ArchitectureString"] == saved["genotype_str"])
         assert saved["nb201"]["cifar10"] == pytest.approx(float(row["CIFAR10TestAccuracy200Epochs"]))
         assert saved["nb201"]["cifar100"] == pytest.approx(float(row["CIFAR100TestAccuracy200Epochs"]))
+        printed = f"cifar10 {float(row['CIFAR10TestAccuracy200Epochs']):.2f} %, cifar100 "
+        assert printed in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag,value,choices", [
