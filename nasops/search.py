@@ -54,6 +54,12 @@ DEFAULTS = dict(space="darts", method="darts", dataset="digits", epochs=6, batch
 QUICK_LAYERS = {"nb201": 2, "vit": 2}
 QUICK_LAYERS_OTHER = 5
 
+
+def default_layers(space: str) -> int:
+    """--layers of a run of ``space`` that does not give it (a method's
+    ``check_args`` runs before the driver fills it in, and may need it)."""
+    return QUICK_LAYERS.get(space, QUICK_LAYERS_OTHER)
+
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "nb201_table", "quiet",
@@ -231,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(str(exc))
     if args.layers is None:
-        args.layers = QUICK_LAYERS.get(args.space, QUICK_LAYERS_OTHER)
+        args.layers = default_layers(args.space)
     if args.out is None:
         evaluated = method.evaluation_checkpoint(args)
         args.out = (os.path.dirname(os.path.abspath(evaluated)) if evaluated
@@ -386,7 +392,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         method.write_outputs(out, {**result, "metrics": history})
         if "nb201" in result:
             print(f"NAS-Bench-201 200-epoch test accuracy of {result['genotype_str']}: "
-                  + ", ".join(f"{k} {v}" for k, v in result["nb201"].items()), flush=True)
+                  + ", ".join(f"{k} {v:.2f} %" for k, v in result["nb201"].items()), flush=True)
         print(f"genotype: {result['genotype_str']}\noutputs in {out}/", flush=True)
     if os.environ.get(_DUMP_ALPHAS):
         torch.save([a.detach().cpu() for a in method.model.arch_parameters()],

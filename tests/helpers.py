@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from pathlib import Path
 
 import torch
 
@@ -69,3 +70,14 @@ def triton_launches():
     finally:
         for cls, original in originals.items():
             cls.run = original
+
+
+def assert_same_checkpoint_model(resumed_dir, full_dir) -> tuple[dict, dict]:
+    """The ``checkpoint.pt`` files of a resumed run and an uninterrupted one hold
+    the same network state, tensor for tensor (bit-exact); returns both loaded
+    checkpoints for a test's further checks."""
+    resumed, full = (torch.load(Path(d) / "checkpoint.pt", weights_only=False) for d in (resumed_dir, full_dir))
+    assert resumed["model"].keys() == full["model"].keys()
+    for name, value in full["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    return resumed, full

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_same_checkpoint_model
 from nasops import data as datasets
 from nasops import spaces
 from nasops.methods import hardexit_report as report
@@ -501,9 +502,7 @@ def test_killed_and_resumed_hardexit_run_equals_uninterrupted_run(tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_s")}
                 for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert comparable(out) == comparable(tmp_path / "full")
-    resumed, full = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (out, tmp_path / "full"))
-    for name, value in full["model"].items():
-        assert torch.equal(resumed["model"][name], value), name
+    resumed, full = assert_same_checkpoint_model(out, tmp_path / "full")
     assert full["method"]["ema_steps"] == resumed["method"]["ema_steps"] == 4
     for name, value in full["method"]["ema"].items():
         assert torch.equal(resumed["method"]["ema"][name], value), name

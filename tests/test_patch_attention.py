@@ -277,6 +277,27 @@ def test_fused_strided_inputs():
         assert_close(y, y64, torch.float64, what=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_under_autocast_equals_the_same_call_without(backend):
+    """A MIDAS edge runs under --amp: autocast must not cast the op's own matmuls
+    down (it did: w came back in bfloat16 from eager and the C++ kernel refused
+    the mixed dtypes). Half-precision activations, float32 parameters."""
+    device = torch.device(DEVICE)
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    x, outputs, Wq, Wk, prior, zero_key = make_edge(2, 3, 6, 6, 4, 3, 3, 4, 5, zero_at=(0,), dtype=half)
+    results = []
+    for autocast in (True, False):
+        with torch.autocast(device.type, dtype=half, enabled=autocast):
+            y, w = patch_attention_mixed_op(x, outputs, Wq, Wk, (2, 2), prior, 0.9, zero_key=zero_key,
+                                            backend=backend)
+            loss = (y.float() ** 2).sum() + (w * torch.arange(4.0, device=device)).sum()
+        grads = torch.autograd.grad(loss, [x, Wq, Wk, prior, zero_key, *outputs[1:]])  # as training does
+        assert w.dtype == torch.float32 and y.dtype == half
+        results.append((y, w, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---- gradcheck, opcheck, torch.compile ---------------------------------------------------
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

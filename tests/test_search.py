@@ -18,7 +18,7 @@ import torch
 import nasops.spaces
 from nasops.search import SearchError, main, parse_args
 from nasops.spaces import nb201
-from helpers import kernel_backends
+from helpers import assert_same_checkpoint_model, kernel_backends
 
 REPO = Path(__file__).resolve().parents[1]
 # SPEC's ../shared/data/ next to the checkout (or to the worktree's parent).
@@ -76,7 +76,7 @@ def _comparable(records):
 @pytest.mark.slow
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
 @pytest.mark.parametrize("space", nasops.spaces.SPACES)
-def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_table):
+def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_table, capsys):
     out = tmp_path / "run"
     extra = ["--epochs", "1", "--max-steps", "1"] + (["--second-order"] if second_order else [])
     if space == "nb201" and not second_order:
@@ -111,6 +111,8 @@ def test_tiny_search_writes_every_output(tmp_path, space, second_order, nb201_ta
             row = next(r for r in csv.DictReader(f) if r["ArchitectureString"] == saved["genotype_str"])
         assert saved["nb201"]["cifar10"] == pytest.approx(float(row["CIFAR10TestAccuracy200Epochs"]))
         assert saved["nb201"]["cifar100"] == pytest.approx(float(row["CIFAR100TestAccuracy200Epochs"]))
+        printed = f"cifar10 {float(row['CIFAR10TestAccuracy200Epochs']):.2f} %, cifar100 "
+        assert printed in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag,value,choices", [
@@ -261,12 +263,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     resumed = main(_tiny("darts", out, *args, "--resume"))
     assert resumed["genotype"] == full["genotype"]
     assert _comparable(_metrics(out)) == _comparable(_metrics(tmp_path / "full"))
-    resumed_state = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
-    full_state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    assert resumed_state.keys() == full_state.keys()
-    assert any(name.startswith("alphas_") for name in full_state)  # weights and architecture alike
-    for name, value in full_state.items():
-        assert torch.equal(resumed_state[name], value), name
+    _, full_state = assert_same_checkpoint_model(out, tmp_path / "full")
+    assert any(name.startswith("alphas_") for name in full_state["model"])  # weights and architecture alike
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_same_checkpoint_model
 import nasops.search
 from nasops import data as datasets
 from nasops import runtime
@@ -425,11 +426,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert _comparable(_metrics(out)) == _comparable(_metrics(tmp_path / "full"))
     assert resumed["test_acc"] == full["test_acc"] and resumed["test_loss"] == full["test_loss"]
     assert ["test_acc" in r for r in _metrics(out)] == [False, True, True]  # --eval-every 2, and the last
-    full_state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    resumed_state = torch.load(out / "checkpoint.pt", weights_only=False)
-    for name, value in full_state["model"].items():
-        assert torch.equal(resumed_state["model"][name], value), name
-    assert full_state["model"].keys() == resumed_state["model"].keys()
+    _, full_state = assert_same_checkpoint_model(out, tmp_path / "full")
     assert any(k.startswith("auxiliary_head.") for k in full_state["model"])  # head and drop-path in play
     assert _metrics(out)[2]["drop_path"] > 0
 

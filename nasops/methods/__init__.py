@@ -21,11 +21,13 @@ from __future__ import annotations
 from nasops.methods.darts import Darts, StepStats
 from nasops.methods.dasvit import DasVit
 from nasops.methods.hardexit import HardExit
+from nasops.methods.midas import Midas
 
 METHODS: dict[str, type] = {
     "darts": Darts,
     "dasvit": DasVit,
     "hardexit": HardExit,
+    "midas": Midas,
 }
 
 
@@ -37,4 +39,4 @@ def get(name: str) -> type:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}; got {name!r}") from None
 
 
-__all__ = ["METHODS", "Darts", "DasVit", "StepStats", "get"]
+__all__ = ["METHODS", "Darts", "DasVit", "HardExit", "Midas", "StepStats", "get"]

@@ -255,6 +255,12 @@ class Darts:
         logits = logits.float()
         return F.cross_entropy(logits, y), int((logits.argmax(1) == y).sum())
 
+    def _val_loss(self, x, y, dtype=None):
+        """:meth:`_loss` of the architecture step's validation batch (first order: at
+        w; second order: at the virtual weights w'). A method that watches what the
+        network does on validation data (MIDAS's op-weight statistics) overrides it."""
+        return self._loss(x, y, dtype)
+
     def _weight_step(self, x, y):
         # Alphas need no gradient here: switching it off spares the mixed-op
         # kernels the weight-gradient reduction.
@@ -273,7 +279,7 @@ class Darts:
 
     def _arch_step(self, x, y):
         self.a_opt.zero_grad(set_to_none=True)
-        loss, correct = self._loss(x, y)
+        loss, correct = self._val_loss(x, y)
         grads = self._average(_grad(self.a_scaler.scale(loss), self.alphas))
         penalty = self.arch_penalty()
         if penalty is not None:
@@ -302,7 +308,7 @@ class Darts:
                     step = step + group["momentum"] * buf
                 p.sub_(xi * step)
 
-        loss_v, correct = self._loss(xv, yv, dtype)
+        loss_v, correct = self._val_loss(xv, yv, dtype)
         grads = self._average(_grad(loss_v, self.alphas + self.weights))
         d_alpha, d_w = grads[: len(self.alphas)], grads[len(self.alphas):]
 

@@ -48,6 +48,9 @@ Choices where SPEC is silent:
   from the outputs); the kernels read them in place, y and the outputs'
   gradients take the outputs' layout, x's gradient x's (nasops.ops._layout;
   live outputs in mixed layouts are first brought to the majority's).
+- Autocast is switched off inside the op (forward and backward): its small
+  matmuls would otherwise run in half precision and hand the kernels mixed
+  dtypes. Under autocast the op behaves as without it on the same inputs.
 
 Limits: the CUDA kernels take at most 16 ops (csrc/cuda/patch_attention.cuh,
 kPatchMaxOps; the other backends any K); the fused backward is not itself
@@ -118,11 +121,12 @@ def patch_softmax_attention(q: torch.Tensor, k: torch.Tensor, prior: torch.Tenso
         _check_prior(prior, K, q)
     tau = check_tau(tau)
     name = resolve(backend, q.device)
-    if name == "eager":
-        return reference.patch_softmax_attention(q, k, prior, tau)
-    attention = kernel_for(_KERNELS, name, "patch_attention")[2]
-    acc = accumulation_dtype(q.dtype)
-    w = attention(q.to(acc), k.to(acc), None if prior is None else prior.to(acc), tau)
+    with _without_autocast(q.device):
+        if name == "eager":
+            return reference.patch_softmax_attention(q, k, prior, tau)
+        attention = kernel_for(_KERNELS, name, "patch_attention")[2]
+        acc = accumulation_dtype(q.dtype)
+        w = attention(q.to(acc), k.to(acc), None if prior is None else prior.to(acc), tau)
     return w.to(q.dtype)
 
 
@@ -187,15 +191,22 @@ def patch_attention_mixed_op(x: torch.Tensor, outputs: Sequence[torch.Tensor | N
             raise ValueError(f"zero_key: expected shape ({D},) (D of Wq), got {tuple(zero_key.shape)}")
     tau = check_tau(tau)
     name = resolve(backend, x.device)
-    if name == "eager":
-        return reference.patch_attention_mixed_op(x, outputs, Wq, Wk, (gh, gw), prior, tau, zero_key)
-    kernels = kernel_for(_KERNELS, name, "patch_attention")
-    live_index = [k for k, _ in live]
-    mix = kernel_for(_MIX_KERNELS, name, "mixed_op")
-    y, w = _PatchAttentionMixedOp.apply(kernels, mix, (gh, gw), tau, K,
-                                        live_index, x, Wq, Wk, prior, zero_key,
-                                        *common_layout([o for _, o in live]))
+    with _without_autocast(x.device):
+        if name == "eager":
+            return reference.patch_attention_mixed_op(x, outputs, Wq, Wk, (gh, gw), prior, tau, zero_key)
+        kernels = kernel_for(_KERNELS, name, "patch_attention")
+        live_index = [k for k, _ in live]
+        mix = kernel_for(_MIX_KERNELS, name, "mixed_op")
+        y, w = _PatchAttentionMixedOp.apply(kernels, mix, (gh, gw), tau, K,
+                                            live_index, x, Wq, Wk, prior, zero_key,
+                                            *common_layout([o for _, o in live]))
     return y, w
+
+
+def _without_autocast(device: torch.device):
+    """The op's own arithmetic is in the accumulation dtype: autocast must not cast
+    its matmuls down (see the module docstring)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 # ---- checks ------------------------------------------------------------------------
@@ -278,6 +289,11 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_w_out):
+        with _without_autocast(ctx.saved_tensors[0].device):
+            return _PatchAttentionMixedOp._backward(ctx, grad_y, grad_w_out)
+
+    @staticmethod
+    def _backward(ctx, grad_y, grad_w_out):
         _, pool_backward, _, attention_backward, outputs_backward = ctx.kernels
         pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -40,7 +40,8 @@ DEFAULT_NODES.update({s: 4 for s in SPACES if s not in DEFAULT_NODES})
 
 
 def build(name: str, *, in_channels: int, num_classes: int, C: int | None = None, layers: int | None = None,
-          nodes: int | None = None, stem_multiplier: int = 3, **options) -> SearchNetwork:
+          nodes: int | None = None, stem_multiplier: int = 3, cell=None, alphas: bool = True,
+          **options) -> SearchNetwork:
     """The search network of space ``name`` (one of :data:`SPACES`).
 
     Args:
@@ -53,6 +54,12 @@ def build(name: str, *, in_channels: int, num_classes: int, C: int | None = None
             cell including the input node (4); vit: intermediate nodes per encoder (2).
         stem_multiplier: darts/rdarts stem width is ``stem_multiplier * C``;
             unused by nb201 and vit.
+        cell: darts/rdarts/nb201: the cell module to build the network from, called with the
+            arguments of the space's own (``darts.DartsCell`` for darts/rdarts,
+            ``nb201.NB201Cell`` for nb201, which a replacement must subclass);
+            None = the space's own. MIDAS passes its cells here.
+        alphas: False builds no alpha tables: the cells compute their own op
+            weights and get ``None`` as weights (MIDAS without a prior).
         options: vit only: ``image_size``, ``patch_size``, ``edge_ops``,
             ``token_ratio``, ``token_gate`` (:class:`nasops.spaces.vit.VitSearchNetwork`).
     """
@@ -67,9 +74,14 @@ def build(name: str, *, in_channels: int, num_classes: int, C: int | None = None
     kwargs = dict(in_channels=in_channels, num_classes=num_classes, C=C, layers=layers, nodes=nodes,
                   stem_multiplier=stem_multiplier)
     if name == "vit":
+        if cell is not None or not alphas:
+            raise TypeError("cell, alphas: the vit space builds its own encoders and alphas")
         return build_vit(**kwargs, **options)
     if options:
         raise TypeError(f"options: space {name!r} takes none, got {sorted(options)}")
+    kwargs["alphas"] = alphas
+    if cell is not None:
+        kwargs["cell"] = cell
     if name == "darts":
         return build_darts(**kwargs)
     if name == "nb201":

@@ -72,9 +72,13 @@ class MixedEdge(RecomputableEdge):
         self.ops = nn.ModuleList([op if op is not None else nn.Identity() for op in ops])
         self._is_zero = [op is None for op in ops]
 
+    def op_outputs(self, x) -> list[torch.Tensor | None]:
+        """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op)."""
+        return one_dtype([None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)],
+                         x.device.type)
+
     def _mix(self, x, weights):
-        outputs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
-        return nasops.ops.mixed_op(one_dtype(outputs, x.device.type), weights)
+        return nasops.ops.mixed_op(self.op_outputs(x), weights)
 
 
 def one_dtype(outputs, device_type: str):
@@ -115,23 +119,44 @@ class SearchNetwork(nn.Module):
     Subclasses register one alpha table per cell type (``alphas_<cell type>``,
     shape ``(edges, ops per edge)``) and implement ``forward`` and ``genotype``.
 
+    A network built with ``alphas=False`` (see ``nasops.spaces.build``) has no
+    alpha tables: its cells compute their op weights themselves (MIDAS, whose
+    edges hold their own architecture parameters and define ``arch_parameters()``).
+    Such a network hands its cells ``None`` as weights and cannot derive a
+    genotype on its own (the method decodes it).
+
     Attributes:
         space: the space's name (one of ``nasops.spaces.SPACES``).
         cell_types: the cell types with their own alphas, e.g. ("normal", "reduce").
+        has_alphas: whether the alpha tables exist.
     """
 
     space: str = ""
     cell_types: tuple[str, ...] = ()
+    has_alphas: bool = True
 
     # ---- parameters -----------------------------------------------------------------
     def alphas(self, cell_type: str) -> nn.Parameter:
         """The architecture parameter table of ``cell_type``, shape (edges, ops per edge)."""
         self._check_cell_type(cell_type)
+        if not self.has_alphas:
+            raise ValueError(f"cell_type {cell_type!r}: this {self.space} network was built without "
+                             f"alphas (its cells compute their own op weights)")
         return getattr(self, f"alphas_{cell_type}")
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        """The alphas, one table per cell type (in ``cell_types`` order)."""
-        return [self.alphas(t) for t in self.cell_types]
+        """The alphas, one table per cell type (in ``cell_types`` order), then the
+        parameters of every submodule that declares its own (``arch_parameters()``,
+        e.g. MIDAS's attention edges), in module order."""
+        params = [self.alphas(t) for t in self.cell_types] if self.has_alphas else []
+        seen = {id(p) for p in params}
+        for module in self.modules():
+            if module is not self and hasattr(module, "arch_parameters"):
+                for p in module.arch_parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+        return params
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not an alpha (the supernet's weights)."""
@@ -143,7 +168,13 @@ class SearchNetwork(nn.Module):
 
         ``weights`` may override them per cell type with a tensor of shape
         (edges, K) or, per sample, (B, edges, K) (e.g. input-adaptive methods).
+        A network without alphas gives every cell type ``None``.
         """
+        if not self.has_alphas:
+            if weights:
+                raise ValueError("weights: this network's cells compute their own op weights "
+                                 "(built without alphas); no override is possible")
+            return {t: None for t in self.cell_types}
         mixing = {t: F.softmax(self.alphas(t), dim=-1) for t in self.cell_types}
         if weights:
             for t, w in weights.items():

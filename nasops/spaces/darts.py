@@ -108,14 +108,18 @@ class DartsSearchNetwork(SearchNetwork):
         space: the space's name, e.g. "darts" or "rdarts-s2".
         edge_ops: {"normal": per-edge op lists, "reduce": per-edge op lists}; every
             edge of one cell type must have the same number of ops (one alpha table).
+        cell: the cell module, called with :class:`DartsCell`'s arguments (default
+            DartsCell; MIDAS passes its pair-weighted cell).
+        alphas: False builds no alpha tables (see :class:`SearchNetwork`).
     """
 
     cell_types = ("normal", "reduce")
 
     def __init__(self, space, edge_ops, *, in_channels, num_classes, C=16, layers=8, nodes=4,
-                 stem_multiplier=3):
+                 stem_multiplier=3, cell=DartsCell, alphas=True):
         super().__init__()
         self.space = space
+        self.has_alphas = alphas
         self.nodes = nodes
         self._edge_ends = edge_ends(nodes)
         n_edges = len(self._edge_ends)
@@ -140,15 +144,15 @@ class DartsSearchNetwork(SearchNetwork):
             if reduction:
                 C_curr *= 2
             cell_type = "reduce" if reduction else "normal"
-            self.cells.append(DartsCell(self._edge_ops[cell_type], nodes, C_prev_prev, C_prev,
-                                        C_curr, reduction, reduction_prev))
+            self.cells.append(cell(self._edge_ops[cell_type], nodes, C_prev_prev, C_prev,
+                                   C_curr, reduction, reduction_prev))
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, nodes * C_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
         # DARTS initialises the alphas to 1e-3 * N(0, 1): nearly uniform mixing.
-        for t in self.cell_types:
+        for t in self.cell_types if alphas else ():
             k = len(self._edge_ops[t][0])
             setattr(self, f"alphas_{t}", nn.Parameter(1e-3 * torch.randn(n_edges, k)))
 
@@ -180,9 +184,10 @@ class DartsSearchNetwork(SearchNetwork):
         return " ".join(f"{t}={genes_str(g[t], self.nodes)}" for t in self.cell_types)
 
 
-def build_darts(*, in_channels, num_classes, C=16, layers=8, nodes=4, stem_multiplier=3):
+def build_darts(*, in_channels, num_classes, C=16, layers=8, nodes=4, stem_multiplier=3, cell=DartsCell,
+                alphas=True):
     """The DARTS space: all 8 DARTS ops on every edge."""
     ops = [DARTS_OPS] * len(edge_ends(nodes))
     return DartsSearchNetwork("darts", {"normal": ops, "reduce": ops}, in_channels=in_channels,
                               num_classes=num_classes, C=C, layers=layers, nodes=nodes,
-                              stem_multiplier=stem_multiplier)
+                              stem_multiplier=stem_multiplier, cell=cell, alphas=alphas)

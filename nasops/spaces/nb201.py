@@ -185,13 +185,20 @@ class NB201Cell(nn.Module):
 
 
 class NB201SearchNetwork(SearchNetwork):
-    """The NB201 search network (see the module doc)."""
+    """The NB201 search network (see the module doc).
+
+    ``cell``: the cell module, called with :class:`NB201Cell`'s arguments (default
+    NB201Cell; a replacement must subclass it: the forward tells cells from the
+    ResNet blocks by type). ``alphas``: False builds no alpha table (see
+    :class:`SearchNetwork`).
+    """
 
     cell_types = ("normal",)
 
-    def __init__(self, *, in_channels, num_classes, C=16, layers=5, nodes=4):
+    def __init__(self, *, in_channels, num_classes, C=16, layers=5, nodes=4, cell=NB201Cell, alphas=True):
         super().__init__()
         self.space = "nb201"
+        self.has_alphas = alphas
         self.nodes = nodes
         self._edge_ends = edge_ends(nodes)
         self._edge_ops = {"normal": [NB201_OPS] * len(self._edge_ends)}
@@ -201,12 +208,13 @@ class NB201SearchNetwork(SearchNetwork):
         for stage, C_stage in enumerate((C, 2 * C, 4 * C)):
             if stage > 0:
                 self.cells.append(ResNetBasicBlock(C_prev, C_stage, 2))
-            self.cells.extend(NB201Cell(C_stage, nodes) for _ in range(layers))
+            self.cells.extend(cell(C_stage, nodes) for _ in range(layers))
             C_prev = C_stage
         self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
-        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(len(self._edge_ends), len(NB201_OPS)))
+        if alphas:
+            self.alphas_normal = nn.Parameter(1e-3 * torch.randn(len(self._edge_ends), len(NB201_OPS)))
 
     def forward(self, x, weights=None):
         """Logits (B, num_classes); ``weights`` optionally overrides the mixing
@@ -226,7 +234,8 @@ class NB201SearchNetwork(SearchNetwork):
         return self.genotype()["arch"]
 
 
-def build_nb201(*, in_channels, num_classes, C=16, layers=5, nodes=4, stem_multiplier=None):
+def build_nb201(*, in_channels, num_classes, C=16, layers=5, nodes=4, stem_multiplier=None, cell=NB201Cell,
+                alphas=True):
     """``layers`` = cells per stage (NB201: 5); ``stem_multiplier`` is unused (NB201's stem has C channels)."""
     return NB201SearchNetwork(in_channels=in_channels, num_classes=num_classes, C=C, layers=layers,
-                              nodes=nodes)
+                              nodes=nodes, cell=cell, alphas=alphas)

@@ -15,7 +15,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from nasops.spaces.darts import DartsSearchNetwork
+from nasops.spaces.darts import DartsCell, DartsSearchNetwork
 
 SPACES_FILE = Path(__file__).resolve().parent / "data" / "rdarts_spaces.json"
 RDARTS_SPACES = ("s1", "s2", "s3", "s4")
@@ -35,9 +35,10 @@ def edge_ops(variant: str) -> dict[str, list[list[str]]]:
     return {t: [list(ops) for ops in spec[t]] for t in ("normal", "reduce")}
 
 
-def build_rdarts(variant, *, in_channels, num_classes, C=16, layers=8, nodes=4, stem_multiplier=3):
+def build_rdarts(variant, *, in_channels, num_classes, C=16, layers=8, nodes=4, stem_multiplier=3,
+                 cell=DartsCell, alphas=True):
     if nodes != 4:
         raise ValueError(f"nodes: the RobustDARTS spaces define 14 edges (4 nodes), got nodes={nodes}")
     return DartsSearchNetwork(f"rdarts-{variant}", edge_ops(variant), in_channels=in_channels,
                               num_classes=num_classes, C=C, layers=layers, nodes=nodes,
-                              stem_multiplier=stem_multiplier)
+                              stem_multiplier=stem_multiplier, cell=cell, alphas=alphas)
