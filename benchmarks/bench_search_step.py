@@ -24,8 +24,8 @@ have no layout to choose: ``eager`` replaces the two eager providers there.
 
 Methods (METHODS; a new one joins with a line): the driver flags that select
 them and the kind of network (feature maps or tokens), which decides the
-default providers: DARTS first and second order and hard exit on the DARTS
-space, DASViT on the vit space. DARTS' network is sized by --layers and
+default providers: DARTS first and second order, MIDAS and hard exit on the
+DARTS space, DASViT on the vit space. DARTS' network is sized by --layers and
 --init-channels; the others carry small sizes of their own.
 
 Time: every provider gets its own network (same seed, same initialisation);
@@ -94,6 +94,9 @@ METHODS = {
     # 4x4 patches of 32x32 (64 tokens + CLS), one stage of depth 2, token ratio 0.5.
     "dasvit": {"flags": ["--method", "dasvit", "--space", "vit", "--embed-dim", "64", "--patch-size", "4",
                          "--stage-depths", "2", "--stage-keep", "--token-ratio", "0.5"], "kind": "tokens", "sized": False},
+    # MIDAS on the DARTS network of 5 cells, C = 8 (per-sample, per-patch attention edges, 2x2).
+    "midas": {"flags": ["--method", "midas", "--space", "darts", "--layers", "5", "--init-channels", "8"],
+              "kind": "maps", "sized": False},
     # hard exit on the DARTS network of 5 cells, C = 8 (per-sample mixing, exit heads).
     "hardexit": {"flags": ["--method", "hardexit", "--space", "darts", "--layers", "5", "--init-channels", "8"],
                  "kind": "maps", "sized": False},

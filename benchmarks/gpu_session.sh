@@ -13,7 +13,7 @@
 #      nasops NCHW/NHWC, +recompute; first and second order, batch 64; peak
 #      memory) and its projection to a 50-epoch first-order search (target
 #      <= 1 GPU-hour) -> $OUT/RESULTS.md and $OUT/search_step_cuda.png;
-#   6. step-methods: the same for the other methods (hard exit, DASViT; their
+#   6. step-methods: the same for the other methods (MIDAS, hard exit, DASViT; their
 #      own small networks) -> $OUT/RESULTS-methods.md;
 #   7. step-maxbatch: the largest batch that fits, eager vs nasops vs recompute
 #      (first order) -> $OUT/RESULTS-maxbatch.md;
@@ -76,7 +76,7 @@ fi
 if want step-methods; then
 start=$SECONDS
 # (a token network, DASViT's, runs eager / nasops / +recompute: no layout there)
-timeout 540 python3 benchmarks/bench_search_step.py --device cuda --steps 5 --methods hardexit dasvit \
+timeout 540 python3 benchmarks/bench_search_step.py --device cuda --steps 5 --methods midas hardexit dasvit \
   --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-recompute \
   --out "$OUT/RESULTS-methods.md" --plot "$OUT/search_step_cuda_methods.png" > "$OUT/step-methods.log" 2>&1
 summary "search step, other methods: rc=$? ($((SECONDS - start)) s), table in RESULTS-methods.md"

@@ -208,7 +208,8 @@ DASVIT = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-
           "--threads", "1", "--quiet", "--stage-depths", "1", "2", "--stage-keep", "3", "--token-ratio", "0.5",
           "--epochs", "2", "--max-steps", "2", "--deterministic"]
 HARDEXIT = [*TINY, "--method", "hardexit", "--holdout-portion", "0.1", "--max-steps", "2"]
-METHOD_RUNS = {"dasvit": DASVIT, "hardexit": HARDEXIT}
+MIDAS = [*TINY, "--method", "midas", "--midas-decode-batches", "2", "--midas-dim", "4", "--max-steps", "2"]
+METHOD_RUNS = {"dasvit": DASVIT, "hardexit": HARDEXIT, "midas": MIDAS}
 
 
 def _method_run(out, method, *flags):
@@ -217,11 +218,29 @@ def _method_run(out, method, *flags):
 
 @pytest.mark.parametrize("method", sorted(METHOD_RUNS))
 def test_recompute_edges_every_method_equals_plain(tmp_path, method):
-    """dasvit's token edges (with token selection) and hardexit's per-sample
-    mixing recompute too, with the plain run's results."""
+    """dasvit's token edges (with token selection), hardexit's per-sample mixing
+    and MIDAS's attention edges recompute too, with the plain run's results."""
     plain = _method_run(tmp_path / "plain", method)
     recompute = _method_run(tmp_path / "recompute", method, "--recompute-edges")
     _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
+
+
+def test_an_edge_that_bypasses_recomputation_is_not_counted():
+    """set_recompute_edges reports only edges whose forward honours the flag: a
+    subclass with a forward of its own would silently keep everything."""
+    from nasops.spaces.base import set_recompute_edges
+    net = _network("nb201")
+    edges = set_recompute_edges(net, True)
+    assert edges > 0
+
+    class Bypassing(type(net.cells[0].edges[0])):
+        def forward(self, x, weights):
+            return self._mix(x, weights)
+
+    for cell in net.cells:
+        for edge in getattr(cell, "edges", []):
+            edge.__class__ = Bypassing
+    assert set_recompute_edges(net, True) == 0
 
 
 def test_recompute_edges_token_edges_keep_less():
@@ -276,7 +295,7 @@ def test_compile_every_method_first_steps_match_eager(tmp_path, monkeypatch, met
     torch._dynamo.utils.counters.clear()
     # hardexit on NB201 with one cell per stage (3 exits): tracing DARTS cells
     # takes minutes here
-    small = ["--space", "nb201", "--layers", "1"] if method == "hardexit" else []
+    small = ["--space", "nb201", "--layers", "1"] if method in ("hardexit", "midas") else []
     plain = _method_run(tmp_path / "plain", method, *small)
     compiled = _method_run(tmp_path / "compiled", method, "--compile", *small)
     # one per network: dasvit's second stage builds a new one

@@ -204,7 +204,8 @@ class MidasEdge(MixedEdge):
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.Wq, self.Wk] + ([self.zero_key] if self.zero_key is not None else [])
 
-    def forward(self, x, prior=None):
+    def _mix(self, x, prior=None):
+        # forward (RecomputableEdge's): this, or its checkpoint under --recompute-edges
         outputs = self.op_outputs(x)
         ref = next(o for o in outputs if o is not None)
         grid = (min(self.grid[0], ref.shape[2]), min(self.grid[1], ref.shape[3]))

@@ -15,7 +15,9 @@ import nasops.ops
 class RecomputableEdge(nn.Module):
     """A mixed edge whose op outputs may be recomputed in the backward.
 
-    A subclass computes the edge in ``_mix(x, weights)``. With ``recompute``
+    A subclass computes the edge in ``_mix(x, weights)`` (and leaves ``forward``
+    alone: :func:`set_recompute_edges` counts only edges whose forward is this
+    one, so an edge that bypasses it is never reported as recomputing). With ``recompute``
     on (off by default; :func:`set_recompute_edges`) the edge keeps only its
     input for the backward and computes its ops' outputs again there
     (``torch.utils.checkpoint``, non-reentrant, RNG state preserved), so none of
@@ -28,7 +30,7 @@ class RecomputableEdge(nn.Module):
 
     recompute = False
 
-    def forward(self, x, weights):
+    def forward(self, x, weights=None):
         if self.recompute and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 # AOTAutograd recomputes the region from the traced graph and
@@ -51,7 +53,8 @@ def set_recompute_edges(module: nn.Module, enabled: bool = True) -> int:
     """Switch recomputation on (or off) for every :class:`RecomputableEdge` in
     ``module`` (any network: a search network, or one that wraps it). Returns
     the number of edges switched."""
-    edges = [m for m in module.modules() if isinstance(m, RecomputableEdge)]
+    edges = [m for m in module.modules()
+             if isinstance(m, RecomputableEdge) and type(m).forward is RecomputableEdge.forward]
     for m in edges:
         m.recompute = enabled
     return len(edges)
