@@ -95,8 +95,9 @@ METHODS = {
     "dasvit": {"flags": ["--method", "dasvit", "--space", "vit", "--embed-dim", "64", "--patch-size", "4",
                          "--stage-depths", "2", "--stage-keep", "--token-ratio", "0.5"], "kind": "tokens", "sized": False},
     # MIDAS on the DARTS network of 5 cells, C = 8 (per-sample, per-patch attention edges, 2x2).
+    # (no --compile: the driver refuses it for MIDAS)
     "midas": {"flags": ["--method", "midas", "--space", "darts", "--layers", "5", "--init-channels", "8"],
-              "kind": "maps", "sized": False},
+              "kind": "maps", "sized": False, "without": ("nasops-compile",)},
     # hard exit on the DARTS network of 5 cells, C = 8 (per-sample mixing, exit heads).
     "hardexit": {"flags": ["--method", "hardexit", "--space", "darts", "--layers", "5", "--init-channels", "8"],
                  "kind": "maps", "sized": False},
@@ -126,15 +127,14 @@ def method_flags(method: str) -> list[str]:
 
 def method_providers(method: str, device_kind: str, chosen: list[str] | None) -> list[str]:
     """The providers to run for ``method``: ``chosen`` (--providers) or the default
-    set of its kind of network. A token network has no layout: there the layout
+    set of its kind of network, less the method's "without". A token network has no layout: there the layout
     providers stand for the plain ones (eager-nchw, eager-nhwc -> eager;
     nasops-nchw, nasops-nhwc -> nasops)."""
     kind = METHODS[method]["kind"]
-    if chosen is None:
-        return list(DEFAULT_PROVIDERS[(kind, device_kind)])
+    chosen = list(DEFAULT_PROVIDERS[(kind, device_kind)]) if chosen is None else chosen
     if kind == "tokens":
         chosen = [p.split("-")[0] if p in LAYOUT_PROVIDERS else p for p in chosen]
-    return list(dict.fromkeys(chosen))
+    return [p for p in dict.fromkeys(chosen) if p not in METHODS[method].get("without", ())]
 
 
 def build(provider: str, method: str, batch: int, device: torch.device, threads: int | None):

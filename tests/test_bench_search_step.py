@@ -34,11 +34,13 @@ def test_benchmark_runs_every_method_and_writes_its_section(tmp_path):
     assert "kept" in text  # other sections stay
     section = text.split("<!-- BEGIN search_step cpu -->")[1].split("<!-- END search_step cpu -->")[0]
     # the token network (dasvit) runs no layout provider: a table of its own
-    for method, providers in (("darts-1st", chosen), ("hardexit", chosen), ("dasvit", ["eager", "nasops-recompute"])):
+    # columns: times, ratios to the first provider, and (maps) nasops' ratio to eager-nhwc
+    for method, providers, columns in (("darts-1st", chosen, 3 + 2 + 1), ("hardexit", chosen, 3 + 2 + 1),
+                                       ("dasvit", ["eager", "nasops-recompute"], 2 + 1)):
         rows = [line for line in section.splitlines() if line.startswith(f"| {method} | 4 |")]
         assert len(rows) == 2, section  # the time table and the memory table
         time_cells, memory_cells = rows[0].split("|")[3:-1], rows[1].split("|")[3:-1]
-        assert len(time_cells) == 2 * len(providers) - 1  # times, then ratios to the first provider
+        assert len(time_cells) == columns, rows[0]
         assert all(float(c) > 0 for c in time_cells), rows[0]
         assert len(memory_cells) == len(providers) and all("(" in c for c in memory_cells), rows[1]
     assert "| method | batch | eager s | nasops-recompute s | nasops-recompute x eager |" in section
@@ -52,6 +54,7 @@ def test_method_providers():
     # a token network has no layout: the layout providers stand for the plain ones
     assert bench_search_step.method_providers("dasvit", "cuda", ["eager-nchw", "eager-nhwc", "nasops-nchw",
                                                                   "nasops"]) == ["eager", "nasops"]
+    assert "nasops-compile" not in bench_search_step.method_providers("midas", "cpu", None)
     # DARTS' size comes from --layers / --init-channels, the others carry their own
     assert bench_search_step.method_flags("darts-1st")[-4:] == ["--layers", "8", "--init-channels", "16"]
     assert "--embed-dim" in bench_search_step.method_flags("dasvit")

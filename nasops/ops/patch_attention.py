@@ -289,13 +289,16 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_w_out):
-        with _without_autocast(ctx.saved_tensors[0].device):
-            return _PatchAttentionMixedOp._backward(ctx, grad_y, grad_w_out)
+        # saved_tensors read once: under torch.utils.checkpoint (--recompute-edges)
+        # a second read is an error.
+        saved = ctx.saved_tensors
+        with _without_autocast(saved[0].device):
+            return _PatchAttentionMixedOp._backward(ctx, saved, grad_y, grad_w_out)
 
     @staticmethod
-    def _backward(ctx, grad_y, grad_w_out):
+    def _backward(ctx, saved, grad_y, grad_w_out):
         _, pool_backward, _, attention_backward, outputs_backward = ctx.kernels
-        pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs = ctx.saved_tensors
+        pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs = saved
         needs = ctx.needs_input_grad
         need_x, need_Wq, need_Wk, need_prior, need_zero_key = needs[6:11]
         need_outputs = needs[11:]
