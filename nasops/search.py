@@ -66,8 +66,8 @@ RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "
                 "deterministic", "threads", "memory_format", "compile", "recompute_edges")
 
 # --memory-format auto, per device type: channels_last where the whole search
-# step measured faster (benchmarks/RESULTS.md, "Search step": on the CPU eager
-# PyTorch and nasops both about 2x). CUDA stays contiguous until measured on a
+# step measured faster (benchmarks/RESULTS.md, "Whole search steps": on the CPU
+# eager PyTorch and nasops both 1.5-1.9x). CUDA stays contiguous until measured on a
 # GPU: benchmarks/bench_search_step.py prints both layouts there.
 AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
 # Spaces whose mixed edges work on token tensors (B, N, C): no channels_last

@@ -87,11 +87,11 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
 
 class _MixedOp(torch.autograd.Function):
     """The eager path of the kernels: the same forward and backward as the op's
-    registered autograd (below), without its Python layers. Those (the
-    tensor-list support of torch.library's autograd, a redispatch per call)
-    cost as much as the kernel of a small DARTS edge (measured: see
-    benchmarks/RESULTS.md, "Search step"). The kernels run below the autograd
-    dispatch key, straight to the CPU or CUDA (or Triton) implementation."""
+    registered autograd (below), without its Python layers (the tensor-list
+    support of torch.library's autograd, a redispatch per call), which the
+    eager path does not need; their cost per call was not measured on its own.
+    The kernels run below the autograd dispatch key, straight to the CPU or
+    CUDA (or Triton) implementation."""
 
     @staticmethod
     def forward(ctx, kernels, grid, weights, *maps):
