@@ -8,10 +8,20 @@
 #      user runs after installing) in float32, bfloat16 and float16;
 #   3. compute-sanitizer memcheck over the CUDA-backend tests of every op;
 #   4. the side-by-side benchmarks of every op -> $OUT/RESULTS.md (merge its GPU
-#      sections into benchmarks/RESULTS.md afterwards).
+#      sections into benchmarks/RESULTS.md afterwards);
+#   5. step: the whole DARTS search step (bench_search_step.py: eager NCHW/NHWC,
+#      nasops NCHW/NHWC, +recompute; first and second order, batch 64; peak
+#      memory) and its projection to a 50-epoch first-order search (target
+#      <= 1 GPU-hour) -> $OUT/RESULTS.md and $OUT/search_step_cuda.png;
+#   6. step-methods: the same for the other methods (MIDAS, hard exit, DASViT; their
+#      own small networks) -> $OUT/RESULTS-methods.md;
+#   7. step-maxbatch: the largest batch that fits, eager vs nasops vs recompute
+#      (first order) -> $OUT/RESULTS-maxbatch.md;
+#   8. step-compile: the step with --compile (first order; the compilation takes minutes).
 # Logs and results land in $OUT (default ./gpu-out); the last lines printed are
 # the summary. Usage, from the repository root:
-#   bash benchmarks/gpu_session.sh [build] [tests] [sanitizer] [bench]   (default: all four)
+#   bash benchmarks/gpu_session.sh [build] [tests] [sanitizer] [bench] [step] [step-methods] [step-maxbatch] [step-compile]
+#   (default: the first four; run each step stage as a call of its own, after `build`)
 # The device tool allows 10 minutes a call and keeps the machine (and the build)
 # warm between quick successive calls: run `build tests`, then `sanitizer bench`.
 set -uo pipefail
@@ -52,6 +62,43 @@ timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 
   python3 -m pytest -q -p no:cacheprovider -x -k "cuda and not compile" \
   tests/test_mixed_op.py tests/test_patch_attention.py tests/test_topk_tokens.py > "$OUT/sanitizer.log" 2>&1
 summary "compute-sanitizer memcheck: rc=$? ($((SECONDS - start)) s): $(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer.log")"
+fi
+
+if want step; then
+start=$SECONDS
+timeout 540 python3 benchmarks/bench_search_step.py --device cuda --steps 5 --methods darts-1st darts-2nd \
+  --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-recompute \
+  --out "$OUT/RESULTS.md" --plot "$OUT/search_step_cuda.png" > "$OUT/step.log" 2>&1
+summary "search step: rc=$? ($((SECONDS - start)) s), table in RESULTS.md"
+sed -n '/BEGIN search_step cuda/,/END search_step cuda/p' "$OUT/RESULTS.md" | grep "^|" | cut -c1-200
+fi
+
+if want step-methods; then
+start=$SECONDS
+# (a token network, DASViT's, runs eager / nasops / +recompute: no layout there)
+timeout 540 python3 benchmarks/bench_search_step.py --device cuda --steps 5 --methods midas hardexit dasvit \
+  --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-recompute \
+  --out "$OUT/RESULTS-methods.md" --plot "$OUT/search_step_cuda_methods.png" > "$OUT/step-methods.log" 2>&1
+summary "search step, other methods: rc=$? ($((SECONDS - start)) s), table in RESULTS-methods.md"
+grep "^|" "$OUT/RESULTS-methods.md" | cut -c1-200
+fi
+
+if want step-maxbatch; then
+start=$SECONDS
+timeout 540 python3 benchmarks/bench_search_step.py --device cuda --steps 2 --no-memory --max-batch \
+  --methods darts-1st --providers eager-nchw nasops-nchw nasops-recompute \
+  --out "$OUT/RESULTS-maxbatch.md" --plot "$OUT/search_step_cuda_maxbatch.png" > "$OUT/step-maxbatch.log" 2>&1
+summary "largest batch: rc=$? ($((SECONDS - start)) s), table in RESULTS-maxbatch.md"
+grep "^|" "$OUT/RESULTS-maxbatch.md" | tail -5
+fi
+
+if want step-compile; then
+start=$SECONDS
+timeout 540 python3 benchmarks/bench_search_step.py --device cuda --steps 5 --methods darts-1st \
+  --providers eager-nchw nasops-nchw nasops-compile --out "$OUT/RESULTS-compile.md" \
+  --plot "$OUT/search_step_cuda_compile.png" > "$OUT/step-compile.log" 2>&1
+summary "search step with --compile: rc=$? ($((SECONDS - start)) s), table in RESULTS-compile.md"
+grep "^|" "$OUT/RESULTS-compile.md" | cut -c1-200
 fi
 
 if want bench; then

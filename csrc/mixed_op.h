@@ -12,23 +12,42 @@
 
 #include <vector>
 
-namespace nasops {
+#include "layout.h"
 
-// The canonical sizes of one mixed_op call.
-struct MixedOpShape {
-  int64_t K, B, C, H, W;
-  int64_t Bw;      // 1 (weights shared by the batch) or B
-  int64_t gh, gw;  // the mosaic; P = gh * gw
-  int64_t P() const { return gh * gw; }
-  int64_t plane() const { return H * W; }
-  int64_t sample() const { return C * H * W; }
-};
+namespace nasops {
 
 // The first pixel row (or column) of patch row (or column) `part`: the
 // smallest i with floor(i * parts / size) >= part, i.e. ceil(part * size / parts).
 inline int64_t patch_start(int64_t part, int64_t parts, int64_t size) {
   return (part * size + parts - 1) / parts;
 }
+
+// The canonical sizes of one mixed_op call, as the kernels walk memory: C
+// planes of H rows of W elements per sample. `pixel` is the number of
+// consecutive elements of a row that belong to one pixel column: 1 for a
+// contiguous (NCHW) map; for a channels_last (NHWC) map the kernels see one
+// plane of H rows of W*C elements with pixel = C (storage_order()).
+struct MixedOpShape {
+  int64_t K, B, C, H, W;
+  int64_t Bw;      // 1 (weights shared by the batch) or B
+  int64_t gh, gw;  // the mosaic; P = gh * gw
+  int64_t pixel = 1;
+  int64_t P() const { return gh * gw; }
+  int64_t plane() const { return H * W; }
+  int64_t sample() const { return C * H * W; }
+  // First element of patch column `pw` within a row.
+  int64_t col_start(int64_t pw) const { return patch_start(pw, gw, W / pixel) * pixel; }
+  // The shape in the order the elements lie in memory: itself for NCHW; for
+  // NHWC one plane per sample whose rows hold W pixels of C channels each.
+  MixedOpShape storage_order(bool channels_last) const {
+    if (!channels_last) return *this;
+    MixedOpShape s = *this;
+    s.C = 1;
+    s.W = W * C;
+    s.pixel = C;
+    return s;
+  }
+};
 
 inline MixedOpShape check_mixed_op(const char* op, c10::ArrayRef<at::Tensor> outputs,
                                    const at::Tensor& weights, c10::ArrayRef<int64_t> grid) {

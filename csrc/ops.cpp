@@ -15,7 +15,9 @@ TORCH_LIBRARY(nasops, m) {
   // weights: (Bw, gh*gw, K), Bw in {1, B}; float32 (float64 when outputs are f64).
   // grid:    [gh, gw], 1 <= gh <= H, 1 <= gw <= W; pixel (h, w) uses patch
   //          (h*gh/H)*gw + (w*gw/W) (integer division).
-  // Returns y = sum_k w[b, p(h,w), k] * outputs[k], contiguous, outputs' dtype.
+  // Returns y = sum_k w[b, p(h,w), k] * outputs[k], outputs' dtype, channels_last
+  // when the outputs are read in that order (csrc/layout.h), else contiguous; the
+  // backward's gradients of the outputs likewise.
   m.def("mixed_op(Tensor[] outputs, Tensor weights, int[] grid) -> Tensor");
   // Returns (grad of each output, or [] when not outputs_requires_grad;
   //          grad of weights in weights' shape and dtype, or an empty (0,)
@@ -31,9 +33,13 @@ TORCH_LIBRARY(nasops, m) {
   // maps: M >= 1 tensors (B, C, H, W), one shape and dtype, any strides.
   // Returns the patch means (B, gh*gw, M, C) in acc: one pass over each map.
   m.def("patch_pool(Tensor[] maps, int[] grid) -> Tensor");
-  // grad: (B, P, C) acc. Returns (B, C, height, width) of `dtype`:
-  // grad[b, p(h, w), c] / |p(h, w)|.
-  m.def("patch_pool_backward(Tensor grad, int[] grid, int height, int width, ScalarType dtype) -> Tensor");
+  // maps in channels_last order are read in place, as all kernels do
+  // (csrc/layout.h); any other strides are made contiguous.
+  // grad: (B, P, C) acc. Returns (B, C, height, width) of `dtype`, channels_last
+  // when `channels_last` (the layout of the pooled map): grad[b, p(h, w), c] / |p(h, w)|.
+  m.def(
+      "patch_pool_backward(Tensor grad, int[] grid, int height, int width, ScalarType dtype, "
+      "bool channels_last=False) -> Tensor");
   // q: (B, P, D), k: (B, P, K, D), prior: (K,) or None, all acc (one dtype); tau > 0.
   // Returns w = softmax_k((q . k_k / sqrt(D) + prior_k) / tau), (B, P, K) acc.
   m.def("patch_softmax_attention(Tensor q, Tensor k, Tensor? prior, float tau) -> Tensor");
@@ -45,7 +51,7 @@ TORCH_LIBRARY(nasops, m) {
   // The fused op's one backward pass over the K op outputs' gradients.
   // grad: (B, C, H, W) any float dtype; weights: (B, P, K) acc; grad_pooled:
   // (B, P, K, C) acc (gradient of the patch means of each output).
-  // Returns K tensors (B, C, H, W) of grad's dtype:
+  // Returns K tensors (B, C, H, W) of grad's dtype and layout (csrc/layout.h):
   // weights[b, p, k] * grad + grad_pooled[b, p, k, c] / |p|.
   m.def(
       "patch_attention_outputs_backward(Tensor grad, Tensor weights, Tensor grad_pooled, "

@@ -50,7 +50,15 @@ def triton_interpreting() -> bool:
 
 
 def _availability() -> dict[str, str]:
-    """Backend name -> '' when usable, else the reason it is not."""
+    """Backend name -> '' when usable, else the reason it is not. Fixed for the
+    process (what was built and imported, the devices, TRITON_INTERPRET, which
+    Triton reads once): computed once, at import, as every op call asks. (Not
+    lazily: torch.compile would trace the first computation and guard on the
+    cache being empty, then recompile the whole network once it is filled.)"""
+    return _AVAILABILITY
+
+
+def _find_availability() -> dict[str, str]:
     reasons = {"eager": ""}
     reasons["cpu"] = "" if extension_loaded() else _EXT_ERROR
     if not extension_loaded():
@@ -68,6 +76,9 @@ def _availability() -> dict[str, str]:
     else:
         reasons["triton"] = ""
     return reasons
+
+
+_AVAILABILITY = _find_availability()
 
 
 def backends() -> dict[str, dict]:

@@ -43,6 +43,7 @@ from nasops.backend import resolve
 from nasops.methods.darts import RunContext
 from nasops.runtime import write_text
 from nasops.spaces import nb201, vit
+from nasops.spaces.base import set_recompute_edges
 
 # What a search that needs no flags runs: sized to take about two minutes on a
 # 2-core CPU with the digits (measured in README.md).
@@ -62,7 +63,16 @@ def default_layers(space: str) -> int:
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "nb201_table", "quiet",
-                "deterministic", "threads")
+                "deterministic", "threads", "memory_format", "compile", "recompute_edges")
+
+# --memory-format auto, per device type: channels_last where the whole search
+# step measured faster (benchmarks/RESULTS.md, "Whole search steps": on the CPU
+# eager PyTorch and nasops both 1.5-1.9x). CUDA stays contiguous until measured on a
+# GPU: benchmarks/bench_search_step.py prints both layouts there.
+AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
+# Spaces whose mixed edges work on token tensors (B, N, C): no channels_last
+# layout there (only the patch embedding is a convolution), auto is contiguous.
+TOKEN_SPACES = ("vit",)
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 
@@ -158,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of torch (torch.set_num_threads). Default: 1 for the 8x8 digits "
                         "(ops that small lose more to a thread pool than they gain, badly so on a busy "
                         "machine), torch's choice otherwise")
+    g.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                   help="layout of the network's feature maps; auto: "
+                        + ", ".join(f"{k} on {d}" for d, k in AUTO_MEMORY_FORMAT.items())
+                        + " (what measured faster)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile what a step runs of the search network (fullgraph; on CUDA "
+                        "mode=reduce-overhead, CUDA graphs; not for --method midas); the first steps "
+                        "pay the compilation")
+    g.add_argument("--recompute-edges", action="store_true",
+                   help="each mixed edge keeps only its input and recomputes its ops' outputs in the "
+                        "backward: less memory for more time, same results")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
@@ -191,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         given = [f"--{n.replace('_', '-')}" for n in VIT_FLAGS if getattr(args, n) is not None]
         if given:
             parser.error(f"{', '.join(given)}: only for --space vit (got --space {args.space})")
+    if args.space in TOKEN_SPACES and args.memory_format == "channels_last":
+        parser.error(f"--memory-format channels_last: the {args.space} space's edges mix token tensors "
+                     f"(B, N, C), which have no channels_last layout; use auto or contiguous")
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
     if args.space == "nb201":
@@ -318,6 +342,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)
     method = method_cls.from_args(model, args, device=device, amp=amp)
+    _prepare_network(method, args, device)
 
     history: list[dict] = []
     start_epoch = 0
@@ -339,6 +364,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     writer = runtime.open_scalar_writer(out) if is_main and not evaluated else None
     for epoch in range(start_epoch, args.epochs):
         method.begin_epoch(epoch)
+        _prepare_network(method, args, device)  # a method may have built a new network
         record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
                               world_size, device, show=is_main and not args.quiet)
         history.append(record)
@@ -387,7 +413,9 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
     start = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, leave=False,
                unit="step", dynamic_ncols=True)
-    batches = zip(train_loader.epoch(epoch), val_loader.epoch(epoch))
+    fmt = memory_format(args, device)
+    batches = ((_in_format(t, fmt), _in_format(v, fmt))
+               for t, v in zip(train_loader.epoch(epoch), val_loader.epoch(epoch)))
     for _, (train_batch, val_batch) in zip(range(steps), batches):
         s = method.step(train_batch, val_batch)
         sums += torch.tensor([s.train_loss, s.train_correct, s.train_count,
@@ -418,6 +446,40 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
         "samples_per_s": (sums[2] + sums[5]).item() / seconds,
         **method.describe(),
     }
+
+
+# ---- how the network runs: --memory-format, --recompute-edges, --compile -------------------
+
+def memory_format(args, device: torch.device) -> torch.memory_format:
+    """The feature-map layout of --memory-format on ``device`` (auto: AUTO_MEMORY_FORMAT;
+    contiguous for the vit space, whose edges mix token tensors)."""
+    name = args.memory_format
+    if name == "auto":
+        name = "contiguous" if args.space in TOKEN_SPACES else AUTO_MEMORY_FORMAT[device.type]
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def _prepare_network(method, args, device: torch.device) -> None:
+    """Lay out, recompute and compile ``method.model`` as the flags say; once per
+    network (the driver calls this again after every ``begin_epoch``). The layout
+    change keeps the parameter objects (Module.to moves their data), so the
+    method's optimizers still hold them."""
+    model = method.model
+    if getattr(model, "_nasops_prepared", False):
+        return
+    model.to(memory_format=memory_format(args, device))
+    if args.recompute_edges and not set_recompute_edges(model, True):
+        raise SearchError(f"--recompute-edges: the {type(model).__name__} of --method {args.method} "
+                          f"has no mixed edge that can recompute")
+    if args.compile:
+        method.compile_network(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    model._nasops_prepared = True
+
+
+def _in_format(batch, fmt: torch.memory_format):
+    """(images in ``fmt``, labels): the network's layout from its first layer on."""
+    x, y = batch
+    return (x.contiguous(memory_format=fmt) if x.dim() == 4 else x), y
 
 
 # ---- output folder and checkpoints -----------------------------------------------------------

@@ -150,19 +150,21 @@ MAP_CASES = [((16, 16), (8, 8), 70), ((12, 16), (12, 4), 5), ((15, 16), (3, 2), 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("size, grid, C", MAP_CASES)
-def test_compiled_map_kernels(dtype, size, grid, C):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_compiled_map_kernels(dtype, size, grid, C, channels_last):
     if "cpu" not in _KERNELS:
         pytest.skip("the compiled extension is not built")
     pool, pool_backward, _, _, outputs_backward = _KERNELS["cpu"]
     (H, W), B, K = size, 2, 3
     P = grid[0] * grid[1]
-    maps = [torch.randn(B, C, H, W, device=DEVICE).to(dtype) for _ in range(K)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    maps = [torch.randn(B, C, H, W, device=DEVICE).to(dtype).contiguous(memory_format=fmt) for _ in range(K)]
     got = pool(maps, list(grid))
     assert got.shape == (B, P, K, C)
     assert_close(got, torch.stack([pool64(m, grid) for m in maps], 2), dtype, what="patch_pool")
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    grad = torch.randn(B, C, H, W, device=DEVICE).to(dtype)
+    grad = torch.randn(B, C, H, W, device=DEVICE).to(dtype).contiguous(memory_format=fmt)
     w = torch.softmax(torch.randn(B, P, K, device=DEVICE), -1).to(acc)
     grad_pooled = torch.randn(B, P, K, C, device=DEVICE).to(acc)
     mosaic = mosaic_matrix(H, W, grid)
@@ -173,13 +175,13 @@ def test_compiled_map_kernels(dtype, size, grid, C):
     for k in range(K):
         add = per_pixel[:, :, k].permute(0, 2, 1).reshape(B, C, H, W)
         want = w_pixel[:, :, k].reshape(B, 1, H, W) * grad.double() + add
-        assert got[k].dtype == dtype
+        assert got[k].dtype == dtype and got[k].is_contiguous(memory_format=fmt)
         assert_close(got[k], want, dtype, what=f"patch_attention_outputs_backward[{k}]")
 
     grad_means = grad_pooled[:, :, 0].contiguous()  # (B, P, C)
-    got = pool_backward(grad_means, list(grid), H, W, dtype)
+    got = pool_backward(grad_means, list(grid), H, W, dtype, channels_last)
     want = (grad_means.double() / mosaic.sum(0)[:, None])[:, patch_of_pixel]  # (B, HW, C)
-    assert got.dtype == dtype
+    assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
     assert_close(got, want.permute(0, 2, 1).reshape(B, C, H, W), dtype, what="patch_pool_backward")
 
 

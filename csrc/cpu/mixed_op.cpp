@@ -22,6 +22,11 @@
 // - grad w is deterministic: every run writes its partial sums to its own slot
 //   and the slots are added in a fixed order afterwards, so the result does not
 //   depend on the number of threads.
+// - channels_last (NHWC) outputs are read in place too: a sample is then one
+//   plane of H rows of W*C elements, and a patch column covers the C channels
+//   of each of its pixel columns (MixedOpShape::storage_order), so the same
+//   runs, bands and maps serve both layouts; y and the gradients of the
+//   outputs take the outputs' layout (channels_last_order in layout.h).
 // Threads come from at::parallel_for (PyTorch's intra-op pool). Accumulation is
 // in float (double for double inputs). The hot loops (mixed_op_kernels.h) are
 // plain C++ that gcc -O3 vectorizes, compiled twice, for AVX2+FMA+F16C and for
@@ -81,7 +86,7 @@ struct Geometry {
 
   explicit Geometry(const MixedOpShape& shape) : s(shape) {
     for (int64_t i = 0; i <= s.gh; ++i) rows.push_back(patch_start(i, s.gh, s.H));
-    for (int64_t i = 0; i <= s.gw; ++i) cols.push_back(patch_start(i, s.gw, s.W));
+    for (int64_t i = 0; i <= s.gw; ++i) cols.push_back(s.col_start(i));
     chunks = (s.sample() + kChunk - 1) / kChunk;
     map = use_map();
     planes = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, s.plane()));
@@ -250,12 +255,13 @@ at::Tensor mixed_op_cpu(at::TensorList outputs_in, const at::Tensor& weights_in,
   const MixedOpShape s = check_mixed_op("nasops::mixed_op", outputs_in, weights_in, grid);
   TORCH_CHECK(outputs_in[0].device().is_cpu(), "nasops::mixed_op (CPU): outputs on ",
               outputs_in[0].device());
+  const bool channels_last = channels_last_order(outputs_in);
   at::Tensor y = at::empty(outputs_in[0].sizes(), outputs_in[0].options().memory_format(
-                                                      at::MemoryFormat::Contiguous));
+                                                      memory_format_of(channels_last)));
   if (y.numel() == 0) return y;
-  const auto outputs = contiguous_all(outputs_in);
+  const auto outputs = channels_last ? outputs_in.vec() : contiguous_all(outputs_in);
   const at::Tensor weights = weights_in.contiguous();
-  const Geometry geo(s);
+  const Geometry geo(s.storage_order(channels_last));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "mixed_op_cpu", [&] {
     forward_kernel<scalar_t>(geo, outputs, weights, y);
   });
@@ -272,11 +278,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(
               "nasops::mixed_op_backward: grad must match outputs[0] (", outputs_in[0].sizes(),
               ", ", outputs_in[0].scalar_type(), "), got ", grad_in.sizes(), ", ",
               grad_in.scalar_type());
+  const bool channels_last = channels_last_order(outputs_in);
+  const auto memory_format = memory_format_of(channels_last);
   std::vector<at::Tensor> grad_outputs;
   if (outputs_requires_grad) {
     for (int64_t k = 0; k < s.K; ++k) {
-      grad_outputs.push_back(at::empty(grad_in.sizes(), grad_in.options().memory_format(
-                                                            at::MemoryFormat::Contiguous)));
+      grad_outputs.push_back(at::empty(grad_in.sizes(), grad_in.options().memory_format(memory_format)));
     }
   }
   at::Tensor grad_w = weights_requires_grad ? at::zeros_like(weights_in, at::MemoryFormat::Contiguous)
@@ -284,11 +291,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cpu(
   if (grad_in.numel() == 0 || (!outputs_requires_grad && !weights_requires_grad)) {
     return {grad_outputs, grad_w};
   }
-  const auto outputs = weights_requires_grad ? contiguous_all(outputs_in)
-                                             : std::vector<at::Tensor>(outputs_in.begin(), outputs_in.end());
-  const at::Tensor grad = grad_in.contiguous();
+  // Without grad w the outputs are never read: no copies of non-contiguous ones.
+  const auto outputs = weights_requires_grad && !channels_last ? contiguous_all(outputs_in)
+                                                               : outputs_in.vec();
+  // A gradient in the other layout is copied once (autograd decides its layout).
+  const at::Tensor grad = grad_in.contiguous(memory_format);
   const at::Tensor weights = weights_in.contiguous();
-  const Geometry geo(s);
+  const Geometry geo(s.storage_order(channels_last));
   at::Tensor partial;
   if (weights_requires_grad) {
     partial = at::empty({s.B * geo.slots_per_sample(), s.K}, weights.options());

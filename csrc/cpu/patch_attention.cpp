@@ -4,6 +4,14 @@
 // one at a time, patch by patch: a 32x32 fp32 plane is 4 KiB, so the plane
 // stays in L1 while its patches are visited, and each pixel is read or written
 // once. A task is a block of planes (channel_block) of one sample.
+//
+// channels_last (NHWC) maps are read and written in place (the rule of
+// csrc/layout.h): there a pixel row is W*C consecutive values, the C channels
+// of pixel x at x*C, and a task is one patch row of one sample (and map): its
+// rows are summed into (or spread from) one W*C row, whose pixel columns are
+// then cut into patches C channels at a time. Every value is computed with the
+// same operations in the same order as in NCHW, so both layouts give the same
+// bits.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +27,7 @@
 #include <vector>
 
 #include "cpu/dot.h"
+#include "layout.h"
 
 namespace nasops {
 namespace {
@@ -186,8 +195,9 @@ at::Tensor patch_pool_cpu(at::TensorList maps, at::IntArrayRef grid) {
   const int64_t P = mosaic.patches();
   auto out = at::empty({B, P, M, C}, ref.options().dtype(acc_scalar(ref.scalar_type())));
   if (out.numel() == 0) return out;
+  const bool channels_last = channels_last_order(maps);
   std::vector<at::Tensor> contiguous;
-  for (const auto& m : maps) contiguous.push_back(m.contiguous());
+  for (const auto& m : maps) contiguous.push_back(channels_last ? m : m.contiguous());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ref.scalar_type(), "patch_pool", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -195,6 +205,29 @@ at::Tensor patch_pool_cpu(at::TensorList maps, at::IntArrayRef grid) {
     for (const auto m : c10::irange(M)) src[m] = contiguous[m].const_data_ptr<scalar_t>();
     acc_t* dst = out.mutable_data_ptr<acc_t>();
     const auto inv_counts = mosaic.inverse_counts<acc_t>();
+    if (channels_last) {
+      // One task = patch row ph of sample b of map m.
+      const int64_t row = W * C;
+      at::parallel_for(0, M * B * mosaic.gh, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> column_sums(row), patch_sum(C);
+        for (const auto task : c10::irange(begin, end)) {
+          const int64_t m = task / (B * mosaic.gh), b = task / mosaic.gh % B, ph = task % mosaic.gh;
+          sum_rows(src[m] + (b * H + mosaic.rows[ph]) * row, mosaic.rows[ph + 1] - mosaic.rows[ph], row,
+                   column_sums.data());
+          for (const auto pw : c10::irange(mosaic.gw)) {
+            const int64_t p = ph * mosaic.gw + pw;
+            std::copy_n(column_sums.data() + mosaic.cols[pw] * C, C, patch_sum.data());
+            for (int64_t x = mosaic.cols[pw] + 1; x < mosaic.cols[pw + 1]; ++x) {
+              const acc_t* pixel = column_sums.data() + x * C;
+              for (const auto c : c10::irange(C)) patch_sum[c] += pixel[c];
+            }
+            acc_t* means = dst + ((b * P + p) * M + m) * C;
+            for (const auto c : c10::irange(C)) means[c] = patch_sum[c] * inv_counts[p];
+          }
+        }
+      });
+      return;
+    }
     const int64_t block = channel_block(P), blocks = (C + block - 1) / block;
     with_patch_width(mosaic, [&](auto patch_width) {
       // One task = `block` planes (m, b, c0 + i). The rows of a patch
@@ -233,7 +266,7 @@ at::Tensor patch_pool_cpu(at::TensorList maps, at::IntArrayRef grid) {
 }
 
 at::Tensor patch_pool_backward_cpu(const at::Tensor& grad, at::IntArrayRef grid, int64_t height,
-                                   int64_t width, at::ScalarType dtype) {
+                                   int64_t width, at::ScalarType dtype, bool channels_last) {
   TORCH_CHECK(grad.dim() == 3, "patch_pool_backward: grad must be (B, P, C), got ", grad.sizes());
   TORCH_CHECK(grad.scalar_type() == acc_scalar(dtype),
               "patch_pool_backward: grad must be float32 (float64 for float64 maps)");
@@ -241,7 +274,8 @@ at::Tensor patch_pool_backward_cpu(const at::Tensor& grad, at::IntArrayRef grid,
   const int64_t B = grad.size(0), P = grad.size(1), C = grad.size(2);
   TORCH_CHECK(P == mosaic.patches(), "patch_pool_backward: grad has P=", P, ", grid has ",
               mosaic.patches());
-  auto out = at::empty({B, C, height, width}, grad.options().dtype(dtype));
+  auto out = at::empty({B, C, height, width},
+                       grad.options().dtype(dtype).memory_format(memory_format_of(channels_last)));
   if (out.numel() == 0) return out;
   const auto g = grad.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "patch_pool_backward", [&] {
@@ -249,6 +283,28 @@ at::Tensor patch_pool_backward_cpu(const at::Tensor& grad, at::IntArrayRef grid,
     const acc_t* gp = g.const_data_ptr<acc_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     const auto inv_counts = mosaic.inverse_counts<acc_t>();
+    if (channels_last) {
+      // One task = patch row ph of sample b: its W*C row once, then copied to its pixel rows.
+      const int64_t row_size = width * C;
+      at::parallel_for(0, B * mosaic.gh, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> row(row_size);
+        for (const auto task : c10::irange(begin, end)) {
+          const int64_t b = task / mosaic.gh, ph = task % mosaic.gh;
+          for (const auto pw : c10::irange(mosaic.gw)) {
+            const int64_t p = ph * mosaic.gw + pw;
+            const acc_t* src = gp + (b * P + p) * C;
+            for (int64_t x = mosaic.cols[pw]; x < mosaic.cols[pw + 1]; ++x) {
+              for (const auto c : c10::irange(C)) row[x * C + c] = src[c] * inv_counts[p];
+            }
+          }
+          for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
+            std::transform(row.begin(), row.end(), dst + (b * height + h) * row_size,
+                           [](acc_t v) { return static_cast<scalar_t>(v); });
+          }
+        }
+      });
+      return;
+    }
     const int64_t block = channel_block(P), blocks = (C + block - 1) / block;
     with_patch_width(mosaic, [&](auto patch_width) {
       // One task = `block` planes (b, c0 + i). Each patch row's values are
@@ -425,13 +481,16 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cpu(const at::Tensor& g
   TORCH_CHECK(grad_pooled_in.sizes() == at::IntArrayRef({B, P, K, C}) &&
                   grad_pooled_in.scalar_type() == weights_in.scalar_type(),
               "patch_attention_outputs_backward: grad_pooled must be (B, P, K, C) of weights' dtype");
+  // The gradients take grad's layout (the caller brings grad to the outputs' layout).
+  const bool channels_last = channels_last_order({grad_in});
   std::vector<at::Tensor> grads;
   for (const auto kk : c10::irange(K)) {
     (void)kk;
-    grads.push_back(at::empty({B, C, H, W}, grad_in.options()));
+    grads.push_back(at::empty({B, C, H, W}, grad_in.options().memory_format(memory_format_of(channels_last))));
   }
   if (grad_in.numel() == 0) return grads;
-  const auto g = grad_in.contiguous(), w = weights_in.contiguous(), gpool = grad_pooled_in.contiguous();
+  const auto g = channels_last ? grad_in : grad_in.contiguous();
+  const auto w = weights_in.contiguous(), gpool = grad_pooled_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                   "patch_attention_outputs_backward", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -441,6 +500,41 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cpu(const at::Tensor& g
     std::vector<scalar_t*> dst(K);
     for (const auto kk : c10::irange(K)) dst[kk] = grads[kk].mutable_data_ptr<scalar_t>();
     const auto inv_counts = mosaic.inverse_counts<acc_t>();
+    if (channels_last) {
+      // One task = patch row ph of sample b. The weight and the pooled gradient
+      // of every op are spread over one W*C row each (per pixel, per channel),
+      // then every pixel row of the patch row is one multiply-add per op.
+      const int64_t row = W * C;
+      at::parallel_for(0, B * mosaic.gh, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> weight_rows(K * row), add_rows(K * row);
+        for (const auto task : c10::irange(begin, end)) {
+          const int64_t b = task / mosaic.gh, ph = task % mosaic.gh;
+          for (const auto kk : c10::irange(K)) {
+            for (const auto pw : c10::irange(mosaic.gw)) {
+              const int64_t p = ph * mosaic.gw + pw;
+              const acc_t weight = wp[(b * P + p) * K + kk];
+              const acc_t* pooled = gpp + ((b * P + p) * K + kk) * C;
+              for (int64_t x = mosaic.cols[pw]; x < mosaic.cols[pw + 1]; ++x) {
+                acc_t* wr = weight_rows.data() + kk * row + x * C;
+                acc_t* ar = add_rows.data() + kk * row + x * C;
+                for (const auto c : c10::irange(C)) {
+                  wr[c] = weight;
+                  ar[c] = pooled[c] * inv_counts[p];
+                }
+              }
+            }
+          }
+          for (int64_t h = mosaic.rows[ph]; h < mosaic.rows[ph + 1]; ++h) {
+            const int64_t offset = (b * H + h) * row;
+            for (const auto kk : c10::irange(K)) {
+              multiply_add_row(weight_rows.data() + kk * row, gp + offset, add_rows.data() + kk * row,
+                               dst[kk] + offset, row);
+            }
+          }
+        }
+      });
+      return;
+    }
     const int64_t block = channel_block(K * P), blocks = (C + block - 1) / block;
     // Row stride of the per-channel additive terms below, one cache line over
     // K*P so that a power-of-two K*P does not put the channel rows of a

@@ -11,7 +11,9 @@
 //   (4 float, 8 half/bfloat16, 2 double) when every pointer is 16-byte aligned
 //   and every line starts on a vector boundary, else element by element;
 // - the K op outputs are read in place through a by-value struct of data
-//   pointers (kernel parameters), never stacked;
+//   pointers (kernel parameters), never stacked; channels_last outputs too: a
+//   sample is then one plane of H rows of W*C elements whose patch columns
+//   cover whole pixels (`pixel` = C elements each, MixedOpSizes);
 // - accumulation in float (double for double);
 // - the backward is fused: each vector of g is loaded once, kept in registers
 //   as float, and used for grad o_k = w_k * g and for the dot products
@@ -78,6 +80,7 @@ struct OutputPointers {
 // Sizes as the kernels use them; patch-local counts fit in int (checked on the host).
 struct Args {
   int K, C, H, W, Bw, gh, gw, P;
+  int pixel;       // elements per pixel column of a row (MixedOpSizes)
   int64_t sample;  // C*H*W
   int64_t plane;   // H*W
 };
@@ -98,7 +101,9 @@ struct PatchLayout {
   __device__ PatchLayout(const Args& a, int b, int p) : plane(a.plane), W(a.W) {
     const int ph = p / a.gw, pw = p - ph * a.gw;
     const int r0 = patch_start(ph, a.gh, a.H), r1 = patch_start(ph + 1, a.gh, a.H);
-    const int c0 = patch_start(pw, a.gw, a.W), c1 = patch_start(pw + 1, a.gw, a.W);
+    const int pixels = a.W / a.pixel;  // pixel columns per row
+    const int c0 = patch_start(pw, a.gw, pixels) * a.pixel;
+    const int c1 = patch_start(pw + 1, a.gw, pixels) * a.pixel;
     int line_len;
     base = static_cast<int64_t>(b) * a.sample;
     if (a.P == 1) {  // the whole sample, contiguous
@@ -140,8 +145,11 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   const PatchLayout<VEC> layout(a, b, p);
   const int n = layout.num_vecs();
-  for (int v = blockIdx.y * blockDim.x + threadIdx.x; v < n; v += gridDim.y * blockDim.x) {
-    const int64_t off = layout.offset(v);
+  // A 64-bit counter: an int would wrap past 2^31 - 1 when n is within one
+  // stride (gridDim.y * blockDim.x) of it; v < n < 2^31 inside the loop.
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < n; v += stride) {
+    const int64_t off = layout.offset(static_cast<int>(v));
     acc_t acc[VEC];
     {
       const Pack<T, VEC> x = load<T, VEC>(in.p[0], off);
@@ -190,12 +198,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   const PatchLayout<VEC> layout(a, b, p);
   const int n = layout.num_vecs();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.x;
   for (int k0 = 0; k0 < a.K; k0 += KG) {
     acc_t dot[KG];
 #pragma unroll
     for (int kk = 0; kk < KG; ++kk) dot[kk] = 0;
-    for (int v = blockIdx.y * blockDim.x + threadIdx.x; v < n; v += gridDim.y * blockDim.x) {
-      const int64_t off = layout.offset(v);
+    for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < n;
+         v += stride) {  // 64-bit counter: see the forward kernel
+      const int64_t off = layout.offset(static_cast<int>(v));
       acc_t gv[VEC];
       {
         const Pack<T, VEC> x = load<T, VEC>(g, off);
@@ -297,7 +307,8 @@ struct LaunchPlan {
 LaunchPlan make_plan(const MixedOpSizes& s, MixedOpDType dtype, int device,
                      int64_t min_vecs_per_thread) {
   const int64_t vec = 16 / static_cast<int64_t>(element_size(dtype));
-  const int64_t rows = (s.H + s.gh - 1) / s.gh, cols = (s.W + s.gw - 1) / s.gw;
+  const int64_t rows = (s.H + s.gh - 1) / s.gh;
+  const int64_t cols = (s.W / s.pixel + s.gw - 1) / s.gw * s.pixel;
   const int64_t vecs = (s.C * rows * cols + vec - 1) / vec;  // in the largest patch
   const int64_t threads = std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (vecs + 31) / 32 * 32));
   const int64_t patches = s.B * s.gh * s.gw;
@@ -317,8 +328,10 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // alignment is checked separately).
 bool lines_divisible(const MixedOpSizes& s, int64_t vec) {
   if (s.gh * s.gw == 1) return (s.C * s.H * s.W) % vec == 0;
+  const int pixels = static_cast<int>(s.W / s.pixel);
   for (int64_t pw = 0; pw <= s.gw; ++pw) {
-    if (patch_start(static_cast<int>(pw), static_cast<int>(s.gw), static_cast<int>(s.W)) % vec != 0) {
+    if (static_cast<int64_t>(patch_start(static_cast<int>(pw), static_cast<int>(s.gw), pixels)) *
+            s.pixel % vec != 0) {
       return false;
     }
   }
@@ -335,6 +348,7 @@ Args make_args(const MixedOpSizes& s) {
   a.gh = static_cast<int>(s.gh);
   a.gw = static_cast<int>(s.gw);
   a.P = a.gh * a.gw;
+  a.pixel = static_cast<int>(s.pixel);
   a.sample = s.C * s.H * s.W;
   a.plane = s.H * s.W;
   return a;

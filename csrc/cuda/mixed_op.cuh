@@ -17,10 +17,15 @@ enum class MixedOpDType { kFloat16, kBFloat16, kFloat32, kFloat64 };
 // fixed-size struct (kernel parameters), so this bounds the struct's size.
 constexpr int kMixedOpMaxOps = 64;
 
-// The canonical sizes (csrc/ops.cpp): K tensors (B, C, H, W), contiguous;
-// weights (Bw, gh*gw, K) in float (double for float64 tensors); Bw in {1, B}.
+// The canonical sizes (csrc/ops.cpp) in memory order: K tensors of B samples
+// of C planes of H rows of W elements; weights (Bw, gh*gw, K) in float (double
+// for float64 tensors); Bw in {1, B}. `pixel`: consecutive elements of a row
+// that share one pixel column, 1 for contiguous (NCHW) tensors; channels_last
+// (B, C, H, W) tensors are passed as C = 1, W = W*C, pixel = C (csrc/mixed_op.h,
+// MixedOpShape::storage_order).
 struct MixedOpSizes {
   int64_t K, B, C, H, W, Bw, gh, gw;
+  int64_t pixel = 1;
 };
 
 // Bytes of device scratch the backward needs for its per-block partial sums of

@@ -40,7 +40,7 @@ cuda::MixedOpSizes kernel_sizes(const char* op, const MixedOpShape& s) {
               " (CUDA): C*H*W must be < 2^31, got ", s.sample());
   TORCH_CHECK(s.B * s.P() <= std::numeric_limits<int32_t>::max(), op,
               " (CUDA): B*P must be < 2^31, got ", s.B * s.P());
-  return {s.K, s.B, s.C, s.H, s.W, s.Bw, s.gh, s.gw};
+  return {s.K, s.B, s.C, s.H, s.W, s.Bw, s.gh, s.gw, s.pixel};
 }
 
 std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
@@ -55,12 +55,13 @@ at::Tensor mixed_op_cuda(at::TensorList outputs_in, const at::Tensor& weights_in
   const char* op = "nasops::mixed_op";
   const MixedOpShape s = check_mixed_op(op, outputs_in, weights_in, grid);
   TORCH_CHECK(outputs_in[0].is_cuda(), op, " (CUDA): outputs on ", outputs_in[0].device());
-  const cuda::MixedOpSizes sizes = kernel_sizes(op, s);
+  const bool channels_last = channels_last_order(outputs_in);
+  const cuda::MixedOpSizes sizes = kernel_sizes(op, s.storage_order(channels_last));
   const c10::cuda::CUDAGuard guard(outputs_in[0].device());
-  at::Tensor y = at::empty(outputs_in[0].sizes(),
-                           outputs_in[0].options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = at::empty(outputs_in[0].sizes(), outputs_in[0].options().memory_format(
+                                                      memory_format_of(channels_last)));
   if (y.numel() == 0) return y;
-  const auto outputs = contiguous_all(outputs_in);
+  const auto outputs = channels_last ? outputs_in.vec() : contiguous_all(outputs_in);
   const at::Tensor weights = weights_in.contiguous();
   std::vector<const void*> ptrs;
   for (const auto& o : outputs) ptrs.push_back(o.const_data_ptr());
@@ -83,9 +84,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
               outputs_in[0].scalar_type(), ", ", outputs_in[0].device(), "), got ", grad_in.sizes(),
               ", ", grad_in.scalar_type(), ", ", grad_in.device());
   TORCH_CHECK(grad_in.is_cuda(), op, " (CUDA): grad on ", grad_in.device());
-  const cuda::MixedOpSizes sizes = kernel_sizes(op, s);
+  const bool channels_last = channels_last_order(outputs_in);
+  const auto memory_format = memory_format_of(channels_last);
+  const cuda::MixedOpSizes sizes = kernel_sizes(op, s.storage_order(channels_last));
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  const auto options = grad_in.options().memory_format(at::MemoryFormat::Contiguous);
+  const auto options = grad_in.options().memory_format(memory_format);
   std::vector<at::Tensor> grad_outputs;
   if (outputs_requires_grad) {
     for (int64_t k = 0; k < s.K; ++k) grad_outputs.push_back(at::empty(grad_in.sizes(), options));
@@ -98,10 +101,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_op_backward_cuda(
     return {grad_outputs, grad_w};
   }
   // Without grad w the outputs are never read: no copies of non-contiguous ones.
-  const auto outputs = weights_requires_grad
-                           ? contiguous_all(outputs_in)
-                           : std::vector<at::Tensor>(outputs_in.begin(), outputs_in.end());
-  const at::Tensor grad = grad_in.contiguous();
+  const auto outputs = weights_requires_grad && !channels_last ? contiguous_all(outputs_in)
+                                                               : outputs_in.vec();
+  // A gradient in the other layout is copied once (autograd decides its layout).
+  const at::Tensor grad = grad_in.contiguous(memory_format);
   const at::Tensor weights = weights_in.contiguous();
   const auto dtype = kernel_dtype(grad.scalar_type());
   const int device = grad.get_device();

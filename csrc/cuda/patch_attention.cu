@@ -8,6 +8,10 @@
 // can pass 2^31 - 1 (grid_stride.cuh); the outputs
 // backward reads grad once and writes all K gradients. The attention kernels are one
 // thread per (b, p) row: B*P rows of K <= 16 logits are tiny next to the maps.
+// channels_last maps (PatchSizes::channels_last): pooling takes one block per
+// (map, b, patch) whose threads own channels (consecutive addresses) and walk
+// the patch's pixels; the elementwise kernels walk the NHWC order in runs of a
+// pixel's channels (C % VEC == 0), which share one patch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -88,6 +92,31 @@ __global__ void pool_kernel(PatchSizes s, MapTable maps, int M, typename Acc<T>:
   }
 }
 
+// channels_last: one block per (m, b, p); thread c sums channel c over the
+// patch's pixels, so a warp reads 32 consecutive channels of one pixel.
+template <typename T>
+__global__ void pool_kernel_nhwc(PatchSizes s, MapTable maps, int M, typename Acc<T>::type* out) {
+  using A = typename Acc<T>::type;
+  const int P = static_cast<int>(s.gh * s.gw);
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
+  const int64_t task = blockIdx.x;  // (m, b, p)
+  const int p = static_cast<int>(task % P);
+  const int64_t b = (task / P) % s.B;
+  const int m = static_cast<int>(task / (P * s.B));
+  const int ph = p / static_cast<int>(s.gw), pw = p % static_cast<int>(s.gw);
+  const int r0 = patch_start(ph, H, s.gh), r1 = patch_start(ph + 1, H, s.gh);
+  const int c0 = patch_start(pw, W, s.gw), c1 = patch_start(pw + 1, W, s.gw);
+  const T* sample = static_cast<const T*>(maps.ptr[m]) + b * H * W * s.C;
+  const A count = static_cast<A>((r1 - r0) * (c1 - c0));
+  for (int64_t c = threadIdx.x; c < s.C; c += blockDim.x) {
+    A sum = 0;
+    for (int h = r0; h < r1; ++h) {
+      for (int w = c0; w < c1; ++w) sum += to_acc(sample[(static_cast<int64_t>(h) * W + w) * s.C + c]);
+    }
+    out[((b * P + p) * M + m) * s.C + c] = sum / count;
+  }
+}
+
 // A run of VEC consecutive elements of one map row (16 bytes when vectorized).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -96,17 +125,27 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 // The elementwise kernels below walk a flat (B, C, H, W) index in runs of VEC
 // elements of one row (W % VEC == 0), so a run shares b, c and the row's
-// patch row; only the patch column changes inside it. Index is int32_t when
-// 32-bit arithmetic cannot overflow (cheaper divisions), else int64_t.
+// patch row; only the patch column changes inside it. In channels_last order
+// (kChannelsLast) a run is VEC channels of one pixel (C % VEC == 0): it shares
+// b, the pixel and so the patch; only the channel changes inside it. Index is
+// int32_t when 32-bit arithmetic cannot overflow (cheaper divisions), else int64_t.
 template <typename Index>
 struct RowRun {
   Index b, c, prow;  // prow = patch row * gw
   int h, w0;
 };
 
-template <typename Index>
+template <bool kChannelsLast, typename Index>
 __device__ __forceinline__ RowRun<Index> row_run(Index i, const PatchSizes& s) {
   const Index W = static_cast<Index>(s.W), H = static_cast<Index>(s.H), C = static_cast<Index>(s.C);
+  if (kChannelsLast) {  // i = ((b * H + h) * W + w) * C + c: w0 is the pixel's column
+    const Index pixel = i / C;
+    const int w = static_cast<int>(pixel % W);
+    const Index row = pixel / W;
+    const int h = static_cast<int>(row % H);
+    const int ph = static_cast<int>(h * s.gh / s.H);
+    return {row / H, i - pixel * C, static_cast<Index>(ph * s.gw), h, w};
+  }
   const Index row = i / W;
   const int w0 = static_cast<int>(i - row * W);
   const int h = static_cast<int>(row % H);
@@ -125,27 +164,29 @@ __device__ __forceinline__ int patch_count(int h, int pw, const PatchSizes& s) {
   return rows * cols;
 }
 
-template <typename T, int VEC, typename Index>
+template <typename T, int VEC, typename Index, bool kChannelsLast>
 __global__ void pool_backward_kernel(PatchSizes s, const typename Acc<T>::type* grad, T* out) {
   using A = typename Acc<T>::type;
   const Index runs = static_cast<Index>(s.B * s.C * s.H * s.W / VEC);
   const Index P = static_cast<Index>(s.gh * s.gw), C = static_cast<Index>(s.C);
   for (Index r = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; r < runs;
        r += static_cast<Index>(gridDim.x) * blockDim.x) {
-    const RowRun<Index> run = row_run<Index>(r * VEC, s);
+    const RowRun<Index> run = row_run<kChannelsLast, Index>(r * VEC, s);
     Pack<T, VEC> pack;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const int pw = static_cast<int>((run.w0 + j) * s.gw / s.W);
+      // NCHW: element j is column w0 + j of channel c; NHWC: channel c + j of column w0.
+      const int pw = static_cast<int>((run.w0 + (kChannelsLast ? 0 : j)) * s.gw / s.W);
       const Index p = run.prow + pw;
-      pack.v[j] = from_acc<T, A>(grad[(run.b * P + p) * C + run.c] /
+      const Index c = run.c + (kChannelsLast ? j : 0);
+      pack.v[j] = from_acc<T, A>(grad[(run.b * P + p) * C + c] /
                                  static_cast<A>(patch_count(run.h, pw, s)));
     }
     reinterpret_cast<Pack<T, VEC>*>(out)[r] = pack;
   }
 }
 
-template <typename T, int VEC, typename Index>
+template <typename T, int VEC, typename Index, bool kChannelsLast>
 __global__ void outputs_backward_kernel(PatchSizes s, const T* grad, const typename Acc<T>::type* weights,
                                         const typename Acc<T>::type* grad_pooled, GradTable grads, int K) {
   using A = typename Acc<T>::type;
@@ -153,13 +194,13 @@ __global__ void outputs_backward_kernel(PatchSizes s, const T* grad, const typen
   const Index P = static_cast<Index>(s.gh * s.gw), C = static_cast<Index>(s.C);
   for (Index r = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; r < runs;
        r += static_cast<Index>(gridDim.x) * blockDim.x) {
-    const RowRun<Index> run = row_run<Index>(r * VEC, s);
+    const RowRun<Index> run = row_run<kChannelsLast, Index>(r * VEC, s);
     const Pack<T, VEC> g = reinterpret_cast<const Pack<T, VEC>*>(grad)[r];
     Index rows[VEC];  // (b, p) row of each element
     A inv_count[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const int pw = static_cast<int>((run.w0 + j) * s.gw / s.W);
+      const int pw = static_cast<int>((run.w0 + (kChannelsLast ? 0 : j)) * s.gw / s.W);
       rows[j] = run.b * P + run.prow + pw;
       inv_count[j] = A(1) / static_cast<A>(patch_count(run.h, pw, s));
     }
@@ -168,7 +209,8 @@ __global__ void outputs_backward_kernel(PatchSizes s, const T* grad, const typen
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const Index row = rows[j] * K + k;
-        out.v[j] = from_acc<T, A>(weights[row] * to_acc(g.v[j]) + grad_pooled[row * C + run.c] * inv_count[j]);
+        const Index c = run.c + (kChannelsLast ? j : 0);
+        out.v[j] = from_acc<T, A>(weights[row] * to_acc(g.v[j]) + grad_pooled[row * C + c] * inv_count[j]);
       }
       reinterpret_cast<Pack<T, VEC>*>(grads.ptr[k])[r] = out;
     }
@@ -250,16 +292,22 @@ cudaError_t launch_patch_pool(const PatchSizes& s, PatchDType dtype, const void*
   if (tasks == 0 || s.C == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    pool_kernel<T><<<static_cast<unsigned>(tasks), kThreads, 0, stream>>>(
-        s, table, M, static_cast<typename Acc<T>::type*>(out));
+    auto* means = static_cast<typename Acc<T>::type*>(out);
+    if (s.channels_last) {
+      const int threads = s.C >= kThreads ? kThreads : static_cast<int>((s.C + 31) / 32 * 32);
+      pool_kernel_nhwc<T><<<static_cast<unsigned>(tasks), threads, 0, stream>>>(s, table, M, means);
+    } else {
+      pool_kernel<T><<<static_cast<unsigned>(tasks), kThreads, 0, stream>>>(s, table, M, means);
+    }
   });
 }
 
-// 16-byte runs when every row splits into them and the pointers allow it.
+// 16-byte runs when every row (NHWC: every pixel's channels) splits into them
+// and the pointers allow it.
 template <typename T>
 bool vectorizable(const PatchSizes& s, const void* const* ptrs, int count) {
   constexpr int kVec = 16 / sizeof(T);
-  if (s.W % kVec != 0) return false;
+  if ((s.channels_last ? s.C : s.W) % kVec != 0) return false;
   for (int i = 0; i < count; ++i) {
     if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return false;
   }
@@ -293,8 +341,15 @@ cudaError_t launch_patch_pool_backward(const PatchSizes& s, PatchDType dtype, co
     using A = typename Acc<T>::type;
     const void* ptrs[] = {out};
     launch_runs<T>(s, vectorizable<T>(s, ptrs, 1), s.B * s.C * s.H * s.W, [&](auto vec, auto index, unsigned blocks) {
-      pool_backward_kernel<T, decltype(vec)::value, decltype(index)><<<blocks, kThreads, 0, stream>>>(
-          s, static_cast<const A*>(grad), static_cast<T*>(out));
+      constexpr int kVec = decltype(vec)::value;
+      using Index = decltype(index);
+      if (s.channels_last) {
+        pool_backward_kernel<T, kVec, Index, true><<<blocks, kThreads, 0, stream>>>(
+            s, static_cast<const A*>(grad), static_cast<T*>(out));
+      } else {
+        pool_backward_kernel<T, kVec, Index, false><<<blocks, kThreads, 0, stream>>>(
+            s, static_cast<const A*>(grad), static_cast<T*>(out));
+      }
     });
   });
 }
@@ -316,9 +371,17 @@ cudaError_t launch_patch_attention_outputs_backward(const PatchSizes& s, PatchDT
     using A = typename Acc<T>::type;
     // grad_pooled (B, P, K, C) is the largest index space: at most K elements per pixel.
     launch_runs<T>(s, vectorizable<T>(s, ptrs, K + 1), s.B * s.C * s.H * s.W * K, [&](auto vec, auto index, unsigned blocks) {
-      outputs_backward_kernel<T, decltype(vec)::value, decltype(index)><<<blocks, kThreads, 0, stream>>>(
-          s, static_cast<const T*>(grad), static_cast<const A*>(weights),
-          static_cast<const A*>(grad_pooled), table, K);
+      constexpr int kVec = decltype(vec)::value;
+      using Index = decltype(index);
+      if (s.channels_last) {
+        outputs_backward_kernel<T, kVec, Index, true><<<blocks, kThreads, 0, stream>>>(
+            s, static_cast<const T*>(grad), static_cast<const A*>(weights),
+            static_cast<const A*>(grad_pooled), table, K);
+      } else {
+        outputs_backward_kernel<T, kVec, Index, false><<<blocks, kThreads, 0, stream>>>(
+            s, static_cast<const T*>(grad), static_cast<const A*>(weights),
+            static_cast<const A*>(grad_pooled), table, K);
+      }
     });
   });
 }

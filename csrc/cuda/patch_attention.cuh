@@ -17,13 +17,16 @@ enum class PatchDType { kFloat16, kBFloat16, kFloat32, kFloat64 };
 // The attention kernels keep a row of K logits in registers: same bound.
 constexpr int kPatchMaxOps = 16;
 
-// A (B, C, H, W) map cut into a (gh, gw) mosaic (csrc/ops.cpp).
+// A (B, C, H, W) map cut into a (gh, gw) mosaic (csrc/ops.cpp); the maps the
+// kernels read and write are contiguous, or channels_last when channels_last
+// (the rule of csrc/layout.h, applied by the glue).
 struct PatchSizes {
   int64_t B, C, H, W, gh, gw;
+  bool channels_last = false;
 };
 
 // out (B, P, M, C) in float (double for kFloat64 maps) = the patch means of
-// the M maps (contiguous (B, C, H, W) of `dtype`).
+// the M maps ((B, C, H, W) of `dtype`).
 cudaError_t launch_patch_pool(const PatchSizes& sizes, PatchDType dtype, const void* const* maps,
                               int M, void* out, cudaStream_t stream);
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/patch_attention.cuh"
+#include "layout.h"
 
 namespace nasops {
 namespace {
@@ -62,7 +63,8 @@ at::Tensor patch_pool_cuda(at::TensorList maps_in, at::IntArrayRef grid) {
                     m.device() == ref.device(),
                 op, ": maps must share shape, dtype and device");
   }
-  const auto s = check_sizes(op, ref.size(0), ref.size(1), ref.size(2), ref.size(3), grid);
+  auto s = check_sizes(op, ref.size(0), ref.size(1), ref.size(2), ref.size(3), grid);
+  s.channels_last = channels_last_order(maps_in);
   const c10::cuda::CUDAGuard guard(ref.device());
   const int64_t M = maps_in.size();
   auto out = at::empty({s.B, s.gh * s.gw, M, s.C}, ref.options().dtype(acc_scalar(ref.scalar_type())));
@@ -70,7 +72,7 @@ at::Tensor patch_pool_cuda(at::TensorList maps_in, at::IntArrayRef grid) {
   std::vector<at::Tensor> maps;
   std::vector<const void*> ptrs;
   for (const auto& m : maps_in) {
-    maps.push_back(m.contiguous());
+    maps.push_back(s.channels_last ? m : m.contiguous());
     ptrs.push_back(maps.back().const_data_ptr());
   }
   C10_CUDA_CHECK(cuda::launch_patch_pool(s, kernel_dtype(ref.scalar_type(), op), ptrs.data(),
@@ -80,16 +82,18 @@ at::Tensor patch_pool_cuda(at::TensorList maps_in, at::IntArrayRef grid) {
 }
 
 at::Tensor patch_pool_backward_cuda(const at::Tensor& grad_in, at::IntArrayRef grid, int64_t height,
-                                    int64_t width, at::ScalarType dtype) {
+                                    int64_t width, at::ScalarType dtype, bool channels_last) {
   const char* op = "nasops::patch_pool_backward";
   TORCH_CHECK(grad_in.dim() == 3 && grad_in.scalar_type() == acc_scalar(dtype), op,
               ": grad must be (B, P, C) in float32 (float64 for float64 maps)");
   check_cuda(grad_in, op, "grad");
-  const auto s = check_sizes(op, grad_in.size(0), grad_in.size(2), height, width, grid);
+  auto s = check_sizes(op, grad_in.size(0), grad_in.size(2), height, width, grid);
+  s.channels_last = channels_last;
   TORCH_CHECK(grad_in.size(1) == s.gh * s.gw, op, ": grad has P=", grad_in.size(1), ", grid has ",
               s.gh * s.gw);
   const c10::cuda::CUDAGuard guard(grad_in.device());
-  auto out = at::empty({s.B, s.C, height, width}, grad_in.options().dtype(dtype));
+  auto out = at::empty({s.B, s.C, height, width},
+                       grad_in.options().dtype(dtype).memory_format(memory_format_of(channels_last)));
   if (out.numel() == 0) return out;
   const auto grad = grad_in.contiguous();
   C10_CUDA_CHECK(cuda::launch_patch_pool_backward(s, kernel_dtype(dtype, op), grad.const_data_ptr(),
@@ -105,8 +109,9 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cuda(const at::Tensor& 
   const char* op = "nasops::patch_attention_outputs_backward";
   TORCH_CHECK(grad_in.dim() == 4, op, ": grad must be (B, C, H, W), got ", grad_in.sizes());
   check_cuda(grad_in, op, "grad");
-  const auto s = check_sizes(op, grad_in.size(0), grad_in.size(1), grad_in.size(2), grad_in.size(3),
-                             grid);
+  auto s = check_sizes(op, grad_in.size(0), grad_in.size(1), grad_in.size(2), grad_in.size(3), grid);
+  // The gradients take grad's layout (the caller brings grad to the outputs' layout).
+  s.channels_last = channels_last_order({grad_in});
   const int64_t P = s.gh * s.gw;
   TORCH_CHECK(weights_in.dim() == 3 && weights_in.size(0) == s.B && weights_in.size(1) == P &&
                   weights_in.scalar_type() == acc_scalar(grad_in.scalar_type()) &&
@@ -123,12 +128,13 @@ std::vector<at::Tensor> patch_attention_outputs_backward_cuda(const at::Tensor& 
   std::vector<at::Tensor> grads;
   std::vector<void*> ptrs;
   for (int64_t k = 0; k < K; ++k) {
-    grads.push_back(at::empty(grad_in.sizes(), grad_in.options().memory_format(at::MemoryFormat::Contiguous)));
+    grads.push_back(at::empty(grad_in.sizes(),
+                              grad_in.options().memory_format(memory_format_of(s.channels_last))));
     ptrs.push_back(grads.back().mutable_data_ptr());
   }
   if (grad_in.numel() == 0) return grads;
-  const auto grad = grad_in.contiguous(), weights = weights_in.contiguous(),
-             grad_pooled = grad_pooled_in.contiguous();
+  const auto grad = s.channels_last ? grad_in : grad_in.contiguous();
+  const auto weights = weights_in.contiguous(), grad_pooled = grad_pooled_in.contiguous();
   C10_CUDA_CHECK(cuda::launch_patch_attention_outputs_backward(
       s, kernel_dtype(grad.scalar_type(), op), grad.const_data_ptr(), weights.const_data_ptr(),
       grad_pooled.const_data_ptr(), ptrs.data(), static_cast<int>(K),

@@ -168,6 +168,15 @@ class Darts:
         A method may change its network here (``self.model``), e.g. a stage of a
         progressive search; it must then depend on ``epoch`` alone."""
 
+    def compile_network(self, **options) -> None:
+        """--compile: compile, in place, what a step calls of ``self.model``
+        (``options``: torch.compile's). The driver calls it once per network, also
+        after a :meth:`begin_epoch` that built a new one. DARTS' step calls
+        ``self.model(x)``: Module.compile, which keeps the state dict's keys and
+        leaves deep copies uncompiled. A method whose step calls another entry
+        point compiles that one."""
+        self.model.compile(**options)
+
     def arch_penalty(self) -> torch.Tensor | None:
         """A regulariser added to the architecture loss of every architecture step
         (a function of the alphas alone, e.g. DASViT's fairness loss), or None.

@@ -783,9 +783,17 @@ class HardExit(Darts):
         finally:
             self._recorded_batch = None
 
+    def compile_network(self, **options):
+        # The step calls forward_exits, not forward. Held by the method, not set
+        # on the network: a deep copy of it (evaluation_model) must run its own
+        # weights, not this compiled function's network.
+        self._forward_exits = torch.compile(self.model.forward_exits, **options)
+
+    _forward_exits = None
+
     def _loss(self, x, y, dtype=None):
         with self._autocast(dtype):
-            out = self.model.forward_exits(x)
+            out = (self._forward_exits or self.model.forward_exits)(x)
         if self.lam == 0:  # the stop heads learn with the compute pressure (module doc)
             out.stop_logits = out.stop_logits.detach()
         parts = hardexit_objective(out, y, self.model.exit_costs, lam=self.lam, mu=self.mu,

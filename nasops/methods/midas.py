@@ -204,7 +204,8 @@ class MidasEdge(MixedEdge):
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.Wq, self.Wk] + ([self.zero_key] if self.zero_key is not None else [])
 
-    def forward(self, x, prior=None):
+    def _mix(self, x, prior=None):
+        # forward (RecomputableEdge's): this, or its checkpoint under --recompute-edges
         outputs = self.op_outputs(x)
         ref = next(o for o in outputs if o is not None)
         grid = (min(self.grid[0], ref.shape[2]), min(self.grid[1], ref.shape[3]))
@@ -465,6 +466,12 @@ class Midas(Darts):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
+        if args.compile:
+            # patch_attention_mixed_op is an autograd.Function without a registered
+            # op for the compiler, and the skip op hands it the edge's input twice,
+            # which dynamo refuses to trace (fullgraph would fail on the first step).
+            raise ValueError("--compile: not available for --method midas (its patch-attention edges "
+                             "cannot be traced whole by torch.compile); run without --compile")
         parse_grid(args.midas_grid)
         if args.midas_dim < 1:
             raise ValueError(f"--midas-dim: expected >= 1, got {args.midas_dim}")

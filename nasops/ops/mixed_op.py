@@ -6,6 +6,14 @@ of the kernels (csrc/ops.cpp): live outputs as (B, C, H, W) and weights as
 as (B, 1, N, C) with the grid (N, 1) for per-token weights, (1, 1) otherwise.
 Zero ops (``None``) are dropped before the kernel: they add nothing and their
 weight's gradient is exactly zero.
+
+Layouts: feature maps may be contiguous (NCHW) or channels_last (NHWC). The
+kernels of every backend read either in place and return y, and the outputs'
+gradients, in the outputs' layout; outputs in mixed layouts are first brought
+to the majority's (nasops.ops._layout.common_layout: one copy per odd one out).
+Per-edge and per-sample weights do not care about the layout (a sample is
+C*H*W consecutive elements either way); per-patch weights index the NHWC rows
+as W pixels of C channels.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import torch
 
 from nasops.backend import resolve
 from nasops.ops import reference
+from nasops.ops._layout import common_layout, kernel_channels_last, memory_format
 from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs, check_same_device,
                                 check_tensor)
 from nasops.ops._registry import kernel_for, unique_variants, variants
@@ -36,7 +45,8 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
         backend: 'auto' (default), 'cuda', 'triton', 'cpu' or 'eager'.
 
     Returns:
-        y with the outputs' shape and dtype (accumulated in float32).
+        y with the outputs' shape and dtype (accumulated in float32), and their
+        layout: channels_last when they are (see the module docstring).
     """
     live, shape = check_op_outputs(outputs, ndim=(3, 4))
     weights = _check_weights(weights, len(outputs), shape, live[0][1], grid)
@@ -44,14 +54,20 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
         grid = check_grid(grid, shape[2], shape[3])
     ref = live[0][1]
     name = resolve(backend, ref.device)
+    if len(shape) == 4:  # every backend, the reference too, returns one layout
+        live = list(zip((k for k, _ in live), common_layout([o for _, o in live])))
     if name == "eager" or ref.numel() == 0:
-        return reference.mixed_op(outputs, weights, grid)
-    fwd, _ = kernel_for(_KERNELS, name, "mixed_op")
+        maps = dict(live)
+        return reference.mixed_op([maps.get(k) for k in range(len(outputs))], weights, grid)
+    fwd, bwd = kernel_for(_KERNELS, name, "mixed_op")
 
     B = shape[0]
     K = len(outputs)
     if len(live) < K:
-        weights = weights[..., [k for k, _ in live]]
+        index = [k for k, _ in live]
+        # A run of live ops (DARTS: Zero first) is a view; others an index (slower per call).
+        weights = weights[..., index[0]:index[-1] + 1] if index[-1] - index[0] + 1 == len(index) \
+            else weights[..., index]
     w = weights.to(accumulation_dtype(ref.dtype))
     if len(shape) == 3:  # tokens (B, N, C) -> (B, 1, N, C)
         maps = [o.reshape(B, 1, shape[1], shape[2]) for _, o in live]
@@ -60,7 +76,42 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
         maps = [o for _, o in live]
         kernel_grid = list(grid) if w.dim() == 3 else [1, 1]
     w = w.reshape(B if w.dim() > 1 else 1, kernel_grid[0] * kernel_grid[1], len(live))
-    return fwd(maps, w, kernel_grid).reshape(shape)
+    if torch.compiler.is_compiling():
+        # The registered op: traced as one node, with the fake and autograd rules below.
+        return fwd(maps, w, kernel_grid).reshape(shape)
+    if torch.is_grad_enabled() and (w.requires_grad or any(m.requires_grad for m in maps)):
+        return _MixedOp.apply((fwd, bwd), kernel_grid, w, *maps).reshape(shape)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd(maps, w, kernel_grid).reshape(shape)
+
+
+class _MixedOp(torch.autograd.Function):
+    """The eager path of the kernels: the same forward and backward as the op's
+    registered autograd (below), without its Python layers (the tensor-list
+    support of torch.library's autograd, a redispatch per call), which the
+    eager path does not need; their cost per call was not measured on its own.
+    The kernels run below the autograd dispatch key, straight to the CPU or
+    CUDA (or Triton) implementation."""
+
+    @staticmethod
+    def forward(ctx, kernels, grid, weights, *maps):
+        fwd, bwd = kernels
+        with torch._C._AutoDispatchBelowAutograd():
+            y = fwd(list(maps), weights, grid)
+        ctx.bwd, ctx.grid = bwd, grid
+        ctx.save_for_backward(weights, *maps)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weights, *maps = ctx.saved_tensors
+        need_weights = ctx.needs_input_grad[2]
+        need_maps = ctx.needs_input_grad[3:]
+        with torch._C._AutoDispatchBelowAutograd():
+            grads, grad_w = ctx.bwd(grad, maps, weights, ctx.grid, any(need_maps), need_weights)
+        grads = [g if need else None for g, need in zip(grads, need_maps)] if grads else [None] * len(maps)
+        return None, None, (grad_w if need_weights else None), *grads
 
 
 def _check_weights(weights, K, shape, ref, grid):
@@ -97,12 +148,12 @@ def _check_weights(weights, K, shape, ref, grid):
 # ---- registration: fake (meta) implementations and autograd --------------------
 
 def _fake_forward(outputs, weights, grid):
-    return torch.empty_like(outputs[0], memory_format=torch.contiguous_format)
+    return torch.empty_like(outputs[0], memory_format=memory_format(kernel_channels_last(outputs)))
 
 
 def _fake_backward(grad, outputs, weights, grid, outputs_requires_grad, weights_requires_grad):
-    grads = [torch.empty_like(o, memory_format=torch.contiguous_format) for o in outputs] \
-        if outputs_requires_grad else []
+    fmt = memory_format(kernel_channels_last(outputs))
+    grads = [torch.empty_like(grad, memory_format=fmt) for _ in outputs] if outputs_requires_grad else []
     gw = torch.empty_like(weights) if weights_requires_grad else weights.new_empty(0)
     return grads, gw
 

@@ -44,6 +44,10 @@ Choices where SPEC is silent:
   parameters'), which may differ from the activations' (x, outputs).
 - Tensors are computed in the accumulation dtype; gradients come back in each
   input's dtype.
+- Layouts: x and the outputs may be contiguous or channels_last (x may differ
+  from the outputs); the kernels read them in place, y and the outputs'
+  gradients take the outputs' layout, x's gradient x's (nasops.ops._layout;
+  live outputs in mixed layouts are first brought to the majority's).
 - Autocast is switched off inside the op (forward and backward): its small
   matmuls would otherwise run in half precision and hand the kernels mixed
   dtypes. Under autocast the op behaves as without it on the same inputs.
@@ -60,6 +64,7 @@ import torch
 
 from nasops.backend import resolve
 from nasops.ops import reference
+from nasops.ops._layout import common_layout, kernel_channels_last, layout_of, memory_format
 from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs, check_same_device, check_tau,
                                 check_tensor)
 from nasops.ops._registry import kernel_for, unique_variants, variants
@@ -77,7 +82,8 @@ def patch_pool(x: torch.Tensor, grid, *, backend: str | None = None) -> torch.Te
 
     A grid that does not divide the map gives unequal patches (pixel row h is in
     patch row floor(h*gh/H)); each patch is averaged over its own pixels.
-    Accumulates in float32; returns x's dtype.
+    Accumulates in float32; returns x's dtype. x may be channels_last (read in
+    place; its gradient comes back channels_last).
     """
     check_tensor(x, "x", ndim=4)
     grid = check_grid(grid, x.shape[2], x.shape[3])
@@ -193,7 +199,7 @@ def patch_attention_mixed_op(x: torch.Tensor, outputs: Sequence[torch.Tensor | N
         mix = kernel_for(_MIX_KERNELS, name, "mixed_op")
         y, w = _PatchAttentionMixedOp.apply(kernels, mix, (gh, gw), tau, K,
                                             live_index, x, Wq, Wk, prior, zero_key,
-                                            *(o for _, o in live))
+                                            *common_layout([o for _, o in live]))
     return y, w
 
 
@@ -273,7 +279,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
 
         ctx.kernels, ctx.mix, ctx.grid, ctx.tau, ctx.K = kernels, mix, grid, tau, K
         ctx.live_index = live_index
-        ctx.x_meta = (x.shape[2], x.shape[3], x.dtype)
+        ctx.x_meta = (x.shape[2], x.shape[3], x.dtype, kernel_channels_last([x]))
         ctx.has_prior = prior is not None
         ctx.param_dtype = Wq.dtype
         ctx.save_for_backward(pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs)
@@ -283,13 +289,16 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_w_out):
-        with _without_autocast(ctx.saved_tensors[0].device):
-            return _PatchAttentionMixedOp._backward(ctx, grad_y, grad_w_out)
+        # saved_tensors read once: under torch.utils.checkpoint (--recompute-edges)
+        # a second read is an error.
+        saved = ctx.saved_tensors
+        with _without_autocast(saved[0].device):
+            return _PatchAttentionMixedOp._backward(ctx, saved, grad_y, grad_w_out)
 
     @staticmethod
-    def _backward(ctx, grad_y, grad_w_out):
+    def _backward(ctx, saved, grad_y, grad_w_out):
         _, pool_backward, _, attention_backward, outputs_backward = ctx.kernels
-        pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs = ctx.saved_tensors
+        pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs = saved
         needs = ctx.needs_input_grad
         need_x, need_Wq, need_Wk, need_prior, need_zero_key = needs[6:11]
         need_outputs = needs[11:]
@@ -327,17 +336,20 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         if need_Wk:
             grad_Wk = (grad_u.reshape(-1, C).T @ q.reshape(-1, D)).to(Wk.dtype)
         if need_x:
-            height, width, dtype = ctx.x_meta
-            grad_x = pool_backward(grad_q @ Wq.to(acc).T, list(grid), height, width, dtype)
+            height, width, dtype, x_channels_last = ctx.x_meta
+            grad_x = pool_backward(grad_q @ Wq.to(acc).T, list(grid), height, width, dtype, x_channels_last)
         grad_prior = grad_prior.to(ctx.param_dtype) if need_prior and ctx.has_prior else None
 
         grad_outputs = [None] * len(live_outputs)
         if any(need_outputs):
             grad_pooled = (grad_keys if len(live_index) == K
                            else grad_keys[:, :, live_index, :C].contiguous())  # (B, P, K_live, C)
+            # The kernel writes the gradients in grad_y's layout: the outputs' one.
+            outputs_layout = layout_of(live_outputs)
             if grad_y is None:
-                grad_y = live_outputs[0].new_zeros(live_outputs[0].shape)
-            grads = outputs_backward(grad_y, w_live, grad_pooled, list(grid))
+                grad_y = torch.zeros_like(live_outputs[0], memory_format=outputs_layout)
+            grads = outputs_backward(grad_y.contiguous(memory_format=outputs_layout), w_live,
+                                     grad_pooled, list(grid))
             grad_outputs = [g if need else None for g, need in zip(grads, need_outputs)]
         return (None, None, None, None, None, None, grad_x, grad_Wq, grad_Wk, grad_prior,
                 grad_zero_key, *grad_outputs)
@@ -351,8 +363,9 @@ def _fake_pool(maps, grid):
                              dtype=accumulation_dtype(maps[0].dtype))
 
 
-def _fake_pool_backward(grad, grid, height, width, dtype):
-    return grad.new_empty(grad.shape[0], grad.shape[2], height, width, dtype=dtype)
+def _fake_pool_backward(grad, grid, height, width, dtype, channels_last=False):
+    return torch.empty(grad.shape[0], grad.shape[2], height, width, dtype=dtype, device=grad.device,
+                       memory_format=memory_format(channels_last))
 
 
 def _fake_attention(q, k, prior, tau):
@@ -365,19 +378,20 @@ def _fake_attention_backward(grad_w, w, q, k, tau, prior_requires_grad):
 
 
 def _fake_outputs_backward(grad, weights, grad_pooled, grid):
-    return [torch.empty_like(grad, memory_format=torch.contiguous_format)
-            for _ in range(weights.shape[2])]
+    return [torch.empty_like(grad, memory_format=layout_of([grad])) for _ in range(weights.shape[2])]
 
 
 def _pool_setup_context(ctx, inputs, output):
     maps, grid = inputs
     ctx.grid = grid
     ctx.shapes = [(m.shape[2], m.shape[3], m.dtype) for m in maps]
+    ctx.channels_last = kernel_channels_last(maps)  # the layout the kernel read them in
 
 
 def _make_pool_backward(pool_backward):
     def backward(ctx, grad):
-        grads = [pool_backward(grad[:, :, m].contiguous(), ctx.grid, h, w, dtype) if need else None
+        grads = [pool_backward(grad[:, :, m].contiguous(), ctx.grid, h, w, dtype, ctx.channels_last)
+                 if need else None
                  for m, ((h, w, dtype), need) in enumerate(zip(ctx.shapes, ctx.needs_input_grad[0]))]
         return grads, None
     return backward

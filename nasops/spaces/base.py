@@ -1,21 +1,72 @@
 """The interface every search network of ``nasops.spaces`` implements."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import nasops.ops
 
 
-class MixedEdge(nn.Module):
+class RecomputableEdge(nn.Module):
+    """A mixed edge whose op outputs may be recomputed in the backward.
+
+    A subclass computes the edge in ``_mix(x, weights)`` (and leaves ``forward``
+    alone: :func:`set_recompute_edges` counts only edges whose forward is this
+    one, so an edge that bypasses it is never reported as recomputing). With ``recompute``
+    on (off by default; :func:`set_recompute_edges`) the edge keeps only its
+    input for the backward and computes its ops' outputs again there
+    (``torch.utils.checkpoint``, non-reentrant, RNG state preserved), so none of
+    the K op outputs and their intermediates stays alive between the forward
+    and the backward. BatchNorm layers would update their running statistics
+    twice, once per forward; the recomputation restores them, so a run with
+    recomputation equals one without (the tests check losses, gradients and
+    running statistics).
+    """
+
+    recompute = False
+
+    def forward(self, x, weights=None):
+        if self.recompute and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # AOTAutograd recomputes the region from the traced graph and
+                # applies buffer mutations once, in the forward: no restoring needed
+                # (and dynamo takes no custom context_fn).
+                return torch.utils.checkpoint.checkpoint(self._mix, x, weights, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self._mix, x, weights, use_reentrant=False,
+                                                     context_fn=self._recompute_contexts)
+        return self._mix(x, weights)
+
+    def _recompute_contexts(self):
+        """(forward, recomputation) contexts of torch.utils.checkpoint."""
+        return contextlib.nullcontext(), _restored_buffers(self)
+
+    def _mix(self, x, weights):
+        raise NotImplementedError
+
+
+def set_recompute_edges(module: nn.Module, enabled: bool = True) -> int:
+    """Switch recomputation on (or off) for every :class:`RecomputableEdge` in
+    ``module`` (any network: a search network, or one that wraps it). Returns
+    the number of edges switched."""
+    edges = [m for m in module.modules()
+             if isinstance(m, RecomputableEdge) and type(m).forward is RecomputableEdge.forward]
+    for m in edges:
+        m.recompute = enabled
+    return len(edges)
+
+
+class MixedEdge(RecomputableEdge):
     """One DARTS mixed edge: ``sum_k w_k * op_k(x)`` through :func:`nasops.ops.mixed_op`.
 
     ``ops`` holds one module per candidate, ``None`` for the Zero op: its output
     is passed to ``mixed_op`` as ``None`` and never computed. ``op_names`` keeps
-    the candidates' names in the order of the weights.
+    the candidates' names in the order of the weights. Recomputation: see
+    :class:`RecomputableEdge`.
     """
 
     def __init__(self, op_names, ops):
@@ -29,7 +80,7 @@ class MixedEdge(nn.Module):
         return one_dtype([None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)],
                          x.device.type)
 
-    def forward(self, x, weights):
+    def _mix(self, x, weights):
         return nasops.ops.mixed_op(self.op_outputs(x), weights)
 
 
@@ -48,6 +99,21 @@ def one_dtype(outputs, device_type: str):
     else:
         common = functools.reduce(torch.promote_types, dtypes)
     return [o if o is None else o.to(common) for o in outputs]
+
+
+@contextlib.contextmanager
+def _restored_buffers(module: nn.Module):
+    """Run a block (a recomputation) that may update ``module``'s buffers — the
+    BatchNorm running statistics and batch counters — and put them back as they
+    were. Also when the block stops early: torch.utils.checkpoint ends a
+    recomputation by an exception once it has what the backward needs."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 class SearchNetwork(nn.Module):
@@ -121,6 +187,10 @@ class SearchNetwork(nn.Module):
                                      f"(edges, ops), got {tuple(w.shape)}")
                 mixing[t] = w
         return mixing
+
+    def set_recompute_edges(self, enabled: bool = True) -> int:
+        """:func:`set_recompute_edges` on this network."""
+        return set_recompute_edges(self, enabled)
 
     # ---- description ----------------------------------------------------------------
     def op_names(self, cell_type: str) -> list[list[str]]:

@@ -70,7 +70,7 @@ from torch.autograd.function import once_differentiable
 
 import nasops.ops
 from nasops.ops.reference import TOKEN_GATES
-from nasops.spaces.base import SearchNetwork, one_dtype
+from nasops.spaces.base import RecomputableEdge, SearchNetwork, one_dtype
 from nasops.spaces.darts import derive_genes, edge_ends, genes_str
 
 VIT_OPS = ("none", "skip_connect", "msa_h8", "msa_h12", "msa_h16", "mlp_r0.5", "mlp_r3", "mlp_r4")
@@ -219,9 +219,10 @@ def _check_sizes(*, in_channels, num_classes, embed_dim, depth, nodes, image_siz
 
 # ---- the search network -------------------------------------------------------------------
 
-class VitMixedEdge(nn.Module):
+class VitMixedEdge(RecomputableEdge):
     """A mixed edge on tokens, with DASViT's partial token selection when ``token_ratio < 1``
-    (see the module docstring)."""
+    (see the module docstring). Recomputation (``--recompute-edges``): see
+    :class:`nasops.spaces.base.RecomputableEdge`."""
 
     def __init__(self, op_names: Sequence[str], dim: int, token_ratio: float = 1.0,
                  token_gate: str = "straight_through"):
@@ -237,14 +238,19 @@ class VitMixedEdge(nn.Module):
         # W_Q and W_K of the selection, one C x 2C matrix; only where there is something to save.
         self.selector = nn.Linear(dim, 2 * dim, bias=False) if token_ratio < 1.0 and len(self.ops) else None
 
-    def forward(self, x, weights):
+    def _mix(self, x, weights):
         """``x`` (B, N, C); ``weights`` (K,) or per sample (B, K)."""
         if self.selector is None:
             outputs = [None if n == "none" else x if n == "skip_connect" else self.ops[_module_key(n)](x)
                        for n in self.op_names]
             return nasops.ops.mixed_op(one_dtype(outputs, x.device.type), weights)
 
-        x_sel, idx = RecomputedSelection.apply(x, self.selector.weight, self.token_ratio, self.token_gate)
+        if torch.compiler.is_compiling():
+            # Compiled (--compile): dynamo cannot trace the autograd.grad of the
+            # recomputing Function; AOTAutograd's partitioner decides what to keep.
+            x_sel, idx = select_tokens(x, self.selector.weight, self.token_ratio, self.token_gate)
+        else:
+            x_sel, idx = RecomputedSelection.apply(x, self.selector.weight, self.token_ratio, self.token_gate)
         outputs = [None if n in PARAMETER_FREE else self.ops[_module_key(n)](x_sel) for n in self.op_names]
         y_sel = nasops.ops.mixed_op(one_dtype(outputs, x.device.type), weights)  # (B, keep, C)
         if self.identity is None:

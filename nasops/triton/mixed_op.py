@@ -15,6 +15,17 @@ Reading the K outputs in place
     compiled variant per K, any K >= 1 (tested to 20); no chunking is needed.
     The tuple works identically under ``TRITON_INTERPRET=1`` on CPU tensors.
 
+channels_last
+    When every output is channels_last-dense (and they are not all contiguous
+    too: the rule every backend shares, nasops/ops/_layout.py), the kernels
+    read them in place in that order, and y and the gradients of the outputs
+    are channels_last. A sample is then one plane of
+    H rows of W*C elements: the P == 1 path is the same (a sample is C*H*W
+    consecutive elements either way), and the P > 1 path runs with C = 1,
+    W = W*C and PIXEL = C, PIXEL being the elements of a row that share one
+    pixel column (1 for contiguous maps). Any other strides are made
+    contiguous first.
+
 Accumulation
     In the weights' dtype: float32, or float64 for float64 outputs (gradcheck).
     Results are cast to the outputs' dtype once, at the store.
@@ -95,6 +106,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nasops.ops._layout import empty_like_layout, kernel_channels_last
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -117,15 +130,24 @@ def _configs(blocks, warps):
 
 # ---- P == 1: one weight per (sample, op); blocks of one sample's C*H*W ------------------
 
+@triton.jit
+def _flat_block_offsets(pid, CHW, BLOCK: tl.constexpr):
+    """(sample, offsets, mask) of program ``pid``'s block. The mask compares the
+    position in the block with what is left of the sample, never a sum that
+    could pass 2^31 - 1: the offsets of live lanes stay below CHW < 2^31."""
+    blocks_per_sample = tl.cdiv(CHW, BLOCK)
+    b = pid // blocks_per_sample
+    start = (pid % blocks_per_sample) * BLOCK
+    lane = tl.arange(0, BLOCK)
+    return b, start + lane, lane < CHW - start
+
+
 @triton.autotune(configs=_configs([1024, 2048, 4096], [4, 8]), key=["CHW", "K"])
 @triton.jit
 def _forward_flat(outs, w_ptr, y_ptr, CHW, w_batch_stride,
                   K: tl.constexpr, BLOCK: tl.constexpr):
-    blocks_per_sample = tl.cdiv(CHW, BLOCK)
     pid = tl.program_id(0)
-    b = pid // blocks_per_sample
-    offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < CHW
+    b, offs, mask = _flat_block_offsets(pid, CHW, BLOCK)
     base = b.to(tl.int64) * CHW
     acc = tl.zeros([BLOCK], dtype=w_ptr.dtype.element_ty)
     for k in tl.static_range(K):
@@ -140,11 +162,8 @@ def _forward_flat(outs, w_ptr, y_ptr, CHW, w_batch_stride,
 def _backward_flat(g_ptr, outs, grad_outs, w_ptr, partial_ptr, CHW, w_batch_stride,
                    K: tl.constexpr, BLOCK: tl.constexpr,
                    NEED_GO: tl.constexpr, NEED_GW: tl.constexpr):
-    blocks_per_sample = tl.cdiv(CHW, BLOCK)
     pid = tl.program_id(0)
-    b = pid // blocks_per_sample
-    offs = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < CHW
+    b, offs, mask = _flat_block_offsets(pid, CHW, BLOCK)
     base = b.to(tl.int64) * CHW
     acc_t = w_ptr.dtype.element_ty
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_t)
@@ -161,7 +180,7 @@ def _backward_flat(g_ptr, outs, grad_outs, w_ptr, partial_ptr, CHW, w_batch_stri
 
 @triton.jit
 def _patch_tile(pid, C, n_cblocks, n_chunks, H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr,
-                GW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                GW: tl.constexpr, PIXEL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Decode a program id into its sample, patch row and tile (see module docstring)."""
     chunk = pid % n_chunks
     t = pid // n_chunks
@@ -173,7 +192,7 @@ def _patch_tile(pid, C, n_cblocks, n_chunks, H: tl.constexpr, W: tl.constexpr, G
     row1 = ((ph + 1) * H + GH - 1) // GH    # one past its last
     j = chunk * BLOCK_HW + tl.arange(0, BLOCK_HW)   # position in the segment of rows
     valid_j = j < (row1 - row0) * W
-    pw = (j % W) * GW // W                  # patch column of each position
+    pw = (j % W) // PIXEL * GW // (W // PIXEL)   # patch column of each position
     c = cblock * BLOCK_C + tl.arange(0, BLOCK_C)
     offs = c[:, None] * (H * W) + (row0 * W + j)[None, :]
     mask = (c < C)[:, None] & valid_j[None, :]
@@ -191,13 +210,14 @@ def _tile_weight(w_ptr, row_offset, pw, valid_j, k, GW: tl.constexpr, K: tl.cons
         return tl.load(w_ptr + row_offset + pw * K + k, mask=valid_j, other=0.0)[None, :]
 
 
-@triton.autotune(configs=_configs([], [2, 4, 8]), key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW"])
+@triton.autotune(configs=_configs([], [2, 4, 8]),
+                 key=["C", "H", "W", "GH", "GW", "PIXEL", "K", "BLOCK_C", "BLOCK_HW"])
 @triton.jit
 def _forward_patch(outs, w_ptr, y_ptr, C, n_cblocks, n_chunks, w_batch_stride,
                    H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
-                   K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                   PIXEL: tl.constexpr, K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     b, ph, pw, valid_j, offs, mask, _ = _patch_tile(
-        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, BLOCK_C, BLOCK_HW)
+        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, PIXEL, BLOCK_C, BLOCK_HW)
     base = b.to(tl.int64) * C * H * W
     w_row = b * w_batch_stride + ph * GW * K
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=w_ptr.dtype.element_ty)
@@ -209,14 +229,14 @@ def _forward_patch(outs, w_ptr, y_ptr, C, n_cblocks, n_chunks, w_batch_stride,
 
 
 @triton.autotune(configs=_configs([], [2, 4, 8]),
-                 key=["C", "H", "W", "GH", "GW", "K", "BLOCK_C", "BLOCK_HW", "NEED_GO", "NEED_GW"])
+                 key=["C", "H", "W", "GH", "GW", "PIXEL", "K", "BLOCK_C", "BLOCK_HW", "NEED_GO", "NEED_GW"])
 @triton.jit
 def _backward_patch(g_ptr, outs, grad_outs, w_ptr, partial_ptr, C, n_cblocks, n_chunks, w_batch_stride,
                     H: tl.constexpr, W: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
-                    K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+                    PIXEL: tl.constexpr, K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
                     GW_PAD: tl.constexpr, NEED_GO: tl.constexpr, NEED_GW: tl.constexpr):
     b, ph, pw, valid_j, offs, mask, part = _patch_tile(
-        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, BLOCK_C, BLOCK_HW)
+        tl.program_id(0), C, n_cblocks, n_chunks, H, W, GH, GW, PIXEL, BLOCK_C, BLOCK_HW)
     base = b.to(tl.int64) * C * H * W
     acc_t = w_ptr.dtype.element_ty
     g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(acc_t)
@@ -238,8 +258,14 @@ def _backward_patch(g_ptr, outs, grad_outs, w_ptr, partial_ptr, C, n_cblocks, n_
 
 # ---- launchers -----------------------------------------------------------------------
 
-def _canonical(outputs, weights, grid):
-    """Validate the canonical arguments (csrc/ops.cpp) and make the tensors contiguous."""
+def _canonical(outputs, weights, grid, read_outputs=True):
+    """Validate the canonical arguments (csrc/ops.cpp) and bring the outputs to one
+    layout the kernels walk (see the module docstring: channels_last).
+
+    Returns (outputs, weights, (B, C, H, W), (gh, gw), pixel, channels_last, w_batch_stride)
+    with (C, H, W) and pixel in memory order: (1, H, W*C) and C for channels_last.
+    Outputs that are not read (``read_outputs=False``) are not copied.
+    """
     if len(outputs) == 0:
         raise ValueError("outputs: expected at least one tensor, got an empty list")
     ref = outputs[0]
@@ -261,13 +287,21 @@ def _canonical(outputs, weights, grid):
         raise ValueError(f"weights: expected shape (1 or {B}, {gh * gw}, {K}), got {tuple(weights.shape)}")
     if weights.dtype != acc or weights.device != ref.device:
         raise ValueError(f"weights: expected {acc} on {ref.device}, got {weights.dtype} on {weights.device}")
-    if C * H * W >= 2**31:
-        raise ValueError(f"outputs: one sample has {C * H * W} elements; at most 2**31 - 1 supported")
-    outs = tuple(o.contiguous() for o in outputs)
+    # Offsets are 32-bit within a sample: a live lane's offset is below C*H*W, and
+    # the P > 1 tiles' positions reach at most one tile (_MAX_TILE) beyond it.
+    if C * H * W > _MAX_SAMPLE:
+        raise ValueError(f"outputs: one sample has {C * H * W} elements; at most {_MAX_SAMPLE} supported")
+    channels_last = kernel_channels_last(outputs)
+    if channels_last or not read_outputs:
+        outs = tuple(outputs)
+    else:
+        outs = tuple(o.contiguous() for o in outputs)
     weights = weights.contiguous()
     # A batch of one sample and per-sample weights index like per-edge weights.
     w_batch_stride = weights.shape[1] * K if weights.shape[0] > 1 else 0
-    return outs, weights, (B, C, H, W), (gh, gw), w_batch_stride
+    if channels_last:
+        return outs, weights, (B, 1, H, W * C), (gh, gw), C, True, w_batch_stride
+    return outs, weights, (B, C, H, W), (gh, gw), 1, False, w_batch_stride
 
 
 def _on_device(t: torch.Tensor):
@@ -286,6 +320,8 @@ def _on_device(t: torch.Tensor):
 # can shrink it to exercise many programs per sample on tiny shapes.
 _MAX_TILE = 16384 if _INTERPRET else 4096
 _MIN_TILE = 1024
+# The largest sample (C*H*W elements) the 32-bit offsets allow (see _canonical).
+_MAX_SAMPLE = 2**31 - 1 - 16384
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,7 +343,7 @@ def _tile_elements(total: int, device: torch.device) -> int:
 def _flat_samples(B: int, chw: int, weights: torch.Tensor) -> tuple[int, int]:
     """(samples, elements per sample) of the P == 1 path: per-edge weights treat the
     whole batch as one sample (no partly filled block at each sample's end)."""
-    if weights.shape[0] == 1 and B * chw < 2**31:
+    if weights.shape[0] == 1 and B * chw <= _MAX_SAMPLE:
         return 1, B * chw
     return B, chw
 
@@ -329,8 +365,9 @@ def _patch_tiling(C, H, W, gh, gw, tile):
 
 
 def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: list[int]) -> torch.Tensor:
-    outs, w, (B, C, H, W), (gh, gw), w_batch_stride = _canonical(outputs, weights, grid)
-    y = torch.empty((B, C, H, W), dtype=outs[0].dtype, device=outs[0].device)
+    outs, w, (B, C, H, W), (gh, gw), pixel, channels_last, w_batch_stride = \
+        _canonical(outputs, weights, grid)
+    y = empty_like_layout(outs[0], channels_last)
     if y.numel() == 0:
         return y
     K = len(outs)
@@ -344,19 +381,22 @@ def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: l
             block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw, tile)
             _forward_patch[(B * gh * n_cblocks * n_chunks,)](
                 outs, w, y, C, n_cblocks, n_chunks, w_batch_stride,
-                H=H, W=W, GH=gh, GW=gw, K=K, BLOCK_C=block_c, BLOCK_HW=block_hw)
+                H=H, W=W, GH=gh, GW=gw, PIXEL=pixel, K=K, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return y
 
 
 def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: torch.Tensor,
                       grid: list[int], outputs_requires_grad: bool, weights_requires_grad: bool):
-    outs, w, (B, C, H, W), (gh, gw), w_batch_stride = _canonical(outputs, weights, grid)
+    outs, w, (B, C, H, W), (gh, gw), pixel, channels_last, w_batch_stride = \
+        _canonical(outputs, weights, grid, read_outputs=weights_requires_grad)
     if grad.shape != outs[0].shape or grad.device != outs[0].device:
         raise ValueError(f"grad: expected shape {tuple(outs[0].shape)} on {outs[0].device}, "
                          f"got {tuple(grad.shape)} on {grad.device}")
-    g = grad.to(outs[0].dtype).contiguous()
+    # A gradient in the other layout is copied once (autograd decides its layout).
+    g = grad.to(outs[0].dtype).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     K = len(outs)
-    grad_outs = [torch.empty_like(o) for o in outs] if outputs_requires_grad else []
+    grad_outs = [empty_like_layout(g, channels_last) for _ in outs] if outputs_requires_grad else []
     if not weights_requires_grad:
         grad_w = weights.new_empty(0)
     elif g.numel() == 0:
@@ -385,7 +425,7 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
                 if weights_requires_grad else w
             _backward_patch[(B * gh * parts,)](
                 g, outs, grad_out_ptrs, w, partial, C, n_cblocks, n_chunks, w_batch_stride,
-                H=H, W=W, GH=gh, GW=gw, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                H=H, W=W, GH=gh, GW=gw, PIXEL=pixel, BLOCK_C=block_c, BLOCK_HW=block_hw,
                 GW_PAD=_next_pow2(gw), **flags)
             if weights_requires_grad:
                 grad_w = partial.sum((0, 2) if w.shape[0] == 1 else 2).reshape(w.shape)  # (Bw, P, K)

@@ -9,6 +9,11 @@ output, the weights, q): float32, or float64 for float64 inputs (gradcheck).
 The mosaic: patch row ph covers rows [ceil(ph*H/gh), ceil((ph+1)*H/gh)), which
 is SPEC 2.1's floor(h*gh/H) == ph; columns likewise.
 
+Maps are read in place when all are contiguous or all channels_last (the rule
+of nasops/ops/_layout.py); the pool indexes them through their layout's
+strides, and the elementwise kernels decode flat offsets in the layout's order
+(CHANNELS_LAST) and write their results in it.
+
 Launches pass only tensors, ints and float64-annotated scalars: the K maps or
 gradients as a tuple of tensors (K pointer parameters; a table of pointers
 would be a host-to-device copy per call, which also breaks CUDA-graph capture),
@@ -22,6 +27,7 @@ import triton
 import triton.language as tl
 
 from nasops.backend import triton_interpreting
+from nasops.ops._layout import kernel_channels_last, memory_format
 
 # The interpreter runs each program instance in Python: fewer, bigger blocks.
 _ELEMENT_BLOCK = 8192 if triton_interpreting() else 1024
@@ -35,8 +41,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # ---- patch_pool ------------------------------------------------------------------------
 
 @triton.jit
-def _pool_kernel(maps, out, C, H, W, M: tl.constexpr, gh: tl.constexpr, gw: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+def _pool_kernel(maps, out, C, H, W, M: tl.constexpr, stride_b, stride_c, stride_h, stride_w,
+                 gh: tl.constexpr, gw: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
     # One program: the patch means of BLOCK_C channels of one (b, p) of map m.
     # The M maps arrive as a tuple (M pointer parameters: no table to copy to the
     # device per call); program_id(2) picks one, unrolled over the M choices.
@@ -54,14 +60,15 @@ def _pool_kernel(maps, out, C, H, W, M: tl.constexpr, gh: tl.constexpr, gw: tl.c
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = c0 + tl.arange(0, BLOCK_W)
     mask = (chans[:, None] < C) & (cols[None, :] < c1)
-    offs = (b * C + chans[:, None]).to(tl.int64) * H * W + cols[None, :]
+    offs = (b.to(tl.int64) * stride_b + chans[:, None].to(tl.int64) * stride_c
+            + cols[None, :] * stride_w)
     acc_ty = out.dtype.element_ty
     count = ((r1 - r0) * (c1 - c0)).to(acc_ty)
     for m in tl.static_range(M):
         if m == m_id:
             total = tl.zeros([BLOCK_C, BLOCK_W], dtype=acc_ty)
             for h in range(r0, r1):
-                total += tl.load(maps[m] + offs + h * W, mask=mask, other=0.0).to(acc_ty)
+                total += tl.load(maps[m] + offs + h * stride_h, mask=mask, other=0.0).to(acc_ty)
             mean = tl.sum(total, axis=1) / count
             tl.store(out + ((b * P + p) * M + m) * C + chans, mean, mask=chans < C)
 
@@ -73,23 +80,33 @@ def patch_pool_triton(maps: list[torch.Tensor], grid: list[int]) -> torch.Tensor
     out = torch.empty(B, P, M, C, device=maps[0].device, dtype=_acc(maps[0].dtype))
     if out.numel() == 0:
         return out
-    maps = [x.contiguous() for x in maps]
+    channels_last = kernel_channels_last(maps)
+    if channels_last:  # (b, c, h, w) at b*HWC + c + h*WC + w*C
+        strides = (H * W * C, 1, W * C, C)
+    else:
+        maps = [x.contiguous() for x in maps]
+        strides = (C * H * W, H * W, W, 1)
     block_w = triton.next_power_of_2(triton.cdiv(W, gw))
     block_c = min(triton.next_power_of_2(C), max(1, 4096 // block_w) if triton_interpreting() else 32)
     # All M maps in one launch, each read in place.
     _pool_kernel[(B * P, triton.cdiv(C, block_c), M)](
-        tuple(maps), out, C, H, W, M, gh, gw, BLOCK_C=block_c, BLOCK_W=block_w)
+        tuple(maps), out, C, H, W, M, *strides, gh, gw, BLOCK_C=block_c, BLOCK_W=block_w)
     return out
 
 
 # ---- patch_pool_backward and patch_attention_outputs_backward ------------------------------
 
 @triton.jit
-def _pixel_patch(offs, C, H, W, gh: tl.constexpr, gw: tl.constexpr):
-    """(b, p, c, 1/|p|) of flat (B, C, H, W) offsets."""
-    w = offs % W
-    h = (offs // W) % H
-    c = (offs // (H * W)) % C
+def _pixel_patch(offs, C, H, W, gh: tl.constexpr, gw: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """(b, p, c, |p|) of flat offsets into (B, C, H, W) (B, H, W, C when CHANNELS_LAST)."""
+    if CHANNELS_LAST:
+        c = offs % C
+        w = (offs // C) % W
+        h = (offs // (C * W)) % H
+    else:
+        w = offs % W
+        h = (offs // W) % H
+        c = (offs // (H * W)) % C
     b = offs // (C * H * W)
     ph = h * gh // H
     pw = w * gw // W
@@ -100,32 +117,35 @@ def _pixel_patch(offs, C, H, W, gh: tl.constexpr, gw: tl.constexpr):
 
 @triton.jit
 def _pool_backward_kernel(grad, out, N, C, H, W, gh: tl.constexpr, gw: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    b, p, c, count = _pixel_patch(offs, C, H, W, gh, gw)
+    b, p, c, count = _pixel_patch(offs, C, H, W, gh, gw, CHANNELS_LAST)
     g = tl.load(grad + (b * (gh * gw) + p) * C + c, mask=mask, other=0.0)
     tl.store(out + offs, (g / count.to(g.dtype)).to(out.dtype.element_ty), mask=mask)
 
 
 def patch_pool_backward_triton(grad: torch.Tensor, grid: list[int], height: int, width: int,
-                               dtype: torch.dtype) -> torch.Tensor:
+                               dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
     B, P, C = grad.shape
-    out = torch.empty(B, C, height, width, device=grad.device, dtype=dtype)
+    out = torch.empty(B, C, height, width, device=grad.device, dtype=dtype,
+                      memory_format=memory_format(channels_last))
     N = out.numel()
     if N:
         _pool_backward_kernel[(triton.cdiv(N, _ELEMENT_BLOCK),)](
-            grad.contiguous(), out, N, C, height, width, grid[0], grid[1], BLOCK=_ELEMENT_BLOCK)
+            grad.contiguous(), out, N, C, height, width, grid[0], grid[1],
+            CHANNELS_LAST=bool(channels_last), BLOCK=_ELEMENT_BLOCK)
     return out
 
 
 @triton.jit
 def _outputs_backward_kernel(grad, weights, grad_pooled, grad_outs, N, C, H, W, K: tl.constexpr,
-                             gh: tl.constexpr, gw: tl.constexpr, BLOCK: tl.constexpr):
+                             gh: tl.constexpr, gw: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                             BLOCK: tl.constexpr):
     # grad o_k = w[b, p, k] * g + grad_pooled[b, p, k, c] / |p|: g read once for all K.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    b, p, c, count = _pixel_patch(offs, C, H, W, gh, gw)
+    b, p, c, count = _pixel_patch(offs, C, H, W, gh, gw, CHANNELS_LAST)
     acc_ty = weights.dtype.element_ty
     g = tl.load(grad + offs, mask=mask, other=0.0).to(acc_ty)
     inv_count = 1.0 / count.to(acc_ty)
@@ -140,12 +160,16 @@ def patch_attention_outputs_backward_triton(grad: torch.Tensor, weights: torch.T
                                             grad_pooled: torch.Tensor, grid: list[int]) -> list[torch.Tensor]:
     B, C, H, W = grad.shape
     K = weights.shape[2]
-    grads = [torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype) for _ in range(K)]
+    # The gradients take grad's layout (the caller brings grad to the outputs' layout).
+    channels_last = kernel_channels_last([grad])
+    grads = [torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype,
+                         memory_format=memory_format(channels_last)) for _ in range(K)]
     N = grad.numel()
     if N:
         _outputs_backward_kernel[(triton.cdiv(N, _ELEMENT_BLOCK),)](
-            grad.contiguous(), weights.contiguous(), grad_pooled.contiguous(), tuple(grads),
-            N, C, H, W, K, grid[0], grid[1], BLOCK=_ELEMENT_BLOCK)
+            grad if channels_last else grad.contiguous(), weights.contiguous(), grad_pooled.contiguous(),
+            tuple(grads), N, C, H, W, K, grid[0], grid[1], CHANNELS_LAST=channels_last,
+            BLOCK=_ELEMENT_BLOCK)
     return grads
 
 
@@ -250,7 +274,8 @@ _LIB = torch.library.Library("nasops", "FRAGMENT")
 _OPS = {
     "patch_pool_triton": ("(Tensor[] maps, int[] grid) -> Tensor", patch_pool_triton),
     "patch_pool_backward_triton": (
-        "(Tensor grad, int[] grid, int height, int width, ScalarType dtype) -> Tensor",
+        "(Tensor grad, int[] grid, int height, int width, ScalarType dtype, bool channels_last=False) "
+        "-> Tensor",
         patch_pool_backward_triton),
     "patch_softmax_attention_triton": (
         "(Tensor q, Tensor k, Tensor? prior, float tau) -> Tensor", patch_softmax_attention_triton),

@@ -1,0 +1,94 @@
+"""benchmarks/bench_search_step.py stays runnable: a tiny network, one step per
+provider, the memory processes, the RESULTS.md section and the plot; and the
+parts only a GPU run uses (the GPU tables, the largest-batch search) on made-up
+inputs. (The measurements themselves are not tests: see benchmarks/RESULTS.md.)"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_search_step  # noqa: E402
+
+sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_benchmark_runs_every_method_and_writes_its_section(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\n<!-- BEGIN mixed_op cpu -->\nkept\n<!-- END mixed_op cpu -->\n")
+    chosen = ["eager-nchw", "eager-nhwc", "nasops-recompute"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_search_step.py"), "--device", "cpu",
+           "--methods", "darts-1st", "dasvit", "hardexit", "--providers", *chosen, "--batch-sizes", "4",
+           "--steps", "1", "--warmup", "0", "--memory-steps", "1", "--layers", "3", "--init-channels", "4",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "kept" in text  # other sections stay
+    section = text.split("<!-- BEGIN search_step cpu -->")[1].split("<!-- END search_step cpu -->")[0]
+    # the token network (dasvit) runs no layout provider: a table of its own
+    # columns: times, ratios to the first provider, and (maps) nasops' ratio to eager-nhwc
+    for method, providers, columns in (("darts-1st", chosen, 3 + 2 + 1), ("hardexit", chosen, 3 + 2 + 1),
+                                       ("dasvit", ["eager", "nasops-recompute"], 2 + 1)):
+        rows = [line for line in section.splitlines() if line.startswith(f"| {method} | 4 |")]
+        assert len(rows) == 2, section  # the time table and the memory table
+        time_cells, memory_cells = rows[0].split("|")[3:-1], rows[1].split("|")[3:-1]
+        assert len(time_cells) == columns, rows[0]
+        assert all(float(c) > 0 for c in time_cells), rows[0]
+        assert len(memory_cells) == len(providers) and all("(" in c for c in memory_cells), rows[1]
+    assert "| method | batch | eager s | nasops-recompute s | nasops-recompute x eager |" in section
+    assert (tmp_path / "search_step_cpu.png").stat().st_size > 1000
+
+
+def test_method_providers():
+    assert bench_search_step.method_providers("dasvit", "cpu", None) == [
+        "eager", "nasops", "nasops-compile", "nasops-recompute"]
+    assert bench_search_step.method_providers("darts-2nd", "cpu", None)[:2] == ["eager-nchw", "eager-nhwc"]
+    # a token network has no layout: the layout providers stand for the plain ones
+    assert bench_search_step.method_providers("dasvit", "cuda", ["eager-nchw", "eager-nhwc", "nasops-nchw",
+                                                                  "nasops"]) == ["eager", "nasops"]
+    assert "nasops-compile" not in bench_search_step.method_providers("midas", "cpu", None)
+    # DARTS' size comes from --layers / --init-channels, the others carry their own
+    assert bench_search_step.method_flags("darts-1st")[-4:] == ["--layers", "8", "--init-channels", "16"]
+    assert "--embed-dim" in bench_search_step.method_flags("dasvit")
+
+
+def test_largest_batch_doubles_then_bisects():
+    for limit_fit in (1, 37, 64, 100, 127, 128, 1000):
+        calls = []
+
+        def fits(b, limit_fit=limit_fit):
+            calls.append(b)
+            return b <= limit_fit
+
+        assert bench_search_step.largest_batch(fits, start=64, limit=4096) == limit_fit
+        assert len(calls) <= 2 * 12
+    assert bench_search_step.largest_batch(lambda b: False) == 0
+    assert bench_search_step.largest_batch(lambda b: True, limit=512) == 512
+    for limit_fit in (37, 100, 1000):
+        found = bench_search_step.largest_batch(lambda b, f=limit_fit: b <= f, resolution=8)
+        assert limit_fit - 8 < found <= limit_fit
+
+
+def test_gpu_report_has_the_projection_and_the_largest_batches(monkeypatch):
+    import harness
+    monkeypatch.setattr(harness, "device_name", lambda device: "a test GPU")
+    results = {("darts-1st", 64): {
+        "time": {"eager-nchw": [0.2, 0.2, 0.2], "nasops-nchw": [0.1, 0.1, 0.1]},
+        "memory": {"eager-nchw": {"peak_cuda": 3 * 2**30, "cuda_before": 0},
+                   "nasops-nchw": {"error": "out of memory"}}}}
+    text = bench_search_step.report(results, torch.device("cuda"), "cmd", False, None,
+                                    {("darts-1st", "eager-nchw"): 96, ("darts-1st", "nasops-nchw"): 160})
+    assert "<!-- BEGIN search_step cuda -->" in text and "a test GPU" in text
+    assert "| darts-1st | 64 | 0.200 | 0.100 | 2.00 |" in text
+    assert "| darts-1st | 64 | 3072 | out of memory |" in text
+    # 0.1 s x 390 steps x 50 epochs = 0.54 GPU-hours
+    assert "| darts-1st | 64 | nasops-nchw | 0.54 |" in text
+    assert "| darts-1st | nasops-nchw | 160 |" in text

@@ -1,0 +1,312 @@
+"""The driver's speed and memory flags change how a search runs, never what it
+computes: --memory-format, --recompute-edges and --compile against the plain
+run (tiny networks, a few steps), and recomputation's gradients and BatchNorm
+statistics against the plain network's."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import nasops.spaces
+from nasops.search import main, parse_args
+
+TINY = ["--init-channels", "4", "--batch-size", "16", "--threads", "1", "--quiet", "--epochs", "1",
+        "--layers", "3", "--deterministic"]
+
+
+def _run(out, *flags):
+    return main(["--out", str(out), *TINY, *flags])
+
+
+def _state(out):
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def _assert_same_run(a, b, out_a, out_b, rtol, atol):
+    for ra, rb in zip(a["metrics"], b["metrics"]):
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert ra[key] == pytest.approx(rb[key], rel=rtol, abs=atol), key
+    sa, sb = _state(out_a), _state(out_b)
+    assert sa.keys() == sb.keys()
+    for key in sa:  # weights, alphas, BatchNorm running statistics and counters
+        torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=rtol, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_channels_last_network_equals_contiguous(space):
+    """One forward and backward: the same loss and gradients in both layouts."""
+    plain = _network(space).train()
+    nhwc = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 3, 12, 12)
+    y = torch.randint(0, 5, (6,))
+    losses, grads = [], []
+    for net, inp in ((plain, x), (nhwc, x.contiguous(memory_format=torch.channels_last))):
+        loss = torch.nn.functional.cross_entropy(net(inp), y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for name in grads[0]:
+        # atol: a conv bias before a BatchNorm has a gradient of exactly 0 in
+        # theory, rounding noise (~1e-6) in practice.
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("order", [[], ["--second-order"]], ids=["first-order", "second-order"])
+def test_channels_last_search_equals_contiguous(tmp_path, order):
+    if not order:  # the first step's validation loss comes before any update: equal up to rounding
+        first = [_run(tmp_path / f"first-{f}", "--max-steps", "1", "--memory-format", f)
+                 for f in ("contiguous", "channels_last")]
+        assert first[0]["metrics"][0]["val_loss"] == pytest.approx(first[1]["metrics"][0]["val_loss"],
+                                                                   rel=1e-5)
+    # More steps: rounding differences of the two layouts' convolutions go
+    # through SGD, momentum and Adam (whose first steps are nearly sign(grad)),
+    # so the runs agree closely, not to the last bits.
+    flags = ["--max-steps", "2", *order]
+    plain = _run(tmp_path / "nchw", "--memory-format", "contiguous", *flags)
+    nhwc = _run(tmp_path / "nhwc", "--memory-format", "channels_last", *flags)
+    _assert_same_run(plain, nhwc, tmp_path / "nchw", tmp_path / "nhwc", rtol=5e-3, atol=5e-3)
+    # The channels_last run's feature maps were channels_last: its BatchNorm
+    # statistics equal the contiguous run's above, and its layers saw NHWC maps.
+    seen = []
+    net = _network("darts").to(memory_format=torch.channels_last)
+    net.cells[0].preprocess1.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(
+        memory_format=torch.channels_last) and not o.is_contiguous()))
+    from nasops.search import _in_format
+    net(_in_format((torch.randn(2, 3, 12, 12), None), torch.channels_last)[0])
+    assert seen == [True]
+
+
+def test_speed_flags_are_not_part_of_the_config_and_auto_is_channels_last_on_cpu(tmp_path):
+    from nasops.search import memory_format, run_config
+    args = parse_args(["--out", str(tmp_path), "--memory-format", "channels_last", "--compile",
+                       "--recompute-edges"])
+    assert not {"memory_format", "compile", "recompute_edges"} & set(run_config(args))
+    assert parse_args(["--out", str(tmp_path)]).memory_format == "auto"
+    assert memory_format(parse_args(["--out", str(tmp_path)]), torch.device("cpu")) == torch.channels_last
+    assert memory_format(args, torch.device("cpu")) == torch.channels_last
+    # A run may be resumed with other speed flags.
+    _run(tmp_path / "run", "--max-steps", "1", "--memory-format", "contiguous")
+    resumed = _run(tmp_path / "run", "--max-steps", "1", "--memory-format", "channels_last",
+                   "--recompute-edges", "--resume")
+    assert len(resumed["metrics"]) == 1
+
+
+def test_recompute_edges_search_equals_plain(tmp_path):
+    plain = _run(tmp_path / "plain", "--max-steps", "3", "--second-order")
+    recompute = _run(tmp_path / "recompute", "--max-steps", "3", "--second-order", "--recompute-edges")
+    _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
+
+
+def _network(space, seed=0):
+    torch.manual_seed(seed)
+    return nasops.spaces.build(space, in_channels=3, num_classes=5, C=4,
+                               layers=1 if space == "nb201" else 3)
+
+
+@pytest.mark.parametrize("space", ["darts", "rdarts-s4", "nb201"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_recompute_edges_same_gradients_and_running_statistics(space, layout):
+    plain = _network(space).to(memory_format=layout).train()
+    recompute = copy.deepcopy(plain)
+    assert recompute.set_recompute_edges(True) > 0
+    x = torch.randn(6, 3, 12, 12).contiguous(memory_format=layout)
+    y = torch.randint(0, 5, (6,))
+    results = []
+    for net in (plain, recompute):
+        torch.manual_seed(1)  # rdarts-s4's noise op draws: the recomputation must draw the same
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        # The architecture step's path: gradients of the alphas only.
+        torch.manual_seed(2)
+        alpha_grads = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), net.arch_parameters())
+        results.append((loss.detach(), {n: p.grad for n, p in net.named_parameters()}, alpha_grads,
+                        {n: b.clone() for n, b in net.named_buffers()}))
+    (loss_a, grads_a, alphas_a, buffers_a), (loss_b, grads_b, alphas_b, buffers_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+    for a, b in zip(alphas_a, alphas_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # Running statistics moved once per forward (two forwards here), not once more per recomputation.
+    for name in buffers_a:
+        torch.testing.assert_close(buffers_a[name], buffers_b[name], rtol=0, atol=0, msg=name)
+    assert any("num_batches_tracked" in n and b.item() == 2 for n, b in buffers_b.items())
+
+
+def _saved_bytes(net, x):
+    """Bytes of the distinct storages autograd keeps for the backward of one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x).sum()
+    return sum(storages.values())
+
+
+def test_recompute_edges_keeps_far_less_for_the_backward():
+    plain = _network("darts").train()
+    recompute = copy.deepcopy(plain)
+    recompute.set_recompute_edges(True)
+    x = torch.randn(8, 3, 16, 16)
+    kept, kept_recompute = _saved_bytes(plain, x), _saved_bytes(recompute, x)
+    assert kept_recompute < 0.25 * kept, (kept, kept_recompute)
+
+
+@pytest.mark.slow
+def test_compile_first_steps_match_eager(tmp_path, monkeypatch):
+    # Inductor's C++ code generation takes ~12 minutes of this 2-core machine for
+    # even this network; the compile backend here is aot_eager: dynamo traces the
+    # whole network into one graph (fullgraph) and AOTAutograd splits forward and
+    # backward through the nasops ops' fake and autograd registrations, which is
+    # what --compile asks of nasops. (benchmarks/bench_search_step.py runs inductor.)
+    compiled_with = {}
+    module_compile = torch.nn.Module.compile
+
+    def compile_with_aot_eager(self, *args, **kwargs):
+        compiled_with.update(kwargs)
+        return module_compile(self, *args, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with_aot_eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    flags = ["--max-steps", "2", "--space", "nb201", "--layers", "1"]
+    plain = _run(tmp_path / "plain", *flags)
+    compiled = _run(tmp_path / "compiled", "--compile", *flags)
+    assert compiled_with == {"fullgraph": True, "mode": None}  # reduce-overhead on CUDA only
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # architecture and weight steps
+    _assert_same_run(plain, compiled, tmp_path / "plain", tmp_path / "compiled", rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_op_is_traced_once():
+    """The backend choice is fixed at import: a compiled function calling an op
+    is traced once, not again after the first call fills a lazy cache (dynamo
+    guards on module globals it read while tracing)."""
+    from nasops.ops.mixed_op import mixed_op
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda outs, w: mixed_op(outs, w).sum(), backend=count_graphs, fullgraph=True)
+    outputs = [torch.randn(2, 4, 5, 5) for _ in range(3)]
+    weights = torch.randn(3)
+    for _ in range(3):
+        step(outputs, weights)
+    assert len(graphs) == 1
+
+
+# ---- every method: dasvit (space vit) and hardexit -------------------------------------------
+DASVIT = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-size", "2", "--batch-size", "8",
+          "--threads", "1", "--quiet", "--stage-depths", "1", "2", "--stage-keep", "3", "--token-ratio", "0.5",
+          "--epochs", "2", "--max-steps", "2", "--deterministic"]
+HARDEXIT = [*TINY, "--method", "hardexit", "--holdout-portion", "0.1", "--max-steps", "2"]
+MIDAS = [*TINY, "--method", "midas", "--midas-decode-batches", "2", "--midas-dim", "4", "--max-steps", "2"]
+METHOD_RUNS = {"dasvit": DASVIT, "hardexit": HARDEXIT, "midas": MIDAS}
+
+
+def _method_run(out, method, *flags):
+    return main(["--out", str(out), *METHOD_RUNS[method], *flags])
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
+def test_recompute_edges_every_method_equals_plain(tmp_path, method):
+    """dasvit's token edges (with token selection), hardexit's per-sample mixing
+    and MIDAS's attention edges recompute too, with the plain run's results."""
+    plain = _method_run(tmp_path / "plain", method)
+    recompute = _method_run(tmp_path / "recompute", method, "--recompute-edges")
+    _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
+
+
+def test_an_edge_that_bypasses_recomputation_is_not_counted():
+    """set_recompute_edges reports only edges whose forward honours the flag: a
+    subclass with a forward of its own would silently keep everything."""
+    from nasops.spaces.base import set_recompute_edges
+    net = _network("nb201")
+    edges = set_recompute_edges(net, True)
+    assert edges > 0
+
+    class Bypassing(type(net.cells[0].edges[0])):
+        def forward(self, x, weights):
+            return self._mix(x, weights)
+
+    for cell in net.cells:
+        for edge in getattr(cell, "edges", []):
+            edge.__class__ = Bypassing
+    assert set_recompute_edges(net, True) == 0
+
+
+def test_recompute_edges_token_edges_keep_less():
+    from nasops.spaces.vit import VitSearchNetwork
+    torch.manual_seed(0)
+    plain = VitSearchNetwork(in_channels=3, num_classes=5, image_size=8, patch_size=2, embed_dim=16,
+                             depth=2, token_ratio=0.5).train()
+    recompute = copy.deepcopy(plain)
+    assert recompute.set_recompute_edges(True) > 0
+    x = torch.randn(4, 3, 8, 8)
+    kept, kept_recompute = _saved_bytes(plain, x), _saved_bytes(recompute, x)
+    assert kept_recompute < 0.5 * kept, (kept, kept_recompute)
+
+
+def test_memory_format_token_space(tmp_path, capsys):
+    """The vit space's edges mix (B, N, C) tokens: auto means contiguous there, and
+    an explicit channels_last is refused, naming the flag."""
+    from nasops.search import memory_format
+    args = parse_args(["--out", str(tmp_path), *DASVIT])
+    assert memory_format(args, torch.device("cpu")) == torch.contiguous_format
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--out", str(tmp_path), *DASVIT, "--memory-format", "channels_last"])
+    assert exc.value.code == 2
+    assert "--memory-format channels_last" in capsys.readouterr().err
+    # hardexit's networks are DARTS ones: channels_last by default on the CPU
+    args = parse_args(["--out", str(tmp_path), *HARDEXIT])
+    assert memory_format(args, torch.device("cpu")) == torch.channels_last
+
+
+def test_compile_is_refused_for_midas(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--out", str(tmp_path), *MIDAS, "--compile"])
+    assert exc.value.code == 2
+    assert "--compile: not available for --method midas" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(set(METHOD_RUNS) - {"midas"}))
+def test_compile_every_method_first_steps_match_eager(tmp_path, monkeypatch, method):
+    """--compile compiles what each method's step runs (hardexit: forward_exits,
+    not forward) and the first steps match the eager run (aot_eager: see above)."""
+    compiled_with = []
+    torch_compile = torch.compile
+
+    def compile_with_aot_eager(fn, **kwargs):
+        if "backend" not in kwargs:  # not the call inside Module.compile below
+            compiled_with.append(kwargs)
+        return torch_compile(fn, **{**kwargs, "backend": "aot_eager"})
+
+    module_compile = torch.nn.Module.compile
+
+    def module_compile_with_aot_eager(self, **kwargs):
+        compiled_with.append(kwargs)
+        return module_compile(self, **{**kwargs, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    monkeypatch.setattr(torch.nn.Module, "compile", module_compile_with_aot_eager)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # hardexit on NB201 with one cell per stage (3 exits): tracing DARTS cells
+    # takes minutes here
+    small = ["--space", "nb201", "--layers", "1"] if method == "hardexit" else []
+    plain = _method_run(tmp_path / "plain", method, *small)
+    compiled = _method_run(tmp_path / "compiled", method, "--compile", *small)
+    # one per network: dasvit's second stage builds a new one
+    assert compiled_with and all(k == {"fullgraph": True, "mode": None} for k in compiled_with)
+    assert len(compiled_with) == (2 if method == "dasvit" else 1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # traced, not bypassed
+    _assert_same_run(plain, compiled, tmp_path / "plain", tmp_path / "compiled", rtol=1e-4, atol=1e-5)
