@@ -5,7 +5,8 @@ A search step is what ``python -m nasops.search`` runs per batch pair:
 backward on the validation batch, Adam update) and one weight step (forward
 and backward on the training batch, SGD update), first order. Both methods get
 the same network size, data and backend, built by the driver's own
-``build_model``/``from_args`` from the driver's flags. Steps are timed in
+``build_model``/``from_args`` from the driver's flags and laid out as the driver
+lays it out (``--memory-format auto``: channels_last on the CPU). Steps are timed in
 blocks interleaved round-robin (benchmarks/harness.py, ``provider_orders``):
 one untimed step, then ``block`` timed ones, per method per round; medians and
 the MIDAS/DARTS ratio are reported, of wall time and of the process's CPU time
@@ -46,6 +47,7 @@ import harness  # noqa: E402
 import nasops  # noqa: E402
 from nasops import data as datasets  # noqa: E402
 from nasops import methods, runtime  # noqa: E402
+from nasops import search  # noqa: E402
 from nasops.search import parse_args  # noqa: E402
 
 CONFIGS = {
@@ -70,7 +72,10 @@ def build(method: str, flags: list[str], device: torch.device):
     cls = methods.get(method)
     model = cls.build_model(args, data).to(device)
     model.train()
-    return cls.from_args(model, args, device=device, amp=None), train, val, args
+    built = cls.from_args(model, args, device=device, amp=None)
+    search._prepare_network(built, args, device)  # the driver's layout (--memory-format auto)
+    fmt = search.memory_format(args, device)
+    return built, search._in_format(train, fmt), search._in_format(val, fmt), args
 
 
 def time_config(name: str, flags: list[str], reps: int, block: int, backend: str, device: torch.device) -> dict:
@@ -105,7 +110,8 @@ def time_config(name: str, flags: list[str], reps: int, block: int, backend: str
                 "darts_s": med["darts"], "midas_s": med["midas"], "ratio": med["midas"] / med["darts"],
                 "darts_cpu_s": med_cpu["darts"], "midas_cpu_s": med_cpu["midas"],
                 "cpu_ratio": med_cpu["midas"] / med_cpu["darts"], "reps": len(wall["darts"]),
-                "backend": nasops.backend.resolve(None if backend == "auto" else backend, device)}
+                "backend": nasops.backend.resolve(None if backend == "auto" else backend, device),
+                "layout": str(search.memory_format(args, device)).removeprefix("torch.")}
     finally:
         torch.set_num_threads(saved_threads)
 
@@ -113,9 +119,9 @@ def time_config(name: str, flags: list[str], reps: int, block: int, backend: str
 def section(rows: list[dict], device: torch.device, command: str) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = harness.markdown_table(
-        ["config", "driver flags", "backend", "threads", "steps", "DARTS wall (s)", "MIDAS wall (s)",
+        ["config", "driver flags", "backend", "layout", "threads", "steps", "DARTS wall (s)", "MIDAS wall (s)",
          "MIDAS / DARTS wall", "DARTS CPU (s)", "MIDAS CPU (s)", "MIDAS / DARTS CPU"],
-        [[r["config"], f"`{r['flags']}`", r["backend"], r["threads"], r["reps"], f"{r['darts_s']:.3f}",
+        [[r["config"], f"`{r['flags']}`", r["backend"], r["layout"], r["threads"], r["reps"], f"{r['darts_s']:.3f}",
           f"{r['midas_s']:.3f}", f"{r['ratio']:.2f}x", f"{r['darts_cpu_s']:.3f}", f"{r['midas_cpu_s']:.3f}",
           f"{r['cpu_ratio']:.2f}x"] for r in rows])
     return "\n".join([

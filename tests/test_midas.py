@@ -558,6 +558,7 @@ def test_step_benchmark_runs_and_rewrites_its_results_block(tmp_path):
     row = bench.time_config("tiny", flags, reps=1, block=1, backend="auto", device=torch.device("cpu"))
     assert row["reps"] == 1 and row["darts_s"] > 0 and row["midas_cpu_s"] > 0
     assert row["ratio"] == pytest.approx(row["midas_s"] / row["darts_s"])
+    assert row["layout"] == "channels_last"  # as the driver runs on the CPU (--memory-format auto)
     results = tmp_path / "RESULTS.md"
     results.write_text("# results\n\nother section\n")
     bench.write(results, bench.section([row], torch.device("cpu"), "cmd one"))
