@@ -65,18 +65,37 @@ __device__ __forceinline__ int patch_start(int i, int size, int parts) {
   return (i * size + parts - 1) / parts;
 }
 
+// The pool kernels' task of block blockIdx.x: map m, sample b, patch p, and the
+// patch's rows [r0, r1) and columns [c0, c1).
+struct PoolTask {
+  int m, p, r0, r1, c0, c1;
+  int64_t b;
+};
+
+__device__ __forceinline__ PoolTask pool_task(const PatchSizes& s) {
+  const int P = static_cast<int>(s.gh * s.gw);
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
+  const int64_t task = blockIdx.x;  // (m, b, p)
+  PoolTask t;
+  t.p = static_cast<int>(task % P);
+  t.b = (task / P) % s.B;
+  t.m = static_cast<int>(task / (P * s.B));
+  const int ph = t.p / static_cast<int>(s.gw), pw = t.p % static_cast<int>(s.gw);
+  t.r0 = patch_start(ph, H, s.gh);
+  t.r1 = patch_start(ph + 1, H, s.gh);
+  t.c0 = patch_start(pw, W, s.gw);
+  t.c1 = patch_start(pw + 1, W, s.gw);
+  return t;
+}
+
 template <typename T>
 __global__ void pool_kernel(PatchSizes s, MapTable maps, int M, typename Acc<T>::type* out) {
   using A = typename Acc<T>::type;
   const int P = static_cast<int>(s.gh * s.gw);
   const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
-  const int64_t task = blockIdx.x;  // (m, b, p)
-  const int p = static_cast<int>(task % P);
-  const int64_t b = (task / P) % s.B;
-  const int m = static_cast<int>(task / (P * s.B));
-  const int ph = p / static_cast<int>(s.gw), pw = p % static_cast<int>(s.gw);
-  const int r0 = patch_start(ph, H, s.gh), r1 = patch_start(ph + 1, H, s.gh);
-  const int c0 = patch_start(pw, W, s.gw), c1 = patch_start(pw + 1, W, s.gw);
+  const PoolTask t = pool_task(s);
+  const int m = t.m, p = t.p, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
+  const int64_t b = t.b;
   const int width = c1 - c0, count = (r1 - r0) * width;
   const T* src = static_cast<const T*>(maps.ptr[m]);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -99,13 +118,9 @@ __global__ void pool_kernel_nhwc(PatchSizes s, MapTable maps, int M, typename Ac
   using A = typename Acc<T>::type;
   const int P = static_cast<int>(s.gh * s.gw);
   const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
-  const int64_t task = blockIdx.x;  // (m, b, p)
-  const int p = static_cast<int>(task % P);
-  const int64_t b = (task / P) % s.B;
-  const int m = static_cast<int>(task / (P * s.B));
-  const int ph = p / static_cast<int>(s.gw), pw = p % static_cast<int>(s.gw);
-  const int r0 = patch_start(ph, H, s.gh), r1 = patch_start(ph + 1, H, s.gh);
-  const int c0 = patch_start(pw, W, s.gw), c1 = patch_start(pw + 1, W, s.gw);
+  const PoolTask t = pool_task(s);
+  const int m = t.m, p = t.p, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
+  const int64_t b = t.b;
   const T* sample = static_cast<const T*>(maps.ptr[m]) + b * H * W * s.C;
   const A count = static_cast<A>((r1 - r0) * (c1 - c0));
   for (int64_t c = threadIdx.x; c < s.C; c += blockDim.x) {
