@@ -95,9 +95,8 @@ METHODS = {
     "dasvit": {"flags": ["--method", "dasvit", "--space", "vit", "--embed-dim", "64", "--patch-size", "4",
                          "--stage-depths", "2", "--stage-keep", "--token-ratio", "0.5"], "kind": "tokens", "sized": False},
     # MIDAS on the DARTS network of 5 cells, C = 8 (per-sample, per-patch attention edges, 2x2).
-    # (no --compile: the driver refuses it for MIDAS)
     "midas": {"flags": ["--method", "midas", "--space", "darts", "--layers", "5", "--init-channels", "8"],
-              "kind": "maps", "sized": False, "without": ("nasops-compile",)},
+              "kind": "maps", "sized": False},
     # hard exit on the DARTS network of 5 cells, C = 8 (per-sample mixing, exit heads).
     "hardexit": {"flags": ["--method", "hardexit", "--space", "darts", "--layers", "5", "--init-channels", "8"],
                  "kind": "maps", "sized": False},
@@ -127,14 +126,14 @@ def method_flags(method: str) -> list[str]:
 
 def method_providers(method: str, device_kind: str, chosen: list[str] | None) -> list[str]:
     """The providers to run for ``method``: ``chosen`` (--providers) or the default
-    set of its kind of network, less the method's "without". A token network has no layout: there the layout
+    set of its kind of network. A token network has no layout: there the layout
     providers stand for the plain ones (eager-nchw, eager-nhwc -> eager;
     nasops-nchw, nasops-nhwc -> nasops)."""
     kind = METHODS[method]["kind"]
     chosen = list(DEFAULT_PROVIDERS[(kind, device_kind)]) if chosen is None else chosen
     if kind == "tokens":
         chosen = [p.split("-")[0] if p in LAYOUT_PROVIDERS else p for p in chosen]
-    return [p for p in dict.fromkeys(chosen) if p not in METHODS[method].get("without", ())]
+    return list(dict.fromkeys(chosen))
 
 
 def build(provider: str, method: str, batch: int, device: torch.device, threads: int | None):

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + " (what measured faster)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile what a step runs of the search network (fullgraph; on CUDA "
-                        "mode=reduce-overhead, CUDA graphs; not for --method midas); the first steps "
+                        "mode=reduce-overhead, CUDA graphs); the first steps "
                         "pay the compilation")
     g.add_argument("--recompute-edges", action="store_true",
                    help="each mixed edge keeps only its input and recomputes its ops' outputs in the "

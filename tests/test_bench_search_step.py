@@ -54,7 +54,8 @@ def test_method_providers():
     # a token network has no layout: the layout providers stand for the plain ones
     assert bench_search_step.method_providers("dasvit", "cuda", ["eager-nchw", "eager-nhwc", "nasops-nchw",
                                                                   "nasops"]) == ["eager", "nasops"]
-    assert "nasops-compile" not in bench_search_step.method_providers("midas", "cpu", None)
+    assert bench_search_step.method_providers("midas", "cpu", ["eager-nhwc", "nasops", "eager-nhwc"]) == [
+        "eager-nhwc", "nasops"]
     # DARTS' size comes from --layers / --init-channels, the others carry their own
     assert bench_search_step.method_flags("darts-1st")[-4:] == ["--layers", "8", "--init-channels", "16"]
     assert "--embed-dim" in bench_search_step.method_flags("dasvit")

@@ -365,6 +365,39 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_edge_input_as_an_op_output_compiles_and_sums_its_gradients(backend):
+    """A skip op returns the edge's input itself, so x enters the op twice: once
+    as x, once as an output. torch.compile refuses an autograd.Function with a
+    duplicate tensor input; the op passes each tensor once, and x's gradient is
+    the sum of both uses (checked against the float64 reference with a copy of x
+    as the skip output, whose gradient is then added by hand)."""
+    torch._dynamo.reset()
+    x, outputs, Wq, Wk, prior, zero_key = make_edge(2, 3, 8, 8, 3, 8, 8, 3, 4, zero_at=(0,))
+    o2 = outputs[2]
+
+    def edge(x, o2, Wq, Wk):
+        y, w = patch_attention_mixed_op(x, [None, x, o2], Wq, Wk, (2, 2), prior, 0.5,
+                                        zero_key=zero_key, backend=backend)
+        return y.square().sum() + w.mean()
+
+    args = (x, o2, Wq, Wk)
+    got = torch.autograd.grad(torch.compile(edge, fullgraph=True, backend="aot_eager")(*args), args)
+    eager = torch.autograd.grad(edge(*args), args)
+
+    def reference(x, skip, o2, Wq, Wk):
+        y, w = patch_attention_mixed_op(x, [None, skip, o2], Wq, Wk, (2, 2), prior.double(), 0.5,
+                                        zero_key=zero_key.double(), backend="eager")
+        return y.square().sum() + w.mean()
+
+    ref_args = [t.detach().double().requires_grad_() for t in (x, x, o2, Wq, Wk)]
+    gx, gskip, *want = torch.autograd.grad(reference(*ref_args), ref_args)
+    want = [gx + gskip, *want]
+    for g_compiled, g_eager, g_ref in zip(got, eager, want):
+        torch.testing.assert_close(g_compiled, g_eager)
+        torch.testing.assert_close(g_eager.double(), g_ref, rtol=1e-4, atol=1e-5)
+
+
 # ---- errors ---------------------------------------------------------------------------
 
 def test_errors():

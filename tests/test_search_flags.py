@@ -270,15 +270,8 @@ def test_memory_format_token_space(tmp_path, capsys):
     assert memory_format(args, torch.device("cpu")) == torch.channels_last
 
 
-def test_compile_is_refused_for_midas(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        parse_args(["--out", str(tmp_path), *MIDAS, "--compile"])
-    assert exc.value.code == 2
-    assert "--compile: not available for --method midas" in capsys.readouterr().err
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(set(METHOD_RUNS) - {"midas"}))
+@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
 def test_compile_every_method_first_steps_match_eager(tmp_path, monkeypatch, method):
     """--compile compiles what each method's step runs (hardexit: forward_exits,
     not forward) and the first steps match the eager run (aot_eager: see above)."""
@@ -300,9 +293,9 @@ def test_compile_every_method_first_steps_match_eager(tmp_path, monkeypatch, met
     monkeypatch.setattr(torch.nn.Module, "compile", module_compile_with_aot_eager)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    # hardexit on NB201 with one cell per stage (3 exits): tracing DARTS cells
-    # takes minutes here
-    small = ["--space", "nb201", "--layers", "1"] if method == "hardexit" else []
+    # hardexit (3 exits) and midas on NB201 with one cell per stage: tracing DARTS
+    # cells takes minutes here
+    small = ["--space", "nb201", "--layers", "1"] if method in ("hardexit", "midas") else []
     plain = _method_run(tmp_path / "plain", method, *small)
     compiled = _method_run(tmp_path / "compiled", method, "--compile", *small)
     # one per network: dasvit's second stage builds a new one

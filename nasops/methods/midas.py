@@ -209,7 +209,10 @@ class MidasEdge(MixedEdge):
         outputs = self.op_outputs(x)
         ref = next(o for o in outputs if o is not None)
         grid = (min(self.grid[0], ref.shape[2]), min(self.grid[1], ref.shape[3]))
-        y, w = nasops.ops.patch_attention_mixed_op(x.to(ref.dtype), outputs, self.Wq, self.Wk, grid, prior,
+        # x itself when no cast is needed: the op then sees that the skip op's output
+        # is x (under torch.compile, x.to(same dtype) would be another tensor to it)
+        x = x if x.dtype == ref.dtype else x.to(ref.dtype)
+        y, w = nasops.ops.patch_attention_mixed_op(x, outputs, self.Wq, self.Wk, grid, prior,
                                                    self.tau, zero_key=self.zero_key)
         if self.record:
             self.recorded = w.detach()
@@ -466,12 +469,6 @@ class Midas(Darts):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        if args.compile:
-            # patch_attention_mixed_op is an autograd.Function without a registered
-            # op for the compiler, and the skip op hands it the edge's input twice,
-            # which dynamo refuses to trace (fullgraph would fail on the first step).
-            raise ValueError("--compile: not available for --method midas (its patch-attention edges "
-                             "cannot be traced whole by torch.compile); run without --compile")
         parse_grid(args.midas_grid)
         if args.midas_dim < 1:
             raise ValueError(f"--midas-dim: expected >= 1, got {args.midas_dim}")

@@ -197,10 +197,25 @@ def patch_attention_mixed_op(x: torch.Tensor, outputs: Sequence[torch.Tensor | N
         kernels = kernel_for(_KERNELS, name, "patch_attention")
         live_index = [k for k, _ in live]
         mix = kernel_for(_MIX_KERNELS, name, "mixed_op")
-        y, w = _PatchAttentionMixedOp.apply(kernels, mix, (gh, gw), tau, K,
-                                            live_index, x, Wq, Wk, prior, zero_key,
-                                            *common_layout([o for _, o in live]))
+        slots, distinct = _distinct_outputs(x, common_layout([o for _, o in live]))
+        y, w = _PatchAttentionMixedOp.apply(kernels, mix, (gh, gw), tau, K, live_index, slots,
+                                            x, Wq, Wk, prior, zero_key, *distinct)
     return y, w
+
+
+def _distinct_outputs(x, live_outputs):
+    """(slots, distinct): each tensor once. ``distinct`` are the live outputs that
+    are not ``x`` and not an earlier output (a skip op returns the edge's input
+    itself); ``slots[j]`` says where live output j is: 0 = x, i >= 1 =
+    distinct[i - 1]. torch.compile refuses an autograd.Function that gets one
+    tensor twice ("duplicate tensor input"), so MIDAS's skip edges need this."""
+    slots, distinct, seen = [], [], {id(x): 0}
+    for o in live_outputs:
+        if id(o) not in seen:
+            distinct.append(o)
+            seen[id(o)] = len(distinct)
+        slots.append(seen[id(o)])
+    return tuple(slots), distinct
 
 
 def _without_autocast(device: torch.device):
@@ -264,8 +279,9 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     """Forward and backward of the fused op as the passes of the module docstring."""
 
     @staticmethod
-    def forward(ctx, kernels, mix, grid, tau, K, live_index, x, Wq, Wk, prior, zero_key,
-                *live_outputs):
+    def forward(ctx, kernels, mix, grid, tau, K, live_index, slots, x, Wq, Wk, prior, zero_key,
+                *distinct_outputs):
+        live_outputs = [(x, *distinct_outputs)[i] for i in slots]
         pool, _, attention, _, _ = kernels
         acc = accumulation_dtype(x.dtype)
         grid_list = list(grid)
@@ -278,7 +294,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         y = mix[0](list(live_outputs), w_live, grid_list)
 
         ctx.kernels, ctx.mix, ctx.grid, ctx.tau, ctx.K = kernels, mix, grid, tau, K
-        ctx.live_index = live_index
+        ctx.live_index, ctx.slots = live_index, slots
         ctx.x_meta = (x.shape[2], x.shape[3], x.dtype, kernel_channels_last([x]))
         ctx.has_prior = prior is not None
         ctx.param_dtype = Wq.dtype
@@ -300,8 +316,9 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         _, pool_backward, _, attention_backward, outputs_backward = ctx.kernels
         pooled_x, q, query, keys, w, Wq, Wk, zero_key, *live_outputs = saved
         needs = ctx.needs_input_grad
-        need_x, need_Wq, need_Wk, need_prior, need_zero_key = needs[6:11]
-        need_outputs = needs[11:]
+        need_x, need_Wq, need_Wk, need_prior, need_zero_key = needs[7:12]
+        need_distinct = (need_x, *needs[12:])  # indexed by slot: 0 = x
+        need_outputs = [need_distinct[i] for i in ctx.slots]
         live_index, K, grid = ctx.live_index, ctx.K, ctx.grid
         acc = w.dtype
         B, P, D = q.shape
@@ -351,8 +368,13 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
             grads = outputs_backward(grad_y.contiguous(memory_format=outputs_layout), w_live,
                                      grad_pooled, list(grid))
             grad_outputs = [g if need else None for g, need in zip(grads, need_outputs)]
-        return (None, None, None, None, None, None, grad_x, grad_Wq, grad_Wk, grad_prior,
-                grad_zero_key, *grad_outputs)
+        # A tensor that came in more than once (x as a skip op's output) gets its uses' sum.
+        grad_distinct = [grad_x] + [None] * (len(needs) - 12)
+        for i, g in zip(ctx.slots, grad_outputs):
+            if g is not None:
+                grad_distinct[i] = g if grad_distinct[i] is None else grad_distinct[i] + g
+        return (None, None, None, None, None, None, None, grad_distinct[0], grad_Wq, grad_Wk, grad_prior,
+                grad_zero_key, *grad_distinct[1:])
 
 
 # ---- registration: fake (meta) implementations and autograd of the kernel ops ------------
