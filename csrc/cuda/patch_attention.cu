@@ -94,20 +94,18 @@ __global__ void pool_kernel(PatchSizes s, MapTable maps, int M, typename Acc<T>:
   const int P = static_cast<int>(s.gh * s.gw);
   const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
   const PoolTask t = pool_task(s);
-  const int m = t.m, p = t.p, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
-  const int64_t b = t.b;
-  const int width = c1 - c0, count = (r1 - r0) * width;
-  const T* src = static_cast<const T*>(maps.ptr[m]);
+  const int width = t.c1 - t.c0, count = (t.r1 - t.r0) * width;
+  const T* src = static_cast<const T*>(maps.ptr[t.m]);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   for (int64_t c = warp; c < s.C; c += warps) {
-    const T* plane = src + (b * s.C + c) * H * W;
+    const T* plane = src + (t.b * s.C + c) * H * W;
     A sum = 0;
     for (int i = lane; i < count; i += 32) {
-      const int h = r0 + i / width, w = c0 + i % width;
+      const int h = t.r0 + i / width, w = t.c0 + i % width;
       sum += to_acc(plane[h * W + w]);
     }
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
-    if (lane == 0) out[((b * P + p) * M + m) * s.C + c] = sum / static_cast<A>(count);
+    if (lane == 0) out[((t.b * P + t.p) * M + t.m) * s.C + c] = sum / static_cast<A>(count);
   }
 }
 
@@ -119,16 +117,14 @@ __global__ void pool_kernel_nhwc(PatchSizes s, MapTable maps, int M, typename Ac
   const int P = static_cast<int>(s.gh * s.gw);
   const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
   const PoolTask t = pool_task(s);
-  const int m = t.m, p = t.p, r0 = t.r0, r1 = t.r1, c0 = t.c0, c1 = t.c1;
-  const int64_t b = t.b;
-  const T* sample = static_cast<const T*>(maps.ptr[m]) + b * H * W * s.C;
-  const A count = static_cast<A>((r1 - r0) * (c1 - c0));
+  const T* sample = static_cast<const T*>(maps.ptr[t.m]) + t.b * H * W * s.C;
+  const A count = static_cast<A>((t.r1 - t.r0) * (t.c1 - t.c0));
   for (int64_t c = threadIdx.x; c < s.C; c += blockDim.x) {
     A sum = 0;
-    for (int h = r0; h < r1; ++h) {
-      for (int w = c0; w < c1; ++w) sum += to_acc(sample[(static_cast<int64_t>(h) * W + w) * s.C + c]);
+    for (int h = t.r0; h < t.r1; ++h) {
+      for (int w = t.c0; w < t.c1; ++w) sum += to_acc(sample[(static_cast<int64_t>(h) * W + w) * s.C + c]);
     }
-    out[((b * P + p) * M + m) * s.C + c] = sum / count;
+    out[((t.b * P + t.p) * M + t.m) * s.C + c] = sum / count;
   }
 }
 
