@@ -331,18 +331,9 @@ class MidasNB201Cell(nb201_space.NB201Cell):
         self.edges = nn.ModuleList(MidasEdge.replacing(edge, C, dim=dim, grid=grid, tau=tau)
                                    for edge in self.edges)
 
-    def forward(self, x, weights):
-        states = [x]
-        e = 0
-        for j in range(1, self.nodes):
-            node = None
-            for i in range(j):
-                edge = self.edges[e]
-                y, _ = edge(states[i], _prior(weights, e, edge))
-                node = y if node is None else node + y
-                e += 1
-            states.append(node)
-        return states[-1]
+    def edge_output(self, e: int, x, weights):
+        edge = self.edges[e]
+        return edge(x, _prior(weights, e, edge))[0]
 
 
 def build_network(space: str, *, in_channels: int, num_classes: int, C: int, layers: int,

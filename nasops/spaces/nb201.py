@@ -177,11 +177,16 @@ class NB201Cell(nn.Module):
         for j in range(1, self.nodes):
             node = None
             for i in range(j):
-                out = self.edges[e](states[i], weights[..., e, :])
+                out = self.edge_output(e, states[i], weights)
                 node = out if node is None else node + out
                 e += 1
             states.append(node)
         return states[-1]
+
+    def edge_output(self, e: int, x, weights):
+        """Edge ``e``'s output on ``x``: its mixed sum with row ``e`` of the cell's
+        weights (a cell with other edges, MIDAS's, overrides this alone)."""
+        return self.edges[e](x, weights[..., e, :])
 
 
 class NB201SearchNetwork(SearchNetwork):
