@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -10,6 +14,7 @@ import torch
 import nasops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = Path(__file__).resolve().parents[1]
 
 # (rtol, atol) of a kernel's result against the float64 reference, per input dtype.
 TOLERANCE = {
@@ -81,3 +86,31 @@ def assert_same_checkpoint_model(resumed_dir, full_dir) -> tuple[dict, dict]:
     for name, value in full["model"].items():
         assert torch.equal(resumed["model"][name], value), name
     return resumed, full
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a ``python -m nasops...`` subprocess: this checkout first
+    on PYTHONPATH (so the child imports the nasops under test), plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            **extra}
+
+
+def torchrun_two_ranks(module: str, argv, **env) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m module *argv`` (gloo on the
+    CPU, one thread per rank, ``env`` added); asserts that it succeeded."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module,
+         *map(str, argv)],
+        env=subprocess_env(OMP_NUM_THREADS="1", **env), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_killed_after_epoch(module: str, argv, epoch: int) -> None:
+    """``python -m module *argv`` in a subprocess that SIGKILLs itself right after
+    epoch ``epoch``'s checkpoint (the drivers' NASOPS_TEST_KILL_AFTER_EPOCH hook);
+    asserts that it died that way."""
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)],
+                          env=subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH=str(epoch)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

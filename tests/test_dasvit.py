@@ -8,9 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_same_checkpoint_model
+from helpers import assert_same_checkpoint_model, run_killed_after_epoch, subprocess_env, torchrun_two_ranks
 from nasops.methods.dasvit import DasVit, Stage, fairness_terms, plan_stages, split_epochs
 from nasops.search import SearchError, main, parse_args, run_config
 from nasops.spaces import vit
@@ -38,11 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _env(**extra):
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-            **extra}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -298,9 +291,7 @@ def test_killed_and_resumed_across_a_stage_boundary_equals_uninterrupted_run(tmp
     full = main([*args, "--out", str(tmp_path / "full")])
 
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-m", "nasops.search", *args, "--out", str(out)],
-                          env=_env(NASOPS_TEST_KILL_AFTER_EPOCH="2"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_killed_after_epoch("nasops.search", [*args, "--out", out], epoch=2)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["method"]["stage"] == 1
 
     resumed = main([*args, "--out", str(out), "--resume"])
@@ -317,12 +308,8 @@ def test_killed_and_resumed_across_a_stage_boundary_equals_uninterrupted_run(tmp
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_end_with_identical_parameters(tmp_path):
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "nasops.search", *TINY, "--epochs", "2", "--max-steps", "2", "--out", str(out)],
-        env=_env(NASOPS_TEST_DUMP_ALPHAS=str(tmp_path), OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    torchrun_two_ranks("nasops.search", [*TINY, "--epochs", "2", "--max-steps", "2", "--out", out],
+                       NASOPS_TEST_DUMP_ALPHAS=str(tmp_path))
     rank0 = torch.load(tmp_path / "model_rank0.pt")
     rank1 = torch.load(tmp_path / "model_rank1.pt")
     assert rank0.keys() == rank1.keys() and any(k.startswith("encoders.1.") for k in rank0)  # stage 2 grown
@@ -366,7 +353,7 @@ def test_search_step_benchmark_runs(tmp_path):
     config = json.dumps(dict(embed_dim=16, depth=1, image_size=8, patch_size=2, batch_size=4))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dasvit_search_step.py"), "--config", config,
                            "--reps", "1", "--threads", "1", "--out", str(results)],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = results.read_text()
     assert "<!-- BEGIN dasvit-search-step cpu -->" in text

@@ -7,9 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_same_checkpoint_model
+from helpers import assert_same_checkpoint_model, run_killed_after_epoch, torchrun_two_ranks
 from nasops import data as datasets
 from nasops import spaces
 from nasops.methods import hardexit_report as report
@@ -482,20 +479,12 @@ def test_darts_space_with_amp_runs_and_reports(tmp_path):
     assert summary["exits"] == 3 and summary["chosen"]["hard_matches_sweep"]
 
 
-def _subprocess_env(**extra):
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 @pytest.mark.slow
 def test_killed_and_resumed_hardexit_run_equals_uninterrupted_run(tmp_path):
     args = ["--epochs", "2", "--max-steps", "2", "--deterministic", "--warmup-epochs", "1"]
     main(_tiny("nb201", tmp_path / "full", *args))
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-m", "nasops.search", *_tiny("nb201", out, *args)],
-                          env=_subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH="1"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_killed_after_epoch("nasops.search", _tiny("nb201", out, *args), epoch=1)
     main(_tiny("nb201", out, *args, "--resume"))
 
     def comparable(path):
@@ -512,12 +501,9 @@ def test_killed_and_resumed_hardexit_run_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_end_with_identical_architecture_and_report(tmp_path):
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nasops.search",
-         *_tiny("nb201", out, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0")],
-        env=_subprocess_env(NASOPS_TEST_DUMP_ALPHAS=str(tmp_path), OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    torchrun_two_ranks("nasops.search",
+                       _tiny("nb201", out, "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0"),
+                       NASOPS_TEST_DUMP_ALPHAS=str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"alphas_rank{r}.pt") for r in (0, 1))
     assert len(rank0) == 1 + 4  # the alphas and the controller's two linear layers
     for a, b in zip(rank0, rank1):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import nasops
-from helpers import assert_same_checkpoint_model, kernel_backends
+from helpers import assert_same_checkpoint_model, kernel_backends, run_killed_after_epoch, torchrun_two_ranks
 from nasops import data as datasets
 from nasops import spaces
 from nasops.methods import midas
@@ -25,7 +23,7 @@ from nasops.methods.midas import (MidasDartsCell, MidasEdge, decode, decode_dart
 from nasops.search import main, parse_args
 from nasops.spaces.base import MixedEdge
 from nasops.spaces.operations import DARTS_OPS, make_darts_op
-from test_search import _comparable, _is_png, _metrics, _subprocess_env, _tiny, nb201_table  # noqa: F401
+from test_search import _comparable, _is_png, _metrics, _tiny, nb201_table  # noqa: F401
 
 BACKENDS = ["eager", *kernel_backends("cpu")]
 MIDAS_SPACES = ("darts", "rdarts-s1", "rdarts-s2", "rdarts-s3", "rdarts-s4", "nb201")
@@ -510,10 +508,7 @@ def test_killed_and_resumed_midas_run_equals_uninterrupted_run(tmp_path):
     full = main(_midas("nb201", tmp_path / "full", *args))
 
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-m", "nasops.search", *_midas("nb201", out, *args)],
-                          env=_subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH="1"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_killed_after_epoch("nasops.search", _midas("nb201", out, *args), epoch=1)
     assert len(_metrics(out)) == 1 and not (out / "genotype.json").exists()
 
     resumed = main(_midas("nb201", out, *args, "--resume"))
@@ -528,12 +523,8 @@ def test_killed_and_resumed_midas_run_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_end_with_identical_midas_parameters(tmp_path):
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "nasops.search", *_midas("nb201", out, "--epochs", "2", "--max-steps", "2", "--midas-prior")],
-        env=_subprocess_env(NASOPS_TEST_DUMP_ALPHAS=str(tmp_path), OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    torchrun_two_ranks("nasops.search", _midas("nb201", out, "--epochs", "2", "--max-steps", "2", "--midas-prior"),
+                       NASOPS_TEST_DUMP_ALPHAS=str(tmp_path))
     rank0 = torch.load(tmp_path / "alphas_rank0.pt")
     rank1 = torch.load(tmp_path / "alphas_rank1.pt")
     assert len(rank0) == 1 + 18 * 3  # the prior table, then Wq, Wk, zero key of 3 cells x 6 edges

@@ -7,7 +7,6 @@ import gzip
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ import torch
 import nasops.spaces
 from nasops.search import SearchError, main, parse_args
 from nasops.spaces import nb201
-from helpers import assert_same_checkpoint_model, kernel_backends
+from helpers import (assert_same_checkpoint_model, kernel_backends, run_killed_after_epoch, subprocess_env,
+                     torchrun_two_ranks)
 
 REPO = Path(__file__).resolve().parents[1]
 # SPEC's ../shared/data/ next to the checkout (or to the worktree's parent).
@@ -147,7 +147,7 @@ def test_bad_device_is_refused(tmp_path):
 
 def test_command_line_errors_exit_with_status_1_and_the_reason(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nasops.search", "--resume", "--out", str(tmp_path)],
-                          env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith(f"no checkpoint at {tmp_path / 'checkpoint.pt'}; "
                                         f"start a new run without --resume")
@@ -242,21 +242,13 @@ def test_a_wrong_nb201_table_is_a_one_line_error_before_the_search(tmp_path, cap
         assert message in err[-1] and "Traceback" not in "\n".join(err), err
 
 
-def _subprocess_env(**extra):
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 @pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     args = ["--epochs", "3", "--max-steps", "2", "--deterministic"]
     full = main(_tiny("darts", tmp_path / "full", *args))
 
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-m", "nasops.search", *_tiny("darts", out, *args)],
-                          env=_subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH="1"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_killed_after_epoch("nasops.search", _tiny("darts", out, *args), epoch=1)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert len(_metrics(out)) == 1 and not (out / "genotype.json").exists()
 
@@ -270,12 +262,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_end_with_identical_alphas(tmp_path):
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "nasops.search", *_tiny("darts", out, "--epochs", "2", "--max-steps", "2", "--second-order")],
-        env=_subprocess_env(NASOPS_TEST_DUMP_ALPHAS=str(tmp_path), OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    torchrun_two_ranks("nasops.search", _tiny("darts", out, "--epochs", "2", "--max-steps", "2", "--second-order"),
+                       NASOPS_TEST_DUMP_ALPHAS=str(tmp_path))
     rank0 = torch.load(tmp_path / "alphas_rank0.pt")
     rank1 = torch.load(tmp_path / "alphas_rank1.pt")
     for a, b in zip(rank0, rank1):

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same_checkpoint_model
+from helpers import assert_same_checkpoint_model, run_killed_after_epoch, subprocess_env, torchrun_two_ranks
 import nasops.search
 from nasops import data as datasets
 from nasops import runtime
@@ -26,7 +25,6 @@ import nasops.spaces.nb201
 from nasops.spaces import vit
 from nasops.train import KINDS, TrainError, learning_rate, main
 
-REPO = Path(__file__).resolve().parents[1]
 
 DARTS_GENOTYPE = {
     "normal": [["sep_conv_3x3", 0], ["skip_connect", 1], ["dil_conv_3x3", 0], ["sep_conv_5x5", 2],
@@ -65,11 +63,6 @@ def _metrics(out: Path) -> list[dict]:
 
 def _comparable(records):
     return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in records]
-
-
-def _subprocess_env(**extra):
-    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 # ---- schedule -------------------------------------------------------------------------------
@@ -339,7 +332,7 @@ def test_command_line_errors_exit_with_status_1_and_one_line(tmp_path):
     path = tmp_path / "genotype.json"
     path.write_text('{"space": "mobilenet", "genotype": {}}')
     proc = subprocess.run([sys.executable, "-m", "nasops.train", "--genotype", str(path)],
-                          env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"nasops.train: error: --genotype {path}: space 'mobilenet' is not one "
                                   f"nasops.train can train")
@@ -415,10 +408,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     # Killed after epoch 2: epoch 1 (0-based 0) has drop-path probability 0, so only a
     # resume into a later epoch shows whether its random draws continue as they should.
-    proc = subprocess.run([sys.executable, "-m", "nasops.train", *_tiny(genotype, "darts", out, *args)],
-                          env=_subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH="2"), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_killed_after_epoch("nasops.train", _tiny(genotype, "darts", out, *args), epoch=2)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
     assert len(_metrics(out)) == 2 and not (out / "result.json").exists()
 
@@ -460,12 +450,8 @@ def test_torchrun_two_cpu_ranks_hold_one_model(tmp_path):
     # DistributedDataParallel must be told about (static_graph).
     genotype = _write_genotype(tmp_path, "nb201", {"arch": UNUSED_CONV_NB201})
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nasops.train",
-         *_tiny(genotype, "nb201", out, "--epochs", "2", "--max-steps", "2")],
-        env=_subprocess_env(NASOPS_TEST_DUMP_STATE=str(tmp_path), OMP_NUM_THREADS="1"),
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    torchrun_two_ranks("nasops.train", _tiny(genotype, "nb201", out, "--epochs", "2", "--max-steps", "2"),
+                       NASOPS_TEST_DUMP_STATE=str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"state_rank{r}.pt") for r in (0, 1))
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), name
