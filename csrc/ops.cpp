@@ -84,4 +84,21 @@ TORCH_LIBRARY(nasops, m) {
   // y: (m, *rest); idx: (m,) int64 in [0, n), no duplicates.
   // Returns zeros (n, *rest) with rows idx set to y.
   m.def("scatter_rows(Tensor y, Tensor idx, int n) -> Tensor");
+
+  // ---- depthwise_conv2d (the search step's depthwise convolutions) ------------
+  // Not in SPEC 2: the step's own op (issue 14). CPU kernel only; other devices
+  // run the PyTorch expression (nasops/ops/depthwise_conv2d.py).
+  // x: (N, C, H, W) f32/f64, read in channels_last order (other strides are
+  // copied once); weight: (C, 1, KH, KW), x's dtype; stride, padding, dilation: 2 ints.
+  // Returns conv2d(relu(x) if relu_input else x, weight, groups=C), channels_last.
+  m.def(
+      "depthwise_conv2d(Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+      "bool relu_input) -> Tensor");
+  // grad: the output's gradient. Returns (grad x channels_last, or an empty (0,)
+  // tensor when not x_requires_grad; grad weight (C, 1, KH, KW), or an empty (0,)
+  // tensor when not weight_requires_grad). The ReLU's gradient at x = 0 is 0.
+  m.def(
+      "depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, "
+      "int[] dilation, bool relu_input, bool x_requires_grad, bool weight_requires_grad) "
+      "-> (Tensor, Tensor)");
 }

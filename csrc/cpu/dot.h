@@ -7,8 +7,12 @@
 // an AVX2+FMA clone too, picked at load time (GCC function multiversioning).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define NASOPS_CLONE_FOR_AVX2 __attribute__((target_clones("arch=x86-64-v3", "default")))
+// Loops over 16-lane blocks also get an AVX-512 clone (one register per block).
+#define NASOPS_CLONE_FOR_AVX512 \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define NASOPS_CLONE_FOR_AVX2 inline
+#define NASOPS_CLONE_FOR_AVX512 inline
 #endif
 
 namespace nasops {

@@ -159,3 +159,13 @@ def scatter_rows(y: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     """Zeros (n, *y.shape[1:]) with rows idx set to y (idx without duplicates)."""
     out = y.new_zeros((n,) + tuple(y.shape[1:]))
     return out.index_copy(0, idx, y)
+
+
+# ---- depthwise_conv2d (the search step's depthwise convolutions) ---------------------
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
+                     relu_input: bool) -> torch.Tensor:
+    """conv2d(relu(x) if relu_input else x, weight, groups=C): DARTS' ReLU then
+    depthwise ``nn.Conv2d``, as its code writes them."""
+    return torch.nn.functional.conv2d(torch.relu(x) if relu_input else x, weight, stride=stride,
+                                      padding=padding, dilation=dilation, groups=x.shape[1])

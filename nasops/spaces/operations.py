@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import nasops.ops
+
 DARTS_OPS = (
     "none",
     "max_pool_3x3",
@@ -46,15 +48,28 @@ class ReLUConvBN(nn.Module):
         return self.op(x)
 
 
+class ReLUDepthwiseConv2d(nn.Conv2d):
+    """ReLU -> depthwise conv (no bias), DARTS' ``nn.ReLU`` + ``nn.Conv2d(C, C, k,
+    groups=C, bias=False)`` as one op: :func:`nasops.ops.depthwise_conv2d` with
+    ``relu_input``, which never materialises the ReLU's map (on the CPU kernel).
+    The same weight, initialisation and values as the two modules."""
+
+    def __init__(self, C, kernel_size, stride=1, padding=0, dilation=1):
+        super().__init__(C, C, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=C,
+                         bias=False)
+
+    def forward(self, x):
+        return nasops.ops.depthwise_conv2d(x, self.weight, stride=self.stride, padding=self.padding,
+                                           dilation=self.dilation, relu_input=True)
+
+
 class DilConv(nn.Module):
     """ReLU -> dilated depthwise conv -> pointwise conv -> BN."""
 
     def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
         super().__init__()
         self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                      groups=C_in, bias=False),
+            ReLUDepthwiseConv2d(C_in, kernel_size, stride, padding, dilation),
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
@@ -69,12 +84,10 @@ class SepConv(nn.Module):
     def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
         super().__init__()
         self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding, groups=C_in, bias=False),
+            ReLUDepthwiseConv2d(C_in, kernel_size, stride, padding),
             nn.Conv2d(C_in, C_in, 1, bias=False),
             nn.BatchNorm2d(C_in, affine=affine),
-            nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel_size, stride=1, padding=padding, groups=C_in, bias=False),
+            ReLUDepthwiseConv2d(C_in, kernel_size, 1, padding),
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
@@ -133,7 +146,9 @@ class AvgPool3x3(nn.Module):
     (measured 2026-12-03, one thread: (64,16,32,32) 33 ms vs 8 ms in
     channels_last, 37 vs 9 ms channels-first; (64,16,8,8) 1.5 vs 0.5 ms), and
     every searched edge has this pool. Same values up to float rounding (tested).
-    CUDA tensors keep the pooling kernel (a direct stencil there).
+    The convolution is :func:`nasops.ops.depthwise_conv2d` (nasops' CPU kernel
+    on channels_last maps). CUDA tensors keep the pooling kernel (a direct
+    stencil there).
     """
 
     def __init__(self, stride: int = 1):
@@ -145,7 +160,7 @@ class AvgPool3x3(nn.Module):
             return F.avg_pool2d(x, 3, self.stride, 1, count_include_pad=False)
         C = x.shape[1]
         ones = x.new_ones(C, 1, 3, 3)
-        total = F.conv2d(x, ones, stride=self.stride, padding=1, groups=C)
+        total = nasops.ops.depthwise_conv2d(x, ones, stride=self.stride, padding=1)
         count = F.conv2d(x.new_ones(1, 1, *x.shape[2:]), ones[:1], stride=self.stride, padding=1)
         return total / count
 

@@ -1,0 +1,158 @@
+"""``depthwise_conv2d``: y = conv2d(relu(x) if relu_input else x, weight, groups=C).
+
+Not one of SPEC 2's ops: it is the search step's own (issue 14). Every
+SepConv and DilConv of a DARTS cell starts with ReLU -> depthwise conv, and
+on the CPU those convolutions were the largest cost of a search step
+(PyTorch's depthwise backward alone 31 % of the DARTS step, the forward 7 %,
+the ReLUs ~5 %: 8 cells, C = 16, 32x32, batch 16, 2026-12-03). The C++ kernel
+(csrc/cpu/depthwise_conv2d.cpp) computes the ReLU as it reads x, so the
+ReLU's map is never written or kept for the backward.
+
+Where the kernel runs: backend 'cpu' (what 'auto' picks for CPU tensors), on
+float32/float64 maps in channels_last layout (the driver's default on the
+CPU), kernels up to 16x16, outside autocast. Everything else runs the
+PyTorch expression (nasops.ops.reference.depthwise_conv2d), the same for
+every backend: contiguous (NCHW) maps, which the kernel would have to copy;
+half precision and autocast, which PyTorch's convolution handles; CUDA tensors,
+where cuDNN's depthwise convolution runs (no nasops CUDA or Triton kernel
+yet). The ReLU's gradient at x == 0 is 0, as torch.relu's.
+"""
+from __future__ import annotations
+
+import torch
+
+from nasops.backend import resolve
+from nasops.ops import reference
+from nasops.ops._checks import check_same_device, check_tensor
+from nasops.ops._layout import is_nhwc
+from nasops.ops._registry import kernel_for, unique_variants, variants
+
+_KERNELS = variants("depthwise_conv2d", "depthwise_conv2d", "depthwise_conv2d_backward")
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_MAX_KERNEL = 16  # csrc/cpu/depthwise_conv2d.cpp: kMaxKernel
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,
+                     relu_input: bool = False, backend: str | None = None) -> torch.Tensor:
+    """Depthwise 2-D convolution of ``x``, or of ``relu(x)`` with ``relu_input``.
+
+    Args:
+        x: (B, C, H, W) float maps.
+        weight: (C, 1, KH, KW), x's dtype and device (an ``nn.Conv2d`` with
+            ``groups=C``, ``bias=False``).
+        stride, padding, dilation: an int or a pair (height, width), as for
+            ``torch.nn.functional.conv2d``.
+        relu_input: convolve relu(x) (DARTS' ReLU before the conv), without
+            materialising it.
+        backend: 'auto' (default), 'cpu', 'eager', 'cuda' or 'triton'; see the
+            module docstring for where the kernel runs.
+
+    Returns:
+        (B, C, OH, OW): channels_last from the kernel, else PyTorch's layout.
+    """
+    check_tensor(x, "x", ndim=4)
+    check_tensor(weight, "weight", ndim=4)
+    check_same_device("weight", weight, x, "x")
+    if weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
+        raise ValueError(f"weight: expected shape ({x.shape[1]}, 1, KH, KW) for x with C={x.shape[1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts both
+        raise TypeError(f"weight: expected dtype {x.dtype} (that of x), got {weight.dtype}")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    for name, (size, kernel, pad, dil) in {"height": (x.shape[2], weight.shape[2], padding[0], dilation[0]),
+                                           "width": (x.shape[3], weight.shape[3], padding[1], dilation[1])}.items():
+        if size + 2 * pad < dil * (kernel - 1) + 1:
+            raise ValueError(f"weight: the dilated kernel ({dil * (kernel - 1) + 1}) is larger than x's padded "
+                             f"{name} ({size} + 2*{pad})")
+    name = resolve(backend, x.device)
+    if not _kernel_applies(name, x, weight):
+        return reference.depthwise_conv2d(x, weight, stride, padding, dilation, relu_input)
+    fwd, bwd = kernel_for(_KERNELS, name, "depthwise_conv2d")
+    if torch.compiler.is_compiling():
+        # The registered op: traced as one node, with the fake and autograd rules below.
+        return fwd(x, weight, stride, padding, dilation, relu_input)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _DepthwiseConv2d.apply((fwd, bwd), (stride, padding, dilation, relu_input), x, weight)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd(x, weight, stride, padding, dilation, relu_input)
+
+
+def _pair(value, name: str, minimum: int) -> list[int]:
+    pair = [value, value] if isinstance(value, int) else list(value) if isinstance(value, (tuple, list)) else None
+    if (pair is None or len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)
+            or min(pair) < minimum):
+        raise ValueError(f"{name}: expected an int >= {minimum} or a pair of them, got {value!r}")
+    return pair
+
+
+def _kernel_applies(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (backend == "cpu" and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+            and is_nhwc(x) and max(weight.shape[2:]) <= _MAX_KERNEL
+            and not torch.is_autocast_enabled("cpu") and weight.dtype == x.dtype and x.numel() > 0)
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """The eager path of the kernel: the registered autograd below, without a
+    redispatch per call (as nasops.ops.mixed_op's _MixedOp)."""
+
+    @staticmethod
+    def forward(ctx, kernels, geometry, x, weight):
+        fwd, bwd = kernels
+        with torch._C._AutoDispatchBelowAutograd():
+            y = fwd(x, weight, *geometry)
+        ctx.bwd, ctx.geometry = bwd, geometry
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        with torch._C._AutoDispatchBelowAutograd():
+            gx, gw = ctx.bwd(grad, x, weight, *ctx.geometry, need_x, need_w)
+        return None, None, (gx if need_x else None), (gw if need_w else None)
+
+
+# ---- registration: fake (meta) implementations and autograd --------------------
+
+def _output_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _fake_forward(x, weight, stride, padding, dilation, relu_input):
+    B, C, H, W = x.shape
+    OH = _output_size(H, weight.shape[2], stride[0], padding[0], dilation[0])
+    OW = _output_size(W, weight.shape[3], stride[1], padding[1], dilation[1])
+    return x.new_empty((B, C, OH, OW)).contiguous(memory_format=torch.channels_last)
+
+
+def _fake_backward(grad, x, weight, stride, padding, dilation, relu_input, x_requires_grad,
+                   weight_requires_grad):
+    gx = torch.empty_like(x, memory_format=torch.channels_last) if x_requires_grad else x.new_empty(0)
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_requires_grad \
+        else x.new_empty(0)
+    return gx, gw
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, *geometry = inputs
+    ctx.geometry = geometry
+    ctx.save_for_backward(x, weight)
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx, gw = backward_op(grad, x, weight, *ctx.geometry, need_x, need_w)
+        return (gx if need_x else None), (gw if need_w else None), None, None, None, None
+    return backward
+
+
+for _fwd, _bwd in unique_variants(_KERNELS):
+    torch.library.register_fake(_fwd)(_fake_forward)
+    torch.library.register_fake(_bwd)(_fake_backward)
+    torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup_context)
