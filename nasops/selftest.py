@@ -151,6 +151,20 @@ def _rows_run(i, backend):
     return kept, ops.scatter_rows(kept * 2, i["idx"], 9, backend=backend)
 
 
+def _depthwise_make(dtype, device, gen):
+    # channels_last: the layout the CPU kernel runs on (contiguous maps run PyTorch's convolution).
+    x = _randn(gen, 3, 19, 7, 9, dtype=dtype, device=device, grad=False)
+    return {"x": x.contiguous(memory_format=torch.channels_last).requires_grad_(),
+            "weight": _randn(gen, 19, 1, 5, 3, dtype=dtype, device=device)}
+
+
+def _depthwise_run(stride, padding, dilation):
+    def run(i, backend):
+        return (ops.depthwise_conv2d(i["x"], i["weight"], stride=stride, padding=padding, dilation=dilation,
+                                     relu_input=True, backend=backend),)
+    return run
+
+
 def cases() -> list[Case]:
     # Factors: gradients sum over many products (weights over B*C*H*W) and the
     # softmax's take differences of nearly equal terms; half-precision inputs
@@ -171,6 +185,10 @@ def cases() -> list[Case]:
         *[Case("topk_tokens", f"gate {gate}, N=11, keep 5", _tokens_make, _tokens_run(gate), factor=2, exact=(1,))
           for gate in ("none", "straight_through", "sigmoid")],
         Case("gather_rows/scatter_rows", "(7, 3, 5), 4 rows", _rows_make, _rows_run, factor=1),
+        Case("depthwise_conv2d", "ReLU, 5x3, C=19, 7x9", _depthwise_make, _depthwise_run(1, (2, 1), 1),
+             factor=4),
+        Case("depthwise_conv2d", "ReLU, 5x3 dilated, stride 2", _depthwise_make,
+             _depthwise_run((2, 1), (4, 1), (2, 1)), factor=4),
     ]
 
 

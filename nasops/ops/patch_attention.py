@@ -58,6 +58,8 @@ differentiable (no double backward).
 """
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 
 import torch
@@ -218,6 +220,17 @@ def _distinct_outputs(x, live_outputs):
     return tuple(slots), distinct
 
 
+def _below_autograd():
+    """The kernels of the eager path straight to their CPU/CUDA/Triton
+    implementation: inside the autograd Function nothing needs their
+    registered (Python) autograd, whose layers cost ~0.3-0.5 ms per edge and
+    step on the CPU (profile of a MIDAS step, 2026-12-03). Not while dynamo
+    traces the Function: it takes the registered ops as they are."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 def _without_autocast(device: torch.device):
     """The op's own arithmetic is in the accumulation dtype: autocast must not cast
     its matmuls down (see the module docstring)."""
@@ -281,6 +294,13 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, mix, grid, tau, K, live_index, slots, x, Wq, Wk, prior, zero_key,
                 *distinct_outputs):
+        with _below_autograd():
+            return _PatchAttentionMixedOp._forward(ctx, kernels, mix, grid, tau, K, live_index, slots, x, Wq,
+                                                   Wk, prior, zero_key, distinct_outputs)
+
+    @staticmethod
+    def _forward(ctx, kernels, mix, grid, tau, K, live_index, slots, x, Wq, Wk, prior, zero_key,
+                 distinct_outputs):
         live_outputs = [(x, *distinct_outputs)[i] for i in slots]
         pool, _, attention, _, _ = kernels
         acc = accumulation_dtype(x.dtype)
@@ -308,7 +328,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         # saved_tensors read once: under torch.utils.checkpoint (--recompute-edges)
         # a second read is an error.
         saved = ctx.saved_tensors
-        with _without_autocast(saved[0].device):
+        with _without_autocast(saved[0].device), _below_autograd():
             return _PatchAttentionMixedOp._backward(ctx, saved, grad_y, grad_w_out)
 
     @staticmethod
