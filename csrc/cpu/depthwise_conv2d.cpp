@@ -109,7 +109,7 @@ inline RowPlan plan_row(const Geometry& g, int64_t oh) {
 // Output pixels [ow, ow + NP) of row `plan`, channels [c0, c0 + VL):
 // y = sum over taps of w[tap] * act(x[input of the tap]), zeroed where
 // mask <= 0 (kMask: the ReLU's gradient mask when this computes an input
-// gradient). Interior pixels (Checked = false) skip the column bounds checks
+// gradient). Interior pixels (kChecked = false) skip the column bounds checks
 // and share each loaded weight among NP pixels.
 template <bool kRelu, bool kMask, bool kChecked, int NP, typename T>
 struct ForwardPixels {

@@ -262,6 +262,14 @@ def _check_edge(x, outputs):
 
 # ---- the fused op's attention inputs ----------------------------------------------------
 
+def _as_index(indices: list[int]):
+    """Op indices as a slice when they are a run (Zero first, as in DARTS and
+    NB201: a view, no index tensor built from the list), else the list."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return slice(indices[0], indices[-1] + 1)
+    return indices
+
+
 def _attention_inputs(q, pooled_o, Wk, zero_key, K, live_index):
     """(query, keys) for ``patch_softmax_attention`` such that its logits are
     q . k_k / sqrt(D) with k_k = pooled_o_k @ Wk (a Zero op's k_k = zero_key, or 0).
@@ -280,8 +288,8 @@ def _attention_inputs(q, pooled_o, Wk, zero_key, K, live_index):
     if len(live_index) == K:
         return u * (C / D) ** 0.5, pooled_o
     keys = pooled_o.new_zeros(B, P, K, C + 1)
-    keys[:, :, live_index, :C] = pooled_o
-    keys[:, :, [k for k in range(K) if k not in live_index], C] = 1
+    keys[:, :, _as_index(live_index), :C] = pooled_o
+    keys[:, :, _as_index([k for k in range(K) if k not in live_index]), C] = 1
     zero_logit = q @ zero_key.to(q.dtype) if zero_key is not None else q.new_zeros(B, P)
     return torch.cat([u, zero_logit.unsqueeze(-1)], dim=-1) * ((C + 1) / D) ** 0.5, keys
 
@@ -310,7 +318,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         q = pooled_x @ Wq.to(acc)  # (B, P, D)
         query, keys = _attention_inputs(q, pooled_o, Wk.to(acc), zero_key, K, live_index)
         w = attention(query, keys, None if prior is None else prior.to(acc), tau)
-        w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
+        w_live = w if len(live_index) == K else w[:, :, _as_index(live_index)].contiguous()
         y = mix[0](list(live_outputs), w_live, grid_list)
 
         ctx.kernels, ctx.mix, ctx.grid, ctx.tau, ctx.K = kernels, mix, grid, tau, K
@@ -343,7 +351,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         acc = w.dtype
         B, P, D = q.shape
         C = Wk.shape[0]
-        w_live = w if len(live_index) == K else w[:, :, live_index].contiguous()
+        w_live = w if len(live_index) == K else w[:, :, _as_index(live_index)].contiguous()
         # d loss / d w: through the weighted sum (live ops only), plus any use of
         # the returned w. Out of place: autograd's incoming gradients are not ours.
         grad_w = None if grad_w_out is None else grad_w_out.to(acc)
@@ -351,7 +359,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
             mix_grad = ctx.mix[1](grad_y, live_outputs, w_live, list(grid), False, True)[1]
             if len(live_index) < K:  # Zero ops' weights get gradient only through the softmax
                 full = w.new_zeros(B, P, K)
-                full[:, :, live_index] = mix_grad
+                full[:, :, _as_index(live_index)] = mix_grad
                 mix_grad = full
             grad_w = mix_grad if grad_w is None else grad_w + mix_grad
         if grad_w is None:
@@ -380,7 +388,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         grad_outputs = [None] * len(live_outputs)
         if any(need_outputs):
             grad_pooled = (grad_keys if len(live_index) == K
-                           else grad_keys[:, :, live_index, :C].contiguous())  # (B, P, K_live, C)
+                           else grad_keys[:, :, _as_index(live_index), :C].contiguous())  # (B, P, K_live, C)
             # The kernel writes the gradients in grad_y's layout: the outputs' one.
             outputs_layout = layout_of(live_outputs)
             if grad_y is None:
