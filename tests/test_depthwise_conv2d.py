@@ -216,3 +216,28 @@ def test_bad_input_names_the_argument(call, error, match):
     w = torch.randn(8, 1, 3, 3)
     with pytest.raises(error, match=match):
         call(x, w)
+
+
+@pytest.mark.parametrize("op_name", ["sep_conv_5x5", "dil_conv_3x3"])
+def test_ops_load_state_dicts_from_before_the_fusion(op_name):
+    """A SepConv/DilConv state dict written when the ReLUs were their own
+    modules (op.0 ReLU, op.1 conv, ...) loads, key by key, into the fused op."""
+    from nasops.spaces.operations import make_darts_op
+    torch.manual_seed(0)
+    op = make_darts_op(op_name, 8, 1)
+    for m in op.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_()
+    state = op.state_dict()
+    # The old layout: a parameter-free ReLU before each depthwise conv.
+    shift = {0: 1, 1: 2, 2: 3, 3: 5, 4: 6, 5: 7} if op_name.startswith("sep") else {0: 1, 1: 2, 2: 3}
+    old = {}
+    for key, value in state.items():
+        index, rest = key.split(".", 2)[1:]
+        old[f"op.{shift[int(index)]}.{rest}"] = value.clone()
+    fresh = make_darts_op(op_name, 8, 1)
+    fresh.load_state_dict(old)  # strict: every key found
+    for (name, a), (_, b) in zip(op.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name
+    # The new layout still loads as it is.
+    make_darts_op(op_name, 8, 1).load_state_dict(state)

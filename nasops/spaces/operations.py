@@ -63,8 +63,31 @@ class ReLUDepthwiseConv2d(nn.Conv2d):
                                            dilation=self.dilation, relu_input=True)
 
 
-class DilConv(nn.Module):
+class _ReadsUnfusedStateDicts(nn.Module):
+    """Loads state dicts written before ReLU and depthwise conv were fused
+    (nasops before 2026-12-03), whose ``op`` Sequential held a parameter-free
+    ``nn.ReLU`` in front of each depthwise conv: their ``op.<i>`` keys are
+    renumbered (``UNFUSED_INDEX``: old index -> new), so checkpoints of
+    searches started before still resume."""
+
+    UNFUSED_INDEX: dict[int, int] = {}
+    UNFUSED_MARK = -1  # an op index only the old layout has
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        old = f"{prefix}op.{self.UNFUSED_MARK}."
+        if any(k.startswith(old) for k in state_dict):
+            for old_index, new_index in sorted(self.UNFUSED_INDEX.items()):
+                head = f"{prefix}op.{old_index}."
+                for key in [k for k in state_dict if k.startswith(head)]:
+                    state_dict[f"{prefix}op.{new_index}.{key[len(head):]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class DilConv(_ReadsUnfusedStateDicts):
     """ReLU -> dilated depthwise conv -> pointwise conv -> BN."""
+
+    UNFUSED_INDEX = {1: 0, 2: 1, 3: 2}  # ReLU, dw, pw, BN -> ReLU+dw, pw, BN
+    UNFUSED_MARK = 3
 
     def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
         super().__init__()
@@ -78,8 +101,11 @@ class DilConv(nn.Module):
         return self.op(x)
 
 
-class SepConv(nn.Module):
+class SepConv(_ReadsUnfusedStateDicts):
     """Two stacked (ReLU -> depthwise -> pointwise -> BN) blocks, the first with the stride."""
+
+    UNFUSED_INDEX = {1: 0, 2: 1, 3: 2, 5: 3, 6: 4, 7: 5}
+    UNFUSED_MARK = 7
 
     def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
         super().__init__()
