@@ -11,16 +11,19 @@
 // here); the ReLU is applied as the input is read, and its mask in the
 // backward as the input gradient is written: no ReLU map exists.
 //
-// - forward: one work item per output row (n, oh); each output pixel sums its
-//   taps into a C-vector that stays in L1;
-// - backward: one item per image. The input gradient is gathered (each input
-//   pixel sums the taps that read it: no write conflicts), the weight
+// - forward: one work item per output row (n, oh); four interior pixels at a
+//   time accumulate their taps in vector registers, border pixels one by one
+//   with bounds checks;
+// - backward: one item per image. The input gradient of a stride-1 conv is
+//   the forward's convolution of the output gradient with the flipped kernel
+//   (transposed_geometry); a strided one is gathered pixel by pixel (each
+//   input pixel sums the taps that read it: no write conflicts). The weight
 //   gradient is accumulated into that image's own (KH*KW, C) slot, and the
 //   slots are added in image order afterwards, so the result does not depend
 //   on the number of threads. An image's x and grad stay in L2 for both.
 // Accumulation is in the input's dtype (float or double), tap by tap in
-// (kh, kw) order. The loops are plain C++ that gcc -O3 vectorizes over C,
-// compiled for AVX2+FMA and the baseline ISA and picked at run time (dot.h).
+// (kh, kw) order. The loops use GCC vector types over channels, compiled for
+// AVX-512, AVX2+FMA and the baseline ISA and picked at run time (dot.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -338,7 +341,6 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor x = x_in.contiguous(cl);
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(cl);
-  const at::Tensor wt = taps_by_channel(weight);
   at::Tensor grad_x = x_requires_grad ? at::empty_like(x, x.options().memory_format(cl)) : x.new_empty({0});
   at::Tensor slots = weight_requires_grad ? at::empty({g.N, g.KH * g.KW, g.C}, x.options()) : x.new_empty({0});
   at::Tensor grad_w = x.new_empty({0});
@@ -346,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
   if (g.N == 0 || (!x_requires_grad && !weight_requires_grad)) return {grad_x, grad_w};
   const bool transposed = transposable(g);
   const Geometry gt = transposed ? transposed_geometry(g) : g;
-  const at::Tensor wt_input = transposed ? taps_by_channel(weight.flip({2, 3})) : wt;
+  // The taps the input gradient reads (the weight gradient reads none).
+  const at::Tensor wt_input = taps_by_channel(transposed ? weight.flip({2, 3}) : weight);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv2d_backward_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();

@@ -90,7 +90,7 @@ def _pair(value, name: str, minimum: int) -> list[int]:
 def _kernel_applies(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (backend == "cpu" and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
             and is_nhwc(x) and max(weight.shape[2:]) <= _MAX_KERNEL
-            and not torch.is_autocast_enabled("cpu") and weight.dtype == x.dtype and x.numel() > 0)
+            and not torch.is_autocast_enabled("cpu") and x.numel() > 0)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):

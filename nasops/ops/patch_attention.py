@@ -318,11 +318,12 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         q = pooled_x @ Wq.to(acc)  # (B, P, D)
         query, keys = _attention_inputs(q, pooled_o, Wk.to(acc), zero_key, K, live_index)
         w = attention(query, keys, None if prior is None else prior.to(acc), tau)
-        w_live = w if len(live_index) == K else w[:, :, _as_index(live_index)].contiguous()
+        live = _as_index(live_index)
+        w_live = w if len(live_index) == K else w[:, :, live].contiguous()
         y = mix[0](list(live_outputs), w_live, grid_list)
 
         ctx.kernels, ctx.mix, ctx.grid, ctx.tau, ctx.K = kernels, mix, grid, tau, K
-        ctx.live_index, ctx.slots = live_index, slots
+        ctx.live_index, ctx.live, ctx.slots = live_index, live, slots
         ctx.x_meta = (x.shape[2], x.shape[3], x.dtype, kernel_channels_last([x]))
         ctx.has_prior = prior is not None
         ctx.param_dtype = Wq.dtype
@@ -347,11 +348,11 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         need_x, need_Wq, need_Wk, need_prior, need_zero_key = needs[7:12]
         need_distinct = (need_x, *needs[12:])  # indexed by slot: 0 = x
         need_outputs = [need_distinct[i] for i in ctx.slots]
-        live_index, K, grid = ctx.live_index, ctx.K, ctx.grid
+        live_index, live, K, grid = ctx.live_index, ctx.live, ctx.K, ctx.grid
         acc = w.dtype
         B, P, D = q.shape
         C = Wk.shape[0]
-        w_live = w if len(live_index) == K else w[:, :, _as_index(live_index)].contiguous()
+        w_live = w if len(live_index) == K else w[:, :, live].contiguous()
         # d loss / d w: through the weighted sum (live ops only), plus any use of
         # the returned w. Out of place: autograd's incoming gradients are not ours.
         grad_w = None if grad_w_out is None else grad_w_out.to(acc)
@@ -359,7 +360,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
             mix_grad = ctx.mix[1](grad_y, live_outputs, w_live, list(grid), False, True)[1]
             if len(live_index) < K:  # Zero ops' weights get gradient only through the softmax
                 full = w.new_zeros(B, P, K)
-                full[:, :, _as_index(live_index)] = mix_grad
+                full[:, :, live] = mix_grad
                 mix_grad = full
             grad_w = mix_grad if grad_w is None else grad_w + mix_grad
         if grad_w is None:
@@ -388,7 +389,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         grad_outputs = [None] * len(live_outputs)
         if any(need_outputs):
             grad_pooled = (grad_keys if len(live_index) == K
-                           else grad_keys[:, :, _as_index(live_index), :C].contiguous())  # (B, P, K_live, C)
+                           else grad_keys[:, :, live, :C].contiguous())  # (B, P, K_live, C)
             # The kernel writes the gradients in grad_y's layout: the outputs' one.
             outputs_layout = layout_of(live_outputs)
             if grad_y is None:
