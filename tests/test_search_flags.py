@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nasops.spaces
+from nasops.spaces.base import RecomputableEdge
 from nasops.search import main, parse_args
 
 TINY = ["--init-channels", "4", "--batch-size", "16", "--threads", "1", "--quiet", "--epochs", "1",
@@ -126,8 +127,11 @@ def test_recompute_edges_same_gradients_and_running_statistics(space, layout):
                         {n: b.clone() for n, b in net.named_buffers()}))
     (loss_a, grads_a, alphas_a, buffers_a), (loss_b, grads_b, alphas_b, buffers_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
+    # atol 1e-6 on gradients of ~0.1: the recomputing edge sums its gradients in
+    # another order, and NB201's conv bias before a BatchNorm has a true gradient
+    # of 0, so its float value (~1e-7) is rounding alone.
     for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
     for a, b in zip(alphas_a, alphas_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # Running statistics moved once per forward (two forwards here), not once more per recomputation.
@@ -156,6 +160,89 @@ def test_recompute_edges_keeps_far_less_for_the_backward():
     x = torch.randn(8, 3, 16, 16)
     kept, kept_recompute = _saved_bytes(plain, x), _saved_bytes(recompute, x)
     assert kept_recompute < 0.25 * kept, (kept, kept_recompute)
+
+
+def test_recompute_edges_under_autocast_give_autograd_grad_the_weight_gradients():
+    """The recomputation runs under the forward's autocast (bfloat16 convs), and
+    torch.autograd.grad(loss, weights) (DARTS' second-order step) gets the edges'
+    weight gradients, not only .grad."""
+    plain = _network("darts").train()
+    recompute = copy.deepcopy(plain)
+    recompute.set_recompute_edges(True)
+    conv_dtypes = []  # a pointwise conv inside a recomputing edge: forward, then recomputation
+    recompute.cells[0].edges[0].ops[4].op[1].register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype))
+    x = torch.randn(4, 3, 12, 12)
+    y = torch.randint(0, 5, (4,))
+    grads = []
+    for net in (plain, recompute):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        grads.append(torch.autograd.grad(loss, list(net.parameters()), allow_unused=True))
+    assert conv_dtypes == [torch.bfloat16, torch.bfloat16]
+    for (name, _), a, b in zip(plain.named_parameters(), *grads):
+        assert (a is None) == (b is None), name
+        if a is not None:  # bfloat16 rounding summed in another order: ~1 % apart
+            assert (a - b).norm() <= 0.1 * a.norm(), name
+    assert all(p.grad is None for p in recompute.parameters())
+
+
+def test_recompute_edges_refuse_a_weight_changed_between_forward_and_backward():
+    """A recomputation with weights an optimizer changed in place would differentiate
+    another network: the saved-tensor version check stops it."""
+    net = _network("darts").train()
+    net.set_recompute_edges(True)
+    loss = net(torch.randn(2, 3, 12, 12)).sum()
+    with torch.no_grad():
+        next(net.cells[0].edges[0].parameters()).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+class _TwoOutputEdge(RecomputableEdge):
+    """An edge returning (y, aux), as MIDAS' returns (y, op weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+    def _mix(self, x, weights):
+        y = self.conv(x)
+        return y * weights[0], (y * y).mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("used", ["y", "aux", "both"])
+def test_recompute_edges_differentiate_only_the_outputs_the_loss_uses(used):
+    plain = _TwoOutputEdge()
+    recompute = copy.deepcopy(plain)
+    recompute.recompute = True
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    weights = torch.rand(1, requires_grad=True)
+    grads = []
+    for edge in (plain, recompute):
+        y, aux = edge(x, weights)
+        loss = {"y": y.sum(), "aux": aux.sum(), "both": y.sum() + aux.sum()}[used]
+        grads.append(torch.autograd.grad(loss, [x, weights, *edge.parameters()], allow_unused=True))
+    for a, b in zip(*grads):
+        if a is None or b is None:  # weights: unused by aux alone
+            assert a is None and b is None or used == "aux" and torch.count_nonzero(a if b is None else b) == 0
+        else:
+            torch.testing.assert_close(a, b)
+
+
+def test_recompute_edges_compute_only_the_gradients_the_backward_asks_for():
+    """autograd.grad(loss, alphas) (DARTS' architecture step) differentiates the
+    recomputed edge for the alphas' path only, as autograd prunes a plain graph:
+    the edge's weight gradients are not computed (a third more work at batch 64)."""
+    edge = _TwoOutputEdge()
+    edge.recompute = True
+    weight_grads = []
+    edge.conv.weight.register_hook(weight_grads.append)
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    weights = torch.rand(1, requires_grad=True)
+    (grad_weights,) = torch.autograd.grad(edge(x, weights)[0].sum(), [weights])
+    assert weight_grads == [] and grad_weights.abs().sum() > 0
+    edge(x, weights)[0].sum().backward()
+    assert len(weight_grads) == 1
 
 
 @pytest.mark.slow
@@ -222,7 +309,10 @@ def test_recompute_edges_every_method_equals_plain(tmp_path, method):
     and MIDAS's attention edges recompute too, with the plain run's results."""
     plain = _method_run(tmp_path / "plain", method)
     recompute = _method_run(tmp_path / "recompute", method, "--recompute-edges")
-    _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
+    # Not bit-identical: a recomputing edge sums its input's gradient in another
+    # order, and Adam turns last-bit differences of gradients that are 0 in exact
+    # arithmetic (attention key biases) into ~1e-6 differences of the weights.
+    _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-4, atol=1e-5)
 
 
 def test_an_edge_that_bypasses_recomputation_is_not_counted():

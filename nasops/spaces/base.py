@@ -7,7 +7,6 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 import nasops.ops
 
@@ -17,15 +16,16 @@ class RecomputableEdge(nn.Module):
 
     A subclass computes the edge in ``_mix(x, weights)`` (and leaves ``forward``
     alone: :func:`set_recompute_edges` counts only edges whose forward is this
-    one, so an edge that bypasses it is never reported as recomputing). With ``recompute``
-    on (off by default; :func:`set_recompute_edges`) the edge keeps only its
-    input for the backward and computes its ops' outputs again there
-    (``torch.utils.checkpoint``, non-reentrant, RNG state preserved), so none of
-    the K op outputs and their intermediates stays alive between the forward
-    and the backward. BatchNorm layers would update their running statistics
-    twice, once per forward; the recomputation restores them, so a run with
-    recomputation equals one without (the tests check losses, gradients and
-    running statistics).
+    one, so an edge that bypasses it is never reported as recomputing). ``_mix``
+    returns a tensor or a tuple of tensors. With ``recompute`` on (off by
+    default; :func:`set_recompute_edges`) the edge keeps only its input and
+    weights for the backward and computes its ops' outputs again there
+    (:class:`_RecomputedEdge`), so none of the K op outputs and their
+    intermediates stays alive between the forward and the backward. BatchNorm
+    layers would update their running statistics twice, once per forward; the
+    recomputation restores them, so a run with recomputation equals one without
+    (the tests check losses, gradients and running statistics). The gradient of
+    a recomputing edge is once differentiable (no double backward through it).
     """
 
     recompute = False
@@ -33,20 +33,145 @@ class RecomputableEdge(nn.Module):
     def forward(self, x, weights=None):
         if self.recompute and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
-                # AOTAutograd recomputes the region from the traced graph and
-                # applies buffer mutations once, in the forward: no restoring needed
-                # (and dynamo takes no custom context_fn).
-                return torch.utils.checkpoint.checkpoint(self._mix, x, weights, use_reentrant=False)
-            return torch.utils.checkpoint.checkpoint(self._mix, x, weights, use_reentrant=False,
-                                                     context_fn=self._recompute_contexts)
+                # Dynamo cannot trace _RecomputedEdge's nested autograd.grad;
+                # AOTAutograd recomputes a checkpointed region from the traced
+                # graph and applies buffer mutations once, in the forward.
+                from torch.utils.checkpoint import checkpoint  # imports torch._dynamo: seconds
+                return checkpoint(self._mix, x, weights, use_reentrant=False)
+            return _RecomputedEdge.apply(self, x, weights, *self.parameters())
         return self._mix(x, weights)
-
-    def _recompute_contexts(self):
-        """(forward, recomputation) contexts of torch.utils.checkpoint."""
-        return contextlib.nullcontext(), _restored_buffers(self)
 
     def _mix(self, x, weights):
         raise NotImplementedError
+
+
+class _RecomputedEdge(torch.autograd.Function):
+    """``edge._mix(x, weights)`` run without autograd, and again with it in the backward.
+
+    Not torch.utils.checkpoint (non-reentrant), which runs the forward with
+    autograd recording a graph whose saved tensors it then drops, and hooks
+    every saved tensor twice: that bookkeeping cost more than the recomputation
+    itself on CPU (benchmarks/RESULTS.md, "recompute-edges"). Here the forward
+    records nothing and the backward differentiates the recomputed edge with
+    one autograd.grad. The edge's parameters are inputs of this Function, so
+    their gradients flow back through the graph like any other (they reach
+    ``torch.autograd.grad(loss, params)`` callers, not only ``.grad``), and
+    saving them catches an in-place update between the forward and the
+    backward. The recomputation runs under the forward's autocast state and
+    RNG state (a dropout draws the same mask).
+    """
+
+    @staticmethod
+    def forward(ctx, edge, x, weights, *params):
+        ctx.set_materialize_grads(False)  # an unused output (MIDAS' w) gets no zeros
+        ctx.edge = edge
+        ctx.tensor_args = [i for i, a in enumerate((edge, x, weights, *params)) if isinstance(a, torch.Tensor)]
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.rng = _rng_state(x.device)
+        ctx.save_for_backward(x, weights, *params)
+        out = edge._mix(x, weights)  # grad mode is off in a Function's forward
+        ctx.returns_tuple = isinstance(out, tuple)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        x, weights, *params = ctx.saved_tensors
+        need = _wanted_input_grads(ctx)[1:]  # x, weights, *params
+        if not any(need):
+            return (None,) * (len(need) + 1)
+        # The running statistics are restored after the grad: BatchNorm's
+        # backward checks the versions of the buffers it was given.
+        with (torch.enable_grad(), _autocast(ctx.autocast), _forked_rng(ctx.rng), _restored_buffers(ctx.edge),
+              _detached_parameters(ctx.edge, need[2:]) as params):
+            x = x.detach().requires_grad_(need[0])
+            weights = None if weights is None else weights.detach().requires_grad_(need[1])
+            inputs = [t for t, n in zip((x, weights, *params), need) if n]
+            out = ctx.edge._mix(x, weights)
+            outs = out if ctx.returns_tuple else (out,)
+            used = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            if not used:
+                return (None,) * (len(need) + 1)
+            found = iter(torch.autograd.grad([o for o, _ in used], inputs, [g for _, g in used],
+                                             allow_unused=True))
+        return (None, *(next(found) if n else None for n in need))
+
+
+@contextlib.contextmanager
+def _detached_parameters(edge: nn.Module, need: list[bool]):
+    """Run the recomputation on detached aliases of ``edge``'s parameters (same
+    storage and version counter), yielded in ``edge.parameters()`` order.
+
+    The nested grad then differentiates the aliases: hooks registered on a
+    parameter run once, when its gradient reaches it through this Function, not
+    a second time inside the recomputation.
+    """
+    aliases, swapped = {}, []
+    for module in edge.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in aliases:
+                aliases[id(p)] = p.detach().requires_grad_(need[len(aliases)])
+            module._parameters[name] = aliases[id(p)]
+            swapped.append((module, name, p))
+    try:
+        yield list(aliases.values())
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def _wanted_input_grads(ctx) -> list[bool]:
+    """Which inputs of this backward node the running backward wants gradients of.
+
+    ``ctx.needs_input_grad`` says which inputs require grad; a call like DARTS'
+    architecture step, ``autograd.grad(loss, alphas)``, wants only the paths to
+    the alphas, and autograd prunes the rest of a plain graph. The nested grad
+    would not see that pruning and would compute every weight gradient of the
+    edge (a third more backward work at batch 64), so ask the engine which of
+    this node's next nodes it will run, as torch.autograd.graph's
+    register_multi_grad_hook does.
+    """
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_run is None:  # a PyTorch without it: everything that requires grad
+        return list(ctx.needs_input_grad)
+    wanted = [False] * len(ctx.needs_input_grad)
+    for i, (node, _) in zip(ctx.tensor_args, ctx.next_functions):  # next_functions: tensor args only
+        if ctx.needs_input_grad[i] and node is not None:
+            try:
+                wanted[i] = will_run(node)
+            except RuntimeError:  # a leaf that autograd.grad asked for: the engine does not say
+                wanted[i] = True
+    return wanted
+
+
+def _autocast_state(device_type: str):
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                 for d in dict.fromkeys((device_type, "cpu")))
+
+
+@contextlib.contextmanager
+def _autocast(state):
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+        yield
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), device, cuda
+
+
+@contextlib.contextmanager
+def _forked_rng(state):
+    cpu, device, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
 
 
 def set_recompute_edges(module: nn.Module, enabled: bool = True) -> int:
@@ -105,8 +230,7 @@ def one_dtype(outputs, device_type: str):
 def _restored_buffers(module: nn.Module):
     """Run a block (a recomputation) that may update ``module``'s buffers — the
     BatchNorm running statistics and batch counters — and put them back as they
-    were. Also when the block stops early: torch.utils.checkpoint ends a
-    recomputation by an exception once it has what the backward needs."""
+    were, also when the block raises."""
     saved = [(b, b.clone()) for b in module.buffers()]
     try:
         yield
