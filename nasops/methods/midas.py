@@ -205,7 +205,7 @@ class MidasEdge(MixedEdge):
         return [self.Wq, self.Wk] + ([self.zero_key] if self.zero_key is not None else [])
 
     def _mix(self, x, prior=None):
-        # forward (RecomputableEdge's): this, or its checkpoint under --recompute-edges
+        # forward (RecomputableEdge's): this, or its recomputing Function under --recompute-edges
         outputs = self.op_outputs(x)
         ref = next(o for o in outputs if o is not None)
         grid = (min(self.grid[0], ref.shape[2]), min(self.grid[1], ref.shape[3]))

@@ -334,8 +334,8 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_w_out):
-        # saved_tensors read once: under torch.utils.checkpoint (--recompute-edges)
-        # a second read is an error.
+        # saved_tensors read once: each read unpacks every saved tensor again (and
+        # under torch.utils.checkpoint's saved-tensor hooks a second read is an error).
         saved = ctx.saved_tensors
         with _without_autocast(saved[0].device), _below_autograd():
             return _PatchAttentionMixedOp._backward(ctx, saved, grad_y, grad_w_out)

@@ -50,15 +50,16 @@ class _RecomputedEdge(torch.autograd.Function):
 
     Not torch.utils.checkpoint (non-reentrant), which runs the forward with
     autograd recording a graph whose saved tensors it then drops, and hooks
-    every saved tensor twice: that bookkeeping cost more than the recomputation
-    itself on CPU (benchmarks/RESULTS.md, "recompute-edges"). Here the forward
-    records nothing and the backward differentiates the recomputed edge with
-    one autograd.grad. The edge's parameters are inputs of this Function, so
-    their gradients flow back through the graph like any other (they reach
-    ``torch.autograd.grad(loss, params)`` callers, not only ``.grad``), and
-    saving them catches an in-place update between the forward and the
-    backward. The recomputation runs under the forward's autocast state and
-    RNG state (a dropout draws the same mask).
+    every saved tensor twice: on the CPU that bookkeeping cost about as much as
+    the recomputation itself (benchmarks/RESULTS.md, "Whole search steps (#14),
+    third round"). Here the forward records nothing, and the backward
+    differentiates the recomputed edge with one autograd.grad, for the inputs
+    the running backward wants (:func:`_wanted_input_grads`). The edge's
+    parameters are inputs of this Function, so their gradients flow back
+    through the graph like any other (they reach ``torch.autograd.grad(loss,
+    params)`` callers, not only ``.grad``), and saving them catches an in-place
+    update between the forward and the backward. The recomputation runs under
+    the forward's autocast and RNG states (a dropout draws the same mask).
     """
 
     @staticmethod
