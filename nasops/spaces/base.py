@@ -66,7 +66,6 @@ class _RecomputedEdge(torch.autograd.Function):
     def forward(ctx, edge, x, weights, *params):
         ctx.set_materialize_grads(False)  # an unused output (MIDAS' w) gets no zeros
         ctx.edge = edge
-        ctx.tensor_args = [i for i, a in enumerate((edge, x, weights, *params)) if isinstance(a, torch.Tensor)]
         ctx.autocast = _autocast_state(x.device.type)
         ctx.rng = _rng_state(x.device)
         ctx.save_for_backward(x, weights, *params)
@@ -77,8 +76,9 @@ class _RecomputedEdge(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        x, weights, *params = ctx.saved_tensors
-        need = _wanted_input_grads(ctx)[1:]  # x, weights, *params
+        x, weights, *saved_params = ctx.saved_tensors  # unpacking checks the parameters' versions
+        tensor_args = [i for i, t in enumerate((x, weights, *saved_params), start=1) if t is not None]
+        need = _wanted_input_grads(ctx, tensor_args)[1:]  # x, weights, *params
         if not any(need):
             return (None,) * (len(need) + 1)
         # The running statistics are restored after the grad: BatchNorm's
@@ -123,8 +123,9 @@ def _detached_parameters(edge: nn.Module, need: list[bool]):
             module._parameters[name] = p
 
 
-def _wanted_input_grads(ctx) -> list[bool]:
-    """Which inputs of this backward node the running backward wants gradients of.
+def _wanted_input_grads(ctx, tensor_args: list[int]) -> list[bool]:
+    """Which inputs of this backward node the running backward wants gradients of
+    (``tensor_args``: the positions of the tensor inputs, those ``ctx.next_functions`` lists).
 
     ``ctx.needs_input_grad`` says which inputs require grad; a call like DARTS'
     architecture step, ``autograd.grad(loss, alphas)``, wants only the paths to
@@ -138,7 +139,7 @@ def _wanted_input_grads(ctx) -> list[bool]:
     if will_run is None:  # a PyTorch without it: everything that requires grad
         return list(ctx.needs_input_grad)
     wanted = [False] * len(ctx.needs_input_grad)
-    for i, (node, _) in zip(ctx.tensor_args, ctx.next_functions):  # next_functions: tensor args only
+    for i, (node, _) in zip(tensor_args, ctx.next_functions):
         if ctx.needs_input_grad[i] and node is not None:
             try:
                 wanted[i] = will_run(node)
