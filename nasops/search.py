@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mode=reduce-overhead, CUDA graphs); the first steps "
                         "pay the compilation")
     g.add_argument("--recompute-edges", action="store_true",
-                   help="each mixed edge keeps only its input and recomputes its ops' outputs in the "
-                        "backward: less memory for more time, same results")
+                   help="each mixed edge keeps its input and recomputes its ops' outputs in the "
+                        "backward (a DARTS edge keeps its parameter-free ops' outputs): less memory "
+                        "for more time, same results")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")

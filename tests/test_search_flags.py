@@ -159,7 +159,69 @@ def test_recompute_edges_keeps_far_less_for_the_backward():
     recompute.set_recompute_edges(True)
     x = torch.randn(8, 3, 16, 16)
     kept, kept_recompute = _saved_bytes(plain, x), _saved_bytes(recompute, x)
-    assert kept_recompute < 0.25 * kept, (kept, kept_recompute)
+    assert kept_recompute < 0.3 * kept, (kept, kept_recompute)  # 0.23 with the pools' outputs kept
+
+
+@pytest.mark.parametrize("space", ["darts", "rdarts-s4"])
+def test_recompute_edges_recompute_the_ops_with_parameters_only(space):
+    """The convolutions (a reduction's skip_connect too) run again in the backward;
+    the pools, identity and noise (no parameters) run once and keep their outputs."""
+    from nasops.spaces.operations import DilConv, FactorizedReduce, SepConv
+    net = _network(space).train()
+    net.set_recompute_edges(True)
+    calls, expected = {}, {}
+    for cell in net.cells:
+        for e, edge in enumerate(cell.edges):
+            for name, op, zero in zip(edge.op_names, edge.ops, edge._is_zero):
+                key = (id(cell), e, name)
+                calls[key] = 0
+                expected[key] = 0 if zero else 2 if isinstance(op, (SepConv, DilConv, FactorizedReduce)) else 1
+                op.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+    net(torch.randn(2, 3, 12, 12)).sum().backward()
+    assert calls == expected
+    assert {name for (_, _, name), n in calls.items() if n == 1} >= ({"max_pool_3x3", "avg_pool_3x3", "skip_connect"}
+                                                                    if space == "darts" else {"noise"})
+
+
+def test_recompute_edges_in_eval_mode_equal_plain():
+    """BatchNorm in eval mode normalises with the running statistics in the
+    recomputation too, and nothing updates them."""
+    plain = _network("darts").train()
+    plain(torch.randn(6, 3, 12, 12))  # running statistics away from their initial values
+    plain.eval()
+    recompute = copy.deepcopy(plain)
+    recompute.set_recompute_edges(True)
+    x = torch.randn(3, 3, 12, 12)
+    grads = [torch.autograd.grad(net(x).square().sum(), list(net.parameters()), allow_unused=True)
+             for net in (plain, recompute)]
+    for (name, _), a, b in zip(plain.named_parameters(), *grads):
+        if a is None or b is None:
+            assert a is None and b is None, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), recompute.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+class _CountingConv(torch.nn.Conv2d):
+    """A conv with a buffer its forward updates, as a layer other than BatchNorm might."""
+
+    def __init__(self):
+        super().__init__(2, 2, 3, padding=1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_recompute_edges_restore_any_buffer_the_recomputation_updates():
+    from nasops.spaces.base import MixedEdge
+    edge = MixedEdge(["conv", "none"], [_CountingConv(), None])
+    edge.recompute = True
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    edge(x, torch.tensor([0.7, 0.3])).sum().backward()
+    assert edge.ops[0].calls.item() == 1 and x.grad.abs().sum() > 0
 
 
 def test_recompute_edges_under_autocast_give_autograd_grad_the_weight_gradients():
@@ -205,7 +267,7 @@ class _TwoOutputEdge(RecomputableEdge):
         super().__init__()
         self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
 
-    def _mix(self, x, weights):
+    def _mix(self, x, weights, kept=()):
         y = self.conv(x)
         return y * weights[0], (y * y).mean(dim=(1, 2, 3))
 

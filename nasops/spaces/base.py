@@ -14,14 +14,16 @@ import nasops.ops
 class RecomputableEdge(nn.Module):
     """A mixed edge whose op outputs may be recomputed in the backward.
 
-    A subclass computes the edge in ``_mix(x, weights)`` (and leaves ``forward``
-    alone: :func:`set_recompute_edges` counts only edges whose forward is this
-    one, so an edge that bypasses it is never reported as recomputing). ``_mix``
-    returns a tensor or a tuple of tensors. With ``recompute`` on (off by
-    default; :func:`set_recompute_edges`) the edge keeps only its input and
-    weights for the backward and computes its ops' outputs again there
-    (:class:`_RecomputedEdge`), so none of the K op outputs and their
-    intermediates stays alive between the forward and the backward. BatchNorm
+    A subclass computes the edge in ``_mix(x, weights, kept=())`` (and leaves
+    ``forward`` alone: :func:`set_recompute_edges` counts only edges whose
+    forward is this one, so an edge that bypasses it is never reported as
+    recomputing). ``_mix`` returns a tensor or a tuple of tensors. With
+    ``recompute`` on (off by default; :func:`set_recompute_edges`) the edge
+    keeps its input and weights for the backward and computes its ops' outputs
+    again there (:class:`_RecomputedEdge`), so none of those outputs and their
+    intermediates stays alive between the forward and the backward. A subclass
+    may exempt some ops (``_kept_ops``): they run once, as without
+    recomputation, and ``_mix`` gets their outputs back as ``kept``. BatchNorm
     layers would update their running statistics twice, once per forward; the
     recomputation restores them, so a run with recomputation equals one without
     (the tests check losses, gradients and running statistics). The gradient of
@@ -38,15 +40,26 @@ class RecomputableEdge(nn.Module):
                 # graph and applies buffer mutations once, in the forward.
                 from torch.utils.checkpoint import checkpoint  # imports torch._dynamo: seconds
                 return checkpoint(self._mix, x, weights, use_reentrant=False)
-            return _RecomputedEdge.apply(self, x, weights, *self.parameters())
+            kept = [op(x) for op in self._kept_ops()]
+            return _RecomputedEdge.apply(self, len(kept), x, weights, *kept, *self.parameters())
         return self._mix(x, weights)
 
-    def _mix(self, x, weights):
+    def _kept_ops(self) -> list[nn.Module]:
+        """The ops a recomputing edge does not recompute: they run once, in the
+        forward, recorded by autograd as without recomputation, and ``_mix`` gets
+        their outputs (on the edge's input, in this order) as ``kept``. None by default."""
+        return []
+
+    def _mix(self, x, weights, kept=()):
         raise NotImplementedError
 
 
 class _RecomputedEdge(torch.autograd.Function):
-    """``edge._mix(x, weights)`` run without autograd, and again with it in the backward.
+    """``edge._mix(x, weights, kept)`` run without autograd, and again with it in the backward.
+
+    ``kept``: the outputs of the edge's kept ops (``_kept_ops``), computed
+    before with autograd; the recomputation reads them again, and their
+    gradients flow back through their own graph.
 
     Not torch.utils.checkpoint (non-reentrant), which runs the forward with
     autograd recording a graph whose saved tensors it then drops, and hooks
@@ -63,39 +76,42 @@ class _RecomputedEdge(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, edge, x, weights, *params):
+    def forward(ctx, edge, n_kept, x, weights, *kept_and_params):
         ctx.set_materialize_grads(False)  # an unused output (MIDAS' w) gets no zeros
-        ctx.edge = edge
+        ctx.edge, ctx.n_kept = edge, n_kept
         ctx.autocast = _autocast_state(x.device.type)
         ctx.rng = _rng_state(x.device)
-        ctx.save_for_backward(x, weights, *params)
-        out = edge._mix(x, weights)  # grad mode is off in a Function's forward
+        ctx.save_for_backward(x, weights, *kept_and_params)
+        out = edge._mix(x, weights, kept_and_params[:n_kept])  # grad mode is off in a Function's forward
         ctx.returns_tuple = isinstance(out, tuple)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        x, weights, *saved_params = ctx.saved_tensors  # unpacking checks the parameters' versions
-        tensor_args = [i for i, t in enumerate((x, weights, *saved_params), start=1) if t is not None]
-        need = _wanted_input_grads(ctx, tensor_args)[1:]  # x, weights, *params
+        x, weights, *saved = ctx.saved_tensors  # unpacking checks the parameters' versions
+        kept = saved[:ctx.n_kept]
+        tensor_args = [i for i, t in enumerate((x, weights, *saved), start=2) if t is not None]
+        need = _wanted_input_grads(ctx, tensor_args)[2:]  # x, weights, *kept, *params
         if not any(need):
-            return (None,) * (len(need) + 1)
+            return (None,) * (len(need) + 2)
         # The running statistics are restored after the grad: BatchNorm's
         # backward checks the versions of the buffers it was given.
-        with (torch.enable_grad(), _autocast(ctx.autocast), _forked_rng(ctx.rng), _restored_buffers(ctx.edge),
-              _detached_parameters(ctx.edge, need[2:]) as params):
+        with (torch.enable_grad(), _autocast(ctx.autocast), _forked_rng(ctx.rng),
+              _restored_buffers(ctx.edge, skip=ctx.edge._kept_ops()),
+              _detached_parameters(ctx.edge, need[2 + ctx.n_kept:]) as params):
             x = x.detach().requires_grad_(need[0])
             weights = None if weights is None else weights.detach().requires_grad_(need[1])
-            inputs = [t for t, n in zip((x, weights, *params), need) if n]
-            out = ctx.edge._mix(x, weights)
+            kept = [k.detach().requires_grad_(n) for k, n in zip(kept, need[2:])]
+            inputs = [t for t, n in zip((x, weights, *kept, *params), need) if n]
+            out = ctx.edge._mix(x, weights, kept)
             outs = out if ctx.returns_tuple else (out,)
             used = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
             if not used:
-                return (None,) * (len(need) + 1)
+                return (None,) * (len(need) + 2)
             found = iter(torch.autograd.grad([o for o, _ in used], inputs, [g for _, g in used],
                                              allow_unused=True))
-        return (None, *(next(found) if n else None for n in need))
+        return (None, None, *(next(found) if n else None for n in need))
 
 
 @contextlib.contextmanager
@@ -149,6 +165,8 @@ def _wanted_input_grads(ctx, tensor_args: list[int]) -> list[bool]:
 
 
 def _autocast_state(device_type: str):
+    """The autocast states a recomputation runs under again (:func:`_autocast`):
+    that of the tensors' device type and the CPU's, as torch.utils.checkpoint keeps."""
     return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
                  for d in dict.fromkeys((device_type, "cpu")))
 
@@ -192,8 +210,17 @@ class MixedEdge(RecomputableEdge):
 
     ``ops`` holds one module per candidate, ``None`` for the Zero op: its output
     is passed to ``mixed_op`` as ``None`` and never computed. ``op_names`` keeps
-    the candidates' names in the order of the weights. Recomputation: see
-    :class:`RecomputableEdge`.
+    the candidates' names in the order of the weights.
+
+    Recomputation (:class:`RecomputableEdge`) recomputes the candidates with
+    parameters (the convolutions); those without (pools, identity, noise) keep
+    their outputs and what their backward needs, as without recomputation. On a
+    DARTS edge the pools hold about a quarter of what the edge keeps for the
+    backward and take a sixth of its forward time. Keeping them, the DARTS
+    search step with recomputation took a median 1.39x the plain step's time at
+    batch 16 (1.44-1.62x recomputing everything) for 52 % less peak memory
+    instead of 70 %; at batch 64 1.17-1.34x (1.25x) for 63 % instead of 83 %
+    (CPU, 2026-12-04; benchmarks/RESULTS.md, "fourth round").
     """
 
     def __init__(self, op_names, ops):
@@ -201,14 +228,25 @@ class MixedEdge(RecomputableEdge):
         self.op_names = list(op_names)
         self.ops = nn.ModuleList([op if op is not None else nn.Identity() for op in ops])
         self._is_zero = [op is None for op in ops]
+        # Recomputing, the parameter-free candidates keep their outputs (see the class docstring).
+        self._kept = [op is not None and next(op.parameters(), None) is None for op in ops]
 
-    def op_outputs(self, x) -> list[torch.Tensor | None]:
-        """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op)."""
-        return one_dtype([None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)],
-                         x.device.type)
+    def _kept_ops(self):
+        return [op for op, keep in zip(self.ops, self._kept) if keep]
 
-    def _mix(self, x, weights):
-        return nasops.ops.mixed_op(self.op_outputs(x), weights)
+    def op_outputs(self, x, kept=()) -> list[torch.Tensor | None]:
+        """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op);
+        ``kept``: those of the kept candidates (:meth:`_kept_ops`), computed before."""
+        if kept:
+            kept = iter(kept)
+            outs = [None if zero else next(kept) if keep else op(x)
+                    for op, zero, keep in zip(self.ops, self._is_zero, self._kept)]
+        else:
+            outs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
+        return one_dtype(outs, x.device.type)
+
+    def _mix(self, x, weights, kept=()):
+        return nasops.ops.mixed_op(self.op_outputs(x, kept), weights)
 
 
 def one_dtype(outputs, device_type: str):
@@ -229,11 +267,21 @@ def one_dtype(outputs, device_type: str):
 
 
 @contextlib.contextmanager
-def _restored_buffers(module: nn.Module):
+def _restored_buffers(module: nn.Module, skip=()):
     """Run a block (a recomputation) that may update ``module``'s buffers — the
     BatchNorm running statistics and batch counters — and put them back as they
-    were, also when the block raises."""
-    saved = [(b, b.clone()) for b in module.buffers()]
+    were, also when the block raises. The buffers of the modules in ``skip``
+    (kept ops, which the block does not run) are left alone: writing them would
+    fail the version check of their backward, still to come.
+
+    Not by switching BatchNorm's ``track_running_stats`` off for the block
+    (tried 2026-12-04: ~2 % of a recomputing step cheaper on the CPU): without
+    running statistics PyTorch's CPU batch norm takes another path for
+    bfloat16 maps, ~1 ulp away from the forward's, so the recomputation would
+    no longer equal the forward under autocast.
+    """
+    skipped = {id(b) for m in skip for b in m.buffers()}
+    saved = [(b, b.clone()) for b in module.buffers() if id(b) not in skipped]
     try:
         yield
     finally:

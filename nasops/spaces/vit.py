@@ -70,7 +70,7 @@ from torch.autograd.function import once_differentiable
 
 import nasops.ops
 from nasops.ops.reference import TOKEN_GATES
-from nasops.spaces.base import RecomputableEdge, SearchNetwork, one_dtype
+from nasops.spaces.base import RecomputableEdge, SearchNetwork, _autocast, _autocast_state, one_dtype
 from nasops.spaces.darts import derive_genes, edge_ends, genes_str
 
 VIT_OPS = ("none", "skip_connect", "msa_h8", "msa_h12", "msa_h16", "mlp_r0.5", "mlp_r3", "mlp_r4")
@@ -238,7 +238,7 @@ class VitMixedEdge(RecomputableEdge):
         # W_Q and W_K of the selection, one C x 2C matrix; only where there is something to save.
         self.selector = nn.Linear(dim, 2 * dim, bias=False) if token_ratio < 1.0 and len(self.ops) else None
 
-    def _mix(self, x, weights):
+    def _mix(self, x, weights, kept=()):
         """``x`` (B, N, C); ``weights`` (K,) or per sample (B, K)."""
         if self.selector is None:
             outputs = [None if n == "none" else x if n == "skip_connect" else self.ops[_module_key(n)](x)
@@ -284,8 +284,7 @@ class RecomputedSelection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, ratio, gate):
-        device = x.device.type
-        ctx.recompute = (ratio, gate, device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.recompute = (ratio, gate, _autocast_state(x.device.type))
         ctx.save_for_backward(x, weight)
         x_sel, idx = select_tokens(x, weight, ratio, gate)
         ctx.mark_non_differentiable(idx)
@@ -295,9 +294,9 @@ class RecomputedSelection(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_x_sel, grad_idx):
         x, weight = ctx.saved_tensors
-        ratio, gate, device, autocast, dtype = ctx.recompute
+        ratio, gate, autocast = ctx.recompute
         need_x, need_weight = ctx.needs_input_grad[:2]
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+        with torch.enable_grad(), _autocast(autocast):
             x = x.detach().requires_grad_(need_x)
             weight = weight.detach().requires_grad_(need_weight)
             x_sel, _ = select_tokens(x, weight, ratio, gate)
