@@ -219,8 +219,9 @@ class MixedEdge(RecomputableEdge):
     backward and take a sixth of its forward time. Keeping them, the DARTS
     search step with recomputation took a median 1.39x the plain step's time at
     batch 16 (1.44-1.62x recomputing everything) for 52 % less peak memory
-    instead of 70 %; at batch 64 1.17-1.34x (1.25x) for 63 % instead of 83 %
-    (CPU, 2026-12-04; benchmarks/RESULTS.md, "fourth round").
+    instead of 70 %, and 1.17-1.34x at batch 64 for 63 % less instead of 83 %
+    (1.20x against 1.25x side by side; CPU, 2026-12-04; benchmarks/RESULTS.md,
+    "fourth round").
     """
 
     def __init__(self, op_names, ops):
