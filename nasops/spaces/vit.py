@@ -239,7 +239,8 @@ class VitMixedEdge(RecomputableEdge):
         self.selector = nn.Linear(dim, 2 * dim, bias=False) if token_ratio < 1.0 and len(self.ops) else None
 
     def _mix(self, x, weights, kept=()):
-        """``x`` (B, N, C); ``weights`` (K,) or per sample (B, K)."""
+        """``x`` (B, N, C); ``weights`` (K,) or per sample (B, K); ``kept`` is empty
+        (a token edge keeps no op's output when recomputing)."""
         if self.selector is None:
             outputs = [None if n == "none" else x if n == "skip_connect" else self.ops[_module_key(n)](x)
                        for n in self.op_names]
