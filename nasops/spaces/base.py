@@ -238,12 +238,9 @@ class MixedEdge(RecomputableEdge):
     def op_outputs(self, x, kept=()) -> list[torch.Tensor | None]:
         """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op);
         ``kept``: those of the kept candidates (:meth:`_kept_ops`), computed before."""
-        if kept:
-            kept = iter(kept)
-            outs = [None if zero else next(kept) if keep else op(x)
-                    for op, zero, keep in zip(self.ops, self._is_zero, self._kept)]
-        else:
-            outs = [None if zero else op(x) for op, zero in zip(self.ops, self._is_zero)]
+        reuse, kept = bool(kept), iter(kept)  # without recomputation nothing was computed before
+        outs = [None if zero else next(kept) if keep and reuse else op(x)
+                for op, zero, keep in zip(self.ops, self._is_zero, self._kept)]
         return one_dtype(outs, x.device.type)
 
     def _mix(self, x, weights, kept=()):
