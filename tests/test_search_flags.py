@@ -224,6 +224,43 @@ def test_recompute_edges_restore_any_buffer_the_recomputation_updates():
     assert edge.ops[0].calls.item() == 1 and x.grad.abs().sum() > 0
 
 
+def test_recompute_edges_put_back_batchnorm_momentum_and_counter():
+    """A recomputation runs BatchNorm with momentum 0 and no batch counter, so it
+    leaves the statistics as they are; afterwards every layer has its momentum
+    and counter back, a cumulative average (momentum None) too, and also when
+    the recomputation raises."""
+    plain = _network("darts").train()
+    batchnorms = [m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for i, bn in enumerate(batchnorms):
+        bn.momentum = None if i % 2 else 0.3
+    recompute = copy.deepcopy(plain)
+    recompute.set_recompute_edges(True)
+    x = torch.randn(4, 3, 12, 12)
+    for net in (plain, recompute):
+        for _ in range(2):
+            net(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_buffers(), recompute.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    def settings():
+        return [(m.momentum, m.num_batches_tracked) for m in recompute.modules()
+                if isinstance(m, torch.nn.BatchNorm2d)]
+    before = settings()
+    assert [momentum for momentum, _ in before] == [None if i % 2 else 0.3 for i in range(len(batchnorms))]
+    assert all(count.item() == 2 for _, count in before)
+
+    def fail_in_recomputation(module, inputs, output):
+        if torch.is_grad_enabled():  # the forward of a recomputing edge runs without grad
+            raise RuntimeError("recomputation failed")
+    recompute.cells[0].edges[0].ops[4].op[1].register_forward_hook(fail_in_recomputation)
+    loss = recompute(x).sum()
+    with pytest.raises(RuntimeError, match="recomputation failed"):
+        loss.backward()
+    after = settings()
+    assert [m for m, _ in after] == [m for m, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))
+
+
 def test_recompute_edges_under_autocast_give_autograd_grad_the_weight_gradients():
     """The recomputation runs under the forward's autocast (bfloat16 convs), and
     torch.autograd.grad(loss, weights) (DARTS' second-order step) gets the edges'
