@@ -395,6 +395,44 @@ def _tables(results: dict, cuda: bool) -> tuple[list[str], list[str]]:
     return time_lines[:-1], memory_lines[:-1]
 
 
+def _recompute_table(results: dict, cuda: bool) -> list[str]:
+    """Markdown lines of --recompute-edges against nasops' default (issue 14's
+    trade-off: peak memory against step time), for the results that ran both.
+
+    The time ratio is taken per round, then its median: a round runs both
+    providers back to back, so a machine that speeds up or slows down between
+    rounds moves both alike (the ratio of the two medians may pair steps of
+    different rounds)."""
+    # On CUDA the maps' providers name their layout: the default is --memory-format auto's.
+    auto_layout = search.AUTO_MEMORY_FORMAT["cuda" if cuda else "cpu"]
+    rows = []
+    for (method, batch), res in results.items():
+        times = res["time"]
+        default = "nasops" if "nasops" in times else \
+            "nasops-nhwc" if auto_layout == "channels_last" else "nasops-nchw"
+        if default not in times or "nasops-recompute" not in times:
+            continue
+        ratios = [r / n for n, r in zip(times[default], times["nasops-recompute"])]
+        peaks = []
+        for p in (default, "nasops-recompute"):
+            m = res["memory"].get(p) or {}
+            peaks.append(m.get("peak_cuda" if cuda else "peak_rss"))
+        less = (f"{100 * (1 - peaks[1] / peaks[0]):.0f} %" if all(isinstance(v, int) and v > 0 for v in peaks)
+                else "n/a")
+        rows.append([method, str(batch), f"{statistics.median(ratios):.2f}",
+                     f"{min(ratios):.2f}-{max(ratios):.2f} ({len(ratios)})",
+                     f"{statistics.median(times['nasops-recompute']) / statistics.median(times[default]):.2f}",
+                     less])
+    if not rows:
+        return []
+    return ["", "--recompute-edges against nasops' default (`nasops`; on CUDA the provider of "
+            "--memory-format auto's layout): step time ratio per round (median, and "
+            "range over the rounds), the ratio of the two medians, and how much less peak memory "
+            + ("(`max_memory_allocated`)." if cuda else "(the process's peak resident set)."), "",
+            table(rows, ["method", "batch", "recompute x nasops, per round", "range (rounds)",
+                         "ratio of medians", "less peak memory"])]
+
+
 def report(results: dict, device: torch.device, command: str, quick: bool,
            threads: int | None, max_batches: dict | None) -> str:
     """This script's RESULTS.md section. ``results``: (method, batch) -> {"time":
@@ -439,6 +477,7 @@ def report(results: dict, device: torch.device, command: str, quick: bool,
            "the first step) minus the resident set before it."),
         "",
         *memory_tables,
+        *_recompute_table(results, cuda),
     ]
     if cuda:
         proj = []
