@@ -291,6 +291,15 @@ def _restored_buffers(module: nn.Module, skip=()):
     (tried 2026-12-04): without running statistics PyTorch's CPU batch norm
     takes another path for bfloat16 maps, ~1 ulp away from the forward's, so
     the recomputation would no longer equal the forward under autocast.
+
+    Nor by normalising the recomputation with the forward's batch mean and
+    invstd (an autograd Function calling ``native_batch_norm_backward``; tried
+    2026-12-04): bitwise equal in float32 once the shift ``bias - mean *
+    alpha`` is rounded once, as the CPU kernel's fused multiply-add does, and
+    BatchNorm's forward took 33 instead of 113 us at batch 16, but the Python
+    Function and its bookkeeping took most of that back: a recomputing DARTS
+    edge's forward + backward was 1 % / 3 % faster at batch 16 / 64, and the
+    search step not measurably (benchmarks/RESULTS.md, "fifth round").
     """
     skipped = {id(m) for op in skip for m in op.modules()}
     frozen, saved = [], []
