@@ -138,6 +138,43 @@ def config_differences(saved: dict, config: dict) -> dict:
     return {k: (a, b) for k, (a, b) in pairs.items() if a != b}
 
 
+
+def prepare_out(out: Path, args, config: dict, run_files, program: str, keys=("config",)) -> dict | None:
+    """Check ``--out`` against ``--resume`` / ``--overwrite`` for ``program``
+    (``nasops.search``, ``nasops.train``): returns the checkpoint to resume, or
+    None for a new run, whose folder is then created and emptied of the files of
+    an earlier run (``run_files(out)``; on rank 0 only, every rank checks).
+
+    A resumed checkpoint must hold ``keys`` (``config`` first, a dict) and
+    a config equal to ``config``; a folder with another run's files needs
+    ``--overwrite``. RunError otherwise, naming the flag and what to do.
+    """
+    if args.resume:
+        path = out / "checkpoint.pt"
+        if not path.exists():
+            raise RunError(f"--resume: no checkpoint at {path}; start a new run without --resume")
+        checkpoint = load_checkpoint(path)
+        missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
+        if missing or not isinstance(checkpoint["config"], dict):
+            raise RunError(f"--resume: the file {path} is not a {program} checkpoint "
+                           f"(no {', '.join(missing or ['config'])})")
+        differ = config_differences(checkpoint["config"], config)
+        if differ:
+            lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise RunError(f"--resume: the checkpoint {path} is of a different run ({lines}); "
+                           f"resume with the same settings, or start anew with --overwrite")
+        return checkpoint
+    existing = run_files(out) if out.is_dir() else []
+    if existing and not args.overwrite:
+        names = ", ".join(p.name for p in existing)
+        raise RunError(f"--out {out} holds the files of another run ({names}); "
+                       f"pass --resume to continue it or --overwrite to replace it")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for p in existing:
+            p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    return None
+
 # ---- TensorBoard (optional) ---------------------------------------------------------------
 
 # Event files the scalar writer leaves in a run folder (a new run replaces them with the rest).

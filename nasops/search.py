@@ -329,7 +329,8 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     if evaluated:
         checkpoint = _prepare_evaluation_out(out, Path(evaluated), evaluation)
     else:
-        checkpoint = _prepare_out(out, args, config)  # every rank checks; only rank 0 clears
+        # Every rank checks; only rank 0 clears.
+        checkpoint = runtime.prepare_out(out, args, config, _run_files, "nasops.search")
     if world_size > 1:
         dist.barrier()
 
@@ -493,35 +494,6 @@ def _run_files(out: Path) -> list[Path]:
     for pattern in sorted(patterns):
         found += sorted(p for p in out.glob(pattern) if p not in found)
     return found
-
-
-def _prepare_out(out: Path, args, config: dict):
-    """Check --out against --resume/--overwrite; returns the checkpoint to resume or None."""
-    if args.resume:
-        path = out / "checkpoint.pt"
-        if not path.exists():
-            raise SearchError(f"--resume: no checkpoint at {path}; start a new run without --resume")
-        checkpoint = runtime.load_checkpoint(path)
-        saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-        if not isinstance(saved, dict):
-            raise SearchError(f"--resume: the file {path} is not a nasops.search checkpoint (no config)")
-        pairs = {k: (saved.get(k, "<unset>"), config.get(k, "<unset>")) for k in sorted(set(saved) | set(config))}
-        differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
-        if differ:
-            lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise SearchError(f"--resume: the checkpoint {path} is of a different run ({lines}); "
-                              f"resume with the same settings, or start anew with --overwrite")
-        return checkpoint
-    existing = _run_files(out) if out.is_dir() else []
-    if existing and not args.overwrite:
-        names = ", ".join(p.name for p in existing)
-        raise SearchError(f"--out {out} holds the files of another run ({names}); "
-                          f"pass --resume to continue it or --overwrite to replace it")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for p in existing:
-            p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def _evaluation_checkpoint(path: Path, args, method_cls) -> tuple[dict, argparse.Namespace]:

@@ -481,7 +481,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     out = Path(args.out)
     config = run_config(args)
-    checkpoint = _prepare_out(out, args, config)
+    checkpoint = runtime.prepare_out(out, args, config, _run_files, "nasops.train", keys=("config", "optimizer"))
     if world_size > 1:
         dist.barrier()
 
@@ -674,34 +674,6 @@ def _run_files(out: Path) -> list[Path]:
     for pattern in OUTPUT_PATTERNS:
         found += sorted(out.glob(pattern))
     return found
-
-
-def _prepare_out(out: Path, args, config: dict):
-    """Check --out against --resume/--overwrite; returns the checkpoint to resume or None."""
-    if args.resume:
-        path = out / "checkpoint.pt"
-        if not path.exists():
-            raise TrainError(f"--resume: no checkpoint at {path}; start a new run without --resume")
-        checkpoint = runtime.load_checkpoint(path)
-        saved = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-        if not isinstance(saved, dict) or "optimizer" not in checkpoint:
-            raise TrainError(f"--resume: the file {path} is not a nasops.train checkpoint")
-        differ = runtime.config_differences(saved, config)
-        if differ:
-            lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise TrainError(f"--resume: the checkpoint {path} is of a different run ({lines}); "
-                             f"resume with the same settings, or start anew with --overwrite")
-        return checkpoint
-    existing = _run_files(out) if out.is_dir() else []
-    if existing and not args.overwrite:
-        names = ", ".join(p.name for p in existing)
-        raise TrainError(f"--out {out} holds the files of another run ({names}); "
-                         f"pass --resume to continue it or --overwrite to replace it")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for p in existing:
-            p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 if __name__ == "__main__":

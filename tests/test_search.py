@@ -188,6 +188,10 @@ def test_out_dir_resume_and_overwrite_rules(tmp_path):
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SearchError, match="cannot read the checkpoint"):
         main(base + ["--resume", "--seed", "1"])
+    for state in ({"model": {}}, {"config": "darts"}, [1, 2]):  # readable, but not a search's
+        torch.save(state, out / "checkpoint.pt")
+        with pytest.raises(SearchError, match=r"not a nasops.search checkpoint \(no config\)"):
+            main(base + ["--resume", "--seed", "1"])
 
 
 class _CodeInAPickle:

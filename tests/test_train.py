@@ -397,6 +397,10 @@ def test_out_dir_resume_and_overwrite_rules(tmp_path):
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainError, match="cannot read the checkpoint"):
         main(base + ["--resume", "--seed", "1"])
+    # A search's checkpoint (a config, no optimizer): --out pointed at the search's folder.
+    torch.save({"config": {"method": "darts"}, "model": {}}, out / "checkpoint.pt")
+    with pytest.raises(TrainError, match=r"not a nasops.train checkpoint \(no optimizer\)"):
+        main(base + ["--resume", "--seed", "1"])
 
 
 @pytest.mark.slow
