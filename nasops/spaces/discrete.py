@@ -28,11 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nasops.spaces import rdarts
+from nasops.spaces import nb201, rdarts
 from nasops.spaces.darts import edge_ends
 from nasops.spaces.nb201 import parse_arch
-from nasops.spaces.operations import (DARTS_OPS, FactorizedReduce, ReLUConvBN, ResNetBasicBlock,
-                                      make_darts_op, make_nb201_op)
+from nasops.spaces.operations import DARTS_OPS, FactorizedReduce, ReLUConvBN, make_darts_op, make_nb201_op
 
 DARTS_CELL_TYPES = ("normal", "reduce")
 
@@ -294,17 +293,8 @@ class NB201Network(nn.Module):
             raise ValueError(f"C, layers: expected >= 1, got C={C}, layers={layers}")
         nodes = parse_arch(arch)
         self.arch = arch
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        self.cells = nn.ModuleList()
-        C_prev = C
-        for stage, C_stage in enumerate((C, 2 * C, 4 * C)):
-            if stage > 0:
-                self.cells.append(ResNetBasicBlock(C_prev, C_stage, 2))
-            self.cells.extend(NB201TrainCell(nodes, C_stage) for _ in range(layers))
-            C_prev = C_stage
-        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        nb201.build_macro(self, in_channels=in_channels, num_classes=num_classes, C=C, layers=layers,
+                          make_cell=lambda C_stage: NB201TrainCell(nodes, C_stage))
 
     def forward(self, x):
         feature = self.stem(x)

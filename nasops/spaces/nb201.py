@@ -189,6 +189,26 @@ class NB201Cell(nn.Module):
         return self.edges[e](x, weights[..., e, :])
 
 
+def build_macro(net: nn.Module, *, in_channels: int, num_classes: int, C: int, layers: int, make_cell) -> None:
+    """NB201's macro network (xautodl's ``TinyNetwork``) as modules of ``net``:
+    ``stem`` (3x3 conv, BN); ``cells``: three stages of ``layers`` cells
+    (``make_cell(C_stage)``, C_stage = C, 2C, 4C), a stride-2 ResNet block before
+    the second and the third; ``lastact`` (BN, ReLU), ``global_pooling``,
+    ``classifier``. One definition for the search network and the discrete
+    :class:`~nasops.spaces.discrete.NB201Network`: the same module names (state
+    dict keys) and the same order of initialisation."""
+    net.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+    net.cells = nn.ModuleList()
+    C_prev = C
+    for stage, C_stage in enumerate((C, 2 * C, 4 * C)):
+        if stage > 0:
+            net.cells.append(ResNetBasicBlock(C_prev, C_stage, 2))
+        net.cells.extend(make_cell(C_stage) for _ in range(layers))
+        C_prev = C_stage
+    net.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
+    net.global_pooling = nn.AdaptiveAvgPool2d(1)
+    net.classifier = nn.Linear(C_prev, num_classes)
+
 class NB201SearchNetwork(SearchNetwork):
     """The NB201 search network (see the module doc).
 
@@ -207,17 +227,8 @@ class NB201SearchNetwork(SearchNetwork):
         self.nodes = nodes
         self._edge_ends = edge_ends(nodes)
         self._edge_ops = {"normal": [NB201_OPS] * len(self._edge_ends)}
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        self.cells = nn.ModuleList()
-        C_prev = C
-        for stage, C_stage in enumerate((C, 2 * C, 4 * C)):
-            if stage > 0:
-                self.cells.append(ResNetBasicBlock(C_prev, C_stage, 2))
-            self.cells.extend(cell(C_stage, nodes) for _ in range(layers))
-            C_prev = C_stage
-        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        build_macro(self, in_channels=in_channels, num_classes=num_classes, C=C, layers=layers,
+                    make_cell=lambda C_stage: cell(C_stage, nodes))
         if alphas:
             self.alphas_normal = nn.Parameter(1e-3 * torch.randn(len(self._edge_ends), len(NB201_OPS)))
 
