@@ -138,15 +138,14 @@ def config_differences(saved: dict, config: dict) -> dict:
     return {k: (a, b) for k, (a, b) in pairs.items() if a != b}
 
 
-
-def prepare_out(out: Path, args, config: dict, run_files, program: str, keys=("config",)) -> dict | None:
+def prepare_out(out: Path, args, config: dict, run_files, program: str, needs=()) -> dict | None:
     """Check ``--out`` against ``--resume`` / ``--overwrite`` for ``program``
     (``nasops.search``, ``nasops.train``): returns the checkpoint to resume, or
     None for a new run, whose folder is then created and emptied of the files of
     an earlier run (``run_files(out)``; on rank 0 only, every rank checks).
 
-    A resumed checkpoint must hold ``keys`` (``config`` first, a dict) and
-    a config equal to ``config``; a folder with another run's files needs
+    A resumed checkpoint must hold a ``config`` dict equal to ``config`` and
+    the keys ``needs``; a folder with another run's files needs
     ``--overwrite``. RunError otherwise, naming the flag and what to do.
     """
     if args.resume:
@@ -154,10 +153,12 @@ def prepare_out(out: Path, args, config: dict, run_files, program: str, keys=("c
         if not path.exists():
             raise RunError(f"--resume: no checkpoint at {path}; start a new run without --resume")
         checkpoint = load_checkpoint(path)
-        missing = [k for k in keys if k not in checkpoint] if isinstance(checkpoint, dict) else list(keys)
-        if missing or not isinstance(checkpoint["config"], dict):
-            raise RunError(f"--resume: the file {path} is not a {program} checkpoint "
-                           f"(no {', '.join(missing or ['config'])})")
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict):
+            missing = ["config"]
+        else:
+            missing = [k for k in needs if k not in checkpoint]
+        if missing:
+            raise RunError(f"--resume: the file {path} is not a {program} checkpoint (no {', '.join(missing)})")
         differ = config_differences(checkpoint["config"], config)
         if differ:
             lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
@@ -174,6 +175,7 @@ def prepare_out(out: Path, args, config: dict, run_files, program: str, keys=("c
             p.unlink()
         out.mkdir(parents=True, exist_ok=True)
     return None
+
 
 # ---- TensorBoard (optional) ---------------------------------------------------------------
 

@@ -481,7 +481,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     out = Path(args.out)
     config = run_config(args)
-    checkpoint = runtime.prepare_out(out, args, config, _run_files, "nasops.train", keys=("config", "optimizer"))
+    checkpoint = runtime.prepare_out(out, args, config, _run_files, "nasops.train", needs=("optimizer",))
     if world_size > 1:
         dist.barrier()
 

@@ -209,6 +209,7 @@ def build_macro(net: nn.Module, *, in_channels: int, num_classes: int, C: int, l
     net.global_pooling = nn.AdaptiveAvgPool2d(1)
     net.classifier = nn.Linear(C_prev, num_classes)
 
+
 class NB201SearchNetwork(SearchNetwork):
     """The NB201 search network (see the module doc).
 
