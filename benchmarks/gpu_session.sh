@@ -19,6 +19,7 @@
 #   bench: the side-by-side op benchmarks (--quick), one op at a time so that a
 #      deadline keeps the ops already done -> $OUT/RESULTS.md (merge its GPU sections
 #      into benchmarks/RESULTS.md afterwards);
+#   checks: kernels' tests (no selftest), memcheck and racecheck in parallel;
 #   tests-all: the whole test suite on the GPU (every method's end-to-end tests);
 #   step: the whole DARTS search step (bench_search_step.py: eager NCHW/NHWC,
 #      nasops NCHW/NHWC, +recompute; first and second order, batch 64; peak
@@ -58,19 +59,38 @@ stage_build() {
   elif MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
      timeout 300 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
     summary "build: ok ($((SECONDS - start)) s)"
-    cp nasops/_C*.so "$OUT/" 2>/dev/null
+    # Host debug info stripped: the full .so is over the 16 MiB a file that comes back may have.
+    for so in nasops/_C*.so; do strip -g -o "$OUT/$(basename "$so")" "$so" 2>/dev/null || cp "$so" "$OUT/"; done
   else
     summary "build: FAILED (see build.log)"; tail -40 "$OUT/build.log"; return 1
   fi
   python3 -c "import json, nasops; print(json.dumps(nasops.backends(), indent=1))" | tee "$OUT/backends.json"
 }
 
+# The three checks that need the GPU but time nothing; each takes its time limit.
+kernel_tests() {
+  timeout "$1" python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" "${CUDA_TESTS[@]}" \
+    tests/test_mixed_op_triton.py tests/test_layouts.py tests/test_triton_launches.py > "$OUT/kernels.log" 2>&1
+}
+# compute-sanitizer TOOL over the CUDA-backend op tests (not -x: one failing test must
+# not end the check of the others). racecheck looks at shared memory, which only the
+# CUDA mixed_op kernels use, and skips gradcheck's thousands of tiny launches.
+sanitize() {
+  local tool=$1 select="cuda and not compile" tests=("${CUDA_TESTS[@]}")
+  [[ $tool == racecheck ]] && select="cuda and not compile and not gradcheck" tests=(tests/test_mixed_op.py)
+  timeout "$2" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+    python3 -m pytest -q -p no:cacheprovider -k "$select" "${tests[@]}" > "$OUT/sanitizer-$tool.log" 2>&1
+}
+sanitizer_summary() {  # TOOL RC START
+  summary "compute-sanitizer $1: rc=$2 ($((SECONDS - $3)) s): $(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer-$1.log");" \
+    "$(grep -E '(passed|failed)' "$OUT/sanitizer-$1.log" | tail -1)"
+}
+
 stage_kernels() {
   local t start
   if t=$(budget "kernel tests" 180 30); then
     start=$SECONDS
-    timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" "${CUDA_TESTS[@]}" \
-      tests/test_mixed_op_triton.py tests/test_layouts.py tests/test_triton_launches.py > "$OUT/kernels.log" 2>&1
+    kernel_tests "$t"
     summary "kernel tests (GPU): rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/kernels.log")"
   fi
   if t=$(budget "selftest" 60 20); then
@@ -80,24 +100,36 @@ stage_kernels() {
   fi
 }
 
+stage_sanitizer() {
+  local t start tool
+  for tool in memcheck racecheck; do
+    t=$(budget "compute-sanitizer $tool" 150 30) || continue
+    start=$SECONDS
+    sanitize "$tool" "$t"
+    sanitizer_summary "$tool" $? "$start"
+  done
+}
+
+# checks: the kernel tests, memcheck and racecheck at once (16 cores), for a call with
+# little time left. They slow each other: on 2026-12-04 neither sanitizer finished in 170 s.
+stage_checks() {
+  local t start pids
+  t=$(budget "checks" 300 60) || return
+  start=$SECONDS
+  kernel_tests "$t" & pids=($!)
+  sanitize memcheck "$t" & pids+=($!)
+  sanitize racecheck "$t" & pids+=($!)
+  wait "${pids[0]}"; summary "kernel tests (GPU): rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/kernels.log")"
+  wait "${pids[1]}"; sanitizer_summary memcheck $? "$start"
+  wait "${pids[2]}"; sanitizer_summary racecheck $? "$start"
+}
+
 stage_tests-all() {
   local t start
   t=$(budget "tests (all)" 540 60) || return
   start=$SECONDS
   timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" tests > "$OUT/tests.log" 2>&1
   summary "tests (all, GPU): rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/tests.log")"
-}
-
-stage_sanitizer() {
-  local t start tool
-  for tool in memcheck racecheck; do
-    t=$(budget "compute-sanitizer $tool" 120 30) || continue
-    start=$SECONDS
-    timeout "$t" compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20 \
-      python3 -m pytest -q -p no:cacheprovider -x -k "cuda and not compile" "${CUDA_TESTS[@]}" \
-      > "$OUT/sanitizer-$tool.log" 2>&1
-    summary "compute-sanitizer $tool: rc=$? ($((SECONDS - start)) s): $(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log")"
-  done
 }
 
 stage_bench() {

@@ -247,7 +247,7 @@ def test_bad_input_names_the_argument(call, error, match):
 @pytest.mark.skipif(DEVICE == "cpu", reason="needs a second device type")
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match=r"outputs\[1\]: expected device"):
-        mixed_op([torch.randn(2, 3, device="cuda"), torch.randn(2, 3)], torch.randn(2, device="cuda"))
+        mixed_op([torch.randn(2, 3, 4, 4, device="cuda"), torch.randn(2, 3, 4, 4)], torch.randn(2, device="cuda"))
 
 
 def test_weights_on_another_device_rejected():

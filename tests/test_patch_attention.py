@@ -317,8 +317,8 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(fused, (x, Wq, Wk, prior, zero_key, *live), eps=1e-6, atol=1e-5,
                                     fast_mode=fast)
     assert torch.autograd.gradcheck(lambda t: patch_pool(t, (2, 2), backend=backend), (x,), fast_mode=fast)
-    q = leaf(torch.randn(1, 3, 2), torch.float64)
-    k = leaf(torch.randn(1, 3, 4, 2), torch.float64)
+    q = leaf(torch.randn(1, 3, 2, device=DEVICE), torch.float64)
+    k = leaf(torch.randn(1, 3, 4, 2, device=DEVICE), torch.float64)
     assert torch.autograd.gradcheck(
         lambda q, k, p: patch_softmax_attention(q, k, p, 0.5, backend=backend), (q, k, prior[:1].repeat(4)),
         fast_mode=fast)
@@ -339,11 +339,11 @@ def test_opcheck(variant):
     pool, pool_bwd, att, att_bwd, out_bwd = unique_variants(_KERNELS)[variant]
     x, o, q, k, prior, w = _op_samples()
     torch.library.opcheck(pool, ([x.requires_grad_(), o[0].requires_grad_()], [2, 2]))
-    torch.library.opcheck(pool_bwd, (torch.randn(2, 4, 3), [2, 2], 5, 4, torch.float16))
+    torch.library.opcheck(pool_bwd, (torch.randn(2, 4, 3, device=DEVICE), [2, 2], 5, 4, torch.float16))
     torch.library.opcheck(att, (q, k, prior, 0.5))
     torch.library.opcheck(att, (q, k, None, 2.0))
-    torch.library.opcheck(att_bwd, (torch.randn(2, 4, 2), w, q.detach(), k.detach(), 0.5, True))
-    torch.library.opcheck(out_bwd, (x.detach(), w, torch.randn(2, 4, 2, 3), [2, 2]))
+    torch.library.opcheck(att_bwd, (torch.randn(2, 4, 2, device=DEVICE), w, q.detach(), k.detach(), 0.5, True))
+    torch.library.opcheck(out_bwd, (x.detach(), w, torch.randn(2, 4, 2, 3, device=DEVICE), [2, 2]))
 
 
 def test_torch_compile_fullgraph():

@@ -11,12 +11,14 @@ and the indices must agree exactly.
 import importlib
 import math
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICE, TOLERANCE, assert_close, available_backends, kernel_backends
+from helpers import DEVICE, TOLERANCE, assert_close, available_backends, kernel_backends, subprocess_env
 from nasops.ops import gather_rows, scatter_rows, topk_tokens
 
 BACKENDS = available_backends()
@@ -428,36 +430,61 @@ def test_rows_integer_and_empty(backend):
 
 # ---- bad indices inside a compiled graph, and on the device (issue #10, item 1) ---------------
 
+# On CUDA a graph's idx check is a device-side assert, after which the process can
+# use CUDA no more: there each refusal runs in a child process, which must die of it.
+_REFUSAL_SCRIPT = """
+import torch
+from nasops.ops import gather_rows, scatter_rows
+x = torch.arange(12.0, device="cuda").reshape(4, 3)
+f = torch.compile(lambda x, i: {call}, fullgraph=True, backend={compiler!r})
+f({arg}, torch.tensor({idx}, device="cuda"))
+torch.cuda.synchronize()
+"""
+
+
+def assert_graph_refuses(call: str, arg: str, idx: list[int], match: str, compiler: str) -> None:
+    """``call`` (an expression in x and i), compiled fullgraph by ``compiler``, must
+    refuse ``idx`` when run on ``arg`` (an expression in x = arange(12).reshape(4, 3)):
+    on the CPU with a RuntimeError matching ``match``; on CUDA the child process must
+    fail with a device-side assert (its message stays on the device)."""
+    if DEVICE == "cpu":
+        x = torch.arange(12.0).reshape(4, 3)
+        compiled = torch.compile(eval(f"lambda x, i: {call}"), fullgraph=True, backend=compiler)
+        with pytest.raises(RuntimeError, match=match):
+            compiled(eval(arg), torch.tensor(idx))
+        return
+    script = _REFUSAL_SCRIPT.format(call=call, compiler=compiler, arg=arg, idx=idx)
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in BACKENDS])
 def test_rows_compiled_graph_refuses_bad_idx(backend):
     """Under torch.compile the host checks cannot run (they would be data-dependent
     guards); the graph checks idx on the device and raises when it runs."""
     torch._dynamo.reset()
     x = torch.arange(12.0, device=DEVICE).reshape(4, 3)
-    gather = torch.compile(lambda x, i: gather_rows(x, i, backend=backend), fullgraph=True,
-                           backend="aot_eager")
-    scatter = torch.compile(lambda y, i: scatter_rows(y, i, 4, backend=backend), fullgraph=True,
-                            backend="aot_eager")
+    gather_call = f"gather_rows(x, i, backend={backend!r})"
+    scatter_call = f"scatter_rows(x, i, 4, backend={backend!r})"
+    gather = torch.compile(eval(f"lambda x, i: {gather_call}"), fullgraph=True, backend="aot_eager")
+    scatter = torch.compile(eval(f"lambda x, i: {scatter_call}"), fullgraph=True, backend="aot_eager")
     assert torch.equal(gather(x, torch.tensor([2, 0], device=DEVICE)), x[[2, 0]])
     assert torch.equal(scatter(x[:2], torch.tensor([3, 1], device=DEVICE)),
                        _scatter_by_hand(x[:2], torch.tensor([3, 1]), 4))
     for bad in ([0, 4, 5], [-1, 2]):
-        with pytest.raises(RuntimeError, match=r"idx: expected entries in \[0, x.shape\[0\]\)"):
-            gather(x, torch.tensor(bad, device=DEVICE))
-    with pytest.raises(RuntimeError, match=r"idx: expected entries in \[0, n\)"):
-        scatter(x[:2], torch.tensor([0, 4], device=DEVICE))
-    with pytest.raises(RuntimeError, match="idx: expected distinct entries"):
-        scatter(x[:2], torch.tensor([1, 1], device=DEVICE))
+        assert_graph_refuses(gather_call, "x", bad, r"idx: expected entries in \[0, x.shape\[0\]\)",
+                             "aot_eager")
+    assert_graph_refuses(scatter_call, "x[:2]", [0, 4], r"idx: expected entries in \[0, n\)", "aot_eager")
+    assert_graph_refuses(scatter_call, "x[:2]", [1, 1], "idx: expected distinct entries", "aot_eager")
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
 def test_rows_inductor_graph_refuses_bad_idx():
     """The issue's reproduction: inductor, fullgraph, Triton rows, idx past the end."""
     torch._dynamo.reset()
-    x = torch.arange(12.0, device=DEVICE).reshape(4, 3)
-    gather = torch.compile(lambda x, i: gather_rows(x, i, backend="triton"), fullgraph=True)
-    with pytest.raises(RuntimeError, match="idx: expected entries in"):
-        gather(x, torch.tensor([0, 4, 5], device=DEVICE))
+    assert_graph_refuses('gather_rows(x, i, backend="triton")', "x", [0, 4, 5], "idx: expected entries in",
+                         "inductor")
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
@@ -467,14 +494,15 @@ def test_rows_triton_kernel_never_touches_a_row_outside_the_tensor():
     rows_triton = importlib.import_module("nasops.triton.rows")
     x = torch.arange(12.0, device=DEVICE).reshape(4, 3)
     got = torch.ops.nasops.gather_rows_triton(x, torch.tensor([1, 4, -3], device=DEVICE))
-    assert torch.equal(got, torch.stack([x[1], torch.zeros(3), torch.zeros(3)]))
+    zeros = torch.zeros(3, device=DEVICE)
+    assert torch.equal(got, torch.stack([x[1], zeros, zeros]))
     # Scatter into the first 4 rows of a 6-row buffer: rows 4 and 5 are guards.
     buffer = torch.full((6, 3), 7.0, device=DEVICE)
     buffer[:4] = 0
     rows_triton._launch(rows_triton._as_words(x[:3]), rows_triton._as_words(buffer)[:4],
                         torch.tensor([2, 4, 5], device=DEVICE), 3, 4, scatter=True)
-    assert torch.equal(buffer[:4], torch.stack([torch.zeros(3), torch.zeros(3), x[0], torch.zeros(3)]))
-    assert torch.equal(buffer[4:], torch.full((2, 3), 7.0))
+    assert torch.equal(buffer[:4], torch.stack([zeros, zeros, x[0], zeros]))
+    assert torch.equal(buffer[4:], torch.full((2, 3), 7.0, device=DEVICE))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS or DEVICE != "cpu", reason="needs the Triton interpreter")
