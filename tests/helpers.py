@@ -114,3 +114,37 @@ def run_killed_after_epoch(module: str, argv, epoch: int) -> None:
                           env=subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH=str(epoch)), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def unshared_ops(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the search network ``net`` in which every edge has its own
+    parameter-free op modules again, as before ``spaces.base.share_ops``: each
+    edge then runs them itself (the reference for the shared ones)."""
+    import copy
+    ref = copy.deepcopy(net)
+    for cell in ref.cells:
+        for edge in getattr(cell, "edges", []):
+            for i, op in enumerate(edge.ops):
+                if next(op.parameters(), None) is None:
+                    edge.ops[i] = copy.deepcopy(op)
+    return ref
+
+
+def assert_same_forward_and_backward(net, ref, x, tol: float = 1e-12) -> None:
+    """``net`` and ``ref`` (float64 networks with the same parameter names) give the
+    same output, gradients and state dict (BatchNorm statistics included) on ``x``,
+    each after the same seed (the same random draws)."""
+    results = []
+    for model in (net, ref):
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()},
+                        {n: b.clone() for n, b in model.state_dict().items()}))
+    (out, grads, state), (ref_out, ref_grads, ref_state) = results
+    torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+    assert grads.keys() == ref_grads.keys() and state.keys() == ref_state.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=100 * tol, atol=tol, msg=n)
+    for n in state:
+        torch.testing.assert_close(state[n], ref_state[n], rtol=tol, atol=tol, msg=n)

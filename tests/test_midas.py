@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 import nasops
-from helpers import assert_same_checkpoint_model, kernel_backends, run_killed_after_epoch, torchrun_two_ranks
+from helpers import (assert_same_checkpoint_model, assert_same_forward_and_backward, kernel_backends,
+                     run_killed_after_epoch, torchrun_two_ranks, unshared_ops)
 from nasops import data as datasets
 from nasops import spaces
 from nasops.methods import midas
@@ -22,7 +23,7 @@ from nasops.methods.midas import (MidasDartsCell, MidasEdge, decode, decode_dart
                                   pair_weighted_node, pair_weights)
 from nasops.search import main, parse_args
 from nasops.spaces.base import MixedEdge
-from nasops.spaces.operations import DARTS_OPS, make_darts_op
+from nasops.spaces.operations import DARTS_OPS, AvgPool3x3, make_darts_op
 from test_search import _comparable, _is_png, _metrics, _tiny, nb201_table  # noqa: F401
 
 BACKENDS = ["eager", *kernel_backends("cpu")]
@@ -557,3 +558,22 @@ def test_step_benchmark_runs_and_rewrites_its_results_block(tmp_path):
     text = results.read_text()
     assert text.startswith("# results\n\nother section\n") and text.count(bench.BEGIN) == 1
     assert "cmd two" in text and "cmd one" not in text and "| tiny |" in text
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_edges_from_one_state_share_its_pools(space):
+    """MIDAS's cells pass each state's dict to its edges (spaces.base.share_ops): a pool
+    runs once per state (DARTS: 5 states, 14 edges a cell; NB201: 3 states, 6 edges),
+    with the values of a network whose edges run their own."""
+    torch.manual_seed(0)
+    net = midas.build_network(space, in_channels=1, num_classes=10, C=4, layers=1 if space == "nb201" else 3,
+                              dim=3).double()
+    ref = unshared_ops(net)
+    calls = []
+    for m in net.modules():
+        if isinstance(m, AvgPool3x3):
+            m.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    assert_same_forward_and_backward(net, ref, x)
+    cells = [c for c in net.cells if hasattr(c, "edges")]
+    assert len(calls) == len(cells) * (5 if space == "darts" else 3)

@@ -17,7 +17,7 @@ from nasops.spaces import nb201
 from nasops.spaces.darts import derive_genes
 from nasops.spaces.operations import DARTS_OPS, NB201_OPS
 from nasops.spaces.plot import plot_cell, plot_edge_weights
-from helpers import kernel_backends
+from helpers import assert_same_forward_and_backward, kernel_backends, unshared_ops
 
 ROOT = Path(__file__).resolve().parent.parent
 EXCERPT = Path(__file__).resolve().parent / "data" / "nb201_excerpt.csv"
@@ -451,3 +451,51 @@ def test_avg_pool_3x3_is_torchs_pool_without_padding_counted(stride, layout):
     torch.testing.assert_close(grad, ref_grad)
     # a corner averages its 4 in-map pixels, not 9 with zeros
     torch.testing.assert_close(y[0, 0, 0, 0], x[0, 0, :2, :2].mean())
+
+
+# ---- edges that read one state share its pools (spaces.base.share_ops) -----------------------
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_edges_from_one_state_share_its_pools(space):
+    net = tiny(space)
+    cell = next(c for c in net.cells if hasattr(c, "edges"))
+    sources = [i for i, _ in (nb201.edge_ends(cell.nodes) if space == "nb201"
+                              else [(s, d) for d in range(2, cell.nodes + 2) for s in range(d)])]
+    pool = lambda edge: edge.ops[edge.op_names.index("avg_pool_3x3")]  # noqa: E731
+    for a, src_a in zip(cell.edges, sources):
+        for b, src_b in zip(cell.edges, sources):
+            assert (pool(a) is pool(b)) == (src_a == src_b)
+    # The state dict still names every edge's pool (old checkpoints load).
+    assert any(".edges.1.ops." in k for k in net.state_dict())
+
+
+def test_shared_pools_run_once_per_state_and_forward():
+    net = tiny("darts")
+    calls = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.MaxPool2d):
+            m.register_forward_hook(lambda *_: calls.append(1))
+    net(torch.randn(2, 3, 8, 8))
+    assert len(calls) == 3 * 5  # 3 cells, each reading 5 states (14 edges)
+
+
+@pytest.mark.parametrize("space,recompute", [("darts", False), ("darts", True), ("nb201", False),
+                                             ("rdarts-s4", False)])
+def test_sharing_pools_changes_no_value(space, recompute):
+    """The network with shared pools against a copy whose edges run their own: the
+    same logits, gradients (weights and alphas) and BatchNorm running statistics,
+    in float64. rdarts-s4's noise op is not shared: both draw the same noise."""
+    torch.manual_seed(0)
+    net = tiny(space).double()
+    ref = unshared_ops(net)
+    net.set_recompute_edges(recompute)
+    assert_same_forward_and_backward(net, ref, torch.randn(3, 3, 8, 8, dtype=torch.float64))
+
+
+def test_share_ops_refuses_ops_that_differ():
+    from nasops.spaces.base import MixedEdge, share_ops
+    from nasops.spaces.operations import make_darts_op
+    names = ["max_pool_3x3", "sep_conv_3x3"]
+    edges = [MixedEdge(names, [make_darts_op(n, 4, stride) for n in names]) for stride in (1, 2)]
+    with pytest.raises(ValueError, match="max_pool_3x3.*differs"):
+        share_ops(edges, [0, 0])

@@ -309,16 +309,19 @@ class MidasDartsCell(darts_space.DartsCell):
     def forward(self, s0, s1, weights):
         """``weights``: softmax(alphas) of this cell type (E, K) with the prior, else None."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        shared = [{}, {}]  # per state: the outputs its edges share (spaces.base.share_ops)
         e = 0
         for _ in range(self.nodes):
             edges = self.edges[e:e + len(states)]
-            mixed = [edge(h, _prior(weights, e + j, edge)) for j, (edge, h) in enumerate(zip(edges, states))]
+            mixed = [edge(h, _prior(weights, e + j, edge), memo)
+                     for j, (edge, h, memo) in enumerate(zip(edges, states, shared))]
             outputs = [y for y, _ in mixed]
             if len(states) == 2:  # one pair: pi = 1, no strengths needed
                 states.append(pair_weighted_node(outputs, None))
             else:
                 strengths = node_strengths([w for _, w in mixed], [edge.zero_index for edge in edges])
                 states.append(pair_weighted_node(outputs, strengths))
+            shared.append({})
             e += len(edges)
         return torch.cat(states[2:], dim=1)
 
@@ -331,9 +334,9 @@ class MidasNB201Cell(nb201_space.NB201Cell):
         self.edges = nn.ModuleList(MidasEdge.replacing(edge, C, dim=dim, grid=grid, tau=tau)
                                    for edge in self.edges)
 
-    def edge_output(self, e: int, x, weights):
+    def edge_output(self, e: int, x, weights, shared=None):
         edge = self.edges[e]
-        return edge(x, _prior(weights, e, edge))[0]
+        return edge(x, _prior(weights, e, edge), shared)[0]
 
 
 def build_network(space: str, *, in_channels: int, num_classes: int, C: int, layers: int,

@@ -32,23 +32,33 @@ class RecomputableEdge(nn.Module):
 
     recompute = False
 
-    def forward(self, x, weights=None):
+    def forward(self, x, weights=None, shared=None):
+        """The edge on ``x``. ``shared``: a dict that a cell passes to every edge
+        reading the same state, through which they share the outputs of the ops
+        they share (:func:`share_ops`); ``None``: the edge computes all its ops."""
+        kept = None if shared is None else self._kept_outputs(x, shared)
         if self.recompute and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 # Dynamo cannot trace _RecomputedEdge's nested autograd.grad;
                 # AOTAutograd recomputes a checkpointed region from the traced
                 # graph and applies buffer mutations once, in the forward.
                 from torch.utils.checkpoint import checkpoint  # imports torch._dynamo: seconds
-                return checkpoint(self._mix, x, weights, use_reentrant=False)
-            kept = [op(x) for op in self._kept_ops()]
+                return checkpoint(self._mix, x, weights, kept or (), use_reentrant=False)
+            if kept is None:
+                kept = self._kept_outputs(x, None)
             return _RecomputedEdge.apply(self, len(kept), x, weights, *kept, *self.parameters())
-        return self._mix(x, weights)
+        return self._mix(x, weights, kept or ())
 
     def _kept_ops(self) -> list[nn.Module]:
         """The ops a recomputing edge does not recompute: they run once, in the
         forward, recorded by autograd as without recomputation, and ``_mix`` gets
         their outputs (on the edge's input, in this order) as ``kept``. None by default."""
         return []
+
+    def _kept_outputs(self, x, shared) -> list[torch.Tensor]:
+        """The outputs of :meth:`_kept_ops` on ``x`` (``shared``: see :meth:`forward`;
+        an edge with ops to share overrides this)."""
+        return [op(x) for op in self._kept_ops()]
 
     def _mix(self, x, weights, kept=()):
         raise NotImplementedError
@@ -210,6 +220,44 @@ def set_recompute_edges(module: nn.Module, enabled: bool = True) -> int:
     return len(edges)
 
 
+# Ops whose output is a function of the edge's input alone (no parameters, no random
+# draws; an affine-free BatchNorm after a pool normalises with the batch's statistics):
+# the edges that read one state can share them (share_ops). The identity costs nothing
+# to repeat, and the noise op must draw for every edge.
+SHARED_OPS = ("max_pool_3x3", "avg_pool_3x3")
+
+
+def share_ops(edges, sources) -> None:
+    """Let the edges that read the same state share their :data:`SHARED_OPS`:
+    ``sources[e]`` is the state edge ``e`` reads. Every edge after the first of a
+    state gets the first one's module for each shared op (the state dict keeps
+    every edge's keys, on one module), and with the ``shared`` dict of
+    :meth:`RecomputableEdge.forward` the op runs once per state and forward, not
+    once per edge. The modules replaced must compute the same function (same
+    op, channels and stride: a cell's edges from one state have the same
+    stride); a replaced module must hold no parameters.
+
+    Why: a DARTS cell has 14 edges but reads 5 states, so its pools (and their
+    BatchNorm) ran 2.8 times as often as needed, in time and in what the
+    backward keeps. Same values: the pools and the affine-free BatchNorm
+    after them see the same input, batch statistics included.
+    """
+    first = {}
+    for edge, src in zip(edges, sources):
+        for i, (name, zero) in enumerate(zip(edge.op_names, edge._is_zero)):
+            if name not in SHARED_OPS or zero:
+                continue
+            if (src, name) not in first:
+                first[(src, name)] = edge.ops[i]
+                continue
+            if next(edge.ops[i].parameters(), None) is not None:
+                raise ValueError(f"edges: op {name!r} has parameters; it cannot be shared")
+            if repr(edge.ops[i]) != repr(first[(src, name)]):
+                raise ValueError(f"edges: op {name!r} of the edges from state {src} differs between "
+                                 f"edges ({edge.ops[i]!r} vs {first[(src, name)]!r}); it cannot be shared")
+            edge.ops[i] = first[(src, name)]
+
+
 class MixedEdge(RecomputableEdge):
     """One DARTS mixed edge: ``sum_k w_k * op_k(x)`` through :func:`nasops.ops.mixed_op`.
 
@@ -236,9 +284,28 @@ class MixedEdge(RecomputableEdge):
         self._is_zero = [op is None for op in ops]
         # Recomputing, the parameter-free candidates keep their outputs (see the class docstring).
         self._kept = [op is not None and next(op.parameters(), None) is None for op in ops]
+        self._kept_shared = [name in SHARED_OPS for name, keep in zip(self.op_names, self._kept) if keep]
+        self._kept_names = [name for name, keep in zip(self.op_names, self._kept) if keep]
 
     def _kept_ops(self):
         return [op for op, keep in zip(self.ops, self._kept) if keep]
+
+    def _kept_outputs(self, x, shared):
+        """The kept ops' outputs on ``x``; a shared op (:func:`share_ops`) runs only
+        if no edge on this state ran it before: ``shared`` maps its name to the
+        module that ran and its output (another module of that name, not shared
+        with this edge, runs again)."""
+        outs = []
+        for name, op, share in zip(self._kept_names, self._kept_ops(), self._kept_shared):
+            hit = shared.get(name) if share and shared is not None else None
+            if hit is not None and hit[0] is op:
+                outs.append(hit[1])
+                continue
+            out = op(x)
+            if share and shared is not None:
+                shared[name] = (op, out)
+            outs.append(out)
+        return outs
 
     def op_outputs(self, x, kept=()) -> list[torch.Tensor | None]:
         """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op);

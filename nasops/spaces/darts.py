@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from nasops.spaces.base import MixedEdge, SearchNetwork
+from nasops.spaces.base import MixedEdge, SearchNetwork, share_ops
 from nasops.spaces.operations import DARTS_OPS, FactorizedReduce, ReLUConvBN, make_darts_op
 
 
@@ -86,18 +86,21 @@ class DartsCell(nn.Module):
         for (src, _), names in zip(edge_ends(nodes), edge_ops):
             stride = 2 if reduction and src < 2 else 1
             self.edges.append(MixedEdge(names, [make_darts_op(n, C, stride) for n in names]))
+        share_ops(self.edges, [src for src, _ in edge_ends(nodes)])
 
     def forward(self, s0, s1, weights):
         """``weights``: (edges, K) or per sample (B, edges, K)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        shared = [{}, {}]  # per state: the outputs its edges share (share_ops)
         e = 0
         for i in range(self.nodes):
             node = None
-            for h in states:
-                out = self.edges[e](h, weights[..., e, :])
+            for h, memo in zip(states, shared):
+                out = self.edges[e](h, weights[..., e, :], memo)
                 node = out if node is None else node + out
                 e += 1
             states.append(node)
+            shared.append({})
         return torch.cat(states[2:], dim=1)
 
 

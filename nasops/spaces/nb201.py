@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from nasops.spaces.base import MixedEdge, SearchNetwork
+from nasops.spaces.base import MixedEdge, SearchNetwork, share_ops
 from nasops.spaces.operations import NB201_OPS, ResNetBasicBlock, make_nb201_op
 
 # The table that ships with nasops (data/README.md says where it comes from): all
@@ -169,24 +169,28 @@ class NB201Cell(nn.Module):
         self.nodes = nodes
         self.edges = nn.ModuleList(MixedEdge(NB201_OPS, [make_nb201_op(n, C) for n in NB201_OPS])
                                    for _ in edge_ends(nodes))
+        share_ops(self.edges, [i for i, _ in edge_ends(nodes)])
 
     def forward(self, x, weights):
         """``weights``: (edges, 5) or per sample (B, edges, 5)."""
         states = [x]
+        shared = [{}]  # per state: the outputs its edges share (share_ops)
         e = 0
         for j in range(1, self.nodes):
             node = None
             for i in range(j):
-                out = self.edge_output(e, states[i], weights)
+                out = self.edge_output(e, states[i], weights, shared[i])
                 node = out if node is None else node + out
                 e += 1
             states.append(node)
+            shared.append({})
         return states[-1]
 
-    def edge_output(self, e: int, x, weights):
+    def edge_output(self, e: int, x, weights, shared=None):
         """Edge ``e``'s output on ``x``: its mixed sum with row ``e`` of the cell's
-        weights (a cell with other edges, MIDAS's, overrides this alone)."""
-        return self.edges[e](x, weights[..., e, :])
+        weights (a cell with other edges, MIDAS's, overrides this alone); ``shared``:
+        the dict of ``x``'s state (:meth:`MixedEdge.forward`)."""
+        return self.edges[e](x, weights[..., e, :], shared)
 
 
 def build_macro(net: nn.Module, *, in_channels: int, num_classes: int, C: int, layers: int, make_cell) -> None:
