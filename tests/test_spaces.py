@@ -499,3 +499,7 @@ def test_share_ops_refuses_ops_that_differ():
     edges = [MixedEdge(names, [make_darts_op(n, 4, stride) for n in names]) for stride in (1, 2)]
     with pytest.raises(ValueError, match="max_pool_3x3.*differs"):
         share_ops(edges, [0, 0])
+    # A module with parameters under a shared op's name is not shared.
+    edges = [MixedEdge(["avg_pool_3x3"], [torch.nn.Conv2d(4, 4, 1)]) for _ in range(2)]
+    with pytest.raises(ValueError, match="avg_pool_3x3.*has parameters"):
+        share_ops(edges, [1, 1])
