@@ -29,6 +29,8 @@
 #      own small networks) -> $OUT/RESULTS-methods.md;
 #   step-maxbatch: the largest batch that fits, eager vs nasops vs recompute
 #      (first order) -> $OUT/RESULTS-maxbatch.md;
+#   step-profile: the device time of one step by op category against its wall time
+#      (first order, batch 64, eager and nasops): how far the step is bound by the host;
 #   step-compile: the step with --compile (first order; the compilation takes minutes).
 #   (STEP_MAX caps each step stage, default 540 s.)
 # Logs and results land in $OUT (default ./gpu-out); the last lines printed are
@@ -165,6 +167,10 @@ stage_step-methods() {
 stage_step-maxbatch() {
   step_bench "largest batch" RESULTS-maxbatch.md step-maxbatch.log --steps 2 --no-memory --max-batch \
     --methods darts-1st --providers eager-nchw nasops-nchw nasops-recompute --plot "$OUT/search_step_cuda_maxbatch.png"
+}
+stage_step-profile() {
+  step_bench "search step, device time by op" RESULTS-profile.md step-profile.log --steps 3 --no-memory --profile \
+    --methods darts-1st --providers eager-nchw nasops-nchw --plot "$OUT/search_step_cuda_profile.png"
 }
 stage_step-compile() {
   step_bench "search step with --compile" RESULTS-compile.md step-compile.log --steps 5 --methods darts-1st \
