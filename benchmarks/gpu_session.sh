@@ -14,8 +14,9 @@
 #      use CUDA tensors when a GPU is visible; in parallel when pytest-xdist is there),
 #      then python -m nasops.selftest (what a user runs after installing) in float32,
 #      bfloat16 and float16;
-#   sanitizer: compute-sanitizer memcheck, then racecheck, over the CUDA-backend
-#      tests of every op (0 errors is issue #16's target);
+#   sanitizer: compute-sanitizer memcheck over the CUDA-backend tests of every op,
+#      then racecheck over those of mixed_op, the one kernel with shared memory (0
+#      errors is issue #16's target);
 #   bench: the side-by-side op benchmarks (--quick), one op at a time so that a
 #      deadline keeps the ops already done -> $OUT/RESULTS.md (merge its GPU sections
 #      into benchmarks/RESULTS.md afterwards);
@@ -40,6 +41,7 @@ set -uo pipefail
 OUT=${OUT:-gpu-out}
 DEADLINE=${DEADLINE:-540}
 mkdir -p "$OUT"
+: > "$OUT/summary.txt"  # this run's stages only
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
 # budget NAME MAX MIN: prints the seconds stage NAME may take (at most MAX, what is
@@ -136,7 +138,8 @@ stage_tests-all() {
 
 stage_bench() {
   local t start op
-  for op in mixed_op patch_attention topk_tokens depthwise_conv2d; do
+  # Every BENCHMARK of benchmarks/bench_*.py (tests/test_benchmarks.py checks), mixed_op first.
+  for op in mixed_op patch_attention_mixed_op topk_tokens depthwise_conv2d; do
     t=$(budget "benchmarks $op" 150 40) || continue
     start=$SECONDS
     timeout "$t" python3 benchmarks/report.py --quick --ops "$op" --out "$OUT/RESULTS.md" > "$OUT/report-$op.log" 2>&1

@@ -42,3 +42,22 @@ def test_provider_orders_put_every_provider_in_every_position_and_after_every_ot
     sequence = [name for order in orders for name in order]
     followers = {(a, b) for a, b in zip(sequence, sequence[1:]) if a != b}
     assert followers == {(a, b) for a in names for b in names if a != b}
+
+
+def test_gpu_session_names_existing_ops_and_stages():
+    """benchmarks/gpu_session.sh runs on a lent GPU only: its op list must name every
+    BENCHMARK of benchmarks/bench_*.py (report.py --ops refuses another name) and its
+    documented stages must exist."""
+    import re
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report
+        ops = {bench.op for bench in report.discover(None)}
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    listed = re.search(r"for op in ([\w ]+); do", script).group(1).split()
+    assert sorted(listed) == sorted(ops)
+    defined = set(re.findall(r"^stage_([\w-]+)\(\)", script, re.M))
+    documented = set(re.findall(r"^#   ([\w-]+): ", script, re.M))
+    assert documented == defined and {"build", "kernels", "sanitizer", "bench", "step-compile"} <= defined

@@ -13,7 +13,7 @@ import nasops
 import nasops.ops
 from nasops.ops.mixed_op import _KERNELS as MIXED_OP_KERNELS
 from nasops.spaces import SPACES, build
-from nasops.spaces import nb201
+from nasops.spaces import darts, nb201
 from nasops.spaces.darts import derive_genes
 from nasops.spaces.operations import DARTS_OPS, NB201_OPS
 from nasops.spaces.plot import plot_cell, plot_edge_weights
@@ -459,8 +459,7 @@ def test_avg_pool_3x3_is_torchs_pool_without_padding_counted(stride, layout):
 def test_edges_from_one_state_share_its_pools(space):
     net = tiny(space)
     cell = next(c for c in net.cells if hasattr(c, "edges"))
-    sources = [i for i, _ in (nb201.edge_ends(cell.nodes) if space == "nb201"
-                              else [(s, d) for d in range(2, cell.nodes + 2) for s in range(d)])]
+    sources = [src for src, _ in (nb201 if space == "nb201" else darts).edge_ends(cell.nodes)]
     pool = lambda edge: edge.ops[edge.op_names.index("avg_pool_3x3")]  # noqa: E731
     for a, src_a in zip(cell.edges, sources):
         for b, src_b in zip(cell.edges, sources):

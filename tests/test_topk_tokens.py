@@ -8,6 +8,7 @@ that every score is exact in every dtype (small integers, key column sums
 divisible by N, D = 4): ties planted in the reference are ties in every kernel,
 and the indices must agree exactly.
 """
+import functools
 import importlib
 import math
 import random
@@ -442,16 +443,21 @@ torch.cuda.synchronize()
 """
 
 
+@functools.cache
+def compiled_rows(call: str, compiler: str):
+    """``lambda x, i: <call>`` compiled fullgraph by ``compiler`` (once per call and compiler)."""
+    return torch.compile(eval(f"lambda x, i: {call}"), fullgraph=True, backend=compiler)
+
+
 def assert_graph_refuses(call: str, arg: str, idx: list[int], match: str, compiler: str) -> None:
-    """``call`` (an expression in x and i), compiled fullgraph by ``compiler``, must
-    refuse ``idx`` when run on ``arg`` (an expression in x = arange(12).reshape(4, 3)):
-    on the CPU with a RuntimeError matching ``match``; on CUDA the child process must
-    fail with a device-side assert (its message stays on the device)."""
+    """``compiled_rows(call, compiler)`` must refuse ``idx`` when run on ``arg`` (an
+    expression in x = arange(12).reshape(4, 3)): on the CPU with a RuntimeError
+    matching ``match``; on CUDA the child process running the same must fail with a
+    device-side assert (its message stays on the device)."""
     if DEVICE == "cpu":
         x = torch.arange(12.0).reshape(4, 3)
-        compiled = torch.compile(eval(f"lambda x, i: {call}"), fullgraph=True, backend=compiler)
         with pytest.raises(RuntimeError, match=match):
-            compiled(eval(arg), torch.tensor(idx))
+            compiled_rows(call, compiler)(eval(arg), torch.tensor(idx))
         return
     script = _REFUSAL_SCRIPT.format(call=call, compiler=compiler, arg=arg, idx=idx)
     proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True,
@@ -467,8 +473,7 @@ def test_rows_compiled_graph_refuses_bad_idx(backend):
     x = torch.arange(12.0, device=DEVICE).reshape(4, 3)
     gather_call = f"gather_rows(x, i, backend={backend!r})"
     scatter_call = f"scatter_rows(x, i, 4, backend={backend!r})"
-    gather = torch.compile(eval(f"lambda x, i: {gather_call}"), fullgraph=True, backend="aot_eager")
-    scatter = torch.compile(eval(f"lambda x, i: {scatter_call}"), fullgraph=True, backend="aot_eager")
+    gather, scatter = compiled_rows(gather_call, "aot_eager"), compiled_rows(scatter_call, "aot_eager")
     assert torch.equal(gather(x, torch.tensor([2, 0], device=DEVICE)), x[[2, 0]])
     assert torch.equal(scatter(x[:2], torch.tensor([3, 1], device=DEVICE)),
                        _scatter_by_hand(x[:2], torch.tensor([3, 1]), 4))
