@@ -284,8 +284,9 @@ class MixedEdge(RecomputableEdge):
         self._is_zero = [op is None for op in ops]
         # Recomputing, the parameter-free candidates keep their outputs (see the class docstring).
         self._kept = [op is not None and next(op.parameters(), None) is None for op in ops]
-        self._kept_shared = [name in SHARED_OPS for name, keep in zip(self.op_names, self._kept) if keep]
-        self._kept_names = [name for name, keep in zip(self.op_names, self._kept) if keep]
+        # Per kept candidate: its name if the edges of one state share it (share_ops), else None.
+        self._kept_share_keys = [name if name in SHARED_OPS else None
+                                 for name, keep in zip(self.op_names, self._kept) if keep]
 
     def _kept_ops(self):
         return [op for op, keep in zip(self.ops, self._kept) if keep]
@@ -296,14 +297,14 @@ class MixedEdge(RecomputableEdge):
         module that ran and its output (another module of that name, not shared
         with this edge, runs again)."""
         outs = []
-        for name, op, share in zip(self._kept_names, self._kept_ops(), self._kept_shared):
-            hit = shared.get(name) if share and shared is not None else None
+        for key, op in zip(self._kept_share_keys, self._kept_ops()):
+            hit = shared.get(key) if key and shared is not None else None
             if hit is not None and hit[0] is op:
                 outs.append(hit[1])
                 continue
             out = op(x)
-            if share and shared is not None:
-                shared[name] = (op, out)
+            if key and shared is not None:
+                shared[key] = (op, out)
             outs.append(out)
         return outs
 
