@@ -6,7 +6,7 @@
 
 Every provider is the driver's own code path: the network is built by the
 method's ``build_model``, laid out, recomputed and compiled by the driver's
-``_prepare_network`` (--memory-format, --recompute-edges, --compile), and a
+``_prepare_network`` (--memory-format, --recompute-edges, --compile, --cuda-graphs), and a
 step is the method's ``step(train_batch, val_batch)`` (architecture step on a
 validation batch, then weight step on a training batch, gradients set to None
 as training does), on synthetic CIFAR-sized data (3x32x32, 10 classes).
@@ -17,7 +17,10 @@ Providers (PROVIDERS; add one with a line):
 - ``eager-nhwc``: the same in channels_last, the best plain PyTorch;
 - ``nasops``: the driver's defaults (nasops kernels, --memory-format auto);
 - ``nasops-compile``: the same with --compile;
-- ``nasops-recompute``: the same with --recompute-edges (memory against time).
+- ``nasops-recompute``: the same with --recompute-edges (memory against time);
+- ``nasops-graphs`` (CUDA; methods whose ``cuda_graphs`` is true): the same with
+  --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
+  ``nasops-graphs-recompute``: with --recompute-edges too.
 On CUDA also ``nasops-nchw`` and ``nasops-nhwc``, which decide --memory-format
 auto there (search.AUTO_MEMORY_FORMAT). Token networks (DASViT's vit space)
 have no layout to choose: ``eager`` replaces the two eager providers there.
@@ -70,6 +73,8 @@ PROVIDERS = {
     "nasops": [],
     "nasops-compile": ["--compile"],
     "nasops-recompute": ["--recompute-edges"],
+    "nasops-graphs": ["--cuda-graphs"],
+    "nasops-graphs-recompute": ["--cuda-graphs", "--recompute-edges"],
     "nasops-nchw": ["--memory-format", "contiguous"],
     "nasops-nhwc": ["--memory-format", "channels_last"],
     "eager": ["--backend", "eager"],  # token spaces: no layout to choose
@@ -77,12 +82,13 @@ PROVIDERS = {
 # Providers per kind of network: feature maps (a layout to choose) or tokens (none).
 DEFAULT_PROVIDERS = {
     ("maps", "cpu"): ["eager-nchw", "eager-nhwc", "nasops", "nasops-compile", "nasops-recompute"],
-    ("maps", "cuda"): ["eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc", "nasops-compile",
-                       "nasops-recompute"],
+    ("maps", "cuda"): ["eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc", "nasops-graphs",
+                       "nasops-compile", "nasops-recompute", "nasops-graphs-recompute"],
     ("tokens", "cpu"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
     ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
 LAYOUT_PROVIDERS = ("eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc")
+GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
 # paper's search network: 8 cells, C = 16); the others carry small sizes of
@@ -128,11 +134,15 @@ def method_providers(method: str, device_kind: str, chosen: list[str] | None) ->
     """The providers to run for ``method``: ``chosen`` (--providers) or the default
     set of its kind of network. A token network has no layout: there the layout
     providers stand for the plain ones (eager-nchw, eager-nhwc -> eager;
-    nasops-nchw, nasops-nhwc -> nasops)."""
+    nasops-nchw, nasops-nhwc -> nasops). The graphed providers run on CUDA for the
+    methods that can be graphed (``cuda_graphs``), and are left out elsewhere."""
     kind = METHODS[method]["kind"]
     chosen = list(DEFAULT_PROVIDERS[(kind, device_kind)]) if chosen is None else chosen
     if kind == "tokens":
         chosen = [p.split("-")[0] if p in LAYOUT_PROVIDERS else p for p in chosen]
+    flags = METHODS[method]["flags"]
+    if device_kind != "cuda" or not methods.get(flags[flags.index("--method") + 1]).cuda_graphs:
+        chosen = [p for p in chosen if p not in GRAPHED_PROVIDERS]
     return list(dict.fromkeys(chosen))
 
 

@@ -22,8 +22,13 @@
 #      into benchmarks/RESULTS.md afterwards);
 #   checks: kernels' tests (no selftest), memcheck and racecheck in parallel;
 #   tests-all: the whole test suite on the GPU (every method's end-to-end tests);
+#   graphs: --cuda-graphs (nasops.cuda_graphs): its tests on the GPU (a graphed search
+#      equals the eager one: first order, second order, --recompute-edges), then the
+#      DARTS step, first order, batch 64: eager NCHW against nasops NCHW, graphed, and
+#      graphed with --recompute-edges (issue #14's GPU targets: >= 2x eager, <= 1
+#      GPU-hour; memory) -> $OUT/RESULTS-graphs.md;
 #   step: the whole DARTS search step (bench_search_step.py: eager NCHW/NHWC,
-#      nasops NCHW/NHWC, +recompute; first and second order, batch 64; peak
+#      nasops NCHW/NHWC, +graphs, +recompute; first and second order, batch 64; peak
 #      memory) and its projection to a 50-epoch first-order search (target
 #      <= 1 GPU-hour) -> $OUT/RESULTS-step.md and $OUT/search_step_cuda.png;
 #   step-methods: the same for the other methods (MIDAS, hard exit, DASViT; their
@@ -35,7 +40,8 @@
 #   step-compile: the step with --compile (first order; the compilation takes minutes).
 #   (STEP_MAX caps each step stage, default 540 s.)
 # Logs and results land in $OUT (default ./gpu-out); the last lines printed are
-# the summary. Usage, from the repository root (default: build kernels sanitizer bench):
+# the summary. Usage, from the repository root (default: build graphs bench sanitizer, what
+# is still unmeasured, most wanted first; the op tests passed on CUDA on 2026-12-04):
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -157,9 +163,22 @@ step_bench() {
   summary "$name: rc=$? ($((SECONDS - start)) s), table in $file"
   grep "^|" "$OUT/$file" 2>/dev/null | cut -c1-200 | tail -12
 }
+stage_graphs() {
+  local t start
+  if t=$(budget "graphs tests" 150 30); then
+    start=$SECONDS
+    timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/graphs-tests.log" 2>&1
+    summary "graphs tests: rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/graphs-tests.log")"
+  fi
+  # at most 240 s (GRAPHS_MAX), so that the stages after it still get their turn
+  STEP_MAX=${GRAPHS_MAX:-240} step_bench "search step with --cuda-graphs" RESULTS-graphs.md step-graphs.log --steps 5 \
+    --methods darts-1st --providers eager-nchw nasops-nchw nasops-graphs nasops-graphs-recompute \
+    --plot "$OUT/search_step_cuda_graphs.png"
+}
 stage_step() {
   step_bench "search step" RESULTS-step.md step.log --steps 5 --methods darts-1st darts-2nd \
-    --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-recompute --plot "$OUT/search_step_cuda.png"
+    --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-graphs nasops-recompute \
+    --plot "$OUT/search_step_cuda.png"
 }
 stage_step-methods() {
   # (a token network, DASViT's, runs eager / nasops / +recompute: no layout there)
@@ -183,7 +202,7 @@ stage_step-compile() {
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   | tee -a "$OUT/device.txt"
-for stage in ${*:-build kernels sanitizer bench}; do
+for stage in ${*:-build graphs bench sanitizer}; do
   if ! declare -F "stage_$stage" > /dev/null; then summary "unknown stage: $stage"; continue; fi
   "stage_$stage" || { [[ $stage == build ]] && break; }
 done

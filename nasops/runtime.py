@@ -1,11 +1,13 @@
 """What every long-running command of nasops (``nasops.search``, and the
 commands that train or evaluate what it finds) needs around its loop: the
-process group under torchrun, seeding and determinism, RNG states for
+process group under torchrun, the process-wide settings of a run, the end of an
+epoch on every rank, seeding and determinism, RNG states for
 checkpoints, and files written atomically so that a kill at any moment leaves
 the old or the new file, never a torn one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import nasops.backend
 
 
 class RunError(RuntimeError):
@@ -47,6 +51,48 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
         return 0, 1, device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+@contextlib.contextmanager
+def run_settings(args, device: torch.device, world_size: int):
+    """The process-wide settings of one run of nasops.search or nasops.train, put
+    back as found when it ends (``main()`` may run in-process: tests, notebooks):
+    the thread count (--threads; by default 1 for the 8x8 digits on the CPU, ops
+    that small lose more to a thread pool than they gain), the deterministic mode
+    and the nasops backend the run may set; the process group is destroyed."""
+    saved_backend = nasops.backend._override
+    saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                           torch.is_deterministic_algorithms_warn_only_enabled())
+    saved_threads = torch.get_num_threads()
+    threads = args.threads or (1 if args.dataset == "digits" and device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        nasops.backend._override = saved_backend
+        torch.use_deterministic_algorithms(saved_deterministic[0], warn_only=saved_deterministic[1])
+        torch.set_num_threads(saved_threads)
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def end_epoch_on_ranks(sums: torch.Tensor, model: torch.nn.Module, world_size: int,
+                       device: torch.device) -> torch.Tensor:
+    """An epoch's end on every rank: ``sums`` (a CPU tensor of per-rank sums) summed
+    over the ranks, and the model's buffers made rank 0's; on CUDA, the queued work
+    finished, so that the epoch's time is measured after it. Returns the sums."""
+    if world_size > 1:
+        reduced = sums.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+        # BatchNorm running statistics are per rank; keep rank 0's so that every
+        # rank holds, evaluates and (rank 0) checkpoints one model.
+        for b in model.buffers():
+            dist.broadcast(b.data, src=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return sums
 
 
 def make_deterministic() -> None:

@@ -63,7 +63,8 @@ def default_layers(space: str) -> int:
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "nb201_table", "quiet",
-                "deterministic", "threads", "memory_format", "compile", "recompute_edges")
+                "deterministic", "threads", "memory_format", "compile", "recompute_edges",
+                "cuda_graphs")
 
 # --memory-format auto, per device type: channels_last where the whole search
 # step measured faster (benchmarks/RESULTS.md, "Whole search steps": on the CPU
@@ -176,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile what a step runs of the search network (fullgraph; on CUDA "
                         "mode=reduce-overhead, CUDA graphs); the first steps "
                         "pay the compilation")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: replay the search network's forward and backward from CUDA graphs "
+                        "(captured in the first step; nasops.cuda_graphs): the step no longer "
+                        "waits for Python and dispatch. DARTS only; not with --compile or --amp")
     g.add_argument("--recompute-edges", action="store_true",
                    help="each mixed edge keeps its input and recomputes its ops' outputs in the "
                         "backward (a DARTS edge keeps its parameter-free ops' outputs): less memory "
@@ -231,6 +236,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.train_portion < 1.0:
         parser.error(f"--train-portion: expected a fraction in (0, 1), got {args.train_portion}")
     args.arch_betas = tuple(args.arch_betas)
+    if args.cuda_graphs:
+        if not method.cuda_graphs:
+            parser.error(f"--cuda-graphs: --method {args.method} cannot be graphed (see nasops.methods."
+                         f"{args.method}); graphed is --method darts")
+        if args.compile:
+            parser.error("--cuda-graphs and --compile exclude each other: --compile on CUDA graphs on its own "
+                         "(mode=reduce-overhead)")
+        if args.amp:
+            parser.error("--cuda-graphs and --amp exclude each other: the graphs are captured without autocast")
     if method.spaces is not None and args.space not in method.spaces:
         parser.error(f"--method {args.method} searches the spaces {', '.join(method.spaces)}; "
                      f"got --space {args.space}")
@@ -274,23 +288,8 @@ def main(argv=None) -> dict:
 
 def _run(args) -> dict:
     rank, world_size, device = runtime.setup_distributed(args.device)
-    # main() may run in-process (tests, notebooks): leave the process-wide
-    # settings as they were found.
-    saved_backend = nasops.backend._override
-    saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
-                           torch.is_deterministic_algorithms_warn_only_enabled())
-    saved_threads = torch.get_num_threads()
-    threads = args.threads or (1 if args.dataset == "digits" and device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with runtime.run_settings(args, device, world_size):
         return _search(args, rank, world_size, device)
-    finally:
-        nasops.backend._override = saved_backend
-        torch.use_deterministic_algorithms(saved_deterministic[0], warn_only=saved_deterministic[1])
-        torch.set_num_threads(saved_threads)
-        if world_size > 1:
-            dist.destroy_process_group()
 
 
 def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
@@ -303,6 +302,8 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
         raise SearchError(str(exc)) from None
     if args.backend != "auto":
         nasops.set_backend(args.backend)
+    if args.cuda_graphs and device.type != "cuda":
+        raise SearchError(f"--cuda-graphs: needs a CUDA device, got --device {args.device} ({device})")
     amp = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
 
     method_cls = methods.get(args.method)
@@ -428,16 +429,7 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
                         samples_s=f"{world_size * (sums[2] + sums[5]) / elapsed:.0f}")
         bar.update()
     bar.close()
-    if world_size > 1:
-        reduced = sums.to(device)  # NCCL reduces device tensors only
-        dist.all_reduce(reduced)
-        sums = reduced.cpu()
-        # BatchNorm running statistics are per rank; keep rank 0's so that every
-        # rank holds (and rank 0 checkpoints) one model.
-        for b in model.buffers():
-            dist.broadcast(b.data, src=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sums = runtime.end_epoch_on_ranks(sums, model, world_size, device)
     seconds = time.perf_counter() - start
     method.end_epoch()
     return {
@@ -450,7 +442,7 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
     }
 
 
-# ---- how the network runs: --memory-format, --recompute-edges, --compile -------------------
+# ---- how the network runs: --memory-format, --recompute-edges, --compile, --cuda-graphs -------
 
 def memory_format(args, device: torch.device) -> torch.memory_format:
     """The feature-map layout of --memory-format on ``device`` (auto: AUTO_MEMORY_FORMAT;
@@ -462,7 +454,7 @@ def memory_format(args, device: torch.device) -> torch.memory_format:
 
 
 def _prepare_network(method, args, device: torch.device) -> None:
-    """Lay out, recompute and compile ``method.model`` as the flags say; once per
+    """Lay out, recompute, compile or graph ``method.model`` as the flags say; once per
     network (the driver calls this again after every ``begin_epoch``). The layout
     change keeps the parameter objects (Module.to moves their data), so the
     method's optimizers still hold them."""
@@ -475,6 +467,8 @@ def _prepare_network(method, args, device: torch.device) -> None:
                           f"has no mixed edge that can recompute")
     if args.compile:
         method.compile_network(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    if args.cuda_graphs:
+        method.graph_network()
     model._nasops_prepared = True
 
 

@@ -431,20 +431,8 @@ def main(argv=None) -> dict:
 
 def _run(args) -> dict:
     rank, world_size, device = runtime.setup_distributed(args.device)
-    # main() may run in-process (tests, notebooks): leave the process-wide settings as found.
-    saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
-                           torch.is_deterministic_algorithms_warn_only_enabled())
-    saved_threads = torch.get_num_threads()
-    threads = args.threads or (1 if args.dataset == "digits" and device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with runtime.run_settings(args, device, world_size):
         return _train(args, rank, world_size, device)
-    finally:
-        torch.use_deterministic_algorithms(saved_deterministic[0], warn_only=saved_deterministic[1])
-        torch.set_num_threads(saved_threads)
-        if world_size > 1:
-            dist.destroy_process_group()
 
 
 def _epoch_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
@@ -618,16 +606,7 @@ def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, 
                         samples_s=f"{world_size * sums[2] / (time.perf_counter() - start):.0f}")
         bar.update()
     bar.close()
-    if world_size > 1:
-        reduced = sums.to(device)  # NCCL reduces device tensors only
-        dist.all_reduce(reduced)
-        sums = reduced.cpu()
-        # BatchNorm running statistics are per rank; keep rank 0's so that every rank
-        # evaluates (and rank 0 checkpoints) one model.
-        for b in model.buffers():
-            dist.broadcast(b.data, src=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sums = runtime.end_epoch_on_ranks(sums, model, world_size, device)
     seconds = time.perf_counter() - start
     return {"epoch": epoch + 1, "train_loss": (sums[0] / sums[2]).item(), "train_acc": (sums[1] / sums[2]).item(),
             "lr": lr, "drop_path": drop_prob, "steps": steps, "time": seconds,

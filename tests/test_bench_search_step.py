@@ -56,6 +56,13 @@ def test_method_providers():
                                                                   "nasops"]) == ["eager", "nasops"]
     assert bench_search_step.method_providers("midas", "cpu", ["eager-nhwc", "nasops", "eager-nhwc"]) == [
         "eager-nhwc", "nasops"]
+    # --cuda-graphs: CUDA only, and only for the methods that can be graphed
+    assert {"nasops-graphs", "nasops-graphs-recompute"} <= set(
+        bench_search_step.method_providers("darts-2nd", "cuda", None))
+    assert bench_search_step.method_providers("darts-1st", "cpu", ["nasops", "nasops-graphs",
+                                                                  "nasops-graphs-recompute"]) == ["nasops"]
+    assert bench_search_step.method_providers("midas", "cuda", ["nasops-nchw", "nasops-graphs"]) == [
+        "nasops-nchw"]
     # DARTS' size comes from --layers / --init-channels, the others carry their own
     assert bench_search_step.method_flags("darts-1st")[-4:] == ["--layers", "8", "--init-channels", "16"]
     assert "--embed-dim" in bench_search_step.method_flags("dasvit")

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nasops import spaces
+from nasops import cuda_graphs, spaces
 
 
 @dataclass
@@ -93,6 +93,11 @@ class Darts:
     # Flags that an evaluation of a finished run (``evaluation_checkpoint``) takes
     # from its own command line; every other setting comes from the checkpoint.
     evaluation_keys: tuple[str, ...] = ()
+    # --cuda-graphs (nasops.cuda_graphs): whether a step may replay the network's
+    # training calls from CUDA graphs. DARTS' may: it calls only self.model(x), each
+    # training forward is followed by its backward before the next forward, and the
+    # outputs and gradients are consumed by the step's optimizer before then.
+    cuda_graphs = True
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, device: torch.device,
                  amp: torch.dtype | None = None, lr: float = 0.025, lr_min: float = 0.001,
@@ -176,6 +181,12 @@ class Darts:
         leaves deep copies uncompiled. A method whose step calls another entry
         point compiles that one."""
         self.model.compile(**options)
+
+    def graph_network(self):
+        """--cuda-graphs: replay the training calls of ``self.model`` from CUDA graphs
+        (:mod:`nasops.cuda_graphs`), with the gradients of the weights and the
+        alphas; the driver calls it once per network, as :meth:`compile_network`."""
+        return cuda_graphs.graph_network(self.model, self.weights + self.alphas)
 
     def arch_penalty(self) -> torch.Tensor | None:
         """A regulariser added to the architecture loss of every architecture step

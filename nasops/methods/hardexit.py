@@ -550,6 +550,9 @@ class HardExit(Darts):
     name = "hardexit"
     spaces = ("darts", "nb201", "rdarts-s1", "rdarts-s2", "rdarts-s3", "rdarts-s4")
     output_patterns = Darts.output_patterns + REPORT_FILES
+    # Not graphed: the step calls the network's forward_exits, not forward (what
+    # nasops.cuda_graphs replaces), and evaluation_model deep-copies the network.
+    cuda_graphs = False
     # Flags an --evaluate-only run takes from its command line; everything else
     # that decides the computation comes from the checkpoint's config.
     evaluation_keys = ("evaluate_only", "checkpoint", "tau_s_grid", "tau_c_grid", "temperature_grid",

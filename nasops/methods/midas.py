@@ -425,6 +425,9 @@ class Midas(Darts):
     name = "midas"
     spaces = SPACES
     output_patterns = ("cell_*.png", "weights_*.png", "midas_*.json", "midas_*.png")
+    # Not graphed: the architecture step switches its edges' recording of the op
+    # weights on and off in Python around the forward, which a replay would not see.
+    cuda_graphs = False
 
     def __init__(self, model, *, decode_batches: int | None = None, mosaic_edge: tuple[str, str] | None = None,
                  **darts_kwargs):

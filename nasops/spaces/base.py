@@ -195,12 +195,25 @@ def _autocast(state):
 
 
 def _rng_state(device: torch.device):
+    """The RNG states a recomputation runs under again (:func:`_forked_rng`); None
+    while a CUDA graph is captured (--cuda-graphs), which forbids reading them:
+    there the recomputation draws anew. Only DARTS networks are graphed, and what
+    their edges recompute (convolutions, BatchNorm) draws nothing."""
+    if _graph_capturing(device):
+        return None
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), device, cuda
 
 
+def _graph_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 @contextlib.contextmanager
 def _forked_rng(state):
+    if state is None:  # captured in a CUDA graph (_rng_state)
+        yield
+        return
     cpu, device, cuda = state
     with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
         torch.set_rng_state(cpu)

@@ -1,0 +1,129 @@
+"""--cuda-graphs: a search network's forward and backward replayed as CUDA graphs.
+
+Why: on a GPU the DARTS search step is bound by the host. The first GPU session
+(H200, batch 64; benchmarks/RESULTS.md, "First GPU session") measured 0.89 s a
+step with nasops' kernels against 1.00 s for eager PyTorch, while the step's
+arithmetic and traffic take a few tens of milliseconds: the time goes to
+~120,000 ATen calls a step, a few microseconds of Python and dispatch each, and
+kernels cannot remove that. A CUDA graph records the kernels of one forward and
+one backward once and replays them with one launch each. ``--compile``
+(mode="reduce-overhead") graphs too, but compiling the supernet took 24-38
+minutes on this project's CPU; capturing takes a few eager steps.
+
+How: :func:`torch.cuda.make_graphed_callables` on the whole network, once, at
+the first training call (:class:`GraphedForward`). What a user should know:
+
+- Graphed are the calls that train: grad mode on, the network in training
+  mode, a CUDA input of the shape, strides and dtype of the first such call
+  (the driver's loaders drop incomplete batches, so a search sees one shape),
+  no autocast. Every other call (evaluation, another shape) runs the network's
+  own forward, as without graphs.
+- Whatever the call, the replayed backward computes the gradients of every
+  parameter that was trainable at the capture (``trainable``, required to need
+  grad then): DARTS' architecture step gets its alphas' gradients from a
+  backward that also computes the weights' (more device work, which a
+  host-bound step does not notice). A parameter frozen for a call gets none.
+- The outputs and gradients of a replay are views of the graph's static
+  buffers, overwritten by the next replay: a step consumes them before the
+  next forward (DARTS: each forward is followed by its backward and the
+  optimizer step); a caller keeping them longer must clone them.
+- The capture runs the network a few times (warm-up, on a side stream); the
+  buffers (BatchNorm running statistics) are put back afterwards, so a graphed
+  search equals an eager one up to the order of floating-point sums. Random
+  draws inside the network (RobustDARTS S4's noise op) come from the graph's
+  own Philox offsets, not the eager sequence.
+- With ``--recompute-edges`` the graphs hold recomputing edges: the forward
+  graph keeps what a recomputing forward keeps, the backward graph recomputes.
+  A capture forbids reading the RNG state, so there the recomputation does not
+  replay the forward's random draws (``nasops.spaces.base._rng_state``); what
+  a DARTS edge recomputes (convolutions, BatchNorm) draws nothing.
+- Parameters must stay where they are (optimizer steps and ``load_state_dict``
+  write in place; ``Module.to`` to another layout after the capture would not).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class GraphedForward:
+    """The forward of ``model`` with its training calls replayed from CUDA graphs
+    (see the module docstring); installed as ``model.forward`` by :func:`graph_network`.
+
+    ``trainable``: the parameters whose gradients the graphed backward computes
+    (requires_grad is switched on for them during the capture and put back).
+    ``capture`` (with ``make_graphed_callables``' signature) and ``device_type``:
+    the tests' stand-ins, which run on the CPU. Counters ``captures``,
+    ``replayed`` and ``eager`` say what ran.
+    """
+
+    def __init__(self, model: nn.Module, trainable, capture=None, device_type: str = "cuda",
+                 warmup: int = 3):
+        self.model = model
+        self.trainable = list(trainable)
+        self.capture = capture or torch.cuda.make_graphed_callables
+        self.device_type = device_type
+        self.warmup = warmup
+        self.key = None  # (shape, strides, dtype, device) of the captured input
+        self.graphed = None
+        self.captures = self.replayed = self.eager = 0
+
+    def __call__(self, x, *args, **kwargs):
+        if args or kwargs or not self._trains(x):
+            return self._eager(x, *args, **kwargs)
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        if self.graphed is None:
+            self._capture(x, key)
+        if key != self.key:
+            return self._eager(x)
+        self.replayed += 1
+        return self.graphed(x)
+
+    def _trains(self, x) -> bool:
+        return (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and self.model.training
+                and x.device.type == self.device_type
+                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+
+    def _eager(self, *args, **kwargs):
+        self.eager += 1
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    def _capture(self, x, key) -> None:
+        model = self.model
+        flags = [p.requires_grad for p in self.trainable]
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        installed = model.__dict__.pop("forward")  # this object: the capture calls the module's own
+        try:
+            for p in self.trainable:
+                p.requires_grad_(True)
+            # allow_unused_input: a parameter the forward does not reach gets no gradient, as in eager.
+            try:
+                self.capture(model, (x.detach().clone(),), num_warmup_iters=self.warmup,
+                             allow_unused_input=True)
+            except Exception as exc:  # an op that cannot be captured (a host sync, a CPU tensor...)
+                raise RuntimeError(f"CUDA graphs (--cuda-graphs): capturing the forward and backward of "
+                                   f"{type(model).__name__} failed; run it without graphs. "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            # make_graphed_callables replaced the module's forward with the graphed one
+            # (in the training mode it saw); take it and put this object back.
+            self.graphed = model.__dict__.pop("forward")
+        finally:
+            model.forward = installed
+            for p, f in zip(self.trainable, flags):
+                p.requires_grad_(f)
+            with torch.no_grad():
+                for b, value in buffers:  # the warm-up's running statistics and batch counts
+                    b.copy_(value)
+        self.key = key
+        self.captures += 1
+
+
+def graph_network(model: nn.Module, trainable, **options) -> GraphedForward:
+    """Install :class:`GraphedForward` (``options``: its own) as ``model.forward``,
+    what ``model(x)`` calls; the state dict and the parameters stay the module's
+    own. Returns it."""
+    if "forward" in model.__dict__:
+        raise ValueError(f"model: its forward is already replaced ({model.__dict__['forward']!r})")
+    graphed = GraphedForward(model, trainable, **options)
+    model.forward = graphed
+    return graphed

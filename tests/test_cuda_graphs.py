@@ -1,0 +1,218 @@
+"""--cuda-graphs (nasops.cuda_graphs): a graphed search equals the eager one.
+
+On the CPU, the graphing logic runs with a stand-in for
+``torch.cuda.make_graphed_callables`` that does what it does to a module
+(warm-up runs with autograd.grad, then a replaced ``forward``) without CUDA:
+which calls replay, what the capture sees and leaves behind, and DARTS steps
+through it. On a GPU, the driver's search with real CUDA graphs against the
+eager one."""
+from __future__ import annotations
+
+import copy
+from unittest import mock
+
+import pytest
+import torch
+
+import nasops.spaces
+from nasops import cuda_graphs, methods
+from nasops.search import SearchError, main, parse_args
+from nasops.spaces import base
+
+TINY = ["--init-channels", "4", "--batch-size", "16", "--quiet", "--epochs", "1", "--layers", "3"]
+
+
+def stand_in_capture(record: list):
+    """make_graphed_callables' effect on a module, on the CPU: ``num_warmup_iters``
+    forward + autograd.grad runs, one more as if captured (where reading the RNG
+    state fails, as in a CUDA graph capture), then ``module.forward`` replaced by
+    a function that counts its calls in ``record[-1]['replays']`` and runs the
+    module's code."""
+    def capture(module, sample_args, num_warmup_iters, allow_unused_input):
+        record.append({"requires_grad": [p.requires_grad for p in module.parameters()],
+                       "training": module.training, "sample": sample_args[0], "replays": 0})
+        params = [p for p in module.parameters() if p.requires_grad]
+        for _ in range(num_warmup_iters):
+            out = module(*sample_args)
+            torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=allow_unused_input)
+        buffers = [b.clone() for b in module.buffers()]
+        with mock.patch.object(base, "_graph_capturing", lambda device: True), \
+                mock.patch.object(torch, "get_rng_state", side_effect=RuntimeError("RNG state read while capturing")):
+            out = module(*sample_args)
+            torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=allow_unused_input)
+        with torch.no_grad():  # a capture runs no kernel: the captured run leaves the statistics alone
+            for b, before in zip(module.buffers(), buffers):
+                b.copy_(before)
+        own = type(module).forward
+
+        def graphed(*args):
+            record[-1]["replays"] += 1
+            return own(module, *args)
+        module.forward = graphed
+        return module
+    return capture
+
+
+def _network(seed=0):
+    torch.manual_seed(seed)
+    return nasops.spaces.build("darts", in_channels=3, num_classes=5, C=4, layers=3)
+
+
+def _graphed(net, record, trainable=None):
+    return cuda_graphs.graph_network(net, list(net.parameters()) if trainable is None else trainable,
+                                     capture=stand_in_capture(record), device_type="cpu")
+
+
+def test_only_training_calls_of_the_first_shape_replay():
+    net, record = _network(), []
+    graphed = _graphed(net, record)
+    x = torch.randn(4, 3, 8, 8)
+    net(x).sum().backward()
+    net(torch.randn(4, 3, 8, 8)).sum().backward()
+    assert (graphed.captures, graphed.replayed, graphed.eager, record[0]["replays"]) == (1, 2, 0, 2)
+    assert record[0]["sample"] is not x and torch.equal(record[0]["sample"], x)  # a copy: x may change
+    net(torch.randn(2, 3, 8, 8))  # another batch size
+    net(x.contiguous(memory_format=torch.channels_last))  # another layout
+    with torch.no_grad():
+        net(x)
+    net.eval()
+    net(x)
+    net.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+    assert (graphed.captures, graphed.replayed, graphed.eager, record[0]["replays"]) == (1, 2, 5, 2)
+
+
+def test_capture_trains_every_parameter_given_and_leaves_flags_and_buffers_as_found():
+    net, record = _network(), []
+    ref = copy.deepcopy(net)
+    alphas = net.arch_parameters()
+    _graphed(net, record)
+    for a in alphas + ref.arch_parameters():  # as DARTS' weight step calls the network
+        a.requires_grad_(False)
+    x = torch.randn(4, 3, 8, 8)
+    net(x).sum().backward()
+    ref(x).sum().backward()
+    assert all(record[0]["requires_grad"]) and record[0]["training"]
+    assert not any(a.requires_grad for a in alphas)
+    # the warm-up's three forwards updated the running statistics; only the replay's update stays
+    for (name, b), (_, b_ref) in zip(net.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(b, b_ref, rtol=0, atol=0, msg=name)
+    for (name, p), (_, p_ref) in zip(net.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+
+
+def test_a_failed_capture_says_so_and_leaves_the_network_as_found():
+    net = _network()
+    alphas = net.arch_parameters()
+    for a in alphas:
+        a.requires_grad_(False)
+    buffers = [b.clone() for b in net.buffers()]
+
+    def failing(module, sample_args, num_warmup_iters, allow_unused_input):
+        module(*sample_args)  # a warm-up run, then the capture fails
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed = cuda_graphs.graph_network(net, list(net.parameters()), capture=failing, device_type="cpu")
+    with pytest.raises(RuntimeError, match=r"CUDA graphs \(--cuda-graphs\): capturing .* DartsSearchNetwork "
+                                           r"failed; run it without graphs\. RuntimeError: operation not"):
+        net(torch.randn(4, 3, 8, 8))
+    assert net.__dict__["forward"] is graphed and graphed.graphed is None
+    assert not any(a.requires_grad for a in alphas)
+    for b, before in zip(net.buffers(), buffers):
+        assert torch.equal(b, before)
+
+
+def test_graph_network_refuses_a_replaced_forward():
+    net = _network()
+    _graphed(net, [])
+    with pytest.raises(ValueError, match="model: its forward is already replaced"):
+        _graphed(net, [])
+
+
+def _method(second_order: bool):
+    args = parse_args(["--space", "darts", *TINY, "--dataset", "synthetic", "--device", "cpu",
+                       *(["--second-order"] if second_order else [])])
+    torch.manual_seed(0)
+
+    class Data:
+        in_channels, num_classes, image_size = 3, 10, 32
+
+    cls = methods.get(args.method)
+    model = cls.build_model(args, Data())
+    return cls.from_args(model, args, device=torch.device("cpu"), amp=None)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
+@pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
+def test_darts_steps_through_the_graphed_forward_equal_eager(second_order, recompute):
+    """The DARTS step's calls, as a graphed network gets them (with --recompute-edges
+    too): same losses, weights, alphas and running statistics as the eager
+    network's after three steps."""
+    graphed_method, eager_method = _method(second_order), _method(second_order)
+    for m in (graphed_method, eager_method):
+        assert m.model.set_recompute_edges(recompute) == 3 * 14  # every edge of the 3 cells
+    record = []
+    graphed = _graphed(graphed_method.model, record, graphed_method.weights + graphed_method.alphas)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        batches = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+                   for _ in range(2)]
+        a, b = graphed_method.step(*batches), eager_method.step(*batches)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+    calls = 3 * (2 if not second_order else 5)  # forwards a step: arch + weight (+3 unrolled)
+    assert (graphed.captures, graphed.replayed, graphed.eager) == (1, calls, 0)
+    for (name, t), (_, t_ref) in zip(graphed_method.model.state_dict().items(),
+                                     eager_method.model.state_dict().items()):
+        torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile"], "--cuda-graphs and --compile exclude each other"),
+    (["--amp"], "--cuda-graphs and --amp exclude each other"),
+    (["--method", "midas"], "--cuda-graphs: --method midas cannot be graphed"),
+    (["--method", "hardexit"], "--cuda-graphs: --method hardexit cannot be graphed"),
+])
+def test_cuda_graphs_flag_refusals(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--cuda-graphs", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_graphs_need_a_cuda_device(tmp_path):
+    with pytest.raises(SearchError, match="--cuda-graphs: needs a CUDA device, got --device cpu"):
+        main(["--out", str(tmp_path / "run"), *TINY, "--device", "cpu", "--cuda-graphs", "--max-steps", "1"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("extra", [[], ["--second-order"], ["--recompute-edges"]],
+                         ids=["first-order", "second-order", "recompute-edges"])
+def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, extra):
+    """The driver's search on CUDA, graphed against eager (with --recompute-edges:
+    both): losses, weights, alphas, running statistics after three steps (the same
+    kernels, so close; not bitwise: the warm-up may leave cuDNN another algorithm)."""
+    flags = [*TINY, "--device", "cuda", "--max-steps", "3", "--dataset", "synthetic", *extra]
+    plain = main(["--out", str(tmp_path / "plain"), *flags])
+    graphed = main(["--out", str(tmp_path / "graphed"), "--cuda-graphs", *flags])
+    for ra, rb in zip(plain["metrics"], graphed["metrics"]):
+        for key in ("train_loss", "val_loss"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
+    sa, sb = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+              for d in ("plain", "graphed"))
+    for key in sa:
+        torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the capture itself is tested above")
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_search_networks_pass_make_graphed_callables_checks(space):
+    """What make_graphed_callables asks of a module before it touches the GPU (no
+    module hooks, no buffer that requires grad, tensor arguments): on the CPU it
+    gets as far as creating its first CUDA graph."""
+    net = nasops.spaces.build(space, in_channels=3, num_classes=5, C=4, layers=1 if space == "nb201" else 3)
+    with pytest.raises(RuntimeError, match="CUDAGraph"):
+        torch.cuda.make_graphed_callables(net, (torch.randn(2, 3, 8, 8),), num_warmup_iters=1,
+                                          allow_unused_input=True)
