@@ -167,7 +167,9 @@ stage_graphs() {
   local t start
   if t=$(budget "graphs tests" 150 30); then
     start=$SECONDS
-    timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/graphs-tests.log" 2>&1
+    # the CUDA tests only (-k on_the_gpu): the file's CPU tests run in CI
+    timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider -k on_the_gpu tests/test_cuda_graphs.py \
+      > "$OUT/graphs-tests.log" 2>&1
     summary "graphs tests: rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/graphs-tests.log")"
   fi
   # at most 240 s (GRAPHS_MAX), so that the stages after it still get their turn
