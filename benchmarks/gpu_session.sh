@@ -185,7 +185,8 @@ stage_step() {
 stage_step-methods() {
   # (a token network, DASViT's, runs eager / nasops / +recompute: no layout there)
   step_bench "search step, other methods" RESULTS-methods.md step-methods.log --steps 5 \
-    --methods midas hardexit dasvit --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-recompute \
+    --methods midas hardexit dasvit --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-graphs \
+    nasops-recompute \
     --plot "$OUT/search_step_cuda_methods.png"
 }
 stage_step-maxbatch() {

@@ -15,18 +15,19 @@ the first training call (:class:`GraphedForward`). What a user should know:
 
 - Graphed are the calls that train: grad mode on, the network in training
   mode, a CUDA input of the shape, strides and dtype of the first such call
-  (the driver's loaders drop incomplete batches, so a search sees one shape),
-  no autocast. Every other call (evaluation, another shape) runs the network's
-  own forward, as without graphs.
+  (the driver's loaders drop incomplete batches, so a search sees one shape)
+  that needs no gradient itself, no autocast. Every other call (evaluation,
+  another shape) runs the network's own forward, as without graphs.
 - Whatever the call, the replayed backward computes the gradients of every
   parameter that was trainable at the capture (``trainable``, required to need
   grad then): DARTS' architecture step gets its alphas' gradients from a
-  backward that also computes the weights' (more device work, which a
-  host-bound step does not notice). A parameter frozen for a call gets none.
-- The outputs and gradients of a replay are views of the graph's static
-  buffers, overwritten by the next replay: a step consumes them before the
-  next forward (DARTS: each forward is followed by its backward and the
-  optimizer step); a caller keeping them longer must clone them.
+  backward that also computes the weights' (device work that eager skips:
+  about a third of that backward). A parameter frozen for a call gets none.
+- The outputs of a replay are views of the graph's static buffers, overwritten
+  by the next forward replay, and the gradients it returns (also a ``.grad``
+  that autograd set from them) views of others, overwritten by the next
+  backward replay: a caller keeping them longer must clone them (DARTS'
+  unrolled step does: ``Darts._kept_grad``).
 - The capture runs the network a few times (warm-up, on a side stream); the
   buffers (BatchNorm running statistics) are put back afterwards, so a graphed
   search equals an eager one up to the order of floating-point sums. Random
@@ -36,7 +37,7 @@ the first training call (:class:`GraphedForward`). What a user should know:
   graph keeps what a recomputing forward keeps, the backward graph recomputes.
   A capture forbids reading the RNG state, so there the recomputation does not
   replay the forward's random draws (``nasops.spaces.base._rng_state``); what
-  a DARTS edge recomputes (convolutions, BatchNorm) draws nothing.
+  the graphed methods' edges recompute draws nothing.
 - Parameters must stay where they are (optimizer steps and ``load_state_dict``
   write in place; ``Module.to`` to another layout after the capture would not).
 """
@@ -81,8 +82,14 @@ class GraphedForward:
 
     def _trains(self, x) -> bool:
         return (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and self.model.training
-                and x.device.type == self.device_type
+                and x.device.type == self.device_type and not x.requires_grad
                 and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+
+    def __deepcopy__(self, memo):
+        # The graphs replay this network's memory: a copy (copy.deepcopy of the
+        # network) would replay them, not compute its own.
+        raise TypeError(f"a network graphed for CUDA (--cuda-graphs) cannot be deep-copied; copy "
+                        f"{type(self.model).__name__} before graph_network, or run it without graphs")
 
     def _eager(self, *args, **kwargs):
         self.eager += 1
@@ -97,25 +104,36 @@ class GraphedForward:
             for p in self.trainable:
                 p.requires_grad_(True)
             # allow_unused_input: a parameter the forward does not reach gets no gradient, as in eager.
-            try:
-                self.capture(model, (x.detach().clone(),), num_warmup_iters=self.warmup,
-                             allow_unused_input=True)
-            except Exception as exc:  # an op that cannot be captured (a host sync, a CPU tensor...)
-                raise RuntimeError(f"CUDA graphs (--cuda-graphs): capturing the forward and backward of "
-                                   f"{type(model).__name__} failed; run it without graphs. "
-                                   f"{type(exc).__name__}: {exc}") from exc
+            self.capture(model, (x.detach().clone(),), num_warmup_iters=self.warmup, allow_unused_input=True)
             # make_graphed_callables replaced the module's forward with the graphed one
             # (in the training mode it saw); take it and put this object back.
             self.graphed = model.__dict__.pop("forward")
-        finally:
-            model.forward = installed
-            for p, f in zip(self.trainable, flags):
-                p.requires_grad_(f)
-            with torch.no_grad():
-                for b, value in buffers:  # the warm-up's running statistics and batch counts
-                    b.copy_(value)
+        except Exception as exc:  # an op that cannot be captured (a host sync, a CPU tensor...)
+            model.__dict__.pop("forward", None)
+            self._put_back(installed, flags, buffers, failed=True)
+            raise RuntimeError(f"CUDA graphs (--cuda-graphs): capturing the forward and backward of "
+                               f"{type(model).__name__} failed; run it without graphs. "
+                               f"{type(exc).__name__}: {exc}") from exc
+        self._put_back(installed, flags, buffers, failed=False)
         self.key = key
         self.captures += 1
+
+    def _put_back(self, installed, flags, buffers, failed: bool) -> None:
+        """Leave the network as the capture found it: this object as its forward,
+        the requires_grad flags, the buffers (the warm-up's running statistics and
+        batch counts undone). After a failed capture the device may refuse the
+        copies (a capture error can be sticky): the capture's error is the one to
+        report then."""
+        self.model.forward = installed
+        for p, f in zip(self.trainable, flags):
+            p.requires_grad_(f)
+        try:
+            with torch.no_grad():
+                for b, value in buffers:
+                    b.copy_(value)
+        except RuntimeError:
+            if not failed:
+                raise
 
 
 def graph_network(model: nn.Module, trainable, **options) -> GraphedForward:

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: replay the search network's forward and backward from CUDA graphs "
                         "(captured in the first step; nasops.cuda_graphs): the step no longer "
-                        "waits for Python and dispatch. DARTS only; not with --compile or --amp")
+                        "waits for Python and dispatch. Methods darts and dasvit; not with --compile "
+                        "or --amp")
     g.add_argument("--recompute-edges", action="store_true",
                    help="each mixed edge keeps its input and recomputes its ops' outputs in the "
                         "backward (a DARTS edge keeps its parameter-free ops' outputs): less memory "
@@ -238,8 +239,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.arch_betas = tuple(args.arch_betas)
     if args.cuda_graphs:
         if not method.cuda_graphs:
+            graphed = ", ".join(name for name, cls in methods.METHODS.items() if cls.cuda_graphs)
             parser.error(f"--cuda-graphs: --method {args.method} cannot be graphed (see nasops.methods."
-                         f"{args.method}); graphed is --method darts")
+                         f"{args.method}); graphed are the methods {graphed}")
         if args.compile:
             parser.error("--cuda-graphs and --compile exclude each other: --compile on CUDA graphs on its own "
                          "(mode=reduce-overhead)")

@@ -9,6 +9,7 @@ eager one."""
 from __future__ import annotations
 
 import copy
+import functools
 from unittest import mock
 
 import pytest
@@ -16,39 +17,75 @@ import torch
 
 import nasops.spaces
 from nasops import cuda_graphs, methods
-from nasops.search import SearchError, main, parse_args
+from nasops.search import SearchError, _prepare_network, main, parse_args
 from nasops.spaces import base
 
 TINY = ["--init-channels", "4", "--batch-size", "16", "--quiet", "--epochs", "1", "--layers", "3"]
 
 
 def stand_in_capture(record: list):
-    """make_graphed_callables' effect on a module, on the CPU: ``num_warmup_iters``
-    forward + autograd.grad runs, one more as if captured (where reading the RNG
-    state fails, as in a CUDA graph capture), then ``module.forward`` replaced by
-    a function that counts its calls in ``record[-1]['replays']`` and runs the
-    module's code."""
+    """make_graphed_callables on the CPU, as its user sees it: ``num_warmup_iters``
+    forward + autograd.grad runs, one more as if captured (reading the RNG state
+    fails there, as in a CUDA graph capture), then ``module.forward`` replaced by a
+    "replay" (counted in ``record[-1]['replays']``) that runs the module's code but,
+    like the CUDA graphs, returns views of static buffers that the next replay
+    overwrites, and whose backward computes the gradient of every parameter that
+    was trainable at the capture, whichever the call asks for."""
     def capture(module, sample_args, num_warmup_iters, allow_unused_input):
-        record.append({"requires_grad": [p.requires_grad for p in module.parameters()],
-                       "training": module.training, "sample": sample_args[0], "replays": 0})
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = tuple(module.parameters())
+        trainable = [p.requires_grad for p in params]
+        record.append({"requires_grad": trainable, "training": module.training, "sample": sample_args[0],
+                       "replays": 0})
+        wanted = [p for p in params if p.requires_grad]
         for _ in range(num_warmup_iters):
             out = module(*sample_args)
-            torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=allow_unused_input)
+            torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=allow_unused_input)
         buffers = [b.clone() for b in module.buffers()]
         with mock.patch.object(base, "_graph_capturing", lambda device: True), \
                 mock.patch.object(torch, "get_rng_state", side_effect=RuntimeError("RNG state read while capturing")):
             out = module(*sample_args)
-            torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=allow_unused_input)
+            torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=allow_unused_input)
         with torch.no_grad():  # a capture runs no kernel: the captured run leaves the statistics alone
             for b, before in zip(module.buffers(), buffers):
                 b.copy_(before)
         own = type(module).forward
+        static = {"out": torch.empty_like(out), "grads": [torch.empty_like(p) for p in wanted]}
 
-        def graphed(*args):
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, *_params):
+                flags = [p.requires_grad for p in params]
+                try:
+                    for p, t in zip(params, trainable):
+                        p.requires_grad_(t)
+                    with torch.enable_grad():
+                        static["graph"] = own(module, x)  # the graph's activations, replaced by each replay
+                finally:
+                    for p, f in zip(params, flags):
+                        p.requires_grad_(f)
+                static["out"].copy_(static["graph"].detach())
+                return static["out"].detach()
+
+            @staticmethod
+            @torch.autograd.function.once_differentiable
+            def backward(ctx, grad):
+                flags = [p.requires_grad for p in wanted]
+                try:
+                    for p in wanted:
+                        p.requires_grad_(True)
+                    grads = torch.autograd.grad(static["graph"], wanted, grad, allow_unused=True)
+                finally:
+                    for p, f in zip(wanted, flags):
+                        p.requires_grad_(f)
+                for buffer, g in zip(static["grads"], grads):
+                    buffer.copy_(g) if g is not None else buffer.zero_()
+                found = iter(static["grads"])
+                return (None, *(next(found).detach() if t else None for t in trainable))
+
+        def replay(x):
             record[-1]["replays"] += 1
-            return own(module, *args)
-        module.forward = graphed
+            return Replay.apply(x, *params)
+        module.forward = replay
         return module
     return capture
 
@@ -80,7 +117,8 @@ def test_only_training_calls_of_the_first_shape_replay():
     net.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x)
-    assert (graphed.captures, graphed.replayed, graphed.eager, record[0]["replays"]) == (1, 2, 5, 2)
+    net(x.clone().requires_grad_())  # an input that wants its gradient: the graph computes none
+    assert (graphed.captures, graphed.replayed, graphed.eager, record[0]["replays"]) == (1, 2, 6, 2)
 
 
 def test_capture_trains_every_parameter_given_and_leaves_flags_and_buffers_as_found():
@@ -125,11 +163,26 @@ def test_a_failed_capture_says_so_and_leaves_the_network_as_found():
         assert torch.equal(b, before)
 
 
+def test_a_graphed_network_refuses_a_deep_copy():
+    net = _network()
+    _graphed(net, [])
+    with pytest.raises(TypeError, match=r"a network graphed for CUDA \(--cuda-graphs\) cannot be deep-copied; "
+                                        r"copy DartsSearchNetwork before graph_network"):
+        copy.deepcopy(net)
+
+
 def test_graph_network_refuses_a_replaced_forward():
     net = _network()
     _graphed(net, [])
     with pytest.raises(ValueError, match="model: its forward is already replaced"):
         _graphed(net, [])
+
+
+def _stand_in_for_cuda(monkeypatch, record: list) -> None:
+    """Methods' graph_network (and so the driver's --cuda-graphs) graphs CPU networks
+    with the stand-in capture."""
+    monkeypatch.setattr(cuda_graphs, "graph_network", functools.partial(
+        cuda_graphs.graph_network, capture=stand_in_capture(record), device_type="cpu"))
 
 
 def _method(second_order: bool):
@@ -147,7 +200,7 @@ def _method(second_order: bool):
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
-def test_darts_steps_through_the_graphed_forward_equal_eager(second_order, recompute):
+def test_darts_steps_through_the_graphed_forward_equal_eager(monkeypatch, second_order, recompute):
     """The DARTS step's calls, as a graphed network gets them (with --recompute-edges
     too): same losses, weights, alphas and running statistics as the eager
     network's after three steps."""
@@ -155,7 +208,8 @@ def test_darts_steps_through_the_graphed_forward_equal_eager(second_order, recom
     for m in (graphed_method, eager_method):
         assert m.model.set_recompute_edges(recompute) == 3 * 14  # every edge of the 3 cells
     record = []
-    graphed = _graphed(graphed_method.model, record, graphed_method.weights + graphed_method.alphas)
+    _stand_in_for_cuda(monkeypatch, record)
+    graphed = graphed_method.graph_network()
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         batches = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
@@ -167,6 +221,49 @@ def test_darts_steps_through_the_graphed_forward_equal_eager(second_order, recom
     assert (graphed.captures, graphed.replayed, graphed.eager) == (1, calls, 0)
     for (name, t), (_, t_ref) in zip(graphed_method.model.state_dict().items(),
                                      eager_method.model.state_dict().items()):
+        torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+VIT = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-size", "2", "--stage-depths", "1", "2",
+       "--stage-keep", "3", "--batch-size", "8", "--epochs", "2", "--quiet", "--dataset", "synthetic"]
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
+def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute):
+    """DASViT through the driver's _prepare_network, two stages of two steps: the
+    second stage's new network is graphed anew (one capture per network), and the
+    search equals the eager one."""
+    records = []
+    _stand_in_for_cuda(monkeypatch, records)
+
+    class Data:
+        in_channels, num_classes, image_size = 3, 10, 8
+
+    def search(flags):
+        args = parse_args([*VIT, "--device", "cpu", *flags, *(["--recompute-edges"] if recompute else [])])
+        torch.manual_seed(0)
+        cls = methods.get(args.method)
+        method = cls.from_args(cls.build_model(args, Data()), args, device=torch.device("cpu"), amp=None)
+        g, losses, networks = torch.Generator().manual_seed(1), [], []
+        for epoch in range(2):
+            method.begin_epoch(epoch)
+            _prepare_network(method, args, torch.device("cpu"))
+            networks.append(method.model)
+            for _ in range(2):
+                batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+                           for _ in range(2)]
+                s = method.step(*batches)
+                losses += [s.train_loss, s.val_loss]
+            method.end_epoch()
+        assert networks[0] is not networks[1]  # the second stage's network
+        return method, losses
+
+    graphed, graphed_losses = search(["--cuda-graphs"])
+    eager, eager_losses = search([])
+    assert len(records) == 2 and [r["replays"] for r in records] == [4, 4]
+    assert isinstance(graphed.model.__dict__["forward"], cuda_graphs.GraphedForward)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
+    for (name, t), (_, t_ref) in zip(graphed.model.state_dict().items(), eager.model.state_dict().items()):
         torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6, msg=name)
 
 
@@ -187,14 +284,19 @@ def test_cuda_graphs_need_a_cuda_device(tmp_path):
         main(["--out", str(tmp_path / "run"), *TINY, "--device", "cpu", "--cuda-graphs", "--max-steps", "1"])
 
 
+DARTS_GPU = [*TINY, "--max-steps", "3", "--dataset", "synthetic"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("extra", [[], ["--second-order"], ["--recompute-edges"]],
-                         ids=["first-order", "second-order", "recompute-edges"])
-def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, extra):
+@pytest.mark.parametrize("flags", [DARTS_GPU, [*DARTS_GPU, "--second-order"], [*DARTS_GPU, "--recompute-edges"],
+                                   [*VIT, "--max-steps", "2"]],
+                         ids=["first-order", "second-order", "recompute-edges", "dasvit-two-stages"])
+def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, flags):
     """The driver's search on CUDA, graphed against eager (with --recompute-edges:
-    both): losses, weights, alphas, running statistics after three steps (the same
-    kernels, so close; not bitwise: the warm-up may leave cuDNN another algorithm)."""
-    flags = [*TINY, "--device", "cuda", "--max-steps", "3", "--dataset", "synthetic", *extra]
+    both): losses, weights, alphas, running statistics after the last step (the
+    same kernels, so close; not bitwise: the warm-up may leave cuDNN another
+    algorithm)."""
+    flags = [*flags, "--device", "cuda"]
     plain = main(["--out", str(tmp_path / "plain"), *flags])
     graphed = main(["--out", str(tmp_path / "graphed"), "--cuda-graphs", *flags])
     for ra, rb in zip(plain["metrics"], graphed["metrics"]):

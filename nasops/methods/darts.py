@@ -94,10 +94,13 @@ class Darts:
     # from its own command line; every other setting comes from the checkpoint.
     evaluation_keys: tuple[str, ...] = ()
     # --cuda-graphs (nasops.cuda_graphs): whether a step may replay the network's
-    # training calls from CUDA graphs. DARTS' may: it calls only self.model(x), each
-    # training forward is followed by its backward before the next forward, and the
-    # outputs and gradients are consumed by the step's optimizer before then.
+    # training calls from CUDA graphs. DARTS' may (and DASViT's, whose new stage's
+    # network the driver graphs anew): it calls only self.model(x), each training
+    # forward is followed by its backward before the next forward, and what a
+    # backward returns is used before the next one overwrites it, or copied
+    # (_kept_grad: the unrolled step).
     cuda_graphs = True
+    graphed = None  # its GraphedForward once graph_network ran
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, device: torch.device,
                  amp: torch.dtype | None = None, lr: float = 0.025, lr_min: float = 0.001,
@@ -185,8 +188,10 @@ class Darts:
     def graph_network(self):
         """--cuda-graphs: replay the training calls of ``self.model`` from CUDA graphs
         (:mod:`nasops.cuda_graphs`), with the gradients of the weights and the
-        alphas; the driver calls it once per network, as :meth:`compile_network`."""
-        return cuda_graphs.graph_network(self.model, self.weights + self.alphas)
+        alphas; the driver calls it once per network, as :meth:`compile_network`.
+        ``self.graphed`` holds the :class:`~nasops.cuda_graphs.GraphedForward`."""
+        self.graphed = cuda_graphs.graph_network(self.model, self.weights + self.alphas)
+        return self.graphed
 
     def arch_penalty(self) -> torch.Tensor | None:
         """A regulariser added to the architecture loss of every architecture step
@@ -320,7 +325,7 @@ class Darts:
                 p.sub_(xi * step)
 
         loss_v, correct = self._val_loss(xv, yv, dtype)
-        grads = self._average(_grad(loss_v, self.alphas + self.weights))
+        grads = self._average(self._kept_grad(loss_v, self.alphas + self.weights))
         d_alpha, d_w = grads[: len(self.alphas)], grads[len(self.alphas):]
 
         # Finite-difference Hessian-vector product around the real weights w.
@@ -332,7 +337,7 @@ class Darts:
                     p.copy_(b + sign * eps * g)
             with _frozen(self.weights):
                 loss_p, _ = self._loss(xt, yt, dtype)
-                alpha_grads.append(_grad(loss_p, self.alphas))
+                alpha_grads.append(self._kept_grad(loss_p, self.alphas))
         with torch.no_grad():
             for p, b in zip(self.weights, backup):
                 p.copy_(b)
@@ -346,6 +351,13 @@ class Darts:
             a.grad = g - xi * h
         self.a_opt.step()
         return loss_v.item(), correct
+
+    def _kept_grad(self, loss, params) -> list[torch.Tensor]:
+        """:func:`_grad` for gradients kept across a later backward (the unrolled
+        step's): under --cuda-graphs a backward returns views of the graph's
+        buffers, which its next replay overwrites, so they are copied."""
+        grads = _grad(loss, params)
+        return [g.clone() for g in grads] if self.graphed is not None else grads
 
     def _average(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Mean over the ranks, one all-reduce for the whole list."""

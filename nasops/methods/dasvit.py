@@ -124,9 +124,6 @@ class DasVit(Darts):
     name = "dasvit"
     spaces = ("vit",)
     output_patterns = ("cell_*.png", "stage*_weights.*")
-    # Not graphed yet: nothing in its step forbids it, but it has not been compared
-    # with the eager step on a GPU (nasops.cuda_graphs' test covers DARTS).
-    cuda_graphs = False
 
     def __init__(self, model: VitSearchNetwork, *, epochs: int, device: torch.device,
                  amp: torch.dtype | None = None, stages: list[Stage] | None = None, fair_a: float = 1.0, fair_b: float = 1.0,

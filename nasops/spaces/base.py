@@ -197,8 +197,9 @@ def _autocast(state):
 def _rng_state(device: torch.device):
     """The RNG states a recomputation runs under again (:func:`_forked_rng`); None
     while a CUDA graph is captured (--cuda-graphs), which forbids reading them:
-    there the recomputation draws anew. Only DARTS networks are graphed, and what
-    their edges recompute (convolutions, BatchNorm) draws nothing."""
+    there the recomputation draws anew. What the graphed methods' edges recompute
+    draws nothing: convolutions and BatchNorm (DARTS), linear layers, attention and
+    LayerNorm (DASViT's token edges)."""
     if _graph_capturing(device):
         return None
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
