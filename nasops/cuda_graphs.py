@@ -23,11 +23,12 @@ the first training call (:class:`GraphedForward`). What a user should know:
   grad then): DARTS' architecture step gets its alphas' gradients from a
   backward that also computes the weights' (device work that eager skips:
   about a third of that backward). A parameter frozen for a call gets none.
-- The outputs of a replay are views of the graph's static buffers, overwritten
-  by the next forward replay, and the gradients it returns (also a ``.grad``
-  that autograd set from them) views of others, overwritten by the next
-  backward replay: a caller keeping them longer must clone them (DARTS'
-  unrolled step does: ``Darts._kept_grad``).
+- The outputs of a replay and the gradients its backward returns (also a
+  ``.grad`` that autograd set from them) are views of the graphs' static
+  buffers, valid until the next replay, forward or backward (forward and
+  backward share one memory pool, so a forward may reuse a gradient's
+  memory): a caller keeping them longer must clone them (DARTS' unrolled step
+  does: ``Darts._kept_grad``).
 - The capture runs the network a few times (warm-up, on a side stream); the
   buffers (BatchNorm running statistics) are put back afterwards, so a graphed
   search equals an eager one up to the order of floating-point sums. Random
@@ -42,6 +43,8 @@ the first training call (:class:`GraphedForward`). What a user should know:
   write in place; ``Module.to`` to another layout after the capture would not).
 """
 from __future__ import annotations
+
+import gc
 
 import torch
 import torch.nn as nn
@@ -90,6 +93,16 @@ class GraphedForward:
         # network) would replay them, not compute its own.
         raise TypeError(f"a network graphed for CUDA (--cuda-graphs) cannot be deep-copied; copy "
                         f"{type(self.model).__name__} before graph_network, or run it without graphs")
+
+    def release(self) -> None:
+        """Give the network its own forward back and drop the graphs, so that their
+        memory returns to the allocator now (a new stage's network is graphed next),
+        not whenever Python's cycle collector runs: the graphed callables and the
+        network refer to each other."""
+        if self.model.__dict__.get("forward") is self:
+            del self.model.__dict__["forward"]
+        self.graphed = self.key = None
+        gc.collect()
 
     def _eager(self, *args, **kwargs):
         self.eager += 1

@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nasops.spaces
 from nasops import cuda_graphs, methods
@@ -23,14 +24,30 @@ from nasops.spaces import base
 TINY = ["--init-channels", "4", "--batch-size", "16", "--quiet", "--epochs", "1", "--layers", "3"]
 
 
+class _NoHostSync(TorchDispatchMode):
+    """What a CUDA graph capture refuses, on the CPU: an op that hands a tensor's
+    value to the host (``.item()``, ``int(t)``, ``bool(t)``) or whose output shape
+    depends on the values."""
+
+    REFUSED = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.REFUSED:
+            raise RuntimeError(f"{func} syncs with the host: not allowed while capturing")
+        return func(*args, **(kwargs or {}))
+
+
 def stand_in_capture(record: list):
     """make_graphed_callables on the CPU, as its user sees it: ``num_warmup_iters``
-    forward + autograd.grad runs, one more as if captured (reading the RNG state
-    fails there, as in a CUDA graph capture), then ``module.forward`` replaced by a
-    "replay" (counted in ``record[-1]['replays']``) that runs the module's code but,
-    like the CUDA graphs, returns views of static buffers that the next replay
-    overwrites, and whose backward computes the gradient of every parameter that
-    was trainable at the capture, whichever the call asks for."""
+    forward + autograd.grad runs, one more as if captured (reading the RNG state or
+    a tensor's value on the host fails there, as in a CUDA graph capture), then
+    ``module.forward`` replaced by a "replay" (counted in
+    ``record[-1]['replays']``) that runs the module's code but, like the CUDA
+    graphs, returns views of static buffers that the next replay, forward or
+    backward, overwrites (a forward fills the gradient buffers with NaN: the real
+    forward may reuse their memory), and whose backward computes the gradient of
+    every parameter that was trainable at the capture, whichever the call asks for."""
     def capture(module, sample_args, num_warmup_iters, allow_unused_input):
         params = tuple(module.parameters())
         trainable = [p.requires_grad for p in params]
@@ -42,7 +59,8 @@ def stand_in_capture(record: list):
             torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=allow_unused_input)
         buffers = [b.clone() for b in module.buffers()]
         with mock.patch.object(base, "_graph_capturing", lambda device: True), \
-                mock.patch.object(torch, "get_rng_state", side_effect=RuntimeError("RNG state read while capturing")):
+                mock.patch.object(torch, "get_rng_state", side_effect=RuntimeError("RNG state read while capturing")), \
+                _NoHostSync():
             out = module(*sample_args)
             torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=allow_unused_input)
         with torch.no_grad():  # a capture runs no kernel: the captured run leaves the statistics alone
@@ -64,6 +82,8 @@ def stand_in_capture(record: list):
                     for p, f in zip(params, flags):
                         p.requires_grad_(f)
                 static["out"].copy_(static["graph"].detach())
+                for buffer in static["grads"]:
+                    buffer.fill_(float("nan"))
                 return static["out"].detach()
 
             @staticmethod
@@ -244,11 +264,12 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute)
         torch.manual_seed(0)
         cls = methods.get(args.method)
         method = cls.from_args(cls.build_model(args, Data()), args, device=torch.device("cpu"), amp=None)
-        g, losses, networks = torch.Generator().manual_seed(1), [], []
+        g, losses, networks, graphs = torch.Generator().manual_seed(1), [], [], []
         for epoch in range(2):
             method.begin_epoch(epoch)
             _prepare_network(method, args, torch.device("cpu"))
             networks.append(method.model)
+            graphs.append(method.graphed)
             for _ in range(2):
                 batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
                            for _ in range(2)]
@@ -256,6 +277,8 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute)
                 losses += [s.train_loss, s.val_loss]
             method.end_epoch()
         assert networks[0] is not networks[1]  # the second stage's network
+        if graphs[0] is not None:  # the first stage's graphs were let go before the second's capture
+            assert "forward" not in networks[0].__dict__ and graphs[0].graphed is None
         return method, losses
 
     graphed, graphed_losses = search(["--cuda-graphs"])

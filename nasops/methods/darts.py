@@ -189,7 +189,10 @@ class Darts:
         """--cuda-graphs: replay the training calls of ``self.model`` from CUDA graphs
         (:mod:`nasops.cuda_graphs`), with the gradients of the weights and the
         alphas; the driver calls it once per network, as :meth:`compile_network`.
-        ``self.graphed`` holds the :class:`~nasops.cuda_graphs.GraphedForward`."""
+        ``self.graphed`` holds the :class:`~nasops.cuda_graphs.GraphedForward`; that of
+        a network replaced since (a new stage's) is released first."""
+        if self.graphed is not None:
+            self.graphed.release()
         self.graphed = cuda_graphs.graph_network(self.model, self.weights + self.alphas)
         return self.graphed
 
@@ -353,9 +356,9 @@ class Darts:
         return loss_v.item(), correct
 
     def _kept_grad(self, loss, params) -> list[torch.Tensor]:
-        """:func:`_grad` for gradients kept across a later backward (the unrolled
-        step's): under --cuda-graphs a backward returns views of the graph's
-        buffers, which its next replay overwrites, so they are copied."""
+        """:func:`_grad` for gradients kept across a later forward or backward (the
+        unrolled step's): under --cuda-graphs a backward returns views of the
+        graphs' buffers, which the next replay may overwrite, so they are copied."""
         grads = _grad(loss, params)
         return [g.clone() for g in grads] if self.graphed is not None else grads
 
