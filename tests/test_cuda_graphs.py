@@ -248,11 +248,13 @@ VIT = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-siz
        "--stage-keep", "3", "--batch-size", "8", "--epochs", "2", "--quiet", "--dataset", "synthetic"]
 
 
+@pytest.mark.parametrize("order", [[], ["--second-order"]], ids=["first-order", "second-order"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
-def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute):
+def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute, order):
     """DASViT through the driver's _prepare_network, two stages of two steps: the
     second stage's new network is graphed anew (one capture per network), and the
-    search equals the eager one."""
+    search equals the eager one (second order: the unrolled step with the fairness
+    penalty, across the stage change)."""
     records = []
     _stand_in_for_cuda(monkeypatch, records)
 
@@ -260,7 +262,7 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute)
         in_channels, num_classes, image_size = 3, 10, 8
 
     def search(flags):
-        args = parse_args([*VIT, "--device", "cpu", *flags, *(["--recompute-edges"] if recompute else [])])
+        args = parse_args([*VIT, "--device", "cpu", *order, *flags, *(["--recompute-edges"] if recompute else [])])
         torch.manual_seed(0)
         cls = methods.get(args.method)
         method = cls.from_args(cls.build_model(args, Data()), args, device=torch.device("cpu"), amp=None)
@@ -283,7 +285,8 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute)
 
     graphed, graphed_losses = search(["--cuda-graphs"])
     eager, eager_losses = search([])
-    assert len(records) == 2 and [r["replays"] for r in records] == [4, 4]
+    forwards = 2 * (5 if order else 2)  # two steps of a stage: arch + weight (+3 unrolled)
+    assert len(records) == 2 and [r["replays"] for r in records] == [forwards, forwards]
     assert isinstance(graphed.model.__dict__["forward"], cuda_graphs.GraphedForward)
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
     for (name, t), (_, t_ref) in zip(graphed.model.state_dict().items(), eager.model.state_dict().items()):
