@@ -23,7 +23,8 @@
 #   checks: kernels' tests (no selftest), memcheck and racecheck in parallel;
 #   tests-all: the whole test suite on the GPU (every method's end-to-end tests);
 #   graphs: --cuda-graphs (nasops.cuda_graphs): its tests on the GPU (a graphed search
-#      equals the eager one: first order, second order, --recompute-edges), then the
+#      equals the eager one: DARTS first order, second order, --recompute-edges; a
+#      two-stage DASViT search), then the
 #      DARTS step, first order, batch 64: eager NCHW against nasops NCHW, graphed, and
 #      graphed with --recompute-edges (issue #14's GPU targets: >= 2x eager, <= 1
 #      GPU-hour; memory) -> $OUT/RESULTS-graphs.md;
@@ -185,8 +186,8 @@ stage_step() {
 stage_step-methods() {
   # (a token network, DASViT's, runs eager / nasops / +recompute: no layout there)
   step_bench "search step, other methods" RESULTS-methods.md step-methods.log --steps 5 \
-    --methods midas hardexit dasvit --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-graphs \
-    nasops-recompute \
+    --methods midas hardexit dasvit \
+    --providers eager-nchw eager-nhwc nasops-nchw nasops-nhwc nasops-graphs nasops-recompute \
     --plot "$OUT/search_step_cuda_methods.png"
 }
 stage_step-maxbatch() {

@@ -243,8 +243,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--cuda-graphs: --method {args.method} cannot be graphed (see nasops.methods."
                          f"{args.method}); graphed are the methods {graphed}")
         if args.compile:
-            parser.error("--cuda-graphs and --compile exclude each other: --compile on CUDA graphs on its own "
-                         "(mode=reduce-overhead)")
+            parser.error("--cuda-graphs and --compile exclude each other: on CUDA --compile replays CUDA graphs "
+                         "itself (mode=reduce-overhead)")
         if args.amp:
             parser.error("--cuda-graphs and --amp exclude each other: the graphs are captured without autocast")
     if method.spaces is not None and args.space not in method.spaces:

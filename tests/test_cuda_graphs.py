@@ -1,11 +1,10 @@
 """--cuda-graphs (nasops.cuda_graphs): a graphed search equals the eager one.
 
 On the CPU, the graphing logic runs with a stand-in for
-``torch.cuda.make_graphed_callables`` that does what it does to a module
-(warm-up runs with autograd.grad, then a replaced ``forward``) without CUDA:
-which calls replay, what the capture sees and leaves behind, and DARTS steps
-through it. On a GPU, the driver's search with real CUDA graphs against the
-eager one."""
+``torch.cuda.make_graphed_callables`` (``stand_in_capture``: its buffer
+semantics and what a capture refuses, without CUDA): which calls replay, what
+the capture sees and leaves behind, and DARTS and DASViT steps through it. On
+a GPU, the driver's search with real CUDA graphs against the eager one."""
 from __future__ import annotations
 
 import copy
@@ -98,7 +97,10 @@ def stand_in_capture(record: list):
                     for p, f in zip(wanted, flags):
                         p.requires_grad_(f)
                 for buffer, g in zip(static["grads"], grads):
-                    buffer.copy_(g) if g is not None else buffer.zero_()
+                    if g is None:
+                        buffer.zero_()
+                    else:
+                        buffer.copy_(g)
                 found = iter(static["grads"])
                 return (None, *(next(found).detach() if t else None for t in trainable))
 
@@ -205,17 +207,18 @@ def _stand_in_for_cuda(monkeypatch, record: list) -> None:
         cuda_graphs.graph_network, capture=stand_in_capture(record), device_type="cpu"))
 
 
-def _method(second_order: bool):
-    args = parse_args(["--space", "darts", *TINY, "--dataset", "synthetic", "--device", "cpu",
-                       *(["--second-order"] if second_order else [])])
+def _method(argv, image_size: int):
+    """(method, parsed flags) as the driver builds them from ``argv``, on the CPU,
+    for 3-channel ``image_size`` images of 10 classes; the same seed every time."""
+    args = parse_args([*argv, "--device", "cpu"])
     torch.manual_seed(0)
 
     class Data:
-        in_channels, num_classes, image_size = 3, 10, 32
+        in_channels, num_classes = 3, 10
 
+    Data.image_size = image_size
     cls = methods.get(args.method)
-    model = cls.build_model(args, Data())
-    return cls.from_args(model, args, device=torch.device("cpu"), amp=None)
+    return cls.from_args(cls.build_model(args, Data()), args, device=torch.device("cpu"), amp=None), args
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
@@ -224,7 +227,8 @@ def test_darts_steps_through_the_graphed_forward_equal_eager(monkeypatch, second
     """The DARTS step's calls, as a graphed network gets them (with --recompute-edges
     too): same losses, weights, alphas and running statistics as the eager
     network's after three steps."""
-    graphed_method, eager_method = _method(second_order), _method(second_order)
+    argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
+    (graphed_method, _), (eager_method, _) = _method(argv, 32), _method(argv, 32)
     for m in (graphed_method, eager_method):
         assert m.model.set_recompute_edges(recompute) == 3 * 14  # every edge of the 3 cells
     record = []
@@ -258,14 +262,8 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute,
     records = []
     _stand_in_for_cuda(monkeypatch, records)
 
-    class Data:
-        in_channels, num_classes, image_size = 3, 10, 8
-
     def search(flags):
-        args = parse_args([*VIT, "--device", "cpu", *order, *flags, *(["--recompute-edges"] if recompute else [])])
-        torch.manual_seed(0)
-        cls = methods.get(args.method)
-        method = cls.from_args(cls.build_model(args, Data()), args, device=torch.device("cpu"), amp=None)
+        method, args = _method([*VIT, *order, *flags, *(["--recompute-edges"] if recompute else [])], 8)
         g, losses, networks, graphs = torch.Generator().manual_seed(1), [], [], []
         for epoch in range(2):
             method.begin_epoch(epoch)
