@@ -34,8 +34,9 @@
 #      <= 1 GPU-hour) -> $OUT/RESULTS-step.md and $OUT/search_step_cuda.png;
 #   step-methods: the same for the other methods (MIDAS, hard exit, DASViT; their
 #      own small networks) -> $OUT/RESULTS-methods.md;
-#   step-maxbatch: the largest batch that fits, eager vs nasops vs recompute
-#      (first order) -> $OUT/RESULTS-maxbatch.md;
+#   step-maxbatch: the largest batch that fits, eager vs --recompute-edges (first
+#      order; nasops without recompute peaked as eager did on 2026-12-04)
+#      -> $OUT/RESULTS-maxbatch.md;
 #   step-profile: the device time of one step by op category against its wall time
 #      (first order, batch 64, eager and nasops): how far the step is bound by the host;
 #   step-compile: the step with --compile (first order; the compilation takes minutes).
@@ -192,7 +193,7 @@ stage_step-methods() {
 }
 stage_step-maxbatch() {
   step_bench "largest batch" RESULTS-maxbatch.md step-maxbatch.log --steps 2 --no-memory --max-batch \
-    --methods darts-1st --providers eager-nchw nasops-nchw nasops-recompute --plot "$OUT/search_step_cuda_maxbatch.png"
+    --methods darts-1st --providers eager-nchw nasops-recompute --plot "$OUT/search_step_cuda_maxbatch.png"
 }
 stage_step-profile() {
   step_bench "search step, device time by op" RESULTS-profile.md step-profile.log --steps 3 --no-memory --profile \

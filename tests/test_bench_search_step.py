@@ -85,6 +85,29 @@ def test_largest_batch_doubles_then_bisects():
         assert limit_fit - 8 < found <= limit_fit
 
 
+def test_largest_batch_from_a_prediction_takes_few_calls():
+    for limit_fit in (1, 500, 1100, 1300, 5000):
+        calls = []
+
+        def fits(b, limit_fit=limit_fit):
+            calls.append(b)
+            return b <= limit_fit
+
+        found = bench_search_step.largest_batch(fits, start=1000, resolution=1000 // 32, growth=1.125)
+        assert limit_fit - 1000 // 32 < found <= limit_fit
+        if 1000 <= limit_fit <= 1125:  # the prediction was good: a handful of fresh processes
+            assert len(calls) <= 6
+    # growth by a factor that rounds to the same size still moves
+    assert bench_search_step.largest_batch(lambda b: b <= 5, start=1, growth=1.1) == 5
+
+
+def test_predicted_largest_batch_scales_the_activations_only():
+    # 1 GiB before the step, 1 GiB + 64 x 10 MiB at its peak: 10 MiB a sample
+    gib, mib = 1 << 30, 1 << 20
+    assert bench_search_step.predicted_largest_batch(gib + 640 * mib, gib, 64, 11 * gib) == 1024
+    assert bench_search_step.predicted_largest_batch(gib, gib, 64, 2 * gib) >= 1
+
+
 def test_gpu_report_has_the_projection_and_the_largest_batches(monkeypatch):
     import harness
     monkeypatch.setattr(harness, "device_name", lambda device: "a test GPU")
