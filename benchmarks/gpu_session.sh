@@ -41,9 +41,11 @@
 #      (first order, batch 64, eager and nasops): how far the step is bound by the host;
 #   step-compile: the step with --compile (first order; the compilation takes minutes).
 #   (STEP_MAX caps each step stage, default 540 s.)
-# Logs and results land in $OUT (default ./gpu-out); the last lines printed are
-# the summary. Usage, from the repository root (default: build graphs bench sanitizer, what
-# is still unmeasured, most wanted first; the op tests passed on CUDA on 2026-12-04):
+# Logs and results land in $OUT (default ./gpu-out), bundled at the end into
+# $OUT/results.tgz beside summary.txt and the built extension; the last lines printed
+# are the summary. Usage, from the repository root (default: build graphs step-maxbatch
+# step-profile bench, what is still unmeasured, most wanted first; on 2026-12-04 the op
+# tests passed on CUDA and the sanitizers found nothing):
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -207,8 +209,12 @@ stage_step-compile() {
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   | tee -a "$OUT/device.txt"
-for stage in ${*:-build graphs bench sanitizer}; do
+for stage in ${*:-build graphs step-maxbatch step-profile bench}; do
   if ! declare -F "stage_$stage" > /dev/null; then summary "unknown stage: $stage"; continue; fi
   "stage_$stage" || { [[ $stage == build ]] && break; }
 done
+# The device tool returns at most 8 files from $OUT: everything but the summary and the
+# built extension goes into one archive (on 2026-12-04 a run left 14 files and lost its logs).
+( cd "$OUT" && shopt -s nullglob && files=(*.log *.md *.png *.json *.txt) \
+  && files=("${files[@]/summary.txt}") && tar czf results.tgz ${files[@]} && rm -f ${files[@]} )
 cat "$OUT/summary.txt"

@@ -12,7 +12,9 @@ nasops call, and the SPEC's traffic floor). This module then provides:
   forward, and for mode ``fwd+bwd`` a backward with a fixed upstream gradient;
 - timing (:func:`time_providers`): warm-up, then blocks of steps interleaved
   round-robin over providers so that a noisy, shared machine slows them alike;
-  the median is reported;
+  the median is reported; on CUDA also the device's own time, each step
+  captured in a CUDA graph and its replays timed (:func:`capture_providers`,
+  :func:`time_replays`);
 - the bandwidth of the same machine measured in the same run
   (:func:`bandwidth_probes`): a ``sum`` (read) and a ``fill_`` (write) of a
   buffer the size of the case's inputs, timed in the same round-robin;
@@ -160,6 +162,69 @@ def time_providers(fns: dict[str, Callable], inputs: Inputs, mode: str, device: 
         for _ in range(block):
             for name, seconds in time_probes(probes, device).items():
                 times[name].append(seconds)
+    return times
+
+
+# ---- device time: CUDA-graph replays -----------------------------------------------------
+
+def capture_step(step: Callable[[], object], warmup: int = 2) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (after ``warmup`` runs on a side stream, as
+    capture needs); returns the graph's replay. A replay runs the step's kernels
+    with no host work between them: its time is the device's time for the step,
+    what a graphed search (``--cuda-graphs``) pays, not the per-call host costs
+    (Python, autograd, dispatch, launches) that dominate small ops timed call by
+    call. Tensors the capture allocates (outputs, ``.grad`` set to None before)
+    stay in the graph's memory pool and are rewritten by every replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def capture_providers(fns: dict[str, Callable], inputs: Inputs, mode: str,
+                      probes: dict[str, Callable] | None = None) -> dict[str, Callable | str]:
+    """Each provider's step (grads set to None first, as :func:`run_step`) and each
+    probe captured by :func:`capture_step`: name -> replay, or the reason the
+    capture failed (an op that syncs with the host cannot be captured)."""
+    replays: dict[str, Callable | str] = {}
+    steps = {name: (lambda fn=fn: run_step(fn, inputs, mode)) for name, fn in fns.items()}
+    for name, step in {**steps, **(probes or {})}.items():
+        clear_grads(inputs)
+        try:
+            replays[name] = capture_step(step)
+        except Exception as exc:  # reported in the table instead of a time
+            replays[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    clear_grads(inputs)
+    return replays
+
+
+def time_replays(replays: dict[str, Callable], reps: int, block: int = 10,
+                 timer: Callable[[], tuple] | None = None) -> dict[str, list[float]]:
+    """Seconds per replay of each graph: ``reps`` timings of ``block`` back-to-back
+    replays (one untimed replay first), round-robin over the graphs in the orders of
+    :func:`provider_orders`. ``timer`` makes a (start, end) pair of CUDA events
+    (tests pass a stand-in)."""
+    timer = timer or (lambda: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+    times: dict[str, list[float]] = {name: [] for name in replays}
+    for order in provider_orders(list(replays), reps):
+        for name in order:
+            replay = replays[name]
+            replay()
+            start, end = timer()
+            start.record()
+            for _ in range(block):
+                replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / block)
     return times
 
 

@@ -78,22 +78,27 @@ def fmt_mib(nbytes) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
-def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, list[dict]]:
-    """The op's table, and the bandwidths measured beside each case and mode."""
+def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> dict:
+    """The op's tables and the bandwidths measured beside each case and mode:
+    ``table`` / ``bandwidths`` (each step timed call by call, as a program calls the
+    op) and on CUDA ``device_table`` / ``device_bandwidths`` / ``device_notes`` (the
+    same steps replayed from CUDA graphs: the device's own time)."""
     reps, warmup = (3, 1) if quick else (9, 2)
     kernels = [f"nasops-{b}" for b in harness.kernel_backends(device)]
     header = ["case", "mode", "eager ms", "compile ms"]
     for k in kernels:
         header += [f"{k} ms", "x eager", "x compile", "% BW"]
     per_provider = "(eager / compile / " + " / ".join(kernels) + ")"
+    device_header = list(header)
     header += [("page faults / step " if device == "cpu" else "peak MiB ") + per_provider]
-    rows, bandwidths = [], []
+    rows, bandwidths, device_rows, device_bandwidths, device_notes = [], [], [], [], []
     for case in bench.cases(quick):
         inputs = case.make_inputs(device, torch.float32)
         fns = harness.providers(case, device)
         # A probe buffer the size of the forward's inputs (K*N elements).
         probe_bytes = case.floor_bytes("fwd", torch.float32)[0]
         probes = harness.bandwidth_probes(device, probe_bytes)
+        label = case.group.replace(f"{bench.op} ", "")
         for mode in harness.MODES:
             start = time.perf_counter()
             faults: dict[str, list[int]] = {}
@@ -103,10 +108,7 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
             bandwidth = {name: probe_bytes / med.pop(name) for name in probes}
             bandwidths.append(bandwidth)
             floor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), bandwidth)
-            row = [case.group.replace(f"{bench.op} ", ""), mode, fmt_ms(med["eager"]), fmt_ms(med["compile"])]
-            for k in kernels:
-                row += [fmt_ms(med[k]), f"{med['eager'] / med[k]:.2f}", f"{med['compile'] / med[k]:.2f}",
-                        f"{100 * floor / med[k]:.0f}"]
+            row = speedup_row(label, mode, med, floor, kernels)
             if device == "cpu":
                 row.append(" / ".join(f"{harness.median(faults[name]):.0f}" for name in fns))
             else:
@@ -115,8 +117,47 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> tuple[str, l
             rows.append(row)
             print(f"  {case.group} {mode}: " + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in med.items())
                   + f"; floor {fmt_ms(floor)} ms ({time.perf_counter() - start:.0f} s)", flush=True)
+            if device.startswith("cuda"):
+                replays = harness.capture_providers(fns, inputs, mode, probes)
+                for name, reason in replays.items():
+                    if isinstance(reason, str):
+                        device_notes.append(f"{label} {mode}, {name}: not captured ({reason})")
+                device_times = harness.time_replays({n: r for n, r in replays.items() if callable(r)}, reps)
+                dmed = {name: harness.median(ts) for name, ts in device_times.items()}
+                if all(name in dmed for name in probes):
+                    dband = {name: probe_bytes / dmed.pop(name) for name in probes}
+                    device_bandwidths.append(dband)
+                    dfloor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), dband)
+                else:
+                    dfloor = None
+                device_rows.append(speedup_row(label, mode, dmed, dfloor, kernels))
+                print(f"  {case.group} {mode}, device time: "
+                      + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in dmed.items()), flush=True)
+                del replays
         del inputs, fns, probes
-    return harness.markdown_table(header, rows), bandwidths
+    result = {"table": harness.markdown_table(header, rows), "bandwidths": bandwidths}
+    if device_rows:
+        result.update(device_table=harness.markdown_table(device_header, device_rows),
+                      device_bandwidths=device_bandwidths, device_notes=device_notes)
+    return result
+
+
+def speedup_row(label: str, mode: str, med: dict[str, float], floor: float | None,
+                kernels: list[str]) -> list[str]:
+    """A table row: eager and compile times, then per nasops kernel its time, its
+    speed-ups over eager and compile and its share of the bandwidth floor; "n/a"
+    where a provider has no time (its capture failed) or the floor is unknown."""
+    def ms(name):
+        return fmt_ms(med[name]) if name in med else "n/a"
+
+    def ratio(num, den):
+        return f"{med[num] / med[den]:.2f}" if num in med and den in med else "n/a"
+
+    row = [label, mode, ms("eager"), ms("compile")]
+    for k in kernels:
+        row += [ms(k), ratio("eager", k), ratio("compile", k),
+                f"{100 * floor / med[k]:.0f}" if floor is not None and k in med else "n/a"]
+    return row
 
 
 def versions() -> str:
@@ -131,7 +172,9 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def section(bench, kind, device, quick, command, bandwidths, table) -> str:
+def section(bench, kind, device, quick, command, measured: dict) -> str:
+    """The op's RESULTS.md section from :func:`run_op`'s ``measured``."""
+    bandwidths, table = measured["bandwidths"], measured["table"]
     notes = []
     if kind.startswith("cpu"):
         notes.append(CPU_NOISE_NOTE)
@@ -168,8 +211,27 @@ def section(bench, kind, device, quick, command, bandwidths, table) -> str:
         f"- {memory}",
         noise,
         table,
+        *device_time_part(measured),
         f"<!-- END {bench.op} {kind} -->",
     ])
+
+
+def device_time_part(measured: dict) -> list[str]:
+    """The device-time table (CUDA) and what it means; nothing without one."""
+    if "device_table" not in measured:
+        return []
+    bandwidths = measured["device_bandwidths"]
+    probe = (f"read {_span(bandwidths, 'read')} GB/s, write {_span(bandwidths, 'write')} GB/s"
+             if bandwidths else "not measured (a probe's capture failed)")
+    lines = ["", "Device time: the same steps captured in CUDA graphs and replayed (10 replays "
+             "per timing, CUDA events, interleaved; medians): the kernels' own time, as a graphed "
+             "search (`--cuda-graphs`) runs them, without the per-call host costs above. The "
+             "bandwidth probes replayed the same way: " + probe + ". A working set that fits the "
+             "L2 cache (H200: 60 MB) is served partly from it on replays, for the kernels and "
+             "the probes alike.", "", measured["device_table"]]
+    if measured["device_notes"]:
+        lines += ["", *(f"- {note}" for note in measured["device_notes"])]
+    return lines
 
 
 def _span(bandwidths: list[dict], key: str) -> str:
@@ -212,9 +274,8 @@ def main(argv=None) -> None:
     sections = {}
     for bench in benches:
         print(f"{bench.op}:", flush=True)
-        table, bandwidths = run_op(bench, args.device, args.quick)
         sections[(bench.op, kind)] = section(bench, kind, args.device, args.quick, command.strip(),
-                                             bandwidths, table)
+                                             run_op(bench, args.device, args.quick))
     update_results(args.out, sections)
     print(f"wrote {os.path.relpath(args.out)}")
 

@@ -10,25 +10,34 @@ one backward once and replays them with one launch each. ``--compile``
 (mode="reduce-overhead") graphs too, but compiling the supernet took 24-38
 minutes on this project's CPU; capturing takes a few eager steps.
 
-How: :func:`torch.cuda.make_graphed_callables` on the whole network, once, at
-the first training call (:class:`GraphedForward`). What a user should know:
+How: :func:`torch.cuda.make_graphed_callables` on the whole network at its
+first training calls (:class:`GraphedForward`). What a user should know:
 
 - Graphed are the calls that train: grad mode on, the network in training
   mode, a CUDA input of the shape, strides and dtype of the first such call
   (the driver's loaders drop incomplete batches, so a search sees one shape)
   that needs no gradient itself, no autocast. Every other call (evaluation,
   another shape) runs the network's own forward, as without graphs.
-- Whatever the call, the replayed backward computes the gradients of every
-  parameter that was trainable at the capture (``trainable``, required to need
-  grad then): DARTS' architecture step gets its alphas' gradients from a
-  backward that also computes the weights' (device work that eager skips:
-  about a third of that backward). A parameter frozen for a call gets none.
+- One pair of graphs per set of trainable parameters that need grad at the
+  call (its "signature"), captured at the first call with that set: the
+  backward computes exactly those gradients, as eager autograd would. DARTS'
+  architecture step freezes the weights, its weight step the alphas: two
+  pairs, so the architecture step's backward skips the weights' gradients
+  (device work; on the H200 the graphed step was bound by the device,
+  benchmarks/RESULTS.md "Second GPU session"). The second-order step adds a
+  third (both). At most ``MAX_GRAPHS`` signatures are captured; further ones
+  run eagerly.
+- The graphs share one memory pool (one forward's activations, not one per
+  signature), which is safe because each graphed forward is differentiated
+  before the next graphed call (a forward replay of one pair may overwrite what
+  another pair's forward saved for its backward): a caller that runs two
+  graphed forwards and then both backwards must not use --cuda-graphs.
 - The outputs of a replay and the gradients its backward returns (also a
   ``.grad`` that autograd set from them) are views of the graphs' static
-  buffers, valid until the next replay, forward or backward (forward and
-  backward share one memory pool, so a forward may reuse a gradient's
-  memory): a caller keeping them longer must clone them (DARTS' unrolled step
-  does: ``Darts._kept_grad``).
+  buffers, valid until the next replay, forward or backward (a pair's forward
+  and backward share memory, so its forward may reuse a gradient's memory):
+  a caller keeping them longer must clone them (DARTS' unrolled step does:
+  ``Darts._kept_grad``).
 - The capture runs the network a few times (warm-up, on a side stream); the
   buffers (BatchNorm running statistics) are put back afterwards, so a graphed
   search equals an eager one up to the order of floating-point sums. Random
@@ -50,38 +59,47 @@ import torch
 import torch.nn as nn
 
 
+MAX_GRAPHS = 4  # signatures captured per network (DARTS' steps use 2, its second order 3)
+
+
 class GraphedForward:
     """The forward of ``model`` with its training calls replayed from CUDA graphs
     (see the module docstring); installed as ``model.forward`` by :func:`graph_network`.
 
-    ``trainable``: the parameters whose gradients the graphed backward computes
-    (requires_grad is switched on for them during the capture and put back).
-    ``capture`` (with ``make_graphed_callables``' signature) and ``device_type``:
-    the tests' stand-ins, which run on the CPU. Counters ``captures``,
-    ``replayed`` and ``eager`` say what ran.
+    ``trainable``: the parameters whose gradients a graphed backward may compute;
+    a call's signature is which of them need grad then (at least one must), and
+    each signature gets its own graphs. ``capture`` (with
+    ``make_graphed_callables``' signature), ``pool`` (its memory-pool handle) and
+    ``device_type``: the tests' stand-ins, which run on the CPU. Counters
+    ``captures``, ``replayed`` and ``eager`` say what ran.
     """
 
     def __init__(self, model: nn.Module, trainable, capture=None, device_type: str = "cuda",
-                 warmup: int = 3):
+                 warmup: int = 3, pool=None):
         self.model = model
         self.trainable = list(trainable)
         self.capture = capture or torch.cuda.make_graphed_callables
         self.device_type = device_type
         self.warmup = warmup
+        self.pool = pool
         self.key = None  # (shape, strides, dtype, device) of the captured input
-        self.graphed = None
+        self.graphs = {}  # signature (requires_grad of each trainable) -> graphed forward
         self.captures = self.replayed = self.eager = 0
 
     def __call__(self, x, *args, **kwargs):
         if args or kwargs or not self._trains(x):
             return self._eager(x, *args, **kwargs)
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
-        if self.graphed is None:
-            self._capture(x, key)
-        if key != self.key:
+        if self.key is None:
+            self.key = key
+        signature = tuple(p.requires_grad for p in self.trainable)
+        graphed = self.graphs.get(signature)
+        if key != self.key or not any(signature) or (graphed is None and len(self.graphs) >= MAX_GRAPHS):
             return self._eager(x)
+        if graphed is None:
+            graphed = self.graphs[signature] = self._capture(x)
         self.replayed += 1
-        return self.graphed(x)
+        return graphed(x)
 
     def _trains(self, x) -> bool:
         return (isinstance(x, torch.Tensor) and torch.is_grad_enabled() and self.model.training
@@ -101,45 +119,44 @@ class GraphedForward:
         network refer to each other."""
         if self.model.__dict__.get("forward") is self:
             del self.model.__dict__["forward"]
-        self.graphed = self.key = None
+        self.graphs, self.key = {}, None
         gc.collect()
 
     def _eager(self, *args, **kwargs):
         self.eager += 1
         return type(self.model).forward(self.model, *args, **kwargs)
 
-    def _capture(self, x, key) -> None:
+    def _capture(self, x):
+        """Capture the forward and backward of a call with ``x`` and the current
+        requires_grad flags; returns the graphed forward."""
         model = self.model
-        flags = [p.requires_grad for p in self.trainable]
         buffers = [(b, b.clone()) for b in model.buffers()]
         installed = model.__dict__.pop("forward")  # this object: the capture calls the module's own
+        if self.pool is None and self.device_type == "cuda":
+            self.pool = torch.cuda.graph_pool_handle()  # shared by every signature's graphs
         try:
-            for p in self.trainable:
-                p.requires_grad_(True)
             # allow_unused_input: a parameter the forward does not reach gets no gradient, as in eager.
-            self.capture(model, (x.detach().clone(),), num_warmup_iters=self.warmup, allow_unused_input=True)
+            self.capture(model, (x.detach().clone(),), num_warmup_iters=self.warmup, allow_unused_input=True,
+                         pool=self.pool)
             # make_graphed_callables replaced the module's forward with the graphed one
             # (in the training mode it saw); take it and put this object back.
-            self.graphed = model.__dict__.pop("forward")
+            graphed = model.__dict__.pop("forward")
         except Exception as exc:  # an op that cannot be captured (a host sync, a CPU tensor...)
             model.__dict__.pop("forward", None)
-            self._put_back(installed, flags, buffers, failed=True)
+            self._put_back(installed, buffers, failed=True)
             raise RuntimeError(f"CUDA graphs (--cuda-graphs): capturing the forward and backward of "
                                f"{type(model).__name__} failed; run it without graphs. "
                                f"{type(exc).__name__}: {exc}") from exc
-        self._put_back(installed, flags, buffers, failed=False)
-        self.key = key
+        self._put_back(installed, buffers, failed=False)
         self.captures += 1
+        return graphed
 
-    def _put_back(self, installed, flags, buffers, failed: bool) -> None:
+    def _put_back(self, installed, buffers, failed: bool) -> None:
         """Leave the network as the capture found it: this object as its forward,
-        the requires_grad flags, the buffers (the warm-up's running statistics and
-        batch counts undone). After a failed capture the device may refuse the
-        copies (a capture error can be sticky): the capture's error is the one to
-        report then."""
+        the buffers (the warm-up's running statistics and batch counts undone).
+        After a failed capture the device may refuse the copies (a capture error
+        can be sticky): the capture's error is the one to report then."""
         self.model.forward = installed
-        for p, f in zip(self.trainable, flags):
-            p.requires_grad_(f)
         try:
             with torch.no_grad():
                 for b, value in buffers:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,12 +29,16 @@ def test_every_benchmark_suite_runs_one_case_per_provider():
         assert len(passed) >= 3, f"{suite}: {len(passed)} providers passed"  # eager, compile, nasops
 
 
-def test_provider_orders_put_every_provider_in_every_position_and_after_every_other():
+def _benchmarks_module(name: str):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import harness
+        return __import__(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_provider_orders_put_every_provider_in_every_position_and_after_every_other():
+    harness = _benchmarks_module("harness")
     names = ["eager", "compile", "nasops-cpu"]
     orders = harness.provider_orders(names, 2 * len(names))
     assert all(sorted(order) == sorted(names) for order in orders)
@@ -61,3 +67,65 @@ def test_gpu_session_names_existing_ops_and_stages():
     defined = set(re.findall(r"^stage_([\w-]+)\(\)", script, re.M))
     documented = set(re.findall(r"^#   ([\w-]+): ", script, re.M))
     assert documented == defined and {"build", "kernels", "sanitizer", "bench", "step-compile"} <= defined
+
+
+def test_replays_are_timed_per_replay_round_robin():
+    """time_replays with a stand-in for CUDA events: each timing covers ``block``
+    replays after an untimed one, and reports seconds per replay."""
+    harness = _benchmarks_module("harness")
+    calls, clock = [], [0.0]
+
+    class Event:
+        def record(self):
+            self.at = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):  # milliseconds, as CUDA events
+            return (end.at - self.at) * 1e3
+
+    def replay(name, seconds):
+        def run():
+            calls.append(name)
+            clock[0] += seconds
+        return run
+
+    times = harness.time_replays({"a": replay("a", 2e-3), "b": replay("b", 5e-3)}, reps=4, block=3,
+                                 timer=lambda: (Event(), Event()))
+    assert times["a"] == pytest.approx([2e-3] * 4) and times["b"] == pytest.approx([5e-3] * 4)
+    assert len(times["a"]) == len(times["b"]) == 4 and calls.count("a") == calls.count("b") == 4 * (1 + 3)
+    assert calls[:4] in (["a"] * 4, ["b"] * 4)  # an untimed replay, then the block, per timing
+
+
+def test_a_step_that_cannot_be_captured_is_reported_not_timed():
+    """On the CPU no CUDA graph can be captured: every provider and probe gets the
+    reason instead of a replay (on a GPU, a host sync inside an op would)."""
+    harness = _benchmarks_module("harness")
+    import torch
+    x = torch.randn(8, requires_grad=True)
+    inputs = harness.Inputs(args={"x": x}, leaves=[x], grad_out=torch.ones(8))
+    replays = harness.capture_providers({"eager": lambda a: a["x"] * 2}, inputs, "fwd+bwd",
+                                        {"read": lambda: x.sum()})
+    assert set(replays) == {"eager", "read"} and all(isinstance(r, str) and r for r in replays.values())
+    assert x.grad is None
+
+
+def test_op_sections_show_the_device_time_table_when_measured():
+    report = _benchmarks_module("report")
+    bench = report.discover(["mixed_op"])[0]
+    kernels = ["nasops-cuda"]
+    per_call = report.speedup_row("edge", "fwd", {"eager": 4e-4, "compile": 2e-4, "nasops-cuda": 1e-4},
+                                  5e-5, kernels)
+    assert per_call == ["edge", "fwd", "0.40", "0.20", "0.10", "4.00", "2.00", "50"]
+    # a provider whose capture failed, and no floor (a probe's capture failed)
+    device = report.speedup_row("edge", "fwd", {"eager": 4e-5, "nasops-cuda": 1e-5}, None, kernels)
+    assert device == ["edge", "fwd", "0.04", "n/a", "0.01", "4.00", "n/a", "n/a"]
+    measured = {"table": "PER-CALL TABLE", "bandwidths": [{"read": 1e12, "write": 2e12}]}
+    text = report.section(bench, "cuda", "cpu", True, "cmd", measured)
+    assert "PER-CALL TABLE" in text and "Device time" not in text
+    measured.update(device_table="DEVICE TABLE", device_bandwidths=[{"read": 3e12, "write": 4e12}],
+                    device_notes=["edge fwd, compile: not captured (RuntimeError: x)"])
+    text = report.section(bench, "cuda", "cpu", True, "cmd", measured)
+    assert text.index("PER-CALL TABLE") < text.index("DEVICE TABLE") < text.index("<!-- END mixed_op cuda -->")
+    assert "read 3000.0-3000.0 (median 3000.0) GB/s" in text and "- edge fwd, compile: not captured" in text

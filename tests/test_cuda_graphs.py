@@ -42,16 +42,20 @@ def stand_in_capture(record: list):
     forward + autograd.grad runs, one more as if captured (reading the RNG state or
     a tensor's value on the host fails there, as in a CUDA graph capture), then
     ``module.forward`` replaced by a "replay" (counted in
-    ``record[-1]['replays']``) that runs the module's code but, like the CUDA
+    its entry of ``record``: ``'replays'``) that runs the module's code but, like the CUDA
     graphs, returns views of static buffers that the next replay, forward or
     backward, overwrites (a forward fills the gradient buffers with NaN: the real
     forward may reuse their memory), and whose backward computes the gradient of
-    every parameter that was trainable at the capture, whichever the call asks for."""
-    def capture(module, sample_args, num_warmup_iters, allow_unused_input):
+    every parameter that was trainable at the capture, whichever the call asks for.
+    The captures of one stand-in share a memory pool: a backward after another
+    capture's forward replay fails (the real one would read overwritten activations)."""
+    pool_user = [None]  # the capture whose forward replayed last
+
+    def capture(module, sample_args, num_warmup_iters, allow_unused_input, pool=None):
         params = tuple(module.parameters())
         trainable = [p.requires_grad for p in params]
-        record.append({"requires_grad": trainable, "training": module.training, "sample": sample_args[0],
-                       "replays": 0})
+        entry = {"requires_grad": trainable, "training": module.training, "sample": sample_args[0], "replays": 0}
+        record.append(entry)
         wanted = [p for p in params if p.requires_grad]
         for _ in range(num_warmup_iters):
             out = module(*sample_args)
@@ -71,6 +75,7 @@ def stand_in_capture(record: list):
         class Replay(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x, *_params):
+                pool_user[0] = static
                 flags = [p.requires_grad for p in params]
                 try:
                     for p, t in zip(params, trainable):
@@ -88,6 +93,9 @@ def stand_in_capture(record: list):
             @staticmethod
             @torch.autograd.function.once_differentiable
             def backward(ctx, grad):
+                if pool_user[0] is not static:
+                    raise RuntimeError("stand-in: another graph's forward replayed between this graph's "
+                                       "forward and backward (shared pool: its activations are overwritten)")
                 flags = [p.requires_grad for p in wanted]
                 try:
                     for p in wanted:
@@ -105,7 +113,7 @@ def stand_in_capture(record: list):
                 return (None, *(next(found).detach() if t else None for t in trainable))
 
         def replay(x):
-            record[-1]["replays"] += 1
+            entry["replays"] += 1
             return Replay.apply(x, *params)
         module.forward = replay
         return module
@@ -140,28 +148,62 @@ def test_only_training_calls_of_the_first_shape_replay():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(x)
     net(x.clone().requires_grad_())  # an input that wants its gradient: the graph computes none
-    assert (graphed.captures, graphed.replayed, graphed.eager, record[0]["replays"]) == (1, 2, 6, 2)
+    for p in net.parameters():  # nothing to train
+        p.requires_grad_(False)
+    net(x)
+    assert (graphed.captures, graphed.replayed, graphed.eager, record[0]["replays"]) == (1, 2, 7, 2)
 
 
-def test_capture_trains_every_parameter_given_and_leaves_flags_and_buffers_as_found():
+def test_each_set_of_trainable_parameters_gets_its_graphs_and_computes_only_its_gradients():
+    """As DARTS' steps call the network: weights frozen (architecture step), alphas
+    frozen (weight step); each set is captured once, with the flags as the call has
+    them, and the replayed backward gives the gradients eager autograd gives; the
+    buffers end as the eager network's (the warm-ups' statistics undone)."""
     net, record = _network(), []
     ref = copy.deepcopy(net)
-    alphas = net.arch_parameters()
-    _graphed(net, record)
-    for a in alphas + ref.arch_parameters():  # as DARTS' weight step calls the network
-        a.requires_grad_(False)
+    graphed = _graphed(net, record)
     x = torch.randn(4, 3, 8, 8)
-    net(x).sum().backward()
-    ref(x).sum().backward()
-    assert all(record[0]["requires_grad"]) and record[0]["training"]
-    assert not any(a.requires_grad for a in alphas)
-    # the warm-up's three forwards updated the running statistics; only the replay's update stays
+    for _ in range(2):
+        for frozen in ("weights", "alphas"):
+            for n in (net, ref):
+                alphas = n.arch_parameters()
+                for p in n.parameters():
+                    p.grad = None
+                    p.requires_grad_((frozen == "weights") == any(p is a for a in alphas))
+                n(x).sum().backward()
+            for (name, p), (_, p_ref) in zip(net.named_parameters(), ref.named_parameters()):
+                assert (p.grad is None) == (p_ref.grad is None) == (not p.requires_grad), name
+                if p.grad is not None:
+                    torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+    assert (graphed.captures, graphed.replayed, graphed.eager) == (2, 4, 0)
+    alphas_only = [any(p is a for a in net.arch_parameters()) for p in net.parameters()]
+    assert [r["requires_grad"] for r in record] == [alphas_only, [not a for a in alphas_only]]
+    assert [r["replays"] for r in record] == [2, 2]
     for (name, b), (_, b_ref) in zip(net.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(b, b_ref, rtol=0, atol=0, msg=name)
-    for (name, p), (_, p_ref) in zip(net.named_parameters(), ref.named_parameters()):
-        assert (p.grad is None) == (p_ref.grad is None), name
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+
+
+def test_graphs_beyond_the_limit_run_eagerly(monkeypatch):
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 1)
+    net, record = _network(), []
+    graphed = _graphed(net, record)
+    x = torch.randn(4, 3, 8, 8)
+    net(x).sum().backward()
+    net.arch_parameters()[0].requires_grad_(False)  # a second set
+    net(x).sum().backward()
+    assert (graphed.captures, graphed.replayed, graphed.eager) == (1, 1, 1)
+
+
+def test_the_stand_in_refuses_a_backward_after_another_graphs_forward():
+    """What the shared pool forbids (cuda_graphs' docstring), as the stand-in sees it."""
+    net, record = _network(), []
+    _graphed(net, record)
+    x = torch.randn(4, 3, 8, 8)
+    first = net(x).sum()
+    net.arch_parameters()[0].requires_grad_(False)
+    net(x).sum().backward()
+    with pytest.raises(RuntimeError, match="another graph's forward replayed"):
+        first.backward()
 
 
 def test_a_failed_capture_says_so_and_leaves_the_network_as_found():
@@ -171,7 +213,7 @@ def test_a_failed_capture_says_so_and_leaves_the_network_as_found():
         a.requires_grad_(False)
     buffers = [b.clone() for b in net.buffers()]
 
-    def failing(module, sample_args, num_warmup_iters, allow_unused_input):
+    def failing(module, sample_args, num_warmup_iters, allow_unused_input, pool=None):
         module(*sample_args)  # a warm-up run, then the capture fails
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -179,7 +221,7 @@ def test_a_failed_capture_says_so_and_leaves_the_network_as_found():
     with pytest.raises(RuntimeError, match=r"CUDA graphs \(--cuda-graphs\): capturing .* DartsSearchNetwork "
                                            r"failed; run it without graphs\. RuntimeError: operation not"):
         net(torch.randn(4, 3, 8, 8))
-    assert net.__dict__["forward"] is graphed and graphed.graphed is None
+    assert net.__dict__["forward"] is graphed and graphed.graphs == {}
     assert not any(a.requires_grad for a in alphas)
     for b, before in zip(net.buffers(), buffers):
         assert torch.equal(b, before)
@@ -207,10 +249,10 @@ def _stand_in_for_cuda(monkeypatch, record: list) -> None:
         cuda_graphs.graph_network, capture=stand_in_capture(record), device_type="cpu"))
 
 
-def _method(argv, image_size: int):
-    """(method, parsed flags) as the driver builds them from ``argv``, on the CPU,
+def _method(argv, image_size: int, device: str = "cpu"):
+    """(method, parsed flags) as the driver builds them from ``argv``, on ``device``,
     for 3-channel ``image_size`` images of 10 classes; the same seed every time."""
-    args = parse_args([*argv, "--device", "cpu"])
+    args = parse_args([*argv, "--device", device])
     torch.manual_seed(0)
 
     class Data:
@@ -218,7 +260,8 @@ def _method(argv, image_size: int):
 
     Data.image_size = image_size
     cls = methods.get(args.method)
-    return cls.from_args(cls.build_model(args, Data()), args, device=torch.device("cpu"), amp=None), args
+    model = cls.build_model(args, Data()).to(device)
+    return cls.from_args(model, args, device=torch.device(device), amp=None), args
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
@@ -242,10 +285,77 @@ def test_darts_steps_through_the_graphed_forward_equal_eager(monkeypatch, second
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
         assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
     calls = 3 * (2 if not second_order else 5)  # forwards a step: arch + weight (+3 unrolled)
-    assert (graphed.captures, graphed.replayed, graphed.eager) == (1, calls, 0)
+    # one pair of graphs per set of trained parameters: alphas (the architecture step freezes
+    # the weights), weights (second order: and both, for the validation loss at w')
+    assert (graphed.captures, graphed.replayed, graphed.eager) == (3 if second_order else 2, calls, 0)
+    alpha_flags = [any(p is a for a in graphed_method.alphas) for p in graphed_method.model.parameters()]
+    expected = [[not a for a in alpha_flags], [True] * len(alpha_flags), alpha_flags] if second_order \
+        else [alpha_flags, [not a for a in alpha_flags]]
+    assert [r["requires_grad"] for r in record] == expected
     for (name, t), (_, t_ref) in zip(graphed_method.model.state_dict().items(),
                                      eager_method.model.state_dict().items()):
         torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _step_gradients(method, batches) -> tuple[list[float], list[tuple[str, torch.Tensor]]]:
+    """Run DARTS steps on ``batches``; the losses, and every gradient the two
+    optimizers step with (copied as they step: a graphed gradient lives only until
+    the next replay), one flat vector per optimizer step."""
+    steps = []
+    for name, opt in (("alphas", method.a_opt), ("weights", method.w_opt)):
+        def record(opt, args, kwargs, name=name):
+            steps.append((name, torch.cat([p.grad.detach().flatten() for group in opt.param_groups
+                                           for p in group["params"] if p.grad is not None])))
+        opt.register_step_pre_hook(record)
+    losses = []
+    for train, val in batches:
+        s = method.step(train, val)
+        losses += [s.train_loss / s.train_count, s.val_loss / s.val_count]
+    return losses, steps
+
+
+def _compare_step_gradients(device: str, second_order: bool, recompute: bool, rtol: float):
+    """Three DARTS steps graphed and eager on ``device``: the same losses, and each
+    optimizer step's gradient within ``rtol`` of the eager one in norm. Gradients,
+    not the alphas after the steps: Adam's first steps move an alpha by about its
+    learning rate whatever the gradient's size, so a gradient near 0 whose sign
+    rounding flips moves it by 2 x 3e-4, while its gradient error stays small."""
+    argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
+    (graphed_method, _), (eager_method, _) = _method(argv, 32, device), _method(argv, 32, device)
+    for m in (graphed_method, eager_method):
+        m.model.set_recompute_edges(recompute)
+    graphed = graphed_method.graph_network()
+    g = torch.Generator().manual_seed(1)
+    batches = [[(torch.randn(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device))
+                for _ in range(2)] for _ in range(3)]
+    graphed_losses, graphed_steps = _step_gradients(graphed_method, batches)
+    eager_losses, eager_steps = _step_gradients(eager_method, batches)
+    assert (graphed.captures, graphed.eager) == (3 if second_order else 2, 0)
+    assert graphed.replayed == 3 * (5 if second_order else 2)
+    assert graphed_losses == pytest.approx(eager_losses, rel=rtol)
+    assert [n for n, _ in graphed_steps] == [n for n, _ in eager_steps] == ["alphas", "weights"] * 3
+    errors = [float((a - b).norm() / b.norm()) for (_, a), (_, b) in zip(graphed_steps, eager_steps)]
+    assert max(errors) <= rtol, f"graphed vs eager gradient, relative error per optimizer step: {errors}"
+
+
+def test_darts_step_gradients_through_the_stand_in_equal_eager(monkeypatch):
+    """The GPU test's comparison on the CPU stand-in (second order: both optimizers
+    and the unrolled step's kept gradients; the other variants' states are compared
+    in test_darts_steps_through_the_graphed_forward_equal_eager)."""
+    _stand_in_for_cuda(monkeypatch, [])
+    _compare_step_gradients("cpu", second_order=True, recompute=False, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
+@pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
+def test_darts_step_gradients_graphed_equal_eager_on_the_gpu(monkeypatch, second_order, recompute):
+    """With real CUDA graphs. cuDNN's deterministic algorithms in both runs, so that
+    the comparison sees the graphs, not atomics' summation order; TF32 stays on, as a
+    search runs (the same kernels in both runs round alike)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    _compare_step_gradients("cuda", second_order, recompute, rtol=1e-3)
 
 
 VIT = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-size", "2", "--stage-depths", "1", "2",
@@ -278,13 +388,15 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute,
             method.end_epoch()
         assert networks[0] is not networks[1]  # the second stage's network
         if graphs[0] is not None:  # the first stage's graphs were let go before the second's capture
-            assert "forward" not in networks[0].__dict__ and graphs[0].graphed is None
+            assert "forward" not in networks[0].__dict__ and graphs[0].graphs == {}
         return method, losses
 
     graphed, graphed_losses = search(["--cuda-graphs"])
     eager, eager_losses = search([])
     forwards = 2 * (5 if order else 2)  # two steps of a stage: arch + weight (+3 unrolled)
-    assert len(records) == 2 and [r["replays"] for r in records] == [forwards, forwards]
+    captures = 3 if order else 2  # per stage's network: alphas, weights (second order: both)
+    assert len(records) == 2 * captures
+    assert [sum(r["replays"] for r in records[i:i + captures]) for i in (0, captures)] == [forwards, forwards]
     assert isinstance(graphed.model.__dict__["forward"], cuda_graphs.GraphedForward)
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
     for (name, t), (_, t_ref) in zip(graphed.model.state_dict().items(), eager.model.state_dict().items()):
@@ -317,9 +429,14 @@ DARTS_GPU = [*TINY, "--max-steps", "3", "--dataset", "synthetic"]
                          ids=["first-order", "second-order", "recompute-edges", "dasvit-two-stages"])
 def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, flags):
     """The driver's search on CUDA, graphed against eager (with --recompute-edges:
-    both): losses, weights, alphas, running statistics after the last step (the
-    same kernels, so close; not bitwise: the warm-up may leave cuDNN another
-    algorithm)."""
+    both): losses, and the network's state after the last step, each tensor within
+    1e-3 of the eager one in norm; the alphas within 5e-2, since Adam turns a
+    rounding-size difference in a gradient near 0 into a difference of up to
+    twice its learning rate in that alpha (on 2026-12-04 the H200 failed an
+    elementwise 1e-5 on the DARTS alphas with equal losses). A missed alpha update
+    is an error near 1 (each alpha moves by ~3e-4 a step, about its own size);
+    the gradients themselves are compared in
+    test_darts_step_gradients_graphed_equal_eager_on_the_gpu."""
     flags = [*flags, "--device", "cuda"]
     plain = main(["--out", str(tmp_path / "plain"), *flags])
     graphed = main(["--out", str(tmp_path / "graphed"), "--cuda-graphs", *flags])
@@ -328,8 +445,10 @@ def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, flags):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
     sa, sb = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
               for d in ("plain", "graphed"))
-    for key in sa:
-        torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+    errors = {key: float((sb[key].double() - sa[key].double()).norm() / sa[key].double().norm().clamp_min(1e-12))
+              for key in sa}
+    too_far = {k: e for k, e in errors.items() if e > (5e-2 if k.startswith("alphas") else 1e-3)}
+    assert not too_far, f"graphed vs eager, relative error in norm: {too_far}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the capture itself is tested above")

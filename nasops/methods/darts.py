@@ -187,8 +187,9 @@ class Darts:
 
     def graph_network(self):
         """--cuda-graphs: replay the training calls of ``self.model`` from CUDA graphs
-        (:mod:`nasops.cuda_graphs`), with the gradients of the weights and the
-        alphas; the driver calls it once per network, as :meth:`compile_network`.
+        (:mod:`nasops.cuda_graphs`), one pair per set of parameters a step trains
+        (alphas, weights, both); the driver calls it once per network, as
+        :meth:`compile_network`.
         ``self.graphed`` holds the :class:`~nasops.cuda_graphs.GraphedForward`; that of
         a network replaced since (a new stage's) is released first."""
         if self.graphed is not None:
@@ -298,7 +299,10 @@ class Darts:
 
     def _arch_step(self, x, y):
         self.a_opt.zero_grad(set_to_none=True)
-        loss, correct = self._val_loss(x, y)
+        # Only the alphas' gradient is taken: frozen weights let a graphed network
+        # (--cuda-graphs) replay a backward without the weights' gradients.
+        with _frozen(self.weights):
+            loss, correct = self._val_loss(x, y)
         grads = self._average(_grad(self.a_scaler.scale(loss), self.alphas))
         penalty = self.arch_penalty()
         if penalty is not None:
