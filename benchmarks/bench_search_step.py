@@ -296,6 +296,9 @@ def measure_memory(provider, method, batch, device, steps, threads) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+LARGEST_BATCH_LIMIT = 1 << 15  # --max-batch looks no further
+
+
 def largest_batch(fits, start: int = 64, limit: int = 1 << 14, resolution: int = 1,
                   growth: float = 2.0) -> int:
     """The largest batch size b <= limit with fits(b), to within ``resolution``
@@ -305,7 +308,7 @@ def largest_batch(fits, start: int = 64, limit: int = 1 << 14, resolution: int =
     0 when not even 1 fits. A ``start`` just under a predicted answer with a
     small ``growth`` needs few calls of ``fits`` (each a fresh process here)."""
     low_fit, high = 0, None
-    b = start
+    b = min(start, limit)
     while b <= limit:
         if fits(b):
             low_fit = b
@@ -329,8 +332,9 @@ def largest_batch(fits, start: int = 64, limit: int = 1 << 14, resolution: int =
 
 def predicted_largest_batch(peak_bytes: int, before_bytes: int, batch: int, free_bytes: int) -> int:
     """The batch whose step would fill ``free_bytes``, from one step's peak at ``batch``,
-    assuming the steps' memory above ``before_bytes`` (weights, optimizer state) grows
-    in proportion to the batch (activations do)."""
+    assuming the step's memory above ``before_bytes`` (what was allocated before it:
+    the network's weights) grows in proportion to the batch (activations do; the
+    optimizer state the first step creates is small beside them)."""
     per_sample = max(1, peak_bytes - before_bytes) / batch
     return max(1, int((free_bytes - before_bytes) / per_sample))
 
@@ -525,8 +529,9 @@ def report(results: dict, device: torch.device, command: str, quick: bool,
                       f"{'device' if cuda else 'CPU'} seconds by op category; the profiler slows the "
                       f"step):", "", table(prows, ["category"] + providers)]
     if max_batches:
-        lines += ["", "Largest batch that fits (doubling from 64, then bisection to within 8; "
-                  "one step in a fresh process per try):", "",
+        lines += ["", "Largest batch that fits (predicted from one step's peak at batch 64, then tried "
+                  "from 0.9x the prediction growing by 1/8 and bisected to ~3 %; one step in a fresh "
+                  "process per try):", "",
                   table([[m, p, str(b)] for (m, p), b in max_batches.items()], ["method", "provider", "batch"])]
     lines.append(f"<!-- END search_step {kind} -->")
     return "\n".join(lines)
@@ -592,17 +597,17 @@ def main(argv=None) -> None:
                     return "error" not in measure_memory(p, method, b, device, 1, args.threads)
                 # Predicted from one step's peak at batch 64, then checked: starting just
                 # under the prediction and growing by 1/8 takes ~5 fresh processes, not the
-                # ~12 of doubling from 64 (each a minute's share of a device session).
+                # ~12 of doubling from 64 (each several seconds of a device session).
                 probe = measure_memory(p, method, 64, device, 1, args.threads)
                 start, resolution = 64, 8
                 if "error" not in probe:
                     free, _ = torch.cuda.mem_get_info(device)
-                    guess = predicted_largest_batch(probe["peak_cuda"], probe["cuda_before"], 64,
-                                                    free + torch.cuda.memory_reserved(device))
-                    start = max(8, int(0.9 * guess) // 8 * 8)
+                    guess = predicted_largest_batch(probe["peak_cuda"], probe["cuda_before"], 64, free)
+                    start = min(LARGEST_BATCH_LIMIT, max(8, int(0.9 * guess) // 8 * 8))
                     resolution = max(8, start // 32)
                     print(f"  predicted largest batch {method} {p}: {guess}", flush=True)
-                max_batches[(method, p)] = largest_batch(fits, start=start, resolution=resolution, growth=1.125)
+                max_batches[(method, p)] = largest_batch(fits, start=start, limit=LARGEST_BATCH_LIMIT,
+                                                         resolution=resolution, growth=1.125)
                 print(f"  largest batch {method} {p}: {max_batches[(method, p)]}", flush=True)
     from report import update_results
     body = report(results, device, command.strip(), args.quick, args.threads, max_batches)

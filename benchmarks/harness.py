@@ -182,8 +182,13 @@ def capture_step(step: Callable[[], object], warmup: int = 2) -> Callable[[], No
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        # A failed capture's exit raises before it switches back from the capture stream.
+        torch.cuda.set_stream(stream)
     return graph.replay
 
 
@@ -200,8 +205,6 @@ def capture_providers(fns: dict[str, Callable], inputs: Inputs, mode: str,
             replays[name] = capture_step(step)
         except Exception as exc:  # reported in the table instead of a time
             replays[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
     clear_grads(inputs)
     return replays
 
@@ -214,6 +217,8 @@ def time_replays(replays: dict[str, Callable], reps: int, block: int = 10,
     (tests pass a stand-in)."""
     timer = timer or (lambda: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
     times: dict[str, list[float]] = {name: [] for name in replays}
+    if not replays:  # nothing could be captured
+        return times
     for order in provider_orders(list(replays), reps):
         for name in order:
             replay = replays[name]

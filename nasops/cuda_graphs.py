@@ -32,12 +32,16 @@ first training calls (:class:`GraphedForward`). What a user should know:
   before the next graphed call (a forward replay of one pair may overwrite what
   another pair's forward saved for its backward): a caller that runs two
   graphed forwards and then both backwards must not use --cuda-graphs.
+  Memory: the pool, plus, while a pair is captured, its warm-ups' eager
+  activations (the cached blocks they leave are given back to the device after
+  each capture); ``torch.cuda.max_memory_allocated`` counts neither the pool's
+  free blocks nor the cache, ``max_memory_reserved`` does.
 - The outputs of a replay and the gradients its backward returns (also a
   ``.grad`` that autograd set from them) are views of the graphs' static
-  buffers, valid until the next replay, forward or backward (a pair's forward
-  and backward share memory, so its forward may reuse a gradient's memory):
-  a caller keeping them longer must clone them (DARTS' unrolled step does:
-  ``Darts._kept_grad``).
+  buffers, valid until the next replay of any pair, forward or backward (a
+  later pair's buffers may sit in memory an earlier pair's replay writes, and
+  a pair's forward may reuse its own gradients' memory): a caller keeping them
+  longer must clone them (DARTS' unrolled step does: ``Darts._kept_grad``).
 - The capture runs the network a few times (warm-up, on a side stream); the
   buffers (BatchNorm running statistics) are put back afterwards, so a graphed
   search equals an eager one up to the order of floating-point sums. Random
@@ -119,7 +123,7 @@ class GraphedForward:
         network refer to each other."""
         if self.model.__dict__.get("forward") is self:
             del self.model.__dict__["forward"]
-        self.graphs, self.key = {}, None
+        self.graphs, self.key, self.pool = {}, None, None
         gc.collect()
 
     def _eager(self, *args, **kwargs):
@@ -148,6 +152,8 @@ class GraphedForward:
                                f"{type(model).__name__} failed; run it without graphs. "
                                f"{type(exc).__name__}: {exc}") from exc
         self._put_back(installed, buffers, failed=False)
+        if self.device_type == "cuda":
+            torch.cuda.empty_cache()  # the warm-ups' cached blocks: eager calls are rare from here on
         self.captures += 1
         return graphed
 

@@ -98,6 +98,8 @@ def test_largest_batch_from_a_prediction_takes_few_calls():
             assert len(calls) <= 6
     # growth by a factor that rounds to the same size still moves
     assert bench_search_step.largest_batch(lambda b: b <= 5, start=1, growth=1.1) == 5
+    # a prediction beyond the limit starts at the limit
+    assert bench_search_step.largest_batch(lambda b: b <= 20000, start=18000, limit=16384) == 16384
 
 
 def test_predicted_largest_batch_scales_the_activations_only():

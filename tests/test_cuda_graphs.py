@@ -48,8 +48,17 @@ def stand_in_capture(record: list):
     forward may reuse their memory), and whose backward computes the gradient of
     every parameter that was trainable at the capture, whichever the call asks for.
     The captures of one stand-in share a memory pool: a backward after another
-    capture's forward replay fails (the real one would read overwritten activations)."""
+    capture's forward replay fails (the real one would read overwritten activations),
+    and any replay fills the other captures' output and gradient buffers with NaN
+    (the real one may write where a later capture's buffers sit)."""
     pool_user = [None]  # the capture whose forward replayed last
+    captured = []  # every capture's static buffers
+
+    def overwrite_the_others(own):
+        for other in captured:
+            if other is not own:
+                for buffer in [other["out"], *other["grads"]]:
+                    buffer.fill_(float("nan"))
 
     def capture(module, sample_args, num_warmup_iters, allow_unused_input, pool=None):
         params = tuple(module.parameters())
@@ -71,11 +80,13 @@ def stand_in_capture(record: list):
                 b.copy_(before)
         own = type(module).forward
         static = {"out": torch.empty_like(out), "grads": [torch.empty_like(p) for p in wanted]}
+        captured.append(static)
 
         class Replay(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x, *_params):
                 pool_user[0] = static
+                overwrite_the_others(static)
                 flags = [p.requires_grad for p in params]
                 try:
                     for p, t in zip(params, trainable):
@@ -96,6 +107,7 @@ def stand_in_capture(record: list):
                 if pool_user[0] is not static:
                     raise RuntimeError("stand-in: another graph's forward replayed between this graph's "
                                        "forward and backward (shared pool: its activations are overwritten)")
+                overwrite_the_others(static)
                 flags = [p.requires_grad for p in wanted]
                 try:
                     for p in wanted:
