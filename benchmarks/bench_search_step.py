@@ -20,7 +20,8 @@ Providers (PROVIDERS; add one with a line):
 - ``nasops-recompute``: the same with --recompute-edges (memory against time);
 - ``nasops-graphs`` (CUDA; methods whose ``cuda_graphs`` is true): the same with
   --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
-  ``nasops-graphs-recompute``: with --recompute-edges too.
+  ``nasops-graphs-recompute``: with --recompute-edges too; ``nasops-graphs-nhwc``: in
+  channels_last (the device's time per layout, once the host no longer hides it).
 On CUDA also ``nasops-nchw`` and ``nasops-nhwc``, which decide --memory-format
 auto there (search.AUTO_MEMORY_FORMAT). Token networks (DASViT's vit space)
 have no layout to choose: ``eager`` replaces the two eager providers there.
@@ -76,6 +77,7 @@ PROVIDERS = {
     "nasops-recompute": ["--recompute-edges"],
     "nasops-graphs": ["--cuda-graphs"],
     "nasops-graphs-recompute": ["--cuda-graphs", "--recompute-edges"],
+    "nasops-graphs-nhwc": ["--cuda-graphs", "--memory-format", "channels_last"],
     "nasops-nchw": ["--memory-format", "contiguous"],
     "nasops-nhwc": ["--memory-format", "channels_last"],
     "eager": ["--backend", "eager"],  # token spaces: no layout to choose
@@ -89,7 +91,7 @@ DEFAULT_PROVIDERS = {
     ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
 LAYOUT_PROVIDERS = ("eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc")
-GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute")
+GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-nhwc")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
 # paper's search network: 8 cells, C = 16); the others carry small sizes of
@@ -140,7 +142,7 @@ def method_providers(method: str, device_kind: str, chosen: list[str] | None) ->
     kind = METHODS[method]["kind"]
     chosen = list(DEFAULT_PROVIDERS[(kind, device_kind)]) if chosen is None else chosen
     if kind == "tokens":
-        chosen = [p.split("-")[0] if p in LAYOUT_PROVIDERS else p for p in chosen]
+        chosen = [p.split("-")[0] if p in LAYOUT_PROVIDERS else p for p in chosen if p != "nasops-graphs-nhwc"]
     flags = METHODS[method]["flags"]
     if device_kind != "cuda" or not methods.get(flags[flags.index("--method") + 1]).cuda_graphs:
         chosen = [p for p in chosen if p not in GRAPHED_PROVIDERS]

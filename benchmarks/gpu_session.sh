@@ -22,10 +22,11 @@
 #      into benchmarks/RESULTS.md afterwards);
 #   checks: kernels' tests (no selftest), memcheck and racecheck in parallel;
 #   tests-all: the whole test suite on the GPU (every method's end-to-end tests);
-#   graphs: --cuda-graphs (nasops.cuda_graphs): its tests on the GPU (a graphed search
-#      equals the eager one: DARTS first order, second order, --recompute-edges; a
-#      two-stage DASViT search), then the
-#      DARTS step, first order, batch 64: eager NCHW against nasops NCHW, graphed, and
+#   graphs: --cuda-graphs (nasops.cuda_graphs): its tests on the GPU (each optimizer
+#      step's gradients graphed vs eager, DARTS first/second order x plain/recompute; a
+#      graphed search equals the eager one: DARTS first order, second order,
+#      --recompute-edges; a two-stage DASViT search), then the DARTS step, first order,
+#      batch 64: eager NCHW against nasops NCHW, graphed (NCHW and channels_last), and
 #      graphed with --recompute-edges (issue #14's GPU targets: >= 2x eager, <= 1
 #      GPU-hour; memory) -> $OUT/RESULTS-graphs.md;
 #   step: the whole DARTS search step (bench_search_step.py: eager NCHW/NHWC,
@@ -178,7 +179,7 @@ stage_graphs() {
   fi
   # at most 240 s (GRAPHS_MAX), so that the stages after it still get their turn
   STEP_MAX=${GRAPHS_MAX:-240} step_bench "search step with --cuda-graphs" RESULTS-graphs.md step-graphs.log --steps 5 \
-    --methods darts-1st --providers eager-nchw nasops-nchw nasops-graphs nasops-graphs-recompute \
+    --methods darts-1st --providers eager-nchw nasops-nchw nasops-graphs nasops-graphs-nhwc nasops-graphs-recompute \
     --plot "$OUT/search_step_cuda_graphs.png"
 }
 stage_step() {

@@ -62,6 +62,9 @@ def test_method_providers():
                                                                   "nasops-graphs-recompute"]) == ["nasops"]
     assert bench_search_step.method_providers("midas", "cuda", ["nasops-nchw", "nasops-graphs"]) == [
         "nasops-nchw"]
+    # a token network has no channels_last to graph
+    assert bench_search_step.method_providers("dasvit", "cuda", ["nasops-graphs", "nasops-graphs-nhwc"]) == [
+        "nasops-graphs"]
     # DARTS' size comes from --layers / --init-channels, the others carry their own
     assert bench_search_step.method_flags("darts-1st")[-4:] == ["--layers", "8", "--init-channels", "16"]
     assert "--embed-dim" in bench_search_step.method_flags("dasvit")
