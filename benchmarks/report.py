@@ -78,11 +78,12 @@ def fmt_mib(nbytes) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
-def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> dict:
+def run_op(bench: harness.OpBenchmark, device: str, quick: bool, progress=None) -> dict:
     """The op's tables and the bandwidths measured beside each case and mode:
     ``table`` / ``bandwidths`` (each step timed call by call, as a program calls the
     op) and on CUDA ``device_table`` / ``device_bandwidths`` / ``device_notes`` (the
-    same steps replayed from CUDA graphs: the device's own time)."""
+    same steps replayed from CUDA graphs: the device's own time). ``progress``
+    gets the result so far after each case (a run cut short keeps those rows)."""
     reps, warmup = (3, 1) if quick else (9, 2)
     kernels = [f"nasops-{b}" for b in harness.kernel_backends(device)]
     header = ["case", "mode", "eager ms", "compile ms"]
@@ -135,10 +136,12 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool) -> dict:
                       + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in dmed.items()), flush=True)
                 del replays
         del inputs, fns, probes
-    result = {"table": harness.markdown_table(header, rows), "bandwidths": bandwidths}
-    if device_rows:
-        result.update(device_table=harness.markdown_table(device_header, device_rows),
-                      device_bandwidths=device_bandwidths, device_notes=device_notes)
+        result = {"table": harness.markdown_table(header, rows), "bandwidths": bandwidths}
+        if device_rows:
+            result.update(device_table=harness.markdown_table(device_header, device_rows),
+                          device_bandwidths=device_bandwidths, device_notes=device_notes)
+        if progress is not None:
+            progress(result)
     return result
 
 
@@ -274,9 +277,11 @@ def main(argv=None) -> None:
     sections = {}
     for bench in benches:
         print(f"{bench.op}:", flush=True)
-        sections[(bench.op, kind)] = section(bench, kind, args.device, args.quick, command.strip(),
-                                             run_op(bench, args.device, args.quick))
-    update_results(args.out, sections)
+
+        def write(measured, bench=bench):  # after every case: a run cut short keeps its rows
+            sections[(bench.op, kind)] = section(bench, kind, args.device, args.quick, command.strip(), measured)
+            update_results(args.out, sections)
+        run_op(bench, args.device, args.quick, progress=write)
     print(f"wrote {os.path.relpath(args.out)}")
 
 

@@ -129,3 +129,16 @@ def test_op_sections_show_the_device_time_table_when_measured():
     text = report.section(bench, "cuda", "cpu", True, "cmd", measured)
     assert text.index("PER-CALL TABLE") < text.index("DEVICE TABLE") < text.index("<!-- END mixed_op cuda -->")
     assert "read 3000.0-3000.0 (median 3000.0) GB/s" in text and "- edge fwd, compile: not captured" in text
+
+
+def test_an_op_report_is_written_case_by_case():
+    """report.run_op hands the table so far to ``progress`` after every case, so that a
+    run cut short (a device session's deadline) keeps the rows it finished."""
+    report = _benchmarks_module("report")
+    bench = report.discover(["depthwise_conv2d"])[0]
+    seen = []
+    final = report.run_op(bench, "cpu", quick=True, progress=seen.append)
+    cases = len(bench.cases(True))
+    assert len(seen) == cases and seen[-1] == final and "device_table" not in final  # CPU: no graphs
+    rows = [m["table"].count("\n") - 1 for m in seen]  # header and rule lines aside
+    assert rows == [2 * (i + 1) for i in range(cases)]  # fwd and fwd+bwd per case
