@@ -72,10 +72,11 @@ class GraphedForward:
 
     ``trainable``: the parameters whose gradients a graphed backward may compute;
     a call's signature is which of them need grad then (at least one must), and
-    each signature gets its own graphs. ``capture`` (with
-    ``make_graphed_callables``' signature), ``pool`` (its memory-pool handle) and
-    ``device_type``: the tests' stand-ins, which run on the CPU. Counters
-    ``captures``, ``replayed`` and ``eager`` say what ran.
+    each signature gets its own graphs. ``pool``: the memory-pool handle they
+    share (default: a new one at the first capture). ``capture`` (with
+    ``make_graphed_callables``' signature) and ``device_type``: the tests'
+    stand-ins, which run on the CPU. Counters ``captures``, ``replayed`` and
+    ``eager`` say what ran.
     """
 
     def __init__(self, model: nn.Module, trainable, capture=None, device_type: str = "cuda",
