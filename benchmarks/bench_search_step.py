@@ -90,7 +90,9 @@ DEFAULT_PROVIDERS = {
     ("tokens", "cpu"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
     ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
-LAYOUT_PROVIDERS = ("eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc")
+# Layout providers -> the plain provider a token network (no layout) runs instead.
+LAYOUT_PROVIDERS = {"eager-nchw": "eager", "eager-nhwc": "eager", "nasops-nchw": "nasops",
+                    "nasops-nhwc": "nasops", "nasops-graphs-nhwc": "nasops-graphs"}
 GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-nhwc")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
@@ -136,13 +138,13 @@ def method_flags(method: str) -> list[str]:
 def method_providers(method: str, device_kind: str, chosen: list[str] | None) -> list[str]:
     """The providers to run for ``method``: ``chosen`` (--providers) or the default
     set of its kind of network. A token network has no layout: there the layout
-    providers stand for the plain ones (eager-nchw, eager-nhwc -> eager;
-    nasops-nchw, nasops-nhwc -> nasops). The graphed providers run on CUDA for the
+    providers stand for the plain ones (LAYOUT_PROVIDERS: eager-nchw, eager-nhwc ->
+    eager; nasops-nchw, nasops-nhwc -> nasops; nasops-graphs-nhwc -> nasops-graphs). The graphed providers run on CUDA for the
     methods that can be graphed (``cuda_graphs``), and are left out elsewhere."""
     kind = METHODS[method]["kind"]
     chosen = list(DEFAULT_PROVIDERS[(kind, device_kind)]) if chosen is None else chosen
     if kind == "tokens":
-        chosen = [p.split("-")[0] if p in LAYOUT_PROVIDERS else p for p in chosen if p != "nasops-graphs-nhwc"]
+        chosen = [LAYOUT_PROVIDERS.get(p, p) for p in chosen]
     flags = METHODS[method]["flags"]
     if device_kind != "cuda" or not methods.get(flags[flags.index("--method") + 1]).cuda_graphs:
         chosen = [p for p in chosen if p not in GRAPHED_PROVIDERS]

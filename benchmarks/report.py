@@ -105,10 +105,8 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool, progress=None) 
             faults: dict[str, list[int]] = {}
             times = harness.time_providers(fns, inputs, mode, device, warmup=warmup, reps=reps,
                                            probes=probes, faults=faults)
-            med = {name: harness.median(ts) for name, ts in times.items()}
-            bandwidth = {name: probe_bytes / med.pop(name) for name in probes}
+            med, bandwidth, floor = medians_and_floor(times, probes, probe_bytes, case, mode)
             bandwidths.append(bandwidth)
-            floor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), bandwidth)
             row = speedup_row(label, mode, med, floor, kernels)
             if device == "cpu":
                 row.append(" / ".join(f"{harness.median(faults[name]):.0f}" for name in fns))
@@ -124,13 +122,9 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool, progress=None) 
                     if isinstance(reason, str):
                         device_notes.append(f"{label} {mode}, {name}: not captured ({reason})")
                 device_times = harness.time_replays({n: r for n, r in replays.items() if callable(r)}, reps)
-                dmed = {name: harness.median(ts) for name, ts in device_times.items()}
-                if all(name in dmed for name in probes):
-                    dband = {name: probe_bytes / dmed.pop(name) for name in probes}
+                dmed, dband, dfloor = medians_and_floor(device_times, probes, probe_bytes, case, mode)
+                if dband is not None:
                     device_bandwidths.append(dband)
-                    dfloor = harness.floor_seconds(*case.floor_bytes(mode, torch.float32), dband)
-                else:
-                    dfloor = None
                 device_rows.append(speedup_row(label, mode, dmed, dfloor, kernels))
                 print(f"  {case.group} {mode}, device time: "
                       + ", ".join(f"{n} {fmt_ms(t)} ms" for n, t in dmed.items()), flush=True)
@@ -143,6 +137,17 @@ def run_op(bench: harness.OpBenchmark, device: str, quick: bool, progress=None) 
         if progress is not None:
             progress(result)
     return result
+
+
+def medians_and_floor(times: dict[str, list[float]], probes, probe_bytes: int, case, mode: str):
+    """(median seconds per provider, the bandwidth probes' bytes per second, the case's
+    traffic floor in seconds at that bandwidth) from ``times``, which holds providers
+    and probes alike; bandwidth and floor are None when a probe has no time."""
+    med = {name: harness.median(ts) for name, ts in times.items()}
+    if not all(name in med for name in probes):
+        return {n: t for n, t in med.items() if n not in probes}, None, None
+    bandwidth = {name: probe_bytes / med.pop(name) for name in probes}
+    return med, bandwidth, harness.floor_seconds(*case.floor_bytes(mode, torch.float32), bandwidth)
 
 
 def speedup_row(label: str, mode: str, med: dict[str, float], floor: float | None,

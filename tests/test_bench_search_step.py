@@ -62,7 +62,7 @@ def test_method_providers():
                                                                   "nasops-graphs-recompute"]) == ["nasops"]
     assert bench_search_step.method_providers("midas", "cuda", ["nasops-nchw", "nasops-graphs"]) == [
         "nasops-nchw"]
-    # a token network has no channels_last to graph
+    # a token network has no channels_last to graph: the graphed nhwc provider stands for the plain one
     assert bench_search_step.method_providers("dasvit", "cuda", ["nasops-graphs", "nasops-graphs-nhwc"]) == [
         "nasops-graphs"]
     # DARTS' size comes from --layers / --init-channels, the others carry their own

@@ -276,24 +276,32 @@ def _method(argv, image_size: int, device: str = "cpu"):
     return cls.from_args(model, args, device=torch.device(device), amp=None), args
 
 
+def _darts_pair(device: str, second_order: bool, recompute: bool):
+    """Two equal DARTS methods on ``device`` (TINY: 3 cells) with --recompute-edges as
+    asked, the first graphed (``graph_network``, real or stand-in); returns (graphed
+    method, eager method, its GraphedForward, three steps' (train, val) batches)."""
+    argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
+    (graphed_method, _), (eager_method, _) = _method(argv, 32, device), _method(argv, 32, device)
+    for m in (graphed_method, eager_method):
+        assert m.model.set_recompute_edges(recompute) == 3 * 14  # every edge of the 3 cells
+    graphed = graphed_method.graph_network()
+    g = torch.Generator().manual_seed(1)
+    batches = [[(torch.randn(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device))
+                for _ in range(2)] for _ in range(3)]
+    return graphed_method, eager_method, graphed, batches
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
 def test_darts_steps_through_the_graphed_forward_equal_eager(monkeypatch, second_order, recompute):
     """The DARTS step's calls, as a graphed network gets them (with --recompute-edges
     too): same losses, weights, alphas and running statistics as the eager
     network's after three steps."""
-    argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
-    (graphed_method, _), (eager_method, _) = _method(argv, 32), _method(argv, 32)
-    for m in (graphed_method, eager_method):
-        assert m.model.set_recompute_edges(recompute) == 3 * 14  # every edge of the 3 cells
     record = []
     _stand_in_for_cuda(monkeypatch, record)
-    graphed = graphed_method.graph_network()
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        batches = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
-                   for _ in range(2)]
-        a, b = graphed_method.step(*batches), eager_method.step(*batches)
+    graphed_method, eager_method, graphed, batches = _darts_pair("cpu", second_order, recompute)
+    for batch in batches:
+        a, b = graphed_method.step(*batch), eager_method.step(*batch)
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
         assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
     calls = 3 * (2 if not second_order else 5)  # forwards a step: arch + weight (+3 unrolled)
@@ -332,14 +340,7 @@ def _compare_step_gradients(device: str, second_order: bool, recompute: bool, rt
     not the alphas after the steps: Adam's first steps move an alpha by about its
     learning rate whatever the gradient's size, so a gradient near 0 whose sign
     rounding flips moves it by 2 x 3e-4, while its gradient error stays small."""
-    argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
-    (graphed_method, _), (eager_method, _) = _method(argv, 32, device), _method(argv, 32, device)
-    for m in (graphed_method, eager_method):
-        m.model.set_recompute_edges(recompute)
-    graphed = graphed_method.graph_network()
-    g = torch.Generator().manual_seed(1)
-    batches = [[(torch.randn(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device))
-                for _ in range(2)] for _ in range(3)]
+    graphed_method, eager_method, graphed, batches = _darts_pair(device, second_order, recompute)
     graphed_losses, graphed_steps = _step_gradients(graphed_method, batches)
     eager_losses, eager_steps = _step_gradients(eager_method, batches)
     assert (graphed.captures, graphed.eager) == (3 if second_order else 2, 0)
