@@ -18,6 +18,11 @@ Providers (PROVIDERS; add one with a line):
 - ``nasops``: the driver's defaults (nasops kernels, --memory-format auto);
 - ``nasops-compile``: the same with --compile;
 - ``nasops-recompute``: the same with --recompute-edges (memory against time);
+- ``nasops-torch-bn``: nasops' default with PyTorch's BatchNorm in place of the
+  search ops' AffineFreeBatchNorm2d (which keeps its output for the backward,
+  not its input): what that layer saves in memory, and whether it costs time
+  (the same kernels, one C++ autograd node); ``nasops-graphs-torch-bn``: the
+  same with --cuda-graphs (the device's time, once the host no longer hides it);
 - ``nasops-graphs`` (CUDA; methods whose ``cuda_graphs`` is true): the same with
   --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
   ``nasops-graphs-recompute``: with --recompute-edges too; ``nasops-graphs-nhwc``: in
@@ -67,6 +72,7 @@ import torch  # noqa: E402
 
 import nasops  # noqa: E402
 from nasops import methods, search  # noqa: E402
+from nasops.spaces.operations import use_torch_batch_norm  # noqa: E402
 
 # provider -> driver flags that select it
 PROVIDERS = {
@@ -75,6 +81,8 @@ PROVIDERS = {
     "nasops": [],
     "nasops-compile": ["--compile"],
     "nasops-recompute": ["--recompute-edges"],
+    "nasops-torch-bn": [],  # + MODEL_CHANGES
+    "nasops-graphs-torch-bn": ["--cuda-graphs"],  # + MODEL_CHANGES
     "nasops-graphs": ["--cuda-graphs"],
     "nasops-graphs-recompute": ["--cuda-graphs", "--recompute-edges"],
     "nasops-graphs-nhwc": ["--cuda-graphs", "--memory-format", "channels_last"],
@@ -90,10 +98,14 @@ DEFAULT_PROVIDERS = {
     ("tokens", "cpu"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
     ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
+# Providers whose network the benchmark changes after the method built it.
+MODEL_CHANGES = {"nasops-torch-bn": use_torch_batch_norm,
+                 "nasops-graphs-torch-bn": use_torch_batch_norm}
 # Layout providers -> the plain provider a token network (no layout) runs instead.
 LAYOUT_PROVIDERS = {"eager-nchw": "eager", "eager-nhwc": "eager", "nasops-nchw": "nasops",
                     "nasops-nhwc": "nasops", "nasops-graphs-nhwc": "nasops-graphs"}
-GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-nhwc")
+GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-nhwc",
+                     "nasops-graphs-torch-bn")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
 # paper's search network: 8 cells, C = 16); the others carry small sizes of
@@ -161,6 +173,8 @@ def build(provider: str, method: str, batch: int, device: torch.device, threads:
     torch.manual_seed(0)
     cls = methods.get(args.method)
     model = cls.build_model(args, _Data()).to(device)
+    if provider in MODEL_CHANGES:
+        MODEL_CHANGES[provider](model)
     model.train()
     method = cls.from_args(model, args, device=device, amp=None)
     search._prepare_network(method, args, device)
@@ -467,10 +481,11 @@ def _recompute_table(results: dict, cuda: bool) -> list[str]:
 
 
 def report(results: dict, device: torch.device, command: str, quick: bool,
-           threads: int | None, max_batches: dict | None) -> str:
+           threads: int | None, max_batches: dict | None, plot_name: str | None = None) -> str:
     """This script's RESULTS.md section. ``results``: (method, batch) -> {"time":
     {provider: [seconds]}, "memory": {provider: {...}}, "profile": ...}; the
-    providers of a result are its "time" keys, in order."""
+    providers of a result are its "time" keys, in order. ``plot_name``: the
+    plot's file name (default search_step_<device>.png)."""
     import datetime
 
     import harness
@@ -499,7 +514,7 @@ def report(results: dict, device: torch.device, command: str, quick: bool,
         f"- network: DARTS space {NETWORK['layers']} cells, C = {NETWORK['init_channels']}"
         + (f"; {'; '.join(others)}" if others else "") + f"; synthetic "
         f"{IMAGE[0]}x{IMAGE[1]}x{IMAGE[2]} images, {NUM_CLASSES} classes; float32",
-        f"- plot: `search_step_{kind}.png`",
+        f"- plot: `{plot_name or f'search_step_{kind}.png'}`",
         "",
         *time_tables,
         "",
@@ -614,9 +629,9 @@ def main(argv=None) -> None:
                                                          resolution=resolution, growth=1.125)
                 print(f"  largest batch {method} {p}: {max_batches[(method, p)]}", flush=True)
     from report import update_results
-    body = report(results, device, command.strip(), args.quick, args.threads, max_batches)
-    update_results(args.out, {("search_step", kind): body})
     plot_path = args.plot or args.out.parent / f"search_step_{kind}.png"
+    body = report(results, device, command.strip(), args.quick, args.threads, max_batches, plot_path.name)
+    update_results(args.out, {("search_step", kind): body})
     plot(results, plot_path, kind)
     print(f"wrote {args.out} and {plot_path}")
 

@@ -28,7 +28,8 @@
 #      --recompute-edges; a two-stage DASViT search), then the DARTS step, first order,
 #      batch 64: eager NCHW against nasops NCHW, graphed (NCHW and channels_last), and
 #      graphed with --recompute-edges (issue #14's GPU targets: >= 2x eager, <= 1
-#      GPU-hour; memory) -> $OUT/RESULTS-graphs.md;
+#      GPU-hour; memory), and graphed with nn.BatchNorm2d in place of
+#      AffineFreeBatchNorm2d (what that layer saves) -> $OUT/RESULTS-graphs.md;
 #   step: the whole DARTS search step (bench_search_step.py: eager NCHW/NHWC,
 #      nasops NCHW/NHWC, +graphs, +recompute; first and second order, batch 64; peak
 #      memory) and its projection to a 50-epoch first-order search (target
@@ -39,7 +40,8 @@
 #      order; nasops without recompute peaked as eager did on 2026-12-04)
 #      -> $OUT/RESULTS-maxbatch.md;
 #   step-profile: the device time of one step by op category against its wall time
-#      (first order, batch 64, eager and nasops): how far the step is bound by the host;
+#      (first order, batch 64, eager, nasops, nasops with PyTorch's BatchNorm): how far
+#      the step is bound by the host, and what each BatchNorm costs the device;
 #   step-compile: the step with --compile (first order; the compilation takes minutes).
 #   (STEP_MAX caps each step stage, default 540 s.)
 # Logs and results land in $OUT (default ./gpu-out), bundled at the end into
@@ -182,7 +184,7 @@ stage_graphs() {
   # at most 240 s (GRAPHS_MAX), so that the stages after it still get their turn
   STEP_MAX=${GRAPHS_MAX:-240} step_bench "search step with --cuda-graphs" RESULTS-graphs.md step-graphs.log --steps 5 \
     --methods darts-1st --providers eager-nchw nasops-nchw nasops-graphs nasops-graphs-nhwc nasops-graphs-recompute \
-    --plot "$OUT/search_step_cuda_graphs.png"
+    nasops-graphs-torch-bn --plot "$OUT/search_step_cuda_graphs.png"
 }
 stage_step() {
   step_bench "search step" RESULTS-step.md step.log --steps 5 --methods darts-1st darts-2nd \
@@ -202,7 +204,7 @@ stage_step-maxbatch() {
 }
 stage_step-profile() {
   step_bench "search step, device time by op" RESULTS-profile.md step-profile.log --steps 3 --no-memory --profile \
-    --methods darts-1st --providers eager-nchw nasops-nchw --plot "$OUT/search_step_cuda_profile.png"
+    --methods darts-1st --providers eager-nchw nasops-nchw nasops-torch-bn --plot "$OUT/search_step_cuda_profile.png"
 }
 stage_step-compile() {
   step_bench "search step with --compile" RESULTS-compile.md step-compile.log --steps 5 --methods darts-1st \

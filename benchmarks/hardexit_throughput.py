@@ -217,7 +217,7 @@ def markdown(result: dict, command: str, kind: str) -> str:
         f"{result['selection_top1']:.4f} on the selection split (full depth {result['full_depth_top1']:.4f})",
         f"- timed: {result['rounds']} batches of {result['batch_size']} held-out images per pass "
         f"({samples} samples), medians of {result['repeats']} passes, providers in rotating order",
-        f"- exit fractions of the timed samples: "
+        "- exit fractions of the timed samples: "
         + ", ".join(f"{f:.3f}" for f in result["exit_fractions"])
         + "; normalised costs c_i: " + ", ".join(f"{c:.3f}" for c in result["costs"]),
         "",

@@ -101,4 +101,14 @@ TORCH_LIBRARY(nasops, m) {
       "depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor weight, int[] stride, int[] padding, "
       "int[] dilation, bool relu_input, bool x_requires_grad, bool weight_requires_grad) "
       "-> (Tensor, Tensor)");
+
+  // ---- affine_free_batch_norm (the search ops' BatchNorm; csrc/batch_norm.cpp) --
+  // Not in SPEC 2: the search network's own layer (nasops.spaces.operations.
+  // AffineFreeBatchNorm2d). x: (N, C, ...) any float dtype and layout;
+  // running_mean, running_var: (C,) or None, updated in place with `momentum`
+  // as native_batch_norm does. Returns native_batch_norm's training output y;
+  // its backward keeps y and the batch invstd, not x.
+  m.def(
+      "affine_free_batch_norm(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "float momentum, float eps) -> Tensor");
 }

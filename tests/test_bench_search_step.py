@@ -62,6 +62,8 @@ def test_method_providers():
                                                                   "nasops-graphs-recompute"]) == ["nasops"]
     assert bench_search_step.method_providers("midas", "cuda", ["nasops-nchw", "nasops-graphs"]) == [
         "nasops-nchw"]
+    assert bench_search_step.method_providers("darts-1st", "cpu", ["nasops-torch-bn", "nasops-graphs-torch-bn"]) == [
+        "nasops-torch-bn"]
     # a token network has no channels_last to graph: the graphed nhwc provider stands for the plain one
     assert bench_search_step.method_providers("dasvit", "cuda", ["nasops-graphs", "nasops-graphs-nhwc"]) == [
         "nasops-graphs"]
@@ -127,6 +129,10 @@ def test_gpu_report_has_the_projection_and_the_largest_batches(monkeypatch):
     # 0.1 s x 390 steps x 50 epochs = 0.54 GPU-hours
     assert "| darts-1st | 64 | nasops-nchw | 0.54 |" in text
     assert "| darts-1st | nasops-nchw | 160 |" in text
+    assert "- plot: `search_step_cuda.png`" in text
+    # --plot elsewhere: the section names that plot
+    text = bench_search_step.report(results, torch.device("cuda"), "cmd", False, None, None, "bn.png")
+    assert "- plot: `bn.png`" in text
 
 
 def test_recompute_table_takes_the_time_ratio_per_round(monkeypatch):
@@ -153,3 +159,17 @@ def test_recompute_table_takes_the_time_ratio_per_round(monkeypatch):
     del results[("darts-1st", 64)]["time"]["nasops-recompute"]
     assert "recompute x nasops" not in bench_search_step.report(results, torch.device("cuda"), "cmd", False,
                                                                  None, None)
+
+
+def test_torch_bn_provider_runs_pytorchs_batch_norm(monkeypatch):
+    """nasops-torch-bn: nasops' default network with nn.BatchNorm2d where the
+    search ops have AffineFreeBatchNorm2d (the layers it compares)."""
+    from nasops.spaces.operations import AffineFreeBatchNorm2d
+    monkeypatch.setitem(bench_search_step.NETWORK, "layers", 3)
+    monkeypatch.setitem(bench_search_step.NETWORK, "init_channels", 4)
+    norms = {}
+    for provider in ("nasops", "nasops-torch-bn"):
+        method, _ = bench_search_step.build(provider, "darts-1st", 4, torch.device("cpu"), 1)
+        norms[provider] = [type(m) for m in method.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms["nasops"]) == len(norms["nasops-torch-bn"])
+    assert AffineFreeBatchNorm2d in norms["nasops"] and AffineFreeBatchNorm2d not in norms["nasops-torch-bn"]

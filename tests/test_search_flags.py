@@ -32,6 +32,14 @@ def _assert_same_run(a, b, out_a, out_b, rtol, atol):
     sa, sb = _state(out_a), _state(out_b)
     assert sa.keys() == sb.keys()
     for key in sa:  # weights, alphas, BatchNorm running statistics and counters
+        if key.startswith("alphas"):
+            # Adam's first steps are nearly lr * sign(grad): a rounding-size difference in
+            # a gradient near 0 moves that alpha by up to twice the learning rate (3e-4,
+            # about an alpha's own size), so the alphas are compared in norm. A missed
+            # or wrong update is an error near 1.
+            a, b = sa[key].double(), sb[key].double()
+            assert float((a - b).norm() / a.norm()) <= 1e-2, key
+            continue
         torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=rtol, atol=atol, msg=key)
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nasops.ops
+from nasops.backend import extension_loaded
 
 DARTS_OPS = (
     "none",
@@ -33,6 +34,79 @@ RDARTS_EXTRA_OPS = ("noise",)
 NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 
 
+def batch_norm(C: int, affine: bool) -> nn.BatchNorm2d:
+    """The BatchNorm of an op: ``nn.BatchNorm2d`` with affine parameters (a
+    trained network's), :class:`AffineFreeBatchNorm2d` without (a search network's)."""
+    return nn.BatchNorm2d(C) if affine else AffineFreeBatchNorm2d(C)
+
+
+class AffineFreeBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d(C, affine=False)`` whose training backward keeps its
+    output instead of its input.
+
+    Why: without affine parameters the output y *is* the normalised input
+    the backward needs (dx = invstd * (dy - mean(dy) - y * mean(dy * y))), and
+    the op after a BatchNorm keeps y anyway (the next depthwise conv in a
+    SepConv, the mixed sum after an op's last BatchNorm), while PyTorch's
+    BatchNorm keeps its input, the pointwise conv's output, for nothing else.
+    Keeping y frees that map: 6 of the 18 maps a DARTS edge's convolutions keep
+    for the backward (benchmarks/RESULTS.md, "seventh round").
+
+    The op ``torch.ops.nasops.affine_free_batch_norm`` (csrc/batch_norm.cpp, a
+    C++ autograd node: a Python autograd.Function cost ~30 us a call, 2-3 % of
+    a CPU search step). Same forward (``native_batch_norm``, the kernel
+    F.batch_norm calls for an affine-free layer on the CPU and on CUDA, where
+    cuDNN's needs affine parameters), same state dict, same running statistics. The backward is
+    ``native_batch_norm_backward`` on y with zero mean, unit invstd and invstd
+    as the weight: the same formula, with x^ read from y instead of recomputed
+    from x (equal up to rounding; under autocast y has the half-precision
+    input's dtype, as x had). Used when the layer trains on an input that needs
+    a gradient, outside torch.compile (whose partitioner decides itself what a
+    compiled graph keeps) and with ``nasops._C`` built; everything else is
+    ``nn.BatchNorm2d``'s forward. Once differentiable (no double backward
+    through it).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 track_running_stats: bool = True):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=False,
+                         track_running_stats=track_running_stats)
+
+    def forward(self, x):
+        if (not (self.training and torch.is_grad_enabled() and x.requires_grad)
+                or torch.compiler.is_compiling() or not extension_loaded()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        # nn.BatchNorm2d's update rule (momentum None: a cumulative average)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return torch.ops.nasops.affine_free_batch_norm(x, *running, momentum, self.eps)
+
+
+def use_torch_batch_norm(net: nn.Module) -> int:
+    """Replace every :class:`AffineFreeBatchNorm2d` in ``net`` by ``nn.BatchNorm2d(affine=False)``
+    with the same state: the search network as it ran before them, for comparisons
+    (benchmarks/bench_search_step.py's ``nasops-torch-bn``, the tests). Returns the
+    number of layers replaced."""
+    replaced = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is AffineFreeBatchNorm2d:
+                torch_bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, affine=False,
+                                          track_running_stats=child.track_running_stats)
+                torch_bn = torch_bn.to(device=child.running_mean.device, dtype=child.running_mean.dtype) \
+                    if child.running_mean is not None else torch_bn
+                torch_bn.load_state_dict(child.state_dict())
+                torch_bn.train(child.training)
+                setattr(module, name, torch_bn)
+                replaced += 1
+    return replaced
+
+
 class ReLUConvBN(nn.Module):
     """ReLU -> Conv -> BN (the DARTS preprocessing and conv building block)."""
 
@@ -41,7 +115,7 @@ class ReLUConvBN(nn.Module):
         self.op = nn.Sequential(
             nn.ReLU(inplace=False),
             nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=conv_bias),
-            nn.BatchNorm2d(C_out, affine=affine),
+            batch_norm(C_out, affine),
         )
 
     def forward(self, x):
@@ -94,7 +168,7 @@ class DilConv(_ReadsUnfusedStateDicts):
         self.op = nn.Sequential(
             ReLUDepthwiseConv2d(C_in, kernel_size, stride, padding, dilation),
             nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            batch_norm(C_out, affine),
         )
 
     def forward(self, x):
@@ -112,10 +186,10 @@ class SepConv(_ReadsUnfusedStateDicts):
         self.op = nn.Sequential(
             ReLUDepthwiseConv2d(C_in, kernel_size, stride, padding),
             nn.Conv2d(C_in, C_in, 1, bias=False),
-            nn.BatchNorm2d(C_in, affine=affine),
+            batch_norm(C_in, affine),
             ReLUDepthwiseConv2d(C_in, kernel_size, 1, padding),
             nn.Conv2d(C_in, C_out, 1, bias=False),
-            nn.BatchNorm2d(C_out, affine=affine),
+            batch_norm(C_out, affine),
         )
 
     def forward(self, x):
@@ -137,7 +211,7 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.bn = batch_norm(C_out, affine)
 
     def forward(self, x):
         x = self.relu(x)
@@ -208,7 +282,7 @@ def make_darts_op(name: str, C: int, stride: int, *, search: bool = True) -> nn.
     if name in ("max_pool_3x3", "avg_pool_3x3"):
         pool = (nn.MaxPool2d(3, stride=stride, padding=1) if name == "max_pool_3x3"
                 else AvgPool3x3(stride))
-        return nn.Sequential(pool, nn.BatchNorm2d(C, affine=False)) if search else pool
+        return nn.Sequential(pool, AffineFreeBatchNorm2d(C)) if search else pool
     if name == "skip_connect":
         return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
     if name == "sep_conv_3x3":
