@@ -30,12 +30,8 @@ BASE = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-si
 TINY = [*BASE, "--stage-depths", "1", "2", "--stage-keep", "3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks: a thread pool costs more than it gains (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -28,13 +28,8 @@ TINY = ["--init-channels", "4", "--batch-size", "16", "--threads", "1", "--quiet
         "--holdout-portion", "0.1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a thread pool only costs time (the driver runs take --threads 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks: a thread pool costs more than it gains (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(space, out, *extra):

@@ -30,14 +30,8 @@ BACKENDS = ["eager", *kernel_backends("cpu")]
 MIDAS_SPACES = ("darts", "rdarts-s1", "rdarts-s2", "rdarts-s3", "rdarts-s4", "nb201")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a thread pool costs more than it gains, badly so on a busy
-    machine (the driver runs the digits with one thread for the same reason)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Tiny networks: a thread pool costs more than it gains (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _midas(space, out, *extra):

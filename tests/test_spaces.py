@@ -27,14 +27,8 @@ BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_con
 ALL_SKIP = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks run hundreds of tiny ops: on a busy 2-core machine, intra-op
-    threads cost 20-100x more in synchronisation than they gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks: a thread pool costs more than it gains (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(space, **kw):
@@ -55,6 +49,11 @@ def rdarts_spec():
 
 
 # ---- structure ------------------------------------------------------------------------
+
+def test_tests_here_run_with_one_thread():
+    """conftest.py's one_thread fixture is in force (pytestmark above)."""
+    assert torch.get_num_threads() == 1
+
 
 def test_build_rejects_unknown_space():
     with pytest.raises(ValueError, match=r"space: expected one of .*'darts'.*'rdarts-s4'.*got 'dart'"):

@@ -19,12 +19,8 @@ from nasops.spaces.vit import VIT_OPS, VitMixedEdge, VitSearchNetwork
 PARAMETRIC = [n for n in VIT_OPS if n not in ("none", "skip_connect")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny networks: a thread pool costs more than it gains (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(**kw):

@@ -104,6 +104,36 @@ class DartsCell(nn.Module):
         return torch.cat(states[2:], dim=1)
 
 
+def darts_stack(in_channels: int, C: int, layers: int, stem_multiplier: int, make_cell):
+    """The DARTS macro-architecture, shared by the search network and the trained one
+    (``nasops.spaces.discrete``): a 3x3 conv + BN stem of ``stem_multiplier * C``
+    channels, then ``layers`` cells, those at 1/3 and 2/3 of the depth reduction
+    cells that halve the map and double the channels.
+
+    ``make_cell(cell_type, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)``
+    builds one cell ("normal" or "reduce"; the channels of its two inputs and of each
+    node) and returns ``(cell, its output channels)``. Returns ``(stem, cells, the
+    output channels after each cell)``; modules are built in network order (the
+    initialisation draws from the RNG in that order).
+    """
+    C_curr = stem_multiplier * C
+    stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+    C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+    cells, channels = nn.ModuleList(), []
+    reduction_prev = False
+    for i in range(layers):
+        reduction = i in (layers // 3, 2 * layers // 3)
+        if reduction:
+            C_curr *= 2
+        cell, C_out = make_cell("reduce" if reduction else "normal", C_prev_prev, C_prev, C_curr, reduction,
+                                reduction_prev)
+        cells.append(cell)
+        channels.append(C_out)
+        reduction_prev = reduction
+        C_prev_prev, C_prev = C_prev, C_out
+    return stem, cells, channels
+
+
 class DartsSearchNetwork(SearchNetwork):
     """The DARTS search network over per-edge candidate op lists (see the module doc).
 
@@ -136,23 +166,11 @@ class DartsSearchNetwork(SearchNetwork):
                 raise ValueError(f"edge_ops[{t!r}]: every edge needs the same number of ops")
             self._edge_ops[t] = ops
 
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(C_curr))
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-            cell_type = "reduce" if reduction else "normal"
-            self.cells.append(cell(self._edge_ops[cell_type], nodes, C_prev_prev, C_prev,
-                                   C_curr, reduction, reduction_prev))
-            reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, nodes * C_curr
+        self.stem, self.cells, channels = darts_stack(
+            in_channels, C, layers, stem_multiplier,
+            lambda cell_type, *sizes: (cell(self._edge_ops[cell_type], nodes, *sizes), nodes * sizes[2]))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        self.classifier = nn.Linear(channels[-1], num_classes)
 
         # DARTS initialises the alphas to 1e-3 * N(0, 1): nearly uniform mixing.
         for t in self.cell_types if alphas else ():

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nasops.spaces import nb201, rdarts
-from nasops.spaces.darts import edge_ends
+from nasops.spaces.darts import darts_stack, edge_ends
 from nasops.spaces.nb201 import parse_arch
 from nasops.spaces.operations import DARTS_OPS, FactorizedReduce, ReLUConvBN, make_darts_op, make_nb201_op
 
@@ -214,25 +214,14 @@ class DartsNetwork(nn.Module):
         self.genotype = cells
         self.drop_path_prob = 0.0
         self.aux_position = 2 * layers // 3
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(C_curr))
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        C_aux = None
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-            t = "reduce" if reduction else "normal"
-            cell = DartsTrainCell(cells[t], cells[f"{t}_concat"], C_prev_prev, C_prev, C_curr, reduction,
-                                  reduction_prev)
-            self.cells.append(cell)
-            reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
-            if i == self.aux_position:
-                C_aux = C_prev
+
+        def make_cell(t, *sizes):
+            cell = DartsTrainCell(cells[t], cells[f"{t}_concat"], *sizes)
+            return cell, cell.multiplier * sizes[2]
+
+        self.stem, self.cells, channels = darts_stack(in_channels, C, layers, stem_multiplier, make_cell)
+        C_prev = channels[-1]
+        C_aux = channels[self.aux_position]
         self.auxiliary_head = AuxiliaryHead(C_aux, num_classes) if auxiliary else None
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
