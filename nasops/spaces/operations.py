@@ -56,11 +56,11 @@ class AffineFreeBatchNorm2d(nn.BatchNorm2d):
     C++ autograd node: a Python autograd.Function cost ~30 us a call, 2-3 % of
     a CPU search step). Same forward (``native_batch_norm``, the kernel
     F.batch_norm calls for an affine-free layer on the CPU and on CUDA, where
-    cuDNN's needs affine parameters), same state dict, same running statistics. The backward is
-    ``native_batch_norm_backward`` on y with zero mean, unit invstd and invstd
-    as the weight: the same formula, with x^ read from y instead of recomputed
-    from x (equal up to rounding; under autocast y has the half-precision
-    input's dtype, as x had). Used when the layer trains on an input that needs
+    cuDNN's needs affine parameters), same state dict, same running
+    statistics. The backward is ``native_batch_norm_backward`` on y with zero
+    mean, unit invstd and invstd as the weight: the same formula, with x^ read
+    from y instead of recomputed from x (equal up to rounding; under autocast
+    y has the half-precision input's dtype, as x had). Used when the layer trains on an input that needs
     a gradient, outside torch.compile (whose partitioner decides itself what a
     compiled graph keeps) and with ``nasops._C`` built; everything else is
     ``nn.BatchNorm2d``'s forward. Once differentiable (no double backward
@@ -95,15 +95,16 @@ def use_torch_batch_norm(net: nn.Module) -> int:
     replaced = 0
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is AffineFreeBatchNorm2d:
-                torch_bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, affine=False,
-                                          track_running_stats=child.track_running_stats)
-                torch_bn = torch_bn.to(device=child.running_mean.device, dtype=child.running_mean.dtype) \
-                    if child.running_mean is not None else torch_bn
-                torch_bn.load_state_dict(child.state_dict())
-                torch_bn.train(child.training)
-                setattr(module, name, torch_bn)
-                replaced += 1
+            if type(child) is not AffineFreeBatchNorm2d:
+                continue
+            torch_bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, affine=False,
+                                      track_running_stats=child.track_running_stats)
+            if child.running_mean is not None:  # the statistics' device and dtype
+                torch_bn.to(child.running_mean)
+            torch_bn.load_state_dict(child.state_dict())
+            torch_bn.train(child.training)
+            setattr(module, name, torch_bn)
+            replaced += 1
     return replaced
 
 
