@@ -26,7 +26,11 @@ Providers (PROVIDERS; add one with a line):
 - ``nasops-graphs`` (CUDA; methods whose ``cuda_graphs`` is true): the same with
   --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
   ``nasops-graphs-recompute``: with --recompute-edges too; ``nasops-graphs-nhwc``: in
-  channels_last (the device's time per layout, once the host no longer hides it).
+  channels_last (the device's time per layout, once the host no longer hides it);
+  ``nasops-graphs-triton``: with --backend triton, every op's Triton kernels (the
+  depthwise convolutions' fused ReLU among them, which 'auto' does not pick on
+  CUDA before this measures it: nasops/ops/depthwise_conv2d.py); ``nasops-triton``
+  (CUDA): the same without graphs (its device time by op, --profile).
 On CUDA also ``nasops-nchw`` and ``nasops-nhwc``, which decide --memory-format
 auto there (search.AUTO_MEMORY_FORMAT). Token networks (DASViT's vit space)
 have no layout to choose: ``eager`` replaces the two eager providers there.
@@ -86,6 +90,8 @@ PROVIDERS = {
     "nasops-graphs": ["--cuda-graphs"],
     "nasops-graphs-recompute": ["--cuda-graphs", "--recompute-edges"],
     "nasops-graphs-nhwc": ["--cuda-graphs", "--memory-format", "channels_last"],
+    "nasops-graphs-triton": ["--cuda-graphs", "--backend", "triton"],
+    "nasops-triton": ["--backend", "triton"],
     "nasops-nchw": ["--memory-format", "contiguous"],
     "nasops-nhwc": ["--memory-format", "channels_last"],
     "eager": ["--backend", "eager"],  # token spaces: no layout to choose
@@ -105,7 +111,7 @@ MODEL_CHANGES = {"nasops-torch-bn": use_torch_batch_norm,
 LAYOUT_PROVIDERS = {"eager-nchw": "eager", "eager-nhwc": "eager", "nasops-nchw": "nasops",
                     "nasops-nhwc": "nasops", "nasops-graphs-nhwc": "nasops-graphs"}
 GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-nhwc",
-                     "nasops-graphs-torch-bn")
+                     "nasops-graphs-torch-bn", "nasops-graphs-triton")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
 # paper's search network: 8 cells, C = 16); the others carry small sizes of
@@ -224,7 +230,7 @@ def time_providers(providers, method, batch, device, steps, warmup, threads, pro
 
 # Op categories of a step's profile: the first pattern an op's name contains wins.
 CATEGORIES = [
-    ("convolution", ("convolution", "conv2d", "conv_depthwise")),
+    ("convolution", ("convolution", "conv2d", "conv_depthwise", "depthwise")),  # + nasops' Triton kernels
     ("batch norm", ("batch_norm",)),
     ("relu", ("clamp_min", "relu", "threshold_backward")),
     ("pooling", ("pool2d",)),

@@ -10,6 +10,8 @@
 #      copied to $OUT, so that a later call (a fresh machine) can carry it instead of
 #      building again: put it back in nasops/, name it in the run's `carry`, and set
 #      NASOPS_PREBUILT=1 (only while csrc/ is unchanged);
+#   depthwise: the Triton depthwise convolutions (never run on a GPU before): their tests
+#      on CUDA tensors, then compute-sanitizer memcheck over a few of them;
 #   kernels: the op tests on CUDA tensors (backends cuda, triton and eager: tests
 #      use CUDA tensors when a GPU is visible; in parallel when pytest-xdist is there),
 #      then python -m nasops.selftest (what a user runs after installing) in float32,
@@ -28,8 +30,10 @@
 #      --recompute-edges; a two-stage DASViT search), then the DARTS step, first order,
 #      batch 64: eager NCHW against nasops NCHW, graphed (NCHW and channels_last), and
 #      graphed with --recompute-edges (issue #14's GPU targets: >= 2x eager, <= 1
-#      GPU-hour; memory), and graphed with nn.BatchNorm2d in place of
-#      AffineFreeBatchNorm2d (what that layer saves) -> $OUT/RESULTS-graphs.md;
+#      GPU-hour; memory), graphed with nn.BatchNorm2d in place of
+#      AffineFreeBatchNorm2d (what that layer saves), and graphed with --backend triton
+#      (the Triton depthwise convolutions with the ReLU fused, not yet 'auto' on CUDA)
+#      -> $OUT/RESULTS-graphs.md;
 #   step: the whole DARTS search step (bench_search_step.py: eager NCHW/NHWC,
 #      nasops NCHW/NHWC, +graphs, +recompute; first and second order, batch 64; peak
 #      memory) and its projection to a 50-epoch first-order search (target
@@ -40,15 +44,16 @@
 #      order; nasops without recompute peaked as eager did on 2026-12-04)
 #      -> $OUT/RESULTS-maxbatch.md;
 #   step-profile: the device time of one step by op category against its wall time
-#      (first order, batch 64, eager, nasops, nasops with PyTorch's BatchNorm): how far
-#      the step is bound by the host, and what each BatchNorm costs the device;
+#      (first order, batch 64, eager, nasops, nasops with PyTorch's BatchNorm, nasops
+#      with --backend triton): how far the step is bound by the host, and what each
+#      BatchNorm and each depthwise convolution costs the device;
 #   step-compile: the step with --compile (first order; the compilation takes minutes).
 #   (STEP_MAX caps each step stage, default 540 s.)
 # Logs and results land in $OUT (default ./gpu-out), bundled at the end into
 # $OUT/results.tgz beside summary.txt and the built extension; the last lines printed
-# are the summary. Usage, from the repository root (default: build graphs step-maxbatch
-# step-profile bench, what is still unmeasured, most wanted first; on 2026-12-04 the op
-# tests passed on CUDA and the sanitizers found nothing):
+# are the summary. Usage, from the repository root (default: build depthwise graphs
+# step-maxbatch step-profile bench, what is still unmeasured, most wanted first; on
+# 2026-12-04 the other op tests passed on CUDA and the sanitizers found nothing):
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -87,7 +92,8 @@ stage_build() {
 # The three checks that need the GPU but time nothing; each takes its time limit.
 kernel_tests() {
   timeout "$1" python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" "${CUDA_TESTS[@]}" \
-    tests/test_mixed_op_triton.py tests/test_layouts.py tests/test_triton_launches.py > "$OUT/kernels.log" 2>&1
+    tests/test_mixed_op_triton.py tests/test_layouts.py tests/test_triton_launches.py tests/test_depthwise_conv2d.py \
+    > "$OUT/kernels.log" 2>&1
 }
 # compute-sanitizer TOOL over the CUDA-backend op tests (not -x: one failing test must
 # not end the check of the others). racecheck looks at shared memory, which only the
@@ -125,6 +131,24 @@ stage_sanitizer() {
     sanitize "$tool" "$t"
     sanitizer_summary "$tool" $? "$start"
   done
+}
+
+stage_depthwise() {
+  local t start
+  if t=$(budget "depthwise tests" 150 30); then
+    start=$SECONDS
+    timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" -k triton tests/test_depthwise_conv2d.py \
+      > "$OUT/depthwise-tests.log" 2>&1
+    summary "depthwise tests (GPU, Triton): rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/depthwise-tests.log")"
+  fi
+  if t=$(budget "compute-sanitizer memcheck, depthwise" 90 30); then
+    start=$SECONDS
+    timeout "$t" compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 python3 -m pytest -q \
+      -p no:cacheprovider -k "triton_launches or triton_many or triton_half" tests/test_depthwise_conv2d.py \
+      > "$OUT/sanitizer-depthwise.log" 2>&1
+    summary "compute-sanitizer memcheck, depthwise: rc=$? ($((SECONDS - start)) s):" \
+      "$(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer-depthwise.log"); $(grep -E '(passed|failed)' "$OUT/sanitizer-depthwise.log" | tail -1)"
+  fi
 }
 
 # checks: the kernel tests, memcheck and racecheck at once (16 cores), for a call with
@@ -184,7 +208,7 @@ stage_graphs() {
   # at most 240 s (GRAPHS_MAX), so that the stages after it still get their turn
   STEP_MAX=${GRAPHS_MAX:-240} step_bench "search step with --cuda-graphs" RESULTS-graphs.md step-graphs.log --steps 5 \
     --methods darts-1st --providers eager-nchw nasops-nchw nasops-graphs nasops-graphs-nhwc nasops-graphs-recompute \
-    nasops-graphs-torch-bn --plot "$OUT/search_step_cuda_graphs.png"
+    nasops-graphs-torch-bn nasops-graphs-triton --plot "$OUT/search_step_cuda_graphs.png"
 }
 stage_step() {
   step_bench "search step" RESULTS-step.md step.log --steps 5 --methods darts-1st darts-2nd \
@@ -204,7 +228,8 @@ stage_step-maxbatch() {
 }
 stage_step-profile() {
   step_bench "search step, device time by op" RESULTS-profile.md step-profile.log --steps 3 --no-memory --profile \
-    --methods darts-1st --providers eager-nchw nasops-nchw nasops-torch-bn --plot "$OUT/search_step_cuda_profile.png"
+    --methods darts-1st --providers eager-nchw nasops-nchw nasops-torch-bn nasops-triton \
+    --plot "$OUT/search_step_cuda_profile.png"
 }
 stage_step-compile() {
   step_bench "search step with --compile" RESULTS-compile.md step-compile.log --steps 5 --methods darts-1st \
@@ -214,7 +239,7 @@ stage_step-compile() {
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   | tee -a "$OUT/device.txt"
-for stage in ${*:-build graphs step-maxbatch step-profile bench}; do
+for stage in ${*:-build depthwise graphs step-maxbatch step-profile bench}; do
   if ! declare -F "stage_$stage" > /dev/null; then summary "unknown stage: $stage"; continue; fi
   "stage_$stage" || { [[ $stage == build ]] && break; }
 done

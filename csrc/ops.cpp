@@ -86,8 +86,10 @@ TORCH_LIBRARY(nasops, m) {
   m.def("scatter_rows(Tensor y, Tensor idx, int n) -> Tensor");
 
   // ---- depthwise_conv2d (the search step's depthwise convolutions) ------------
-  // Not in SPEC 2: the step's own op (issue 14). CPU kernel only; other devices
-  // run the PyTorch expression (nasops/ops/depthwise_conv2d.py).
+  // Not in SPEC 2: the step's own op (issue 14). Compiled: a CPU kernel only;
+  // the Triton kernels (nasops/triton/depthwise_conv2d.py) have this schema as
+  // depthwise_conv2d_triton; other cases run the PyTorch expression
+  // (nasops/ops/depthwise_conv2d.py).
   // x: (N, C, H, W) f32/f64, read in channels_last order (other strides are
   // copied once); weight: (C, 1, KH, KW), x's dtype; stride, padding, dilation: 2 ints.
   // Returns conv2d(relu(x) if relu_input else x, weight, groups=C), channels_last.

@@ -151,11 +151,14 @@ def _rows_run(i, backend):
     return kept, ops.scatter_rows(kept * 2, i["idx"], 9, backend=backend)
 
 
-def _depthwise_make(dtype, device, gen):
-    # channels_last: the layout the CPU kernel runs on (contiguous maps run PyTorch's convolution).
-    x = _randn(gen, 3, 19, 7, 9, dtype=dtype, device=device, grad=False)
-    return {"x": x.contiguous(memory_format=torch.channels_last).requires_grad_(),
-            "weight": _randn(gen, 19, 1, 5, 3, dtype=dtype, device=device)}
+def _depthwise_make(layout):
+    # channels_last: the layout the CPU kernel runs on (contiguous maps run PyTorch's convolution
+    # there); the Triton kernels run both (contiguous: the driver's layout on CUDA).
+    def make(dtype, device, gen):
+        x = _randn(gen, 3, 19, 7, 9, dtype=dtype, device=device, grad=False)
+        return {"x": x.contiguous(memory_format=layout).requires_grad_(),
+                "weight": _randn(gen, 19, 1, 5, 3, dtype=dtype, device=device)}
+    return make
 
 
 def _depthwise_run(stride, padding, dilation):
@@ -185,9 +188,11 @@ def cases() -> list[Case]:
         *[Case("topk_tokens", f"gate {gate}, N=11, keep 5", _tokens_make, _tokens_run(gate), factor=2, exact=(1,))
           for gate in ("none", "straight_through", "sigmoid")],
         Case("gather_rows/scatter_rows", "(7, 3, 5), 4 rows", _rows_make, _rows_run, factor=1),
-        Case("depthwise_conv2d", "ReLU, 5x3, C=19, 7x9", _depthwise_make, _depthwise_run(1, (2, 1), 1),
-             factor=4),
-        Case("depthwise_conv2d", "ReLU, 5x3 dilated, stride 2", _depthwise_make,
+        Case("depthwise_conv2d", "ReLU, 5x3, C=19, 7x9", _depthwise_make(torch.channels_last),
+             _depthwise_run(1, (2, 1), 1), factor=4),
+        Case("depthwise_conv2d", "ReLU, 5x3 dilated, stride 2", _depthwise_make(torch.channels_last),
+             _depthwise_run((2, 1), (4, 1), (2, 1)), factor=4),
+        Case("depthwise_conv2d", "ReLU, 5x3 dilated, stride 2, contiguous", _depthwise_make(torch.contiguous_format),
              _depthwise_run((2, 1), (4, 1), (2, 1)), factor=4),
     ]
 

@@ -1,6 +1,7 @@
 """depthwise_conv2d (the search step's ReLU -> depthwise conv) against PyTorch's
-own convolution in float64, on the compiled CPU kernel and on the paths that
-fall back to PyTorch."""
+own convolution in float64, on the compiled CPU kernel, on the Triton kernels
+(through the interpreter here: tests/conftest.py) and on the paths that fall
+back to PyTorch."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +9,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import nasops
 from nasops.ops import depthwise_conv2d
-from helpers import assert_close, kernel_backends
+from helpers import DEVICE, assert_close, kernel_backends, triton_launches
 
 needs_cpu_kernel = pytest.mark.skipif("cpu" not in kernel_backends("cpu"),
                                       reason="needs the compiled CPU kernel")
+# (backend, layout) pairs whose kernels run here: the C++ kernel reads channels_last
+# maps; the Triton kernels read both layouts (on CUDA, or in the interpreter).
+KERNELS = ([("cpu", "nhwc")] if "cpu" in kernel_backends("cpu") else []) + \
+    [("triton", layout) for layout in ("nchw", "nhwc") if "triton" in kernel_backends(DEVICE)]
+KERNEL_DEVICE = {"cpu": "cpu", "triton": DEVICE}
 
 
 def expected(x, w, stride, padding, dilation, relu_input):
@@ -26,6 +33,10 @@ def expected(x, w, stride, padding, dilation, relu_input):
 
 def nhwc(t):
     return t.contiguous(memory_format=torch.channels_last)
+
+
+def in_layout(t, layout):
+    return nhwc(t) if layout == "nhwc" else t.contiguous()
 
 
 # (C, H, W, kernel, stride, padding, dilation): DARTS' sep/dil convs and pool, then
@@ -49,46 +60,51 @@ GEOMETRIES = [
 ]
 
 
-@needs_cpu_kernel
+@pytest.mark.parametrize("kernel", KERNELS, ids="-".join)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 @pytest.mark.parametrize("relu_input", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_matches_torch_in_float64(geometry, relu_input, dtype):
-    C, H, W, kernel, stride, padding, dilation = geometry
+def test_kernel_matches_torch_in_float64(kernel, geometry, relu_input, dtype):
+    backend, layout = kernel
+    C, H, W, size, stride, padding, dilation = geometry
     torch.manual_seed(0)
-    x = nhwc(torch.randn(3, C, H, W, dtype=dtype)).requires_grad_()
-    w = torch.randn(C, 1, *kernel, dtype=dtype, requires_grad=True)
+    x = in_layout(torch.randn(3, C, H, W, dtype=dtype), layout).to(KERNEL_DEVICE[backend]).requires_grad_()
+    w = torch.randn(C, 1, *size, dtype=dtype).to(x.device).requires_grad_()
     y = depthwise_conv2d(x, w, stride=stride, padding=padding, dilation=dilation, relu_input=relu_input,
-                         backend="cpu")
+                         backend=backend)
     x64, w64, want = expected(x, w, stride, padding, dilation, relu_input)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    # The C++ kernel returns channels_last, the Triton kernels x's layout: here the same.
+    format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=format)
     assert_close(y, want, dtype, what="y")
     g = torch.randn_like(want)
     gx, gw = torch.autograd.grad(y, (x, w), g.to(dtype))
     gx_want, gw_want = torch.autograd.grad(want, (x64, w64), g)
-    assert gx.is_contiguous(memory_format=torch.channels_last)
+    assert gx.is_contiguous(memory_format=format)
     assert_close(gx, gx_want, dtype, what="grad x")
     assert_close(gw, gw_want, dtype, scale=y[:, 0].numel() ** 0.5, what="grad weight")
 
 
-@needs_cpu_kernel
-def test_gradcheck_float64():
-    x = nhwc(torch.randn(2, 3, 5, 4, dtype=torch.float64)).requires_grad_()
-    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("kernel", KERNELS, ids="-".join)
+def test_gradcheck_float64(kernel):
+    backend, layout = kernel
+    x = in_layout(torch.randn(2, 3, 5, 4, dtype=torch.float64), layout).to(KERNEL_DEVICE[backend])
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, device=x.device, requires_grad=True)
     for stride in (1, 2):
         assert torch.autograd.gradcheck(
-            lambda a, b: depthwise_conv2d(a, b, stride=stride, padding=1, relu_input=True, backend="cpu"),
-            (x, w))
+            lambda a, b: depthwise_conv2d(a, b, stride=stride, padding=1, relu_input=True, backend=backend),
+            (x.requires_grad_(), w))
 
 
-@needs_cpu_kernel
-def test_relu_keeps_nan_and_has_no_gradient_at_zero():
+@pytest.mark.parametrize("kernel", KERNELS, ids="-".join)
+def test_relu_keeps_nan_and_has_no_gradient_at_zero(kernel):
+    backend, layout = kernel
     x = torch.randn(1, 16, 4, 4)
     x[0, 3, 1, 1] = float("nan")
     x[0, 5] = 0.0
-    x = nhwc(x).requires_grad_()
-    w = torch.randn(16, 1, 3, 3, requires_grad=True)
-    y = depthwise_conv2d(x, w, padding=1, relu_input=True, backend="cpu")
+    x = in_layout(x, layout).to(KERNEL_DEVICE[backend]).requires_grad_()
+    w = torch.randn(16, 1, 3, 3, device=x.device, requires_grad=True)
+    y = depthwise_conv2d(x, w, padding=1, relu_input=True, backend=backend)
     want = F.conv2d(x.relu(), w, padding=1, groups=16)
     assert torch.equal(y.isnan(), want.isnan()) and y.isnan().any()
     g = torch.randn_like(y)
@@ -98,14 +114,17 @@ def test_relu_keeps_nan_and_has_no_gradient_at_zero():
     torch.testing.assert_close(gx[0, 5], gx_want[0, 5])
 
 
-@needs_cpu_kernel
-def test_only_x_or_only_weight_needs_grad():
-    x = nhwc(torch.randn(2, 8, 6, 6))
-    w = torch.randn(8, 1, 3, 3)
-    gx = torch.autograd.grad(depthwise_conv2d(x.requires_grad_(), w, padding=1, relu_input=True).sum(), x)[0]
+@pytest.mark.parametrize("kernel", KERNELS, ids="-".join)
+def test_only_x_or_only_weight_needs_grad(kernel):
+    backend, layout = kernel
+    x = in_layout(torch.randn(2, 8, 6, 6), layout).to(KERNEL_DEVICE[backend])
+    w = torch.randn(8, 1, 3, 3, device=x.device)
+    y = depthwise_conv2d(x.requires_grad_(), w, padding=1, relu_input=True, backend=backend)
+    gx = torch.autograd.grad(y.sum(), x)[0]
     assert_close(gx, torch.autograd.grad(F.conv2d(x.relu(), w, padding=1, groups=8).sum(), x)[0], torch.float32)
     x.requires_grad_(False)
-    gw = torch.autograd.grad(depthwise_conv2d(x, w.requires_grad_(), padding=1, relu_input=True).sum(), w)[0]
+    y = depthwise_conv2d(x, w.requires_grad_(), padding=1, relu_input=True, backend=backend)
+    gw = torch.autograd.grad(y.sum(), w)[0]
     assert_close(gw, torch.autograd.grad(F.conv2d(x.relu(), w, padding=1, groups=8).sum(), w)[0], torch.float32,
                  scale=6)
 
@@ -151,19 +170,95 @@ def test_other_inputs_run_pytorch(case):
 
 
 def registered_ops():
+    """(backend, forward op, backward op) of every compiled and Triton variant, and
+    the layouts its kernel reads in place."""
     from nasops.ops.depthwise_conv2d import _KERNELS
-    return [_KERNELS["cpu"]] if "cpu" in _KERNELS else []
+    return [(backend, layout, *_KERNELS[backend]) for backend, layout in KERNELS]
 
 
-@pytest.mark.parametrize("ops", registered_ops(), ids=lambda ops: ops[0].name())
-def test_opcheck(ops):
-    forward, backward = ops
-    x = nhwc(torch.randn(2, 5, 6, 7)).requires_grad_()
-    w = torch.randn(5, 1, 3, 3, requires_grad=True)
+@pytest.mark.parametrize("backend,layout,forward,backward", registered_ops(),
+                         ids=lambda v: v if isinstance(v, str) else v.name())
+def test_opcheck(backend, layout, forward, backward):
+    device = KERNEL_DEVICE[backend]
+    x = in_layout(torch.randn(2, 5, 6, 7), layout).to(device).requires_grad_()
+    w = torch.randn(5, 1, 3, 3, device=device, requires_grad=True)
     torch.library.opcheck(forward, (x, w, [1, 2], [1, 1], [1, 1], True))
-    g = nhwc(torch.randn(2, 5, 6, 4))
+    g = in_layout(torch.randn(2, 5, 6, 4), layout).to(device)
     torch.library.opcheck(backward, (g, x.detach(), w.detach(), [1, 2], [1, 1], [1, 1], True, True, True))
     torch.library.opcheck(backward, (g, x.detach(), w.detach(), [1, 2], [1, 1], [1, 1], True, False, True))
+
+
+needs_triton = pytest.mark.skipif("triton" not in kernel_backends(DEVICE), reason="Triton is not usable here")
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+def test_triton_launches_its_kernels_and_no_copy_of_dense_maps(layout):
+    """backend='triton' runs the three kernels (a fallback to PyTorch would match
+    the values too), walks channels_last maps in that order and contiguous ones
+    in theirs (results in x's layout), and copies any other strides once, to
+    contiguous."""
+    x = torch.randn(2, 8, 6, 12, device=DEVICE)
+    x = x[..., ::2] if layout == "strided" else in_layout(x[..., :6], layout)
+    x.requires_grad_()
+    w = torch.randn(8, 1, 3, 3, device=DEVICE, requires_grad=True)
+    with triton_launches() as launches:
+        y = depthwise_conv2d(x, w, padding=1, relu_input=True, backend="triton")
+        gx, gw = torch.autograd.grad(y, (x, w), torch.randn_like(y))
+    assert [name for name, *_ in launches] == ["_depthwise_forward_kernel", "_depthwise_input_grad_kernel",
+                                               "_depthwise_weight_grad_kernel"]
+    assert launches[0][1]["CL"] == (layout == "nhwc")
+    format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=format) and gx.is_contiguous(memory_format=format)
+    x64, w64, want = expected(x, w, 1, 1, 1, True)
+    assert_close(y, want, torch.float32, what="y")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype):
+    """Half-precision maps run the Triton kernels (float32 accumulation, one
+    rounding at the store), within half-precision tolerance of float64."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 7, 7, device=DEVICE).to(dtype).requires_grad_()
+    w = torch.randn(8, 1, 5, 5, device=DEVICE).to(dtype).requires_grad_()
+    with triton_launches() as launches:
+        y = depthwise_conv2d(x, w, padding=4, dilation=2, relu_input=True, backend="triton")
+    assert len(launches) == 1 and y.dtype == dtype
+    x64, w64, want = expected(x, w, 1, 4, 2, True)
+    assert_close(y, want, dtype, scale=4, what="y")
+    g = torch.randn_like(want)
+    gx, gw = torch.autograd.grad(y, (x, w), g.to(dtype))
+    gx_want, gw_want = torch.autograd.grad(want, (x64, w64), g)
+    assert gx.dtype == gw.dtype == dtype
+    assert_close(gx, gx_want, dtype, scale=4, what="grad x")
+    assert_close(gw, gw_want, dtype, scale=y[:, 0].numel() ** 0.5, what="grad weight")
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_triton_many_programs_per_sample(layout, monkeypatch):
+    """Tiles of a few channels and pixels (the GPU's tiles on a big map, here on
+    a tiny one): channel and pixel blocks, their tails, and the weight
+    gradient's partial sums over many programs."""
+    import nasops.triton.depthwise_conv2d as kernels
+    monkeypatch.setattr(kernels, "_TILE", 16)
+    monkeypatch.setattr(kernels, "_MAX_TILE_CHANNELS", 4)
+    torch.manual_seed(1)
+    x = in_layout(torch.randn(3, 7, 9, 5, dtype=torch.float64, device=DEVICE), layout).requires_grad_()
+    w = torch.randn(7, 1, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    with triton_launches() as launches:
+        y = depthwise_conv2d(x, w, stride=(2, 1), padding=(1, 2), relu_input=True, backend="triton")
+        g = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, w), g)
+    assert len(launches) == 3
+    for _, params, _ in launches:  # several channel blocks or several pixel blocks per sample
+        assert params["BLOCK_C"] * params["BLOCK_P"] <= 16 and params["BLOCK_C"] < 7
+    x64, w64, want = expected(x, w, (2, 1), (1, 2), 1, True)
+    gx_want, gw_want = torch.autograd.grad(want, (x64, w64), g)
+    assert_close(y, want, torch.float64, what="y")
+    assert_close(gx, gx_want, torch.float64, what="grad x")
+    assert_close(gw, gw_want, torch.float64, what="grad weight")
 
 
 @needs_cpu_kernel
@@ -244,3 +339,32 @@ def test_ops_load_state_dicts_from_before_the_fusion(op_name):
         assert torch.equal(a, b), name
     # The new layout still loads as it is.
     make_darts_op(op_name, 8, 1).load_state_dict(state)
+
+
+@needs_triton
+@pytest.mark.parametrize("op_name", ["sep_conv_5x5", "dil_conv_3x3"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_triton_search_ops_equal_pytorch(op_name, layout):
+    """A DARTS op (ReLU -> depthwise -> pointwise -> BatchNorm, twice for SepConv)
+    with backend='triton' computes what it computes on PyTorch's convolution:
+    output, input and parameter gradients, and it launches the Triton kernels."""
+    from nasops.spaces.operations import make_darts_op
+    torch.manual_seed(0)
+    op = make_darts_op(op_name, 4, 1).double().to(DEVICE)
+    x = in_layout(torch.randn(2, 4, 6, 6, dtype=torch.float64, device=DEVICE), layout).requires_grad_()
+    dy = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=DEVICE)
+    results = {}
+    for backend in ("eager", "triton"):
+        nasops.set_backend(backend)
+        try:
+            with triton_launches() as launches:
+                y = op(x)
+                grads = torch.autograd.grad(y, [x, *op.parameters()], dy)
+        finally:
+            nasops.set_backend(None)
+        results[backend] = (y, grads, len([n for n, *_ in launches if n.startswith("_depthwise")]))
+    (y_ref, g_ref, _), (y, g, depthwise_launches) = results["eager"], results["triton"]
+    assert depthwise_launches == 3 * (2 if op_name.startswith("sep") else 1)
+    assert_close(y, y_ref, torch.float64, what="y")
+    for name, got, want in zip(["x"] + [n for n, _ in op.named_parameters()], g, g_ref):
+        assert_close(got, want, torch.float64, what=f"grad {name}")

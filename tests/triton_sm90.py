@@ -217,8 +217,27 @@ def launch_mixed_op() -> None:
             ops.mixed_op_backward_triton(torch.zeros_like(odd[0]), odd, w, [2, 2], True, True)
 
 
+def launch_depthwise_conv2d() -> None:
+    import nasops.triton.depthwise_conv2d as depthwise
+
+    depthwise._on_device = lambda t: contextlib.nullcontext()  # it refuses CPU tensors outside the interpreter
+    ops = torch.ops.nasops
+    # DARTS' four convolutions on the first cells' maps (64, 16, 32, 32), both layouts
+    # (contiguous: the driver's on CUDA), and the reduction cell's stride 2.
+    convs = (((3, 3), 1, 1, 1), ((5, 5), 1, 2, 1), ((3, 3), 1, 2, 2), ((5, 5), 1, 4, 2), ((5, 5), 2, 2, 1))
+    for i, dtype in enumerate(DTYPES):
+        for layout in _pick((torch.contiguous_format, torch.channels_last), i):
+            x = torch.zeros(64, 16, 32, 32, dtype=dtype).contiguous(memory_format=layout)
+            for kernel, stride, padding, dilation in (convs if _FULL or i == 0 else _pick(convs, i)):
+                w = torch.zeros(16, 1, *kernel, dtype=dtype)
+                geometry = ([stride] * 2, [padding] * 2, [dilation] * 2)
+                y = ops.depthwise_conv2d_triton(x, w, *geometry, True)
+                ops.depthwise_conv2d_backward_triton(torch.zeros_like(y), x, w, *geometry, True, True, True)
+
+
 LAUNCHES = {"rows": launch_rows, "topk_tokens": launch_topk_tokens,
-            "patch_attention": launch_patch_attention, "mixed_op": launch_mixed_op}
+            "patch_attention": launch_patch_attention, "mixed_op": launch_mixed_op,
+            "depthwise_conv2d": launch_depthwise_conv2d}
 
 
 def compile_all(ops=tuple(LAUNCHES)) -> list[dict]:

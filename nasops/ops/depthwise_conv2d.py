@@ -4,32 +4,44 @@ Not one of SPEC 2's ops: it is the search step's own (issue 14). Every
 SepConv and DilConv of a DARTS cell starts with ReLU -> depthwise conv, and
 on the CPU those convolutions were the largest cost of a search step
 (PyTorch's depthwise backward alone 31 % of the DARTS step, the forward 7 %,
-the ReLUs ~5 %: 8 cells, C = 16, 32x32, batch 16, 2026-12-03). The C++ kernel
-(csrc/cpu/depthwise_conv2d.cpp) computes the ReLU as it reads x, so the
-ReLU's map is never written or kept for the backward.
+the ReLUs ~5 %: 8 cells, C = 16, 32x32, batch 16, 2026-12-03). The kernels
+compute the ReLU as they read x, so the ReLU's map is never written or kept
+for the backward.
 
-Where the kernel runs: backend 'cpu' (what 'auto' picks for CPU tensors), on
-float32/float64 maps in channels_last layout (the driver's default on the
-CPU), kernels up to 16x16, outside autocast. Everything else runs the
-PyTorch expression (nasops.ops.reference.depthwise_conv2d), the same for
-every backend: contiguous (NCHW) maps, which the kernel would have to copy;
-half precision and autocast, which PyTorch's convolution handles; CUDA tensors,
-where cuDNN's depthwise convolution runs (no nasops CUDA or Triton kernel
-yet). The ReLU's gradient at x == 0 is 0, as torch.relu's.
+Where a kernel runs:
+- backend 'cpu' (what 'auto' picks for CPU tensors): the C++ kernel
+  (csrc/cpu/depthwise_conv2d.cpp) on float32/float64 maps in channels_last
+  layout (the driver's default on the CPU), kernels up to 16x16, outside
+  autocast; it returns channels_last.
+- backend 'triton' (CUDA tensors; CPU tensors under the interpreter): the
+  Triton kernels (nasops/triton/depthwise_conv2d.py) on float16, bfloat16,
+  float32 and float64 maps, contiguous or channels_last (returned in x's
+  layout), kernels up to 16x16, outside autocast. Not what 'auto' picks on
+  CUDA: the kernels have not run on a GPU yet, and 'auto' keeps cuDNN there
+  until a GPU measurement shows them faster (benchmarks/gpu_session.sh
+  measures ``--backend triton`` beside the default; issue 16).
+Everything else runs the PyTorch expression
+(nasops.ops.reference.depthwise_conv2d), the same for every backend:
+contiguous (NCHW) maps on the CPU, which the C++ kernel would have to copy;
+half precision and autocast, which PyTorch's convolution handles; CUDA
+tensors under 'auto' or 'cuda' (cuDNN; no CUDA C++ kernel). The ReLU's
+gradient at x == 0 is 0, as torch.relu's.
 """
 from __future__ import annotations
 
 import torch
 
-from nasops.backend import resolve
+from nasops.backend import resolve, triton_interpreting
 from nasops.ops import reference
 from nasops.ops._checks import check_same_device, check_tensor
-from nasops.ops._layout import is_nhwc
-from nasops.ops._registry import kernel_for, unique_variants, variants
+from nasops.ops._layout import is_nhwc, layout_of
+from nasops.ops._registry import kernel_for, variants
 
 _KERNELS = variants("depthwise_conv2d", "depthwise_conv2d", "depthwise_conv2d_backward")
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-_MAX_KERNEL = 16  # csrc/cpu/depthwise_conv2d.cpp: kMaxKernel
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64),
+                  "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+_MAX_KERNEL = 16  # csrc/cpu/depthwise_conv2d.cpp: kMaxKernel (and the Triton kernels' unrolled taps)
+_MAX_SAMPLE = 2**31 - 1  # the Triton kernels' 32-bit offsets within a sample
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,
@@ -48,7 +60,8 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
             module docstring for where the kernel runs.
 
     Returns:
-        (B, C, OH, OW): channels_last from the kernel, else PyTorch's layout.
+        (B, C, OH, OW): channels_last from the C++ kernel, x's layout from the
+        Triton kernels, else PyTorch's layout.
     """
     check_tensor(x, "x", ndim=4)
     check_tensor(weight, "weight", ndim=4)
@@ -67,7 +80,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
             raise ValueError(f"weight: the dilated kernel ({dil * (kernel - 1) + 1}) is larger than x's padded "
                              f"{name} ({size} + 2*{pad})")
     name = resolve(backend, x.device)
-    if not _kernel_applies(name, x, weight):
+    out_size = tuple(_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+                     for i in range(2))
+    if not _kernel_applies(name, x, weight, out_size):
         return reference.depthwise_conv2d(x, weight, stride, padding, dilation, relu_input)
     fwd, bwd = kernel_for(_KERNELS, name, "depthwise_conv2d")
     if torch.compiler.is_compiling():
@@ -87,10 +102,15 @@ def _pair(value, name: str, minimum: int) -> list[int]:
     return pair
 
 
-def _kernel_applies(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (backend == "cpu" and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
-            and is_nhwc(x) and max(weight.shape[2:]) <= _MAX_KERNEL
-            and not torch.is_autocast_enabled("cpu") and x.numel() > 0)
+def _kernel_applies(backend: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[int, int]) -> bool:
+    if (x.numel() == 0 or x.dtype not in _KERNEL_DTYPES.get(backend, ()) or max(weight.shape[2:]) > _MAX_KERNEL
+            or torch.is_autocast_enabled(x.device.type)):
+        return False
+    if backend == "cpu":
+        return x.device.type == "cpu" and is_nhwc(x)
+    # triton: CUDA tensors, or CPU tensors in the interpreter; samples within 32-bit offsets
+    return ((x.is_cuda or triton_interpreting())
+            and x.shape[1] * max(x.shape[2] * x.shape[3], out_size[0] * out_size[1]) <= _MAX_SAMPLE)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
@@ -122,19 +142,23 @@ def _output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _fake_forward(x, weight, stride, padding, dilation, relu_input):
-    B, C, H, W = x.shape
-    OH = _output_size(H, weight.shape[2], stride[0], padding[0], dilation[0])
-    OW = _output_size(W, weight.shape[3], stride[1], padding[1], dilation[1])
-    return x.new_empty((B, C, OH, OW)).contiguous(memory_format=torch.channels_last)
+def _fake_forward(layout):
+    """The fake (meta) forward of a variant whose output is in ``layout(x)``."""
+    def fake(x, weight, stride, padding, dilation, relu_input):
+        B, C, H, W = x.shape
+        OH = _output_size(H, weight.shape[2], stride[0], padding[0], dilation[0])
+        OW = _output_size(W, weight.shape[3], stride[1], padding[1], dilation[1])
+        return x.new_empty((B, C, OH, OW)).contiguous(memory_format=layout(x))
+    return fake
 
 
-def _fake_backward(grad, x, weight, stride, padding, dilation, relu_input, x_requires_grad,
-                   weight_requires_grad):
-    gx = torch.empty_like(x, memory_format=torch.channels_last) if x_requires_grad else x.new_empty(0)
-    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_requires_grad \
-        else x.new_empty(0)
-    return gx, gw
+def _fake_backward(layout):
+    def fake(grad, x, weight, stride, padding, dilation, relu_input, x_requires_grad, weight_requires_grad):
+        gx = torch.empty_like(x, memory_format=layout(x)) if x_requires_grad else x.new_empty(0)
+        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_requires_grad \
+            else x.new_empty(0)
+        return gx, gw
+    return fake
 
 
 def _setup_context(ctx, inputs, output):
@@ -152,7 +176,11 @@ def _make_backward(backward_op):
     return backward
 
 
-for _fwd, _bwd in unique_variants(_KERNELS):
-    torch.library.register_fake(_fwd)(_fake_forward)
-    torch.library.register_fake(_bwd)(_fake_backward)
+# The C++ kernel returns channels_last; the Triton kernels return x's layout.
+_OUTPUT_LAYOUT = {"cpu": lambda x: torch.channels_last, "triton": lambda x: layout_of([x])}
+for _backend, (_fwd, _bwd) in _KERNELS.items():
+    if _backend == "cuda":  # the compiled variant, registered under "cpu"
+        continue
+    torch.library.register_fake(_fwd)(_fake_forward(_OUTPUT_LAYOUT[_backend]))
+    torch.library.register_fake(_bwd)(_fake_backward(_OUTPUT_LAYOUT[_backend]))
     torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup_context)

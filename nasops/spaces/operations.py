@@ -126,7 +126,7 @@ class ReLUConvBN(nn.Module):
 class ReLUDepthwiseConv2d(nn.Conv2d):
     """ReLU -> depthwise conv (no bias), DARTS' ``nn.ReLU`` + ``nn.Conv2d(C, C, k,
     groups=C, bias=False)`` as one op: :func:`nasops.ops.depthwise_conv2d` with
-    ``relu_input``, which never materialises the ReLU's map (on the CPU kernel).
+    ``relu_input``, which never materialises the ReLU's map (on the CPU and Triton kernels).
     The same weight, initialisation and values as the two modules."""
 
     def __init__(self, C, kernel_size, stride=1, padding=0, dilation=1):

@@ -98,7 +98,6 @@ Tuning
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -107,6 +106,7 @@ import triton
 import triton.language as tl
 
 from nasops.ops._layout import empty_like_layout, kernel_channels_last
+from nasops.triton import on_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -305,14 +305,7 @@ def _canonical(outputs, weights, grid, read_outputs=True):
 
 
 def _on_device(t: torch.Tensor):
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
-    if t.is_cuda:
-        return torch.cuda.device(t.device) if t.get_device() != torch.cuda.current_device() \
-            else contextlib.nullcontext()
-    if not _INTERPRET:
-        raise RuntimeError(f"nasops mixed_op (triton): {t.device.type} tensors run only under the Triton "
-                           "interpreter (TRITON_INTERPRET=1 set before importing nasops)")
-    return contextlib.nullcontext()
+    return on_device(t, "mixed_op")
 
 
 # Elements per program of the backward P == 1 blocks and of the P > 1 tiles, at most:
