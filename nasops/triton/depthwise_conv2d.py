@@ -94,25 +94,34 @@ def _relu(v):
 
 
 @triton.jit
+def _input_tap(x_base, c, c_ok, oh, ow, p_ok, C, H, W, kh: tl.constexpr, kw: tl.constexpr,
+               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+               DH: tl.constexpr, DW: tl.constexpr, RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr):
+    """[BLOCK_C, BLOCK_P]: the input (ReLU applied) that output pixels (oh, ow) read
+    through tap (kh, kw); 0 in the padding."""
+    ih = oh * SH - PH + kh * DH
+    iw = ow * SW - PW + kw * DW
+    ok = c_ok[:, None] & (p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[None, :]
+    v = tl.load(x_base + _offsets(c, ih, iw, C, H, W, CL), mask=ok, other=0).to(ACC)
+    if RELU:
+        v = _relu(v)
+    return v
+
+
+@triton.jit
 def _depthwise_forward_kernel(x_ptr, w_ptr, y_ptr, C, H, W, OH, OW, n_cblocks, n_pblocks,
-                    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                    RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                              KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                              PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                              RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b, c, p, pb, c_ok, p_ok = _tile(C, OH * OW, n_cblocks, n_pblocks, CL, BLOCK_C, BLOCK_P)
     oh = p // OW
     ow = p % OW
     x_base = x_ptr + b.to(tl.int64) * C * H * W
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     for kh in tl.static_range(KH):
-        ih = oh * SH - PH + kh * DH
-        row_ok = p_ok & (ih >= 0) & (ih < H)
         for kw in tl.static_range(KW):
-            iw = ow * SW - PW + kw * DW
-            ok = c_ok[:, None] & (row_ok & (iw >= 0) & (iw < W))[None, :]
-            v = tl.load(x_base + _offsets(c, ih, iw, C, H, W, CL), mask=ok, other=0).to(ACC)
-            if RELU:
-                v = _relu(v)
+            v = _input_tap(x_base, c, c_ok, oh, ow, p_ok, C, H, W, kh, kw, SH, SW, PH, PW, DH, DW, RELU, CL, ACC)
             tap = tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0).to(ACC)
             acc += v * tap[:, None]
     y_base = y_ptr + b.to(tl.int64) * C * OH * OW
@@ -122,10 +131,10 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, y_ptr, C, H, W, OH, OW, n_cblocks, n
 
 @triton.jit
 def _depthwise_input_grad_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, C, H, W, OH, OW, n_cblocks, n_pblocks,
-                       KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                       PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                       RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                 PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                                 RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b, c, p, pb, c_ok, p_ok = _tile(C, H * W, n_cblocks, n_pblocks, CL, BLOCK_C, BLOCK_P)
     ih = p // W
     iw = p % W
@@ -155,10 +164,10 @@ def _depthwise_input_grad_kernel(g_ptr, x_ptr, w_ptr, gx_ptr, C, H, W, OH, OW, n
 
 @triton.jit
 def _depthwise_weight_grad_kernel(g_ptr, x_ptr, partial_ptr, C, H, W, OH, OW, n_cblocks, n_pblocks,
-                        KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                        PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                        RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                                  RELU: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr,
+                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b, c, p, pb, c_ok, p_ok = _tile(C, OH * OW, n_cblocks, n_pblocks, CL, BLOCK_C, BLOCK_P)
     oh = p // OW
     ow = p % OW
@@ -168,14 +177,8 @@ def _depthwise_weight_grad_kernel(g_ptr, x_ptr, partial_ptr, C, H, W, OH, OW, n_
     # partial[(b, pixel block), c, tap]: this program's sums over its pixels.
     row = partial_ptr + (b.to(tl.int64) * n_pblocks + pb) * (KH * KW) * C
     for kh in tl.static_range(KH):
-        ih = oh * SH - PH + kh * DH
-        row_ok = p_ok & (ih >= 0) & (ih < H)
         for kw in tl.static_range(KW):
-            iw = ow * SW - PW + kw * DW
-            ok = c_ok[:, None] & (row_ok & (iw >= 0) & (iw < W))[None, :]
-            v = tl.load(x_base + _offsets(c, ih, iw, C, H, W, CL), mask=ok, other=0).to(ACC)
-            if RELU:
-                v = _relu(v)
+            v = _input_tap(x_base, c, c_ok, oh, ow, p_ok, C, H, W, kh, kw, SH, SW, PH, PW, DH, DW, RELU, CL, ACC)
             tl.store(row + c * (KH * KW) + (kh * KW + kw), tl.sum(g * v, axis=1), mask=c_ok)
 
 
