@@ -7,8 +7,8 @@ depthwise convolutions of the DARTS ops (3x3 and 5x5, plain and dilated by 2,
 stride 1); forward and forward+backward (grads of x and of the weight).
 Providers: eager as DARTS' code writes it (``nn.ReLU`` then ``nn.Conv2d(C, C,
 k, groups=C)``), torch.compile of that, nasops per usable backend
-(harness.py). On CUDA ``nasops-cuda`` runs the same PyTorch expression (cuDNN:
-no CUDA C++ kernel) and ``nasops-triton`` the Triton kernels
+(harness.py). On CUDA ``nasops-cuda`` runs the same PyTorch expression (PyTorch's CUDA
+convolution: no CUDA C++ kernel) and ``nasops-triton`` the Triton kernels
 (nasops/ops/depthwise_conv2d.py). On the CPU the C++ kernel reads
 channels_last maps only: there the contiguous cases' nasops is PyTorch's.
 

@@ -17,14 +17,15 @@ Where a kernel runs:
   Triton kernels (nasops/triton/depthwise_conv2d.py) on float16, bfloat16,
   float32 and float64 maps, contiguous or channels_last (returned in x's
   layout), kernels up to 16x16, outside autocast. Not what 'auto' picks on
-  CUDA: the kernels have not run on a GPU yet, and 'auto' keeps cuDNN there
-  until a GPU measurement shows them faster (benchmarks/gpu_session.sh
-  measures ``--backend triton`` beside the default; issue 16).
+  CUDA: the kernels have not run on a GPU yet, and 'auto' keeps PyTorch's
+  convolution there until a GPU measurement shows them faster
+  (benchmarks/gpu_session.sh measures ``--backend triton`` beside the
+  default; issue 16).
 Everything else runs the PyTorch expression
 (nasops.ops.reference.depthwise_conv2d), the same for every backend:
 contiguous (NCHW) maps on the CPU, which the C++ kernel would have to copy;
 half precision and autocast, which PyTorch's convolution handles; CUDA
-tensors under 'auto' or 'cuda' (cuDNN; no CUDA C++ kernel). The ReLU's
+tensors under 'auto' or 'cuda' (no CUDA C++ kernel). The ReLU's
 gradient at x == 0 is 0, as torch.relu's.
 """
 from __future__ import annotations

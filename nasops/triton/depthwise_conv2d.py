@@ -4,12 +4,13 @@ conv): ``torch.ops.nasops.depthwise_conv2d_triton`` and
 compiled ops (csrc/ops.cpp).
 
 Why on the GPU: PyTorch runs DARTS' ``nn.ReLU`` -> ``nn.Conv2d(groups=C)`` as
-a ReLU kernel whose output the convolution keeps for its backward, then
-cuDNN's convolution, and in the backward cuDNN's two gradient kernels plus the
-ReLU's. Here the ReLU is applied as x is read (forward and weight gradient) and
-as the input gradient is written, so its map is never written or kept (36 % of
-what a DARTS step keeps on the CUDA path, benchmarks/RESULTS.md, "seventh
-round"), and a convolution is one kernel forward, two plus a small sum backward.
+a ReLU kernel whose output the convolution keeps for its backward, then the
+convolution (cuDNN's or ATen's depthwise kernel), and in the backward two
+gradient kernels plus the ReLU's. Here the ReLU is applied as x is read
+(forward and weight gradient) and as the input gradient is written, so its
+map is never written or kept (36 % of what a DARTS step keeps on the CUDA
+path, benchmarks/RESULTS.md, "seventh round"), and a convolution is one
+kernel forward, two plus a small sum backward.
 
 Layouts: x contiguous (NCHW, what the driver runs on CUDA) or channels_last
 (NHWC), read in place (the rule of nasops/ops/_layout.py: other strides are
@@ -47,6 +48,10 @@ from nasops.triton import on_device
 _TILE = 16384 if triton_interpreting() else 1024
 # Channels of a channels_last tile at most (the rest of the tile is pixels).
 _MAX_TILE_CHANNELS = 64
+# 8 warps: 4 elements of a 1024-element tile per thread. The unrolled taps keep
+# every tap's load in flight; at 8 elements a thread a 5x5 kernel took ~250
+# registers on sm_90, and float64 spilled (tests/triton_sm90.py --full).
+_NUM_WARPS = 8
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_SAMPLE = 2**31 - 1  # elements of one sample the 32-bit offsets allow
 
@@ -199,7 +204,7 @@ def _tiling(C: int, P: int, channels_last: bool) -> tuple[int, int, int, int]:
 
 
 def _geometry(x, weight, stride, padding, dilation, relu_input):
-    """The kernels' compile-time constants, and the output size."""
+    """The kernels' compile-time constants (and warps), and the output size."""
     KH, KW = weight.shape[2], weight.shape[3]
     OH = (x.shape[2] + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
     OW = (x.shape[3] + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
@@ -207,7 +212,7 @@ def _geometry(x, weight, stride, padding, dilation, relu_input):
         raise ValueError(f"x: a sample of x or y over {MAX_SAMPLE} elements exceeds the kernels' 32-bit offsets")
     consts = dict(KH=KH, KW=KW, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
                   DH=dilation[0], DW=dilation[1], RELU=bool(relu_input),
-                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
+                  ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, num_warps=_NUM_WARPS)
     return consts, OH, OW
 
 
