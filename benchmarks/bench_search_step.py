@@ -27,10 +27,11 @@ Providers (PROVIDERS; add one with a line):
   --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
   ``nasops-graphs-recompute``: with --recompute-edges too; ``nasops-graphs-nhwc``: in
   channels_last (the device's time per layout, once the host no longer hides it);
-  ``nasops-graphs-triton``: with --backend triton, every op's Triton kernels (the
-  depthwise convolutions' fused ReLU among them, which 'auto' does not pick on
-  CUDA before this measures it: nasops/ops/depthwise_conv2d.py); ``nasops-triton``
-  (CUDA): the same without graphs (its device time by op, --profile).
+  ``nasops-graphs-triton-dw``: with the depthwise convolutions (ReLU fused) on
+  their Triton kernels, every other op as in ``nasops-graphs`` (``auto`` does not
+  pick them on CUDA before this measures them: nasops/ops/depthwise_conv2d.py,
+  ``use_depthwise_backend``); ``nasops-triton-dw`` (CUDA): the same without graphs
+  (its device time by op, --profile).
 On CUDA also ``nasops-nchw`` and ``nasops-nhwc``, which decide --memory-format
 auto there (search.AUTO_MEMORY_FORMAT). Token networks (DASViT's vit space)
 have no layout to choose: ``eager`` replaces the two eager providers there.
@@ -76,7 +77,7 @@ import torch  # noqa: E402
 
 import nasops  # noqa: E402
 from nasops import methods, search  # noqa: E402
-from nasops.spaces.operations import use_torch_batch_norm  # noqa: E402
+from nasops.spaces.operations import use_depthwise_backend, use_torch_batch_norm  # noqa: E402
 
 # provider -> driver flags that select it
 PROVIDERS = {
@@ -90,8 +91,8 @@ PROVIDERS = {
     "nasops-graphs": ["--cuda-graphs"],
     "nasops-graphs-recompute": ["--cuda-graphs", "--recompute-edges"],
     "nasops-graphs-nhwc": ["--cuda-graphs", "--memory-format", "channels_last"],
-    "nasops-graphs-triton": ["--cuda-graphs", "--backend", "triton"],
-    "nasops-triton": ["--backend", "triton"],
+    "nasops-graphs-triton-dw": ["--cuda-graphs"],  # + MODEL_CHANGES
+    "nasops-triton-dw": [],  # + MODEL_CHANGES
     "nasops-nchw": ["--memory-format", "contiguous"],
     "nasops-nhwc": ["--memory-format", "channels_last"],
     "eager": ["--backend", "eager"],  # token spaces: no layout to choose
@@ -106,12 +107,14 @@ DEFAULT_PROVIDERS = {
 }
 # Providers whose network the benchmark changes after the method built it.
 MODEL_CHANGES = {"nasops-torch-bn": use_torch_batch_norm,
-                 "nasops-graphs-torch-bn": use_torch_batch_norm}
+                 "nasops-graphs-torch-bn": use_torch_batch_norm,
+                 "nasops-triton-dw": lambda net: use_depthwise_backend(net, "triton"),
+                 "nasops-graphs-triton-dw": lambda net: use_depthwise_backend(net, "triton")}
 # Layout providers -> the plain provider a token network (no layout) runs instead.
 LAYOUT_PROVIDERS = {"eager-nchw": "eager", "eager-nhwc": "eager", "nasops-nchw": "nasops",
                     "nasops-nhwc": "nasops", "nasops-graphs-nhwc": "nasops-graphs"}
 GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-nhwc",
-                     "nasops-graphs-torch-bn", "nasops-graphs-triton")
+                     "nasops-graphs-torch-bn", "nasops-graphs-triton-dw")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
 # paper's search network: 8 cells, C = 16); the others carry small sizes of

@@ -31,8 +31,8 @@
 #      batch 64: eager NCHW against nasops NCHW, graphed (NCHW and channels_last), and
 #      graphed with --recompute-edges (issue #14's GPU targets: >= 2x eager, <= 1
 #      GPU-hour; memory), graphed with nn.BatchNorm2d in place of
-#      AffineFreeBatchNorm2d (what that layer saves), and graphed with --backend triton
-#      (the Triton depthwise convolutions with the ReLU fused, not yet 'auto' on CUDA)
+#      AffineFreeBatchNorm2d (what that layer saves), and graphed with the depthwise
+#      convolutions on their Triton kernels (ReLU fused; not yet 'auto' on CUDA)
 #      -> $OUT/RESULTS-graphs.md;
 #   step: the whole DARTS search step (bench_search_step.py: eager NCHW/NHWC,
 #      nasops NCHW/NHWC, +graphs, +recompute; first and second order, batch 64; peak
@@ -45,7 +45,7 @@
 #      -> $OUT/RESULTS-maxbatch.md;
 #   step-profile: the device time of one step by op category against its wall time
 #      (first order, batch 64, eager, nasops, nasops with PyTorch's BatchNorm, nasops
-#      with --backend triton): how far the step is bound by the host, and what each
+#      with the Triton depthwise kernels): how far the step is bound by the host, and what each
 #      BatchNorm and each depthwise convolution costs the device;
 #   step-compile: the step with --compile (first order; the compilation takes minutes).
 #   (STEP_MAX caps each step stage, default 540 s.)
@@ -147,7 +147,8 @@ stage_depthwise() {
       -p no:cacheprovider -k "triton_launches or triton_many or triton_half" tests/test_depthwise_conv2d.py \
       > "$OUT/sanitizer-depthwise.log" 2>&1
     summary "compute-sanitizer memcheck, depthwise: rc=$? ($((SECONDS - start)) s):" \
-      "$(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer-depthwise.log"); $(grep -E '(passed|failed)' "$OUT/sanitizer-depthwise.log" | tail -1)"
+      "$(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer-depthwise.log");" \
+      "$(grep -E '(passed|failed)' "$OUT/sanitizer-depthwise.log" | tail -1)"
   fi
 }
 
@@ -208,7 +209,7 @@ stage_graphs() {
   # at most 240 s (GRAPHS_MAX), so that the stages after it still get their turn
   STEP_MAX=${GRAPHS_MAX:-240} step_bench "search step with --cuda-graphs" RESULTS-graphs.md step-graphs.log --steps 5 \
     --methods darts-1st --providers eager-nchw nasops-nchw nasops-graphs nasops-graphs-nhwc nasops-graphs-recompute \
-    nasops-graphs-torch-bn nasops-graphs-triton --plot "$OUT/search_step_cuda_graphs.png"
+    nasops-graphs-torch-bn nasops-graphs-triton-dw --plot "$OUT/search_step_cuda_graphs.png"
 }
 stage_step() {
   step_bench "search step" RESULTS-step.md step.log --steps 5 --methods darts-1st darts-2nd \
@@ -228,7 +229,7 @@ stage_step-maxbatch() {
 }
 stage_step-profile() {
   step_bench "search step, device time by op" RESULTS-profile.md step-profile.log --steps 3 --no-memory --profile \
-    --methods darts-1st --providers eager-nchw nasops-nchw nasops-torch-bn nasops-triton \
+    --methods darts-1st --providers eager-nchw nasops-nchw nasops-torch-bn nasops-triton-dw \
     --plot "$OUT/search_step_cuda_profile.png"
 }
 stage_step-compile() {

@@ -369,3 +369,24 @@ def test_triton_search_ops_equal_pytorch(op_name, layout):
     assert_close(y, y_ref, torch.float64, what="y")
     for name, got, want in zip(["x"] + [n for n, _ in op.named_parameters()], g, g_ref):
         assert_close(got, want, torch.float64, what=f"grad {name}")
+
+
+@needs_triton
+def test_use_depthwise_backend_switches_only_the_depthwise_layers():
+    """use_depthwise_backend runs a network's ReLU -> depthwise layers on one backend
+    (the Triton kernels here), every other op on the process's choice, and None
+    gives them back to it."""
+    from nasops.spaces.operations import ReLUDepthwiseConv2d, make_darts_op, use_depthwise_backend
+    torch.manual_seed(0)
+    op = make_darts_op("sep_conv_3x3", 4, 1).to(DEVICE)
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    assert use_depthwise_backend(op, "triton") == 2
+    assert all(m.backend == "triton" for m in op.modules() if isinstance(m, ReLUDepthwiseConv2d))
+    with triton_launches() as launches:
+        y = op(x)
+    assert [name for name, *_ in launches] == ["_depthwise_forward_kernel"] * 2
+    assert use_depthwise_backend(op, None) == 2
+    with triton_launches() as launches:
+        want = op(x)
+    assert not [name for name, *_ in launches if name.startswith("_depthwise")]  # cpu / auto again
+    assert_close(y, want, torch.float32, what="y")

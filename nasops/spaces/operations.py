@@ -127,7 +127,13 @@ class ReLUDepthwiseConv2d(nn.Conv2d):
     """ReLU -> depthwise conv (no bias), DARTS' ``nn.ReLU`` + ``nn.Conv2d(C, C, k,
     groups=C, bias=False)`` as one op: :func:`nasops.ops.depthwise_conv2d` with
     ``relu_input``, which never materialises the ReLU's map (on the CPU and Triton kernels).
-    The same weight, initialisation and values as the two modules."""
+    The same weight, initialisation and values as the two modules.
+
+    ``backend``: the op's backend for this layer alone (None: the process's
+    choice, ``nasops.set_backend`` or 'auto'); :func:`use_depthwise_backend`
+    sets it on a whole network."""
+
+    backend: str | None = None
 
     def __init__(self, C, kernel_size, stride=1, padding=0, dilation=1):
         super().__init__(C, C, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=C,
@@ -135,7 +141,19 @@ class ReLUDepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x):
         return nasops.ops.depthwise_conv2d(x, self.weight, stride=self.stride, padding=self.padding,
-                                           dilation=self.dilation, relu_input=True)
+                                           dilation=self.dilation, relu_input=True, backend=self.backend)
+
+
+def use_depthwise_backend(net: nn.Module, backend: str | None) -> int:
+    """Run every :class:`ReLUDepthwiseConv2d` of ``net`` on ``backend`` (None: the
+    process's choice again), the other ops as they are: e.g. the Triton depthwise
+    kernels, which 'auto' does not pick on CUDA, beside the CUDA mixed sums
+    (benchmarks/bench_search_step.py's ``nasops-graphs-triton-dw``). Returns the
+    number of layers set."""
+    layers = [m for m in net.modules() if isinstance(m, ReLUDepthwiseConv2d)]
+    for m in layers:
+        m.backend = backend
+    return len(layers)
 
 
 class _ReadsUnfusedStateDicts(nn.Module):
