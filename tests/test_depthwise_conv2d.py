@@ -390,3 +390,5 @@ def test_use_depthwise_backend_switches_only_the_depthwise_layers():
         want = op(x)
     assert not [name for name, *_ in launches if name.startswith("_depthwise")]  # cpu / auto again
     assert_close(y, want, torch.float32, what="y")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        use_depthwise_backend(op, "nope")
