@@ -24,3 +24,16 @@ def on_device(t: torch.Tensor, op: str):
         raise RuntimeError(f"nasops {op} (triton): {t.device.type} tensors run only under the Triton "
                            "interpreter (TRITON_INTERPRET=1 set before importing nasops)")
     return contextlib.nullcontext()
+
+
+# One library fragment for every torch.ops.nasops.<op>_triton.
+_LIB = torch.library.Library("nasops", "FRAGMENT")
+
+
+def define_op(name: str, schema: str, kernel) -> None:
+    """Define ``torch.ops.nasops.<name>`` with ``schema`` (its arguments and
+    results, ``"(Tensor x, ...) -> Tensor"``, the compiled op's) and ``kernel``
+    as its implementation for CUDA tensors and CPU tensors (the interpreter)."""
+    _LIB.define(name + schema)
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, kernel, key)

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from nasops.backend import triton_interpreting
 from nasops.ops._layout import is_nchw, kernel_channels_last, memory_format
-from nasops.triton import on_device
+from nasops.triton import define_op, on_device
 
 # Elements of a program's tile. The interpreter runs each program instance in Python: bigger tiles.
 _TILE = 16384 if triton_interpreting() else 1024
@@ -286,12 +286,8 @@ def depthwise_backward(grad, x, weight, stride, padding, dilation, relu_input, x
 
 # ---- registration (same schemas as csrc/ops.cpp's depthwise_conv2d / _backward) ---------
 
-_lib = torch.library.Library("nasops", "FRAGMENT")
-_lib.define("depthwise_conv2d_triton(Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
-            "bool relu_input) -> Tensor")
-_lib.define("depthwise_conv2d_backward_triton(Tensor grad, Tensor x, Tensor weight, int[] stride, "
-            "int[] padding, int[] dilation, bool relu_input, bool x_requires_grad, "
-            "bool weight_requires_grad) -> (Tensor, Tensor)")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("depthwise_conv2d_triton", depthwise_forward, _key)
-    _lib.impl("depthwise_conv2d_backward_triton", depthwise_backward, _key)
+define_op("depthwise_conv2d_triton", "(Tensor x, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+          "bool relu_input) -> Tensor", depthwise_forward)
+define_op("depthwise_conv2d_backward_triton", "(Tensor grad, Tensor x, Tensor weight, int[] stride, "
+          "int[] padding, int[] dilation, bool relu_input, bool x_requires_grad, "
+          "bool weight_requires_grad) -> (Tensor, Tensor)", depthwise_backward)

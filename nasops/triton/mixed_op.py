@@ -106,7 +106,7 @@ import triton
 import triton.language as tl
 
 from nasops.ops._layout import empty_like_layout, kernel_channels_last
-from nasops.triton import on_device
+from nasops.triton import define_op, on_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -427,10 +427,6 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
 
 # ---- registration (same schemas as csrc/ops.cpp's mixed_op / mixed_op_backward) ---------
 
-_lib = torch.library.Library("nasops", "FRAGMENT")
-_lib.define("mixed_op_triton(Tensor[] outputs, Tensor weights, int[] grid) -> Tensor")
-_lib.define("mixed_op_backward_triton(Tensor grad, Tensor[] outputs, Tensor weights, int[] grid, "
-            "bool outputs_requires_grad, bool weights_requires_grad) -> (Tensor[], Tensor)")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("mixed_op_triton", mixed_op_forward, _key)
-    _lib.impl("mixed_op_backward_triton", mixed_op_backward, _key)
+define_op("mixed_op_triton", "(Tensor[] outputs, Tensor weights, int[] grid) -> Tensor", mixed_op_forward)
+define_op("mixed_op_backward_triton", "(Tensor grad, Tensor[] outputs, Tensor weights, int[] grid, "
+          "bool outputs_requires_grad, bool weights_requires_grad) -> (Tensor[], Tensor)", mixed_op_backward)

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from nasops.backend import triton_interpreting
 from nasops.ops._layout import kernel_channels_last, memory_format
+from nasops.triton import define_op
 
 # The interpreter runs each program instance in Python: fewer, bigger blocks.
 _ELEMENT_BLOCK = 8192 if triton_interpreting() else 1024
@@ -270,7 +271,6 @@ def patch_softmax_attention_backward_triton(grad_w: torch.Tensor, w: torch.Tenso
 
 # ---- registration ----------------------------------------------------------------------------
 
-_LIB = torch.library.Library("nasops", "FRAGMENT")
 _OPS = {
     "patch_pool_triton": ("(Tensor[] maps, int[] grid) -> Tensor", patch_pool_triton),
     "patch_pool_backward_triton": (
@@ -287,6 +287,4 @@ _OPS = {
         patch_attention_outputs_backward_triton),
 }
 for _name, (_schema, _fn) in _OPS.items():
-    _LIB.define(_name + _schema)
-    _LIB.impl(_name, _fn, "CPU")
-    _LIB.impl(_name, _fn, "CUDA")
+    define_op(_name, _schema, _fn)

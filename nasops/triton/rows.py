@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nasops.triton import define_op
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -114,9 +116,5 @@ def scatter_rows(y: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-_lib = torch.library.Library("nasops", "FRAGMENT")
-_lib.define("gather_rows_triton(Tensor x, Tensor idx) -> Tensor")
-_lib.define("scatter_rows_triton(Tensor y, Tensor idx, int n) -> Tensor")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("gather_rows_triton", gather_rows, _key)
-    _lib.impl("scatter_rows_triton", scatter_rows, _key)
+define_op("gather_rows_triton", "(Tensor x, Tensor idx) -> Tensor", gather_rows)
+define_op("scatter_rows_triton", "(Tensor y, Tensor idx, int n) -> Tensor", scatter_rows)

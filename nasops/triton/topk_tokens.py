@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nasops.triton import define_op
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _GATES = {"none": 0, "straight_through": 1, "sigmoid": 2}
 
@@ -318,12 +320,8 @@ def topk_tokens_backward(grad_x_sel, grad_s, x, q, k, idx, k_mean, pos, gate: st
     return grad_x, grad_q, grad_k
 
 
-_lib = torch.library.Library("nasops", "FRAGMENT")
-_lib.define("topk_tokens_triton(Tensor x, Tensor q, Tensor k, int keep, bool keep_cls, str gate) "
-            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-_lib.define("topk_tokens_backward_triton(Tensor grad_x_sel, Tensor grad_s, Tensor x, Tensor q, "
-            "Tensor k, Tensor idx, Tensor k_mean, Tensor pos, str gate, bool x_requires_grad, "
-            "bool qk_requires_grad) -> (Tensor, Tensor, Tensor)")
-for _key in ("CPU", "CUDA"):
-    _lib.impl("topk_tokens_triton", topk_tokens_forward, _key)
-    _lib.impl("topk_tokens_backward_triton", topk_tokens_backward, _key)
+define_op("topk_tokens_triton", "(Tensor x, Tensor q, Tensor k, int keep, bool keep_cls, str gate) "
+          "-> (Tensor, Tensor, Tensor, Tensor, Tensor)", topk_tokens_forward)
+define_op("topk_tokens_backward_triton", "(Tensor grad_x_sel, Tensor grad_s, Tensor x, Tensor q, "
+          "Tensor k, Tensor idx, Tensor k_mean, Tensor pos, str gate, bool x_requires_grad, "
+          "bool qk_requires_grad) -> (Tensor, Tensor, Tensor)", topk_tokens_backward)
