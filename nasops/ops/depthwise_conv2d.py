@@ -81,9 +81,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
             raise ValueError(f"weight: the dilated kernel ({dil * (kernel - 1) + 1}) is larger than x's padded "
                              f"{name} ({size} + 2*{pad})")
     name = resolve(backend, x.device)
-    out_size = tuple(_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-                     for i in range(2))
-    if not _kernel_applies(name, x, weight, out_size):
+    if not _kernel_applies(name, x, weight, stride, padding, dilation):
         return reference.depthwise_conv2d(x, weight, stride, padding, dilation, relu_input)
     fwd, bwd = kernel_for(_KERNELS, name, "depthwise_conv2d")
     if torch.compiler.is_compiling():
@@ -103,15 +101,17 @@ def _pair(value, name: str, minimum: int) -> list[int]:
     return pair
 
 
-def _kernel_applies(backend: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[int, int]) -> bool:
+def _kernel_applies(backend: str, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> bool:
     if (x.numel() == 0 or x.dtype not in _KERNEL_DTYPES.get(backend, ()) or max(weight.shape[2:]) > _MAX_KERNEL
             or torch.is_autocast_enabled(x.device.type)):
         return False
     if backend == "cpu":
         return x.device.type == "cpu" and is_nhwc(x)
     # triton: CUDA tensors, or CPU tensors in the interpreter; samples within 32-bit offsets
-    return ((x.is_cuda or triton_interpreting())
-            and x.shape[1] * max(x.shape[2] * x.shape[3], out_size[0] * out_size[1]) <= _MAX_SAMPLE)
+    if not (x.is_cuda or triton_interpreting()):
+        return False
+    OH, OW = (_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2))
+    return x.shape[1] * max(x.shape[2] * x.shape[3], OH * OW) <= _MAX_SAMPLE
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
