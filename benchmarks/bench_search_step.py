@@ -105,11 +105,17 @@ DEFAULT_PROVIDERS = {
     ("tokens", "cpu"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
     ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
+
+
+def _triton_depthwise(net) -> int:
+    return use_depthwise_backend(net, "triton")
+
+
 # Providers whose network the benchmark changes after the method built it.
 MODEL_CHANGES = {"nasops-torch-bn": use_torch_batch_norm,
                  "nasops-graphs-torch-bn": use_torch_batch_norm,
-                 "nasops-triton-dw": lambda net: use_depthwise_backend(net, "triton"),
-                 "nasops-graphs-triton-dw": lambda net: use_depthwise_backend(net, "triton")}
+                 "nasops-triton-dw": _triton_depthwise,
+                 "nasops-graphs-triton-dw": _triton_depthwise}
 # Layout providers -> the plain provider a token network (no layout) runs instead.
 LAYOUT_PROVIDERS = {"eager-nchw": "eager", "eager-nhwc": "eager", "nasops-nchw": "nasops",
                     "nasops-nhwc": "nasops", "nasops-graphs-nhwc": "nasops-graphs"}

@@ -60,11 +60,11 @@ class AffineFreeBatchNorm2d(nn.BatchNorm2d):
     statistics. The backward is ``native_batch_norm_backward`` on y with zero
     mean, unit invstd and invstd as the weight: the same formula, with x^ read
     from y instead of recomputed from x (equal up to rounding; under autocast
-    y has the half-precision input's dtype, as x had). Used when the layer trains on an input that needs
-    a gradient, outside torch.compile (whose partitioner decides itself what a
-    compiled graph keeps) and with ``nasops._C`` built; everything else is
-    ``nn.BatchNorm2d``'s forward. Once differentiable (no double backward
-    through it).
+    y has the half-precision input's dtype, as x had). Used when the layer
+    trains on an input that needs a gradient, outside torch.compile (whose
+    partitioner decides itself what a compiled graph keeps) and with
+    ``nasops._C`` built; everything else is ``nn.BatchNorm2d``'s forward. Once
+    differentiable (no double backward through it).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
