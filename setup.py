@@ -6,7 +6,10 @@ What gets compiled (mirrors pytorch/ao):
 - also the CUDA kernels ``csrc/cuda/*.cu`` and their torch glue
   ``csrc/cuda/*.cpp`` when torch is a CUDA build and ``CUDA_HOME`` is set, or
   when ``NASOPS_FORCE_CUDA=1`` (build on a GPU-less machine; set
-  ``TORCH_CUDA_ARCH_LIST``, e.g. "9.0");
+  ``TORCH_CUDA_ARCH_LIST``, e.g. "9.0"); not with ``NASOPS_SKIP_CUDA=1`` (the
+  C++ CPU kernels alone, e.g. beside a CUDA torch whose CUDA version the
+  installed toolkit does not match: torch refuses to compile against another
+  major version);
 - nothing with ``NASOPS_SKIP_EXTENSIONS=1``: a pure-Python install (Triton and
   eager backends only; ``nasops.backends()`` says why the others are missing).
 
@@ -38,9 +41,12 @@ def get_extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    use_cuda = _env_flag("NASOPS_FORCE_CUDA") or (
+    if _env_flag("NASOPS_FORCE_CUDA") and _env_flag("NASOPS_SKIP_CUDA"):
+        raise RuntimeError("nasops: NASOPS_FORCE_CUDA=1 and NASOPS_SKIP_CUDA=1 contradict each other; "
+                           "unset one")
+    use_cuda = not _env_flag("NASOPS_SKIP_CUDA") and (_env_flag("NASOPS_FORCE_CUDA") or (
         torch.version.cuda is not None and CUDA_HOME is not None
-    )
+    ))
     debug = _env_flag("NASOPS_DEBUG")
     opt = "-O0" if debug else "-O3"
     # Paths relative to setup.py, as setuptools wants them.
@@ -66,8 +72,9 @@ def get_extensions():
     else:
         extension = CppExtension
         extra = {"cxx": cxx}
-        print("nasops: building C++ CPU kernels (no CUDA: torch.version.cuda=%s, CUDA_HOME=%s)"
-              % (torch.version.cuda, CUDA_HOME))
+        why = ("NASOPS_SKIP_CUDA=1" if _env_flag("NASOPS_SKIP_CUDA")
+               else "torch.version.cuda=%s, CUDA_HOME=%s" % (torch.version.cuda, CUDA_HOME))
+        print("nasops: building C++ CPU kernels (no CUDA: %s)" % why)
     return [
         extension(
             "nasops._C",

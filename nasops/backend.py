@@ -64,7 +64,8 @@ def _find_availability() -> dict[str, str]:
     if not extension_loaded():
         reasons["cuda"] = _EXT_ERROR
     elif not _BUILD_INFO["cuda"]:
-        reasons["cuda"] = "nasops._C was built without CUDA (CPU torch or no CUDA_HOME at build time)"
+        reasons["cuda"] = ("nasops._C was built without CUDA (CPU torch, no CUDA_HOME or NASOPS_SKIP_CUDA=1 "
+                           "at build time)")
     elif not torch.cuda.is_available():
         reasons["cuda"] = "no CUDA device visible to torch"
     else:

@@ -1,6 +1,7 @@
 """Installing without the compiled extension (NASOPS_SKIP_EXTENSIONS=1) gives a
 pure-Python package that imports, says what is missing and why, and still runs
 every op on the eager backend."""
+import json
 import os
 import shutil
 import subprocess
@@ -59,3 +60,43 @@ def test_package_without_extension_imports_and_explains(tmp_path):
     proc = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def _extension_sources(cuda_home, **env_flags) -> subprocess.CompletedProcess:
+    """Run setup.py as if torch were a CUDA build and ``cuda_home`` a toolkit
+    (torch.version.cuda and torch.cuda._is_compiled, which cpp_extension reads;
+    no GPU; CUDA_HOME in the environment: only paths are computed, nothing
+    compiles), with ``env_flags`` set and setuptools.setup replaced; prints the
+    sources of the extensions it would build (JSON)."""
+    script = ("import json, runpy, setuptools, torch\n"
+              "torch.version.cuda, torch.cuda._is_compiled = '13.0', lambda: True\n"
+              "torch.cuda.is_available = lambda: False\n"
+              "kw = {}\n"
+              "setuptools.setup = lambda **k: kw.update(k)\n"
+              "runpy.run_path('setup.py')\n"
+              "print(json.dumps([e.sources for e in kw['ext_modules']]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NASOPS_")}
+    env.update(env_flags, CUDA_HOME=str(cuda_home), TORCH_CUDA_ARCH_LIST="9.0")
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_skip_cuda_builds_the_cpu_kernels_alone(tmp_path):
+    """NASOPS_SKIP_CUDA=1 leaves the CUDA sources out where they would be built
+    (a CUDA torch and a toolkit), and says why; with NASOPS_FORCE_CUDA=1 as well
+    it refuses, naming both."""
+    default = _extension_sources(tmp_path)
+    assert default.returncode == 0, default.stderr[-2000:]
+    (default_sources,) = json.loads(default.stdout.splitlines()[-1])
+    assert "csrc/cuda/mixed_op.cu" in default_sources
+
+    skipped = _extension_sources(tmp_path, NASOPS_SKIP_CUDA="1")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    (sources,) = json.loads(skipped.stdout.splitlines()[-1])
+    assert "csrc/cpu/mixed_op.cpp" in sources and "csrc/ops.cpp" in sources
+    assert not [s for s in sources if s.endswith(".cu") or s.startswith("csrc/cuda/")]
+    assert "no CUDA: NASOPS_SKIP_CUDA=1" in skipped.stdout
+
+    both = _extension_sources(tmp_path, NASOPS_FORCE_CUDA="1", NASOPS_SKIP_CUDA="1")
+    assert both.returncode != 0
+    assert "NASOPS_FORCE_CUDA=1 and NASOPS_SKIP_CUDA=1" in both.stderr
