@@ -31,8 +31,12 @@ def is_nhwc(t: torch.Tensor) -> bool:
 def kernel_channels_last(maps: Sequence[torch.Tensor]) -> bool:
     """Whether the kernels walk ``maps`` (one shape) in channels_last order: all of
     them are channels_last-dense and not all are contiguous too (both hold when
-    C == 1 or H*W == 1, where the two orders are the same memory)."""
-    return all(is_nhwc(t) for t in maps) and not all(is_nchw(t) for t in maps)
+    C == 1 or H*W == 1, where the two orders are the same memory).
+
+    Lists, not generators, inside all(): torch.compile 2.14 fails a fullgraph
+    trace that leaves a generator unfinished (all() stops at the first False)
+    once an autograd.Function was traced ("generator already executing")."""
+    return all([is_nhwc(t) for t in maps]) and not all([is_nchw(t) for t in maps])
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -58,12 +62,12 @@ def common_layout(maps: list[torch.Tensor]) -> list[torch.Tensor]:
     other layout, or with other strides, are copied into it. Nothing is copied
     when the maps already agree.
     """
-    if kernel_channels_last(maps) or all(is_nchw(t) for t in maps):
+    if kernel_channels_last(maps) or all([is_nchw(t) for t in maps]):  # lists: kernel_channels_last
         return maps
     nhwc = sum(is_nhwc(t) and not is_nchw(t) for t in maps)
     nchw = sum(is_nchw(t) and not is_nhwc(t) for t in maps)
     if nhwc == nchw:
-        first = next((t for t in maps if is_nhwc(t) != is_nchw(t)), None)
+        first = next(iter([t for t in maps if is_nhwc(t) != is_nchw(t)]), None)
         channels_last = first is not None and is_nhwc(first)
     else:
         channels_last = nhwc > nchw

@@ -55,13 +55,15 @@ def _order_key(score, IS_F64: tl.constexpr):
     0 marks a token that is not a candidate.
     """
     score = tl.where(score == 0, 0.0, score)
+    # XOR with all ones, not ~bits: Triton 3.8's interpreter builds ~'s all-ones
+    # constant as -1 in an unsigned NumPy array, which NumPy 2 refuses.
     if IS_F64:
         bits = score.to(tl.uint64, bitcast=True)
-        key = tl.where(bits >= 0x8000000000000000, ~bits, bits | 0x8000000000000000)
+        key = tl.where(bits >= 0x8000000000000000, bits ^ 0xFFFFFFFFFFFFFFFF, bits | 0x8000000000000000)
         key = tl.where(score != score, 0xFFFFFFFFFFFFFFFF, key)
     else:
         bits = score.to(tl.uint32, bitcast=True)
-        key = tl.where(bits >= 0x80000000, ~bits, bits | 0x80000000)
+        key = tl.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
         key = tl.where(score != score, 0xFFFFFFFF, key)
     return key
 
