@@ -8,6 +8,7 @@ the old or the new file, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pickle
 import random
@@ -146,7 +147,10 @@ def save_atomic(obj, path: Path) -> None:
 
 # What a checkpoint may hold besides tensors and plain Python values: the
 # pickled numpy RNG state of rng_states() (np.random.get_state(): a uint32 ndarray).
-CHECKPOINT_GLOBALS = [(np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,
+# numpy._core.multiarray by import, not attribute: NumPy 2 moved numpy.core
+# there, and NumPy 1.26 has a numpy._core stub whose multiarray is imported only
+# on demand (np._core.multiarray failed there once anything had imported np._core).
+CHECKPOINT_GLOBALS = [importlib.import_module("numpy._core.multiarray")._reconstruct,
                       np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
