@@ -71,6 +71,10 @@ RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "
 # eager PyTorch and nasops both 1.5-1.9x). CUDA stays contiguous until measured on a
 # GPU: benchmarks/bench_search_step.py prints both layouts there.
 AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
+# --compile needs this torch or newer: torch.compile 2.11 could not trace the
+# search networks (id() and truth values of traced values) and one compiled run
+# left the eager losses by 5e-4; 2.13 and 2.14.1 pass the tests (CPU, 2026-12-05).
+COMPILE_MIN_TORCH = (2, 13)
 # Spaces whose mixed edges work on token tensors (B, N, C): no channels_last
 # layout there (only the patch embedding is a convolution), auto is contiguous.
 TOKEN_SPACES = ("vit",)
@@ -237,6 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 < args.train_portion < 1.0:
         parser.error(f"--train-portion: expected a fraction in (0, 1), got {args.train_portion}")
     args.arch_betas = tuple(args.arch_betas)
+    if args.compile and torch.torch_version.TorchVersion(torch.__version__) < COMPILE_MIN_TORCH:
+        parser.error(f"--compile: needs torch >= {'.'.join(map(str, COMPILE_MIN_TORCH))}, this is "
+                     f"{torch.__version__} (older torch.compile cannot trace the search networks); "
+                     f"run without --compile, or with --cuda-graphs on CUDA")
     if args.cuda_graphs:
         if not method.cuda_graphs:
             graphed = ", ".join(name for name, cls in methods.METHODS.items() if cls.cuda_graphs)

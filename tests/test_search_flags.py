@@ -500,3 +500,15 @@ def test_compile_every_method_first_steps_match_eager(tmp_path, monkeypatch, met
     assert len(compiled_with) == (2 if method == "dasvit" else 1)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # traced, not bypassed
     _assert_same_run(plain, compiled, tmp_path / "plain", tmp_path / "compiled", rtol=1e-4, atol=1e-5)
+
+
+def test_compile_refuses_a_torch_older_than_it_was_tested_on(tmp_path, monkeypatch, capsys):
+    """torch.compile 2.11 could not trace the search networks: --compile names the
+    torch it needs instead of failing inside dynamo; the version it runs on passes."""
+    assert parse_args(["--out", str(tmp_path), "--compile"]).compile
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.11.0+cu130"))
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--compile"])
+    err = capsys.readouterr().err
+    assert "--compile: needs torch >= 2.13, this is 2.11.0+cu130" in err
+    assert not parse_args(["--out", str(tmp_path)]).compile  # the rest of the driver runs
