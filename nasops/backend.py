@@ -90,7 +90,8 @@ def backends() -> dict[str, dict]:
     }
 
 
-def _check_name(name: str, argname: str) -> str:
+def check_backend_name(name: str, argname: str) -> str:
+    """``name`` if it is 'auto' or a backend's name; ValueError naming ``argname`` otherwise."""
     if name not in _CHOICES:
         raise ValueError(f"{argname}: expected one of {_CHOICES}, got {name!r}")
     return name
@@ -99,14 +100,14 @@ def _check_name(name: str, argname: str) -> str:
 def set_backend(name: str | None) -> None:
     """Force a backend for every op in this process (``None`` or 'auto' resets)."""
     global _override
-    _override = None if name in (None, "auto") else _check_name(name, "backend")
+    _override = None if name in (None, "auto") else check_backend_name(name, "backend")
 
 
 def get_backend() -> str:
     """The process-wide choice: 'auto' unless set by set_backend or NASOPS_BACKEND."""
     if _override is not None:
         return _override
-    return _check_name(os.environ.get("NASOPS_BACKEND", "auto"), "NASOPS_BACKEND")
+    return check_backend_name(os.environ.get("NASOPS_BACKEND", "auto"), "NASOPS_BACKEND")
 
 
 def resolve(backend: str | None, device: torch.device) -> str:
@@ -114,7 +115,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
     Raises ValueError when an explicitly requested backend cannot run there.
     """
-    name = _check_name(backend, "backend") if backend is not None else get_backend()
+    name = check_backend_name(backend, "backend") if backend is not None else get_backend()
     reasons = _availability()
     dev = torch.device(device).type
     if name == "auto":

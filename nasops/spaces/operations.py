@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nasops.ops
-from nasops.backend import BACKENDS, extension_loaded
+from nasops.backend import check_backend_name, extension_loaded
 
 DARTS_OPS = (
     "none",
@@ -150,9 +150,8 @@ def use_depthwise_backend(net: nn.Module, backend: str | None) -> int:
     kernels, which 'auto' does not pick on CUDA, beside the CUDA mixed sums
     (benchmarks/bench_search_step.py's ``nasops-graphs-triton-dw``). Returns the
     number of layers set."""
-    choices = ("auto", *BACKENDS)
-    if backend is not None and backend not in choices:
-        raise ValueError(f"backend: expected one of {choices} or None, got {backend!r}")
+    if backend is not None:
+        check_backend_name(backend, "backend")
     layers = [m for m in net.modules() if isinstance(m, ReLUDepthwiseConv2d)]
     for m in layers:
         m.backend = backend
