@@ -18,6 +18,7 @@ Providers (PROVIDERS; add one with a line):
 - ``nasops``: the driver's defaults (nasops kernels, --memory-format auto);
 - ``nasops-compile``: the same with --compile;
 - ``nasops-recompute``: the same with --recompute-edges (memory against time);
+  ``nasops-recompute-dw``: with --recompute-depthwise (less memory for less time);
 - ``nasops-torch-bn``: nasops' default with PyTorch's BatchNorm in place of the
   search ops' AffineFreeBatchNorm2d (which keeps its output for the backward,
   not its input): what that layer saves in memory, and whether it costs time
@@ -25,7 +26,7 @@ Providers (PROVIDERS; add one with a line):
   same with --cuda-graphs (the device's time, once the host no longer hides it);
 - ``nasops-graphs`` (CUDA; methods whose ``cuda_graphs`` is true): the same with
   --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
-  ``nasops-graphs-recompute``: with --recompute-edges too; ``nasops-graphs-nhwc``: in
+  ``nasops-graphs-recompute``: with --recompute-edges too (``-dw``: --recompute-depthwise); ``nasops-graphs-nhwc``: in
   channels_last (the device's time per layout, once the host no longer hides it);
   ``nasops-graphs-triton-dw``: with the depthwise convolutions (ReLU fused) on
   their Triton kernels, every other op as in ``nasops-graphs`` (``auto`` does not
@@ -86,10 +87,12 @@ PROVIDERS = {
     "nasops": [],
     "nasops-compile": ["--compile"],
     "nasops-recompute": ["--recompute-edges"],
+    "nasops-recompute-dw": ["--recompute-depthwise"],
     "nasops-torch-bn": [],  # + MODEL_CHANGES
     "nasops-graphs-torch-bn": ["--cuda-graphs"],  # + MODEL_CHANGES
     "nasops-graphs": ["--cuda-graphs"],
     "nasops-graphs-recompute": ["--cuda-graphs", "--recompute-edges"],
+    "nasops-graphs-recompute-dw": ["--cuda-graphs", "--recompute-depthwise"],
     "nasops-graphs-nhwc": ["--cuda-graphs", "--memory-format", "channels_last"],
     "nasops-graphs-triton-dw": ["--cuda-graphs"],  # + MODEL_CHANGES
     "nasops-triton-dw": [],  # + MODEL_CHANGES
@@ -99,9 +102,11 @@ PROVIDERS = {
 }
 # Providers per kind of network: feature maps (a layout to choose) or tokens (none).
 DEFAULT_PROVIDERS = {
-    ("maps", "cpu"): ["eager-nchw", "eager-nhwc", "nasops", "nasops-compile", "nasops-recompute"],
+    ("maps", "cpu"): ["eager-nchw", "eager-nhwc", "nasops", "nasops-compile", "nasops-recompute",
+                      "nasops-recompute-dw"],
     ("maps", "cuda"): ["eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc", "nasops-graphs",
-                       "nasops-compile", "nasops-recompute", "nasops-graphs-recompute"],
+                       "nasops-compile", "nasops-recompute", "nasops-recompute-dw", "nasops-graphs-recompute",
+                       "nasops-graphs-recompute-dw"],
     ("tokens", "cpu"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
     ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
@@ -119,8 +124,8 @@ MODEL_CHANGES = {"nasops-torch-bn": use_torch_batch_norm,
 # Layout providers -> the plain provider a token network (no layout) runs instead.
 LAYOUT_PROVIDERS = {"eager-nchw": "eager", "eager-nhwc": "eager", "nasops-nchw": "nasops",
                     "nasops-nhwc": "nasops", "nasops-graphs-nhwc": "nasops-graphs"}
-GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-nhwc",
-                     "nasops-graphs-torch-bn", "nasops-graphs-triton-dw")
+GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-recompute-dw",
+                     "nasops-graphs-nhwc", "nasops-graphs-torch-bn", "nasops-graphs-triton-dw")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
 # paper's search network: 8 cells, C = 16); the others carry small sizes of
@@ -457,9 +462,13 @@ def _tables(results: dict, cuda: bool) -> tuple[list[str], list[str]]:
     return time_lines[:-1], memory_lines[:-1]
 
 
+# The recomputing providers, against nasops' default: which flag each one sets.
+RECOMPUTE_PROVIDERS = {"nasops-recompute": "--recompute-edges", "nasops-recompute-dw": "--recompute-depthwise"}
+
+
 def _recompute_table(results: dict, cuda: bool) -> list[str]:
-    """Markdown lines of --recompute-edges against nasops' default (issue 14's
-    trade-off: peak memory against step time), for the results that ran both.
+    """Markdown lines of the recomputing providers against nasops' default (issue
+    14's trade-off: peak memory against step time), for the results that ran them.
 
     The time ratio is taken per round, then its median: a round runs both
     providers back to back, so a machine that speeds up or slows down between
@@ -472,26 +481,27 @@ def _recompute_table(results: dict, cuda: bool) -> list[str]:
         times = res["time"]
         default = "nasops" if "nasops" in times else \
             "nasops-nhwc" if auto_layout == "channels_last" else "nasops-nchw"
-        if default not in times or "nasops-recompute" not in times:
-            continue
-        ratios = [r / n for n, r in zip(times[default], times["nasops-recompute"])]
-        peaks = []
-        for p in (default, "nasops-recompute"):
-            m = res["memory"].get(p) or {}
-            peaks.append(m.get("peak_cuda" if cuda else "peak_rss"))
-        less = (f"{100 * (1 - peaks[1] / peaks[0]):.0f} %" if all(isinstance(v, int) and v > 0 for v in peaks)
-                else "n/a")
-        rows.append([method, str(batch), f"{statistics.median(ratios):.2f}",
-                     f"{min(ratios):.2f}-{max(ratios):.2f} ({len(ratios)})",
-                     f"{statistics.median(times['nasops-recompute']) / statistics.median(times[default]):.2f}",
-                     less])
+        for provider, flag in RECOMPUTE_PROVIDERS.items():
+            if default not in times or provider not in times:
+                continue
+            ratios = [r / n for n, r in zip(times[default], times[provider])]
+            peaks = []
+            for p in (default, provider):
+                m = res["memory"].get(p) or {}
+                peaks.append(m.get("peak_cuda" if cuda else "peak_rss"))
+            less = (f"{100 * (1 - peaks[1] / peaks[0]):.0f} %"
+                    if all(isinstance(v, int) and v > 0 for v in peaks) else "n/a")
+            rows.append([method, str(batch), flag, f"{statistics.median(ratios):.2f}",
+                         f"{min(ratios):.2f}-{max(ratios):.2f} ({len(ratios)})",
+                         f"{statistics.median(times[provider]) / statistics.median(times[default]):.2f}",
+                         less])
     if not rows:
         return []
-    return ["", "--recompute-edges against nasops' default (`nasops`; on CUDA the provider of "
+    return ["", "Recomputation against nasops' default (`nasops`; on CUDA the provider of "
             "--memory-format auto's layout): step time ratio per round (median, and "
             "range over the rounds), the ratio of the two medians, and how much less peak memory "
             + ("(`max_memory_allocated`)." if cuda else "(the process's peak resident set)."), "",
-            table(rows, ["method", "batch", "recompute x nasops, per round", "range (rounds)",
+            table(rows, ["method", "batch", "flag", "recompute x nasops, per round", "range (rounds)",
                          "ratio of medians", "less peak memory"])]
 
 

@@ -44,6 +44,7 @@ from nasops.methods.darts import RunContext
 from nasops.runtime import write_text
 from nasops.spaces import nb201, vit
 from nasops.spaces.base import set_recompute_edges
+from nasops.spaces.operations import set_recompute_depthwise
 
 # What a search that needs no flags runs: sized to take about two minutes on a
 # 2-core CPU with the digits (measured in README.md).
@@ -64,7 +65,7 @@ def default_layers(space: str) -> int:
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "nb201_table", "quiet",
                 "deterministic", "threads", "memory_format", "compile", "recompute_edges",
-                "cuda_graphs")
+                "recompute_depthwise", "cuda_graphs")
 
 # --memory-format auto, per device type: channels_last where the whole search
 # step measured faster (benchmarks/RESULTS.md, "Whole search steps": on the CPU
@@ -190,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each mixed edge keeps its input and recomputes its ops' outputs in the "
                         "backward (a DARTS edge keeps its parameter-free ops' outputs): less memory "
                         "for more time, same results")
+    g.add_argument("--recompute-depthwise", action="store_true",
+                   help="each sep_conv and dil_conv keeps its input, not its depthwise convolutions' "
+                        "outputs, and computes those again in the backward: less memory for a little "
+                        "more time (one more depthwise convolution each), same results; not with "
+                        "--recompute-edges, which recomputes them with the rest of the edge")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
@@ -255,6 +261,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "itself (mode=reduce-overhead)")
         if args.amp:
             parser.error("--cuda-graphs and --amp exclude each other: the graphs are captured without autocast")
+    if args.recompute_depthwise and args.recompute_edges:
+        parser.error("--recompute-depthwise and --recompute-edges exclude each other: --recompute-edges "
+                     "recomputes every op of an edge, its depthwise convolutions included")
     if method.spaces is not None and args.space not in method.spaces:
         parser.error(f"--method {args.method} searches the spaces {', '.join(method.spaces)}; "
                      f"got --space {args.space}")
@@ -452,7 +461,7 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
     }
 
 
-# ---- how the network runs: --memory-format, --recompute-edges, --compile, --cuda-graphs -------
+# ---- how the network runs: --memory-format, --recompute-*, --compile, --cuda-graphs ----------
 
 def memory_format(args, device: torch.device) -> torch.memory_format:
     """The feature-map layout of --memory-format on ``device`` (auto: AUTO_MEMORY_FORMAT;
@@ -475,6 +484,9 @@ def _prepare_network(method, args, device: torch.device) -> None:
     if args.recompute_edges and not set_recompute_edges(model, True):
         raise SearchError(f"--recompute-edges: the {type(model).__name__} of --method {args.method} "
                           f"has no mixed edge that can recompute")
+    if args.recompute_depthwise and not set_recompute_depthwise(model, True):
+        raise SearchError(f"--recompute-depthwise: the {type(model).__name__} of --space {args.space} "
+                          f"has no sep_conv or dil_conv op")
     if args.compile:
         method.compile_network(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     if args.cuda_graphs:

@@ -142,11 +142,14 @@ def test_recompute_table_takes_the_time_ratio_per_round(monkeypatch):
     import harness
     monkeypatch.setattr(harness, "device_name", lambda device: "a test device")
     results = {("darts-1st", 16): {
-        "time": {"nasops": [1.0, 2.0, 3.0], "nasops-recompute": [1.2, 3.0, 3.3]},
+        "time": {"nasops": [1.0, 2.0, 3.0], "nasops-recompute": [1.2, 3.0, 3.3],
+                 "nasops-recompute-dw": [1.1, 2.1, 3.0]},
         "memory": {"nasops": {"peak_rss": 2000, "rss_before": 100},
-                   "nasops-recompute": {"peak_rss": 900, "rss_before": 100}}}}
+                   "nasops-recompute": {"peak_rss": 900, "rss_before": 100},
+                   "nasops-recompute-dw": {"peak_rss": 1500, "rss_before": 100}}}}
     text = bench_search_step.report(results, torch.device("cpu"), "cmd", False, None, None)
-    assert "| darts-1st | 16 | 1.20 | 1.10-1.50 (3) | 1.50 | 55 % |" in text
+    assert "| darts-1st | 16 | --recompute-edges | 1.20 | 1.10-1.50 (3) | 1.50 | 55 % |" in text
+    assert "| darts-1st | 16 | --recompute-depthwise | 1.05 | 1.00-1.10 (3) | 1.05 | 25 % |" in text
     # On CUDA the default is the provider of --memory-format auto's layout; no memory: n/a.
     layout = bench_search_step.search.AUTO_MEMORY_FORMAT["cuda"]
     default = "nasops-nhwc" if layout == "channels_last" else "nasops-nchw"
@@ -154,7 +157,7 @@ def test_recompute_table_takes_the_time_ratio_per_round(monkeypatch):
         "time": {"eager-nchw": [1.0, 1.0], default: [0.5, 0.5], "nasops-recompute": [0.6, 0.7]},
         "memory": {}}}
     text = bench_search_step.report(results, torch.device("cuda"), "cmd", False, None, None)
-    assert "| darts-1st | 64 | 1.30 | 1.20-1.40 (2) | 1.30 | n/a |" in text
+    assert "| darts-1st | 64 | --recompute-edges | 1.30 | 1.20-1.40 (2) | 1.30 | n/a |" in text
     # Without a recompute provider there is no such table.
     del results[("darts-1st", 64)]["time"]["nasops-recompute"]
     assert "recompute x nasops" not in bench_search_step.report(results, torch.device("cuda"), "cmd", False,

@@ -130,6 +130,36 @@ def test_only_x_or_only_weight_needs_grad(kernel):
                  scale=6)
 
 
+@pytest.mark.parametrize("path", KERNELS + [("eager", "nchw"), ("eager", "nhwc")], ids="-".join)
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "x", "weight"])
+def test_planned_convolution_and_its_vjp_equal_the_op(path, needs):
+    """PlannedDepthwiseConv2d (what --recompute-depthwise runs again in a backward):
+    its output and vector-Jacobian product are the op's and its autograd's, on the
+    kernels (called straight) and on PyTorch's path (differentiated by autograd),
+    with None for an input that wants no gradient."""
+    from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d
+    backend, layout = path
+    torch.manual_seed(0)
+    x = in_layout(torch.randn(2, 8, 7, 6, dtype=torch.float64), layout).to(KERNEL_DEVICE.get(backend, DEVICE))
+    w = torch.randn(8, 1, 3, 3, dtype=torch.float64, device=x.device)
+    geometry = dict(stride=2, padding=2, dilation=2, relu_input=True)
+    plan = PlannedDepthwiseConv2d(x, w, **geometry, backend=backend)
+    assert (plan.kernels is None) == (backend == "eager")
+    want = depthwise_conv2d(x.requires_grad_(), w.requires_grad_(), **geometry, backend=backend)
+    g = torch.randn_like(want)
+    grads_want = torch.autograd.grad(want, (x, w), g)
+    x, w = x.detach(), w.detach()
+    assert_close(plan(x, w), want, torch.float64, what="y")
+    y, vjp = plan.vjp(x, w, *needs)
+    assert not y.requires_grad
+    assert_close(y, want, torch.float64, what="vjp's y")
+    for name, got, expect, need in zip(("x", "weight"), vjp(g), grads_want, needs):
+        if need:
+            assert_close(got, expect, torch.float64, what=f"grad {name}")
+        else:
+            assert got is None, name
+
+
 @needs_cpu_kernel
 def test_weight_gradient_independent_of_threads():
     x = nhwc(torch.randn(6, 24, 9, 9))

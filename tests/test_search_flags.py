@@ -1,5 +1,5 @@
 """The driver's speed and memory flags change how a search runs, never what it
-computes: --memory-format, --recompute-edges and --compile against the plain
+computes: --memory-format, --recompute-edges, --recompute-depthwise and --compile against the plain
 run (tiny networks, a few steps), and recomputation's gradients and BatchNorm
 statistics against the plain network's."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 import nasops.spaces
 from nasops.spaces.base import RecomputableEdge
-from nasops.search import main, parse_args
+from nasops.search import SearchError, main, parse_args
 
 TINY = ["--init-channels", "4", "--batch-size", "16", "--threads", "1", "--quiet", "--epochs", "1",
         "--layers", "3", "--deterministic"]
@@ -93,6 +93,7 @@ def test_speed_flags_are_not_part_of_the_config_and_auto_is_channels_last_on_cpu
     args = parse_args(["--out", str(tmp_path), "--memory-format", "channels_last", "--compile",
                        "--recompute-edges"])
     assert not {"memory_format", "compile", "recompute_edges"} & set(run_config(args))
+    assert "recompute_depthwise" not in run_config(parse_args(["--out", str(tmp_path), "--recompute-depthwise"]))
     assert parse_args(["--out", str(tmp_path)]).memory_format == "auto"
     assert memory_format(parse_args(["--out", str(tmp_path)]), torch.device("cpu")) == torch.channels_last
     assert memory_format(args, torch.device("cpu")) == torch.channels_last
@@ -101,12 +102,30 @@ def test_speed_flags_are_not_part_of_the_config_and_auto_is_channels_last_on_cpu
     resumed = _run(tmp_path / "run", "--max-steps", "1", "--memory-format", "channels_last",
                    "--recompute-edges", "--resume")
     assert len(resumed["metrics"]) == 1
+    resumed = _run(tmp_path / "run", "--max-steps", "1", "--recompute-depthwise", "--resume")
+    assert len(resumed["metrics"]) == 1
 
 
 def test_recompute_edges_search_equals_plain(tmp_path):
     plain = _run(tmp_path / "plain", "--max-steps", "3", "--second-order")
     recompute = _run(tmp_path / "recompute", "--max-steps", "3", "--second-order", "--recompute-edges")
     _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_depthwise_search_equals_plain(tmp_path):
+    plain = _run(tmp_path / "plain", "--max-steps", "3")
+    recompute = _run(tmp_path / "recompute", "--max-steps", "3", "--recompute-depthwise")
+    _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_depthwise_refusals(tmp_path, capsys):
+    """--recompute-depthwise adds nothing to --recompute-edges (which recomputes the
+    depthwise convolutions with the rest of an edge), and needs depthwise convolutions."""
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--recompute-depthwise", "--recompute-edges"])
+    assert "--recompute-depthwise and --recompute-edges exclude each other" in capsys.readouterr().err
+    with pytest.raises(SearchError, match="--recompute-depthwise: the .* of --space nb201 has no sep_conv"):
+        _run(tmp_path / "nb201", "--space", "nb201", "--layers", "1", "--max-steps", "1", "--recompute-depthwise")
 
 
 def _network(space, seed=0):
@@ -408,6 +427,13 @@ METHOD_RUNS = {"dasvit": DASVIT, "hardexit": HARDEXIT, "midas": MIDAS}
 
 def _method_run(out, method, *flags):
     return main(["--out", str(out), *METHOD_RUNS[method], *flags])
+
+
+@pytest.mark.parametrize("method", ["hardexit", "midas"])
+def test_recompute_depthwise_methods_on_the_darts_space_equal_plain(tmp_path, method):
+    plain = _method_run(tmp_path / "plain", method)
+    recompute = _method_run(tmp_path / "recompute", method, "--recompute-depthwise")
+    _assert_same_run(plain, recompute, tmp_path / "plain", tmp_path / "recompute", rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_RUNS))

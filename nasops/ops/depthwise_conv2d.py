@@ -64,6 +64,77 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
         (B, C, OH, OW): channels_last from the C++ kernel, x's layout from the
         Triton kernels, else PyTorch's layout.
     """
+    stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
+    name = resolve(backend, x.device)
+    if not _kernel_applies(name, x, weight, stride, padding, dilation):
+        return reference.depthwise_conv2d(x, weight, stride, padding, dilation, relu_input)
+    fwd, bwd = kernel_for(_KERNELS, name, "depthwise_conv2d")
+    if torch.compiler.is_compiling():
+        # The registered op: traced as one node, with the fake and autograd rules below.
+        return fwd(x, weight, stride, padding, dilation, relu_input)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _DepthwiseConv2d.apply((fwd, bwd), (stride, padding, dilation, relu_input), x, weight)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd(x, weight, stride, padding, dilation, relu_input)
+
+
+class PlannedDepthwiseConv2d:
+    """:func:`depthwise_conv2d` with its arguments checked and its kernel chosen
+    once, for tensors like ``x`` and ``weight`` (device, dtype, layout, autocast
+    state): for a caller that runs the same convolution again in a backward
+    (``--recompute-depthwise``, nasops.spaces.operations) without checking its
+    arguments and resolving the backend again. Without autograd: :meth:`__call__`
+    gives the output, :meth:`vjp` the output and its vector-Jacobian product.
+    Arguments as for :func:`depthwise_conv2d`.
+    """
+
+    __slots__ = ("geometry", "kernels")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,
+                 relu_input: bool = False, backend: str | None = None):
+        stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
+        name = resolve(backend, x.device)
+        self.geometry = (stride, padding, dilation, relu_input)
+        self.kernels = (kernel_for(_KERNELS, name, "depthwise_conv2d")
+                        if _kernel_applies(name, x, weight, stride, padding, dilation) else None)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The convolution's output, recorded by no autograd graph."""
+        if self.kernels is None:
+            with torch.no_grad():
+                return reference.depthwise_conv2d(x, weight, *self.geometry)
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.kernels[0](x, weight, *self.geometry)
+
+    def vjp(self, x: torch.Tensor, weight: torch.Tensor, x_requires_grad: bool, weight_requires_grad: bool):
+        """``(y, vjp)`` as ``torch.func.vjp`` gives them: ``vjp(grad)`` returns
+        ``(grad_x, grad_weight)``, None for an input whose ``*_requires_grad`` is
+        False. A kernel's backward runs straight away; PyTorch's expression is
+        differentiated with ``torch.autograd.grad``."""
+        if self.kernels is None:
+            with torch.enable_grad():
+                inputs = [t.detach().requires_grad_(need)
+                          for t, need in ((x, x_requires_grad), (weight, weight_requires_grad))]
+                y = reference.depthwise_conv2d(*inputs, *self.geometry)
+            wanted = [t for t in inputs if t.requires_grad]
+
+            def reference_vjp(grad):
+                found = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
+                return tuple(next(found) if t.requires_grad else None for t in inputs)
+            return y.detach(), reference_vjp
+        fwd, bwd = self.kernels
+        with torch._C._AutoDispatchBelowAutograd():
+            y = fwd(x, weight, *self.geometry)
+
+        def kernel_vjp(grad):
+            with torch._C._AutoDispatchBelowAutograd():
+                gx, gw = bwd(grad, x, weight, *self.geometry, x_requires_grad, weight_requires_grad)
+            return (gx if x_requires_grad else None), (gw if weight_requires_grad else None)
+        return y, kernel_vjp
+
+
+def _checked_geometry(x, weight, stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
+    """Check ``depthwise_conv2d``'s arguments; (stride, padding, dilation) as pairs."""
     check_tensor(x, "x", ndim=4)
     check_tensor(weight, "weight", ndim=4)
     check_same_device("weight", weight, x, "x")
@@ -80,17 +151,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
         if size + 2 * pad < dil * (kernel - 1) + 1:
             raise ValueError(f"weight: the dilated kernel ({dil * (kernel - 1) + 1}) is larger than x's padded "
                              f"{name} ({size} + 2*{pad})")
-    name = resolve(backend, x.device)
-    if not _kernel_applies(name, x, weight, stride, padding, dilation):
-        return reference.depthwise_conv2d(x, weight, stride, padding, dilation, relu_input)
-    fwd, bwd = kernel_for(_KERNELS, name, "depthwise_conv2d")
-    if torch.compiler.is_compiling():
-        # The registered op: traced as one node, with the fake and autograd rules below.
-        return fwd(x, weight, stride, padding, dilation, relu_input)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _DepthwiseConv2d.apply((fwd, bwd), (stride, padding, dilation, relu_input), x, weight)
-    with torch._C._AutoDispatchBelowAutograd():
-        return fwd(x, weight, stride, padding, dilation, relu_input)
+    return stride, padding, dilation
 
 
 def _pair(value, name: str, minimum: int) -> list[int]:

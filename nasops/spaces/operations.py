@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 import nasops.ops
 from nasops.backend import check_backend_name, extension_loaded
+from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d
+from nasops.spaces.base import _autocast, _autocast_state, _wanted_input_grads
 
 DARTS_OPS = (
     "none",
@@ -143,6 +145,11 @@ class ReLUDepthwiseConv2d(nn.Conv2d):
         return nasops.ops.depthwise_conv2d(x, self.weight, stride=self.stride, padding=self.padding,
                                            dilation=self.dilation, relu_input=True, backend=self.backend)
 
+    def planned(self, x) -> PlannedDepthwiseConv2d:
+        """The layer's convolution planned for tensors like ``x``."""
+        return PlannedDepthwiseConv2d(x, self.weight, stride=self.stride, padding=self.padding,
+                                      dilation=self.dilation, relu_input=True, backend=self.backend)
+
 
 def use_depthwise_backend(net: nn.Module, backend: str | None) -> int:
     """Run every :class:`ReLUDepthwiseConv2d` of ``net`` on ``backend`` (None: the
@@ -178,7 +185,105 @@ class _ReadsUnfusedStateDicts(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class DilConv(_ReadsUnfusedStateDicts):
+class _SeparableOp(_ReadsUnfusedStateDicts):
+    """An op whose ``op`` Sequential holds (ReLUDepthwiseConv2d, 1x1 conv) pairs:
+    SepConv and DilConv.
+
+    ``recompute_depthwise`` (off by default; :func:`set_recompute_depthwise`,
+    ``--recompute-depthwise``): each pair keeps its input for the backward, not
+    the depthwise convolution's output, which the pointwise convolution would
+    keep, and computes that output again in the backward
+    (:class:`_DepthwisePointwise`). Why: the depthwise outputs are half the maps
+    a SepConv keeps (b1 and b2 of b1, d, b2, g; DilConv: b of b, g), and a
+    depthwise convolution is the cheapest layer of the op to compute again (no
+    pointwise convolution or BatchNorm runs twice, unlike ``--recompute-edges``,
+    which recomputes whole edges). Same values and gradients.
+    """
+
+    recompute_depthwise = False
+
+    def forward(self, x):
+        if self.recompute_depthwise and torch.is_grad_enabled():
+            return _run_recomputing_depthwise(self.op, x)
+        return self.op(x)
+
+
+def set_recompute_depthwise(net: nn.Module, enabled: bool = True) -> int:
+    """Switch ``recompute_depthwise`` on (or off) for every SepConv and DilConv in
+    ``net`` (see :class:`_SeparableOp`). Returns the number of ops switched."""
+    ops = [m for m in net.modules() if isinstance(m, _SeparableOp)]
+    for m in ops:
+        m.recompute_depthwise = enabled
+    return len(ops)
+
+
+def _run_recomputing_depthwise(layers: nn.Sequential, x):
+    """``layers(x)`` with each (ReLUDepthwiseConv2d, 1x1 conv) pair run by
+    :class:`_DepthwisePointwise`; under torch.compile, each pair checkpointed
+    instead (dynamo cannot trace that Function's backward, which computes outside
+    autograd; AOTAutograd recomputes a checkpointed region from the traced graph)."""
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        depthwise = layers[i]
+        if not isinstance(depthwise, ReLUDepthwiseConv2d):
+            x = depthwise(x)
+            i += 1
+            continue
+        pointwise = layers[i + 1]
+        if torch.compiler.is_compiling():
+            from torch.utils.checkpoint import checkpoint  # imports torch._dynamo: seconds
+            x = checkpoint(lambda t: pointwise(depthwise(t)), x, use_reentrant=False)
+        elif x.requires_grad or depthwise.weight.requires_grad or pointwise.weight.requires_grad:
+            x = _DepthwisePointwise.apply(depthwise.planned(x), x, depthwise.weight, pointwise.weight)
+        else:
+            x = pointwise(depthwise(x))
+        i += 2
+    return x
+
+
+class _DepthwisePointwise(torch.autograd.Function):
+    """``conv2d(depthwise(x), pointwise_weight)`` (``depthwise``: a
+    :class:`PlannedDepthwiseConv2d`; the pointwise convolution 1x1, stride 1, no
+    bias) that keeps x and the weights for the backward, not the depthwise
+    output: the backward computes that output again (under the forward's
+    autocast state) for the pointwise convolution's gradients
+    (``aten.convolution_backward``), frees it, and takes the depthwise
+    convolution's gradients. Computes only the gradients the running backward
+    wants (``autograd.grad(loss, alphas)`` skips the weight gradients, as
+    autograd prunes a plain graph). Once differentiable (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, depthwise, x, depthwise_weight, pointwise_weight):
+        ctx.depthwise = depthwise
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, depthwise_weight, pointwise_weight)
+        return F.conv2d(depthwise(x, depthwise_weight), pointwise_weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, depthwise_weight, pointwise_weight = ctx.saved_tensors
+        _, need_x, need_depthwise, need_pointwise = _wanted_input_grads(ctx, [1, 2, 3])
+        if not (need_x or need_depthwise or need_pointwise):
+            return None, None, None, None
+        with _autocast(ctx.autocast):
+            hidden, depthwise_vjp = ctx.depthwise.vjp(x, depthwise_weight, need_x, need_depthwise)
+        if hidden.dtype != pointwise_weight.dtype:
+            # Under autocast the forward's conv2d ran in hidden's dtype; the engine
+            # casts the weight's gradient back to the weight's dtype.
+            grad, pointwise_weight = grad.to(hidden.dtype), pointwise_weight.to(hidden.dtype)
+        with torch._C._AutoDispatchBelowAutograd():  # a backward records nothing
+            grad_hidden, grad_pointwise, _ = torch.ops.aten.convolution_backward(
+                grad, hidden, pointwise_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [need_x or need_depthwise, need_pointwise, False])
+        del hidden  # its memory can hold the depthwise gradient
+        grad_x, grad_depthwise = depthwise_vjp(grad_hidden) if need_x or need_depthwise else (None, None)
+        return None, grad_x, grad_depthwise, grad_pointwise if need_pointwise else None
+
+
+class DilConv(_SeparableOp):
     """ReLU -> dilated depthwise conv -> pointwise conv -> BN."""
 
     UNFUSED_INDEX = {1: 0, 2: 1, 3: 2}  # ReLU, dw, pw, BN -> ReLU+dw, pw, BN
@@ -192,11 +297,8 @@ class DilConv(_ReadsUnfusedStateDicts):
             batch_norm(C_out, affine),
         )
 
-    def forward(self, x):
-        return self.op(x)
 
-
-class SepConv(_ReadsUnfusedStateDicts):
+class SepConv(_SeparableOp):
     """Two stacked (ReLU -> depthwise -> pointwise -> BN) blocks, the first with the stride."""
 
     UNFUSED_INDEX = {1: 0, 2: 1, 3: 2, 5: 3, 6: 4, 7: 5}
@@ -212,9 +314,6 @@ class SepConv(_ReadsUnfusedStateDicts):
             nn.Conv2d(C_in, C_out, 1, bias=False),
             batch_norm(C_out, affine),
         )
-
-    def forward(self, x):
-        return self.op(x)
 
 
 class FactorizedReduce(nn.Module):
