@@ -52,6 +52,7 @@ from nasops.runtime import RunError, write_text
 from nasops.search import _HelpFormatter
 from nasops.spaces import nb201, vit
 from nasops.spaces.discrete import DartsNetwork, NB201Network
+from nasops.spaces.operations import set_recompute_depthwise
 
 
 # ---- recipes and kinds ----------------------------------------------------------------------
@@ -170,7 +171,7 @@ SIZE_FLAGS = ("epochs", "batch_size", "layers", "init_channels")
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "data_dir", "nb201_table", "quiet", "deterministic",
-                "threads", "genotype")
+                "threads", "genotype", "recompute_depthwise")
 
 OUTPUT_FILES = ("result.json", "metrics.jsonl", "checkpoint.pt")
 OUTPUT_PATTERNS = ("checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN)
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic algorithms, so a resumed run equals an uninterrupted one")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default: 1 for the 8x8 digits, torch's choice otherwise)")
+    g.add_argument("--recompute-depthwise", action="store_true",
+                   help="each sep_conv and dil_conv keeps its input, not its depthwise convolutions' "
+                        "outputs, and computes those again in the backward: less memory for a little "
+                        "more time, same results (as nasops.search's flag)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
@@ -466,6 +471,8 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         raise TrainError(f"--genotype {doc['path']}: {exc}") from None
     cost = model_cost(model, test_data.batch(torch.arange(1))[0])
     model = model.to(device)
+    if args.recompute_depthwise and not set_recompute_depthwise(model):
+        raise TrainError(f"--recompute-depthwise: the genotype of {doc['path']} has no sep_conv or dil_conv op")
 
     out = Path(args.out)
     config = run_config(args)

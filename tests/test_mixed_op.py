@@ -10,7 +10,7 @@ import torch
 
 import nasops
 from nasops.ops import mixed_op
-from helpers import DEVICE, TOLERANCE, assert_close, available_backends, kernel_backends
+from helpers import DEVICE, assert_close, available_backends, kernel_backends
 
 BACKENDS = available_backends()
 KERNELS = kernel_backends()

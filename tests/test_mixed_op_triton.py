@@ -49,7 +49,7 @@ def make_inputs(shape, K, grid, per_sample, dtype, weight_dtype=None):
 
 def reference_result(outs, w, grid, g):
     """float64 y, grad w and grad o_k from the eager reference and torch autograd."""
-    B, K = outs[0].shape[0], len(outs)
+    B = outs[0].shape[0]
     od = [o.double().requires_grad_() for o in outs]
     wd = w.double().requires_grad_()
     if grid[0] * grid[1] > 1:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICE, TOLERANCE, assert_close, available_backends, kernel_backends, subprocess_env
+from helpers import DEVICE, assert_close, available_backends, kernel_backends, subprocess_env
 from nasops.ops import gather_rows, scatter_rows, topk_tokens
 
 BACKENDS = available_backends()

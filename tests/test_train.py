@@ -426,6 +426,23 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_recompute_depthwise_trains_as_without(tmp_path):
+    """--recompute-depthwise on a trained network (affine BatchNorm, drop-path,
+    auxiliary head): the same run; refused for a genotype without sep/dil convs."""
+    genotype = _write_genotype(tmp_path, "darts")
+    args = ["--epochs", "2", "--max-steps", "2", "--deterministic"]
+    plain = main(_tiny(genotype, "darts", tmp_path / "plain", *args))
+    recompute = main(_tiny(genotype, "darts", tmp_path / "recompute", *args, "--recompute-depthwise"))
+    for a, b in zip(_metrics(tmp_path / "plain"), _metrics(tmp_path / "recompute")):
+        for key in ("train_loss", "train_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert recompute["test_loss"] == pytest.approx(plain["test_loss"], rel=1e-5)
+    nb201_genotype = _write_genotype(tmp_path / "nb201", "nb201")
+    with pytest.raises(TrainError, match="--recompute-depthwise: the genotype of .* has no sep_conv"):
+        main(_tiny(nb201_genotype, "nb201", tmp_path / "nb201-run", "--max-steps", "1", "--recompute-depthwise"))
+
+
+@pytest.mark.slow
 def test_adamw_with_warmup_follows_the_schedule(tmp_path):
     genotype = _write_genotype(tmp_path, "darts")
     result = main(_tiny(genotype, "darts", tmp_path / "o", "--epochs", "3", "--max-steps", "1", "--optimizer",

@@ -168,7 +168,7 @@ def launch_topk_tokens() -> None:
 
 def launch_patch_attention() -> None:
     ops = torch.ops.nasops
-    B, C, K, D = 2, 16, 4, 8
+    B, C, K = 2, 16, 4
     for i, dtype in enumerate(DTYPES):
         acc = _acc(dtype)
         # An even mosaic of 16-byte rows, and an uneven one of a 7x7 map.
