@@ -197,7 +197,9 @@ class _SeparableOp(_ReadsUnfusedStateDicts):
     a SepConv keeps (b1 and b2 of b1, d, b2, g; DilConv: b of b, g), and a
     depthwise convolution is the cheapest layer of the op to compute again (no
     pointwise convolution or BatchNorm runs twice, unlike ``--recompute-edges``,
-    which recomputes whole edges). Same values and gradients.
+    which recomputes whole edges). Same values and gradients. The pairs' modules
+    are not called then (their forward hooks do not run); their parameters and
+    the depthwise layer's ``backend`` are used as they are.
     """
 
     recompute_depthwise = False
