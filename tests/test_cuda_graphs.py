@@ -19,6 +19,7 @@ import nasops.spaces
 from nasops import cuda_graphs, methods
 from nasops.search import SearchError, _prepare_network, main, parse_args
 from nasops.spaces import base
+from nasops.spaces.operations import set_recompute_depthwise
 
 TINY = ["--init-channels", "4", "--batch-size", "16", "--quiet", "--epochs", "1", "--layers", "3"]
 
@@ -276,14 +277,17 @@ def _method(argv, image_size: int, device: str = "cpu"):
     return cls.from_args(model, args, device=torch.device(device), amp=None), args
 
 
-def _darts_pair(device: str, second_order: bool, recompute: bool):
-    """Two equal DARTS methods on ``device`` (TINY: 3 cells) with --recompute-edges as
-    asked, the first graphed (``graph_network``, real or stand-in); returns (graphed
-    method, eager method, its GraphedForward, three steps' (train, val) batches)."""
+def _darts_pair(device: str, second_order: bool, recompute: str | None):
+    """Two equal DARTS methods on ``device`` (TINY: 3 cells), recomputing as asked
+    (None, "edges": --recompute-edges, "depthwise": --recompute-depthwise), the first
+    graphed (``graph_network``, real or stand-in); returns (graphed method, eager
+    method, its GraphedForward, three steps' (train, val) batches)."""
     argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
     (graphed_method, _), (eager_method, _) = _method(argv, 32, device), _method(argv, 32, device)
     for m in (graphed_method, eager_method):
-        assert m.model.set_recompute_edges(recompute) == 3 * 14  # every edge of the 3 cells
+        assert m.model.set_recompute_edges(recompute == "edges") == 3 * 14  # every edge of the 3 cells
+        # every sep_conv and dil_conv of the 3 cells' edges
+        assert set_recompute_depthwise(m.model, recompute == "depthwise") == 3 * 14 * 4
     graphed = graphed_method.graph_network()
     g = torch.Generator().manual_seed(1)
     batches = [[(torch.randn(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device))
@@ -291,12 +295,13 @@ def _darts_pair(device: str, second_order: bool, recompute: bool):
     return graphed_method, eager_method, graphed, batches
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
+@pytest.mark.parametrize("recompute", [None, "edges", "depthwise"],
+                         ids=["plain", "recompute-edges", "recompute-depthwise"])
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
 def test_darts_steps_through_the_graphed_forward_equal_eager(monkeypatch, second_order, recompute):
     """The DARTS step's calls, as a graphed network gets them (with --recompute-edges
-    too): same losses, weights, alphas and running statistics as the eager
-    network's after three steps."""
+    or --recompute-depthwise too): same losses, weights, alphas and running
+    statistics as the eager network's after three steps."""
     record = []
     _stand_in_for_cuda(monkeypatch, record)
     graphed_method, eager_method, graphed, batches = _darts_pair("cpu", second_order, recompute)
@@ -334,7 +339,7 @@ def _step_gradients(method, batches) -> tuple[list[float], list[tuple[str, torch
     return losses, steps
 
 
-def _compare_step_gradients(device: str, second_order: bool, recompute: bool, rtol: float):
+def _compare_step_gradients(device: str, second_order: bool, recompute: str | None, rtol: float):
     """Three DARTS steps graphed and eager on ``device``: the same losses, and each
     optimizer step's gradient within ``rtol`` of the eager one in norm. Gradients,
     not the alphas after the steps: Adam's first steps move an alpha by about its
@@ -356,11 +361,12 @@ def test_darts_step_gradients_through_the_stand_in_equal_eager(monkeypatch):
     and the unrolled step's kept gradients; the other variants' states are compared
     in test_darts_steps_through_the_graphed_forward_equal_eager)."""
     _stand_in_for_cuda(monkeypatch, [])
-    _compare_step_gradients("cpu", second_order=True, recompute=False, rtol=1e-5)
+    _compare_step_gradients("cpu", second_order=True, recompute=None, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
+@pytest.mark.parametrize("recompute", [None, "edges", "depthwise"],
+                         ids=["plain", "recompute-edges", "recompute-depthwise"])
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
 def test_darts_step_gradients_graphed_equal_eager_on_the_gpu(monkeypatch, second_order, recompute):
     """With real CUDA graphs. cuDNN's deterministic algorithms in both runs, so that
@@ -438,8 +444,9 @@ DARTS_GPU = [*TINY, "--max-steps", "3", "--dataset", "synthetic"]
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("flags", [DARTS_GPU, [*DARTS_GPU, "--second-order"], [*DARTS_GPU, "--recompute-edges"],
-                                   [*VIT, "--max-steps", "2"]],
-                         ids=["first-order", "second-order", "recompute-edges", "dasvit-two-stages"])
+                                   [*DARTS_GPU, "--recompute-depthwise"], [*VIT, "--max-steps", "2"]],
+                         ids=["first-order", "second-order", "recompute-edges", "recompute-depthwise",
+                              "dasvit-two-stages"])
 def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, flags):
     """The driver's search on CUDA, graphed against eager (with --recompute-edges:
     both): losses, and the network's state after the last step, each tensor within
