@@ -65,10 +65,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
         Triton kernels, else PyTorch's layout.
     """
     stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
-    name = resolve(backend, x.device)
-    if not _kernel_applies(name, x, weight, stride, padding, dilation):
+    kernels = _kernels(backend, x, weight, stride, padding, dilation)
+    if kernels is None:
         return reference.depthwise_conv2d(x, weight, stride, padding, dilation, relu_input)
-    fwd, bwd = kernel_for(_KERNELS, name, "depthwise_conv2d")
+    fwd, bwd = kernels
     if torch.compiler.is_compiling():
         # The registered op: traced as one node, with the fake and autograd rules below.
         return fwd(x, weight, stride, padding, dilation, relu_input)
@@ -93,10 +93,8 @@ class PlannedDepthwiseConv2d:
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,
                  relu_input: bool = False, backend: str | None = None):
         stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
-        name = resolve(backend, x.device)
         self.geometry = (stride, padding, dilation, relu_input)
-        self.kernels = (kernel_for(_KERNELS, name, "depthwise_conv2d")
-                        if _kernel_applies(name, x, weight, stride, padding, dilation) else None)
+        self.kernels = _kernels(backend, x, weight, stride, padding, dilation)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The convolution's output, recorded by no autograd graph."""
@@ -122,15 +120,23 @@ class PlannedDepthwiseConv2d:
                 found = iter(torch.autograd.grad(y, wanted, grad) if wanted else ())
                 return tuple(next(found) if t.requires_grad else None for t in inputs)
             return y.detach(), reference_vjp
-        fwd, bwd = self.kernels
-        with torch._C._AutoDispatchBelowAutograd():
-            y = fwd(x, weight, *self.geometry)
+        bwd = self.kernels[1]
+        y = self(x, weight)
 
         def kernel_vjp(grad):
             with torch._C._AutoDispatchBelowAutograd():
                 gx, gw = bwd(grad, x, weight, *self.geometry, x_requires_grad, weight_requires_grad)
             return (gx if x_requires_grad else None), (gw if weight_requires_grad else None)
         return y, kernel_vjp
+
+
+def _kernels(backend: str | None, x, weight, stride, padding, dilation):
+    """(forward, backward) of the kernel that runs ``depthwise_conv2d`` on these
+    tensors under ``backend``; None where PyTorch's expression runs."""
+    name = resolve(backend, x.device)
+    if not _kernel_applies(name, x, weight, stride, padding, dilation):
+        return None
+    return kernel_for(_KERNELS, name, "depthwise_conv2d")
 
 
 def _checked_geometry(x, weight, stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
