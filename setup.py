@@ -34,6 +34,54 @@ def _env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _cuda_toolkit_problem(cuda_home):
+    """Why the CUDA toolkit torch builds with (``cuda_home``, torch's
+    ``CUDA_HOME``) cannot compile the CUDA kernels, or None.
+
+    Said before compiling: otherwise the build stops at the first glue file with
+    ``cuda_runtime.h: No such file or directory``. Without ``CUDA_HOME`` in the
+    environment torch guesses the toolkit from where ``nvcc`` lies, which is
+    wrong when that ``nvcc`` is a wrapper script or a link in another folder
+    (``/usr/local/bin/nvcc`` -> ``CUDA_HOME=/usr/local``); nvcc itself knows
+    its toolkit (``--dryrun`` prints ``TOP=``), so the message names it.
+    """
+    if cuda_home is None:
+        return ("nasops: NASOPS_FORCE_CUDA=1, but torch found no CUDA toolkit: set CUDA_HOME to the "
+                "toolkit's folder (the one with bin/nvcc and include/cuda_runtime.h)")
+    # The header folders torch's CUDAExtension compiles with (cpp_extension.include_paths)
+    folders = [os.path.join(cuda_home, "include"), os.environ.get("CUDA_INC_PATH") or ""]
+    if any(os.path.isfile(os.path.join(f, "cuda_runtime.h")) for f in folders if f):
+        return None
+    guessed = "" if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else \
+        " (torch's guess: CUDA_HOME is not set)"
+    toolkit = _nvcc_toolkit()
+    hint = (f"the nvcc on PATH belongs to {toolkit}: CUDA_HOME={toolkit} pip install ... builds with it. "
+            if toolkit and os.path.normpath(toolkit) != os.path.normpath(cuda_home) else "")
+    return (f"nasops: the CUDA kernels need the CUDA toolkit's headers, but CUDA_HOME={cuda_home}{guessed} "
+            f"has no include/cuda_runtime.h. {hint}Set CUDA_HOME to the toolkit's folder (the one with "
+            "bin/nvcc and include/cuda_runtime.h; CUDA_INC_PATH for headers kept elsewhere), or "
+            "NASOPS_SKIP_CUDA=1 to build the C++ CPU kernels alone")
+
+
+def _nvcc_toolkit():
+    """The toolkit folder of the ``nvcc`` on PATH (its ``--dryrun`` ``TOP=``), or None."""
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        proc = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.normpath(line[len("#$ TOP="):].strip())
+    return None
+
+
 def get_extensions():
     if _env_flag("NASOPS_SKIP_EXTENSIONS"):
         print("nasops: NASOPS_SKIP_EXTENSIONS=1, installing pure Python")
@@ -62,6 +110,9 @@ def get_extensions():
         if clash:
             raise RuntimeError(f"nasops: sources {clash} compile to the same object file; "
                                "name CUDA glue files <op>_glue.cpp")
+        problem = _cuda_toolkit_problem(CUDA_HOME)
+        if problem:
+            raise RuntimeError(problem)
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # No GPU to ask: build for A100 and H100, plus PTX for newer GPUs.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"

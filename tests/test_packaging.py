@@ -62,21 +62,29 @@ def test_package_without_extension_imports_and_explains(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
-def _extension_sources(cuda_home, **env_flags) -> subprocess.CompletedProcess:
+def _extension_sources(cuda_home, headers=True, path=None, found=True, **env_flags) -> subprocess.CompletedProcess:
     """Run setup.py as if torch were a CUDA build and ``cuda_home`` a toolkit
     (torch.version.cuda and torch.cuda._is_compiled, which cpp_extension reads;
     no GPU; CUDA_HOME in the environment: only paths are computed, nothing
     compiles), with ``env_flags`` set and setuptools.setup replaced; prints the
-    sources of the extensions it would build (JSON)."""
+    sources of the extensions it would build (JSON). ``headers``: give the
+    toolkit an include/cuda_runtime.h; ``path``: a folder put first on PATH;
+    ``found=False``: torch found no toolkit at all (its CUDA_HOME is None)."""
+    if headers:
+        (Path(cuda_home) / "include").mkdir(parents=True, exist_ok=True)
+        (Path(cuda_home) / "include" / "cuda_runtime.h").touch()
     script = ("import json, runpy, setuptools, torch\n"
               "torch.version.cuda, torch.cuda._is_compiled = '13.0', lambda: True\n"
               "torch.cuda.is_available = lambda: False\n"
+              + ("" if found else "import torch.utils.cpp_extension as c; c.CUDA_HOME = None\n") +
               "kw = {}\n"
               "setuptools.setup = lambda **k: kw.update(k)\n"
               "runpy.run_path('setup.py')\n"
               "print(json.dumps([e.sources for e in kw['ext_modules']]))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NASOPS_")}
     env.update(env_flags, CUDA_HOME=str(cuda_home), TORCH_CUDA_ARCH_LIST="9.0")
+    if path is not None:
+        env["PATH"] = os.pathsep.join([str(path), env.get("PATH", "")])
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -100,3 +108,41 @@ def test_skip_cuda_builds_the_cpu_kernels_alone(tmp_path):
     both = _extension_sources(tmp_path, NASOPS_FORCE_CUDA="1", NASOPS_SKIP_CUDA="1")
     assert both.returncode != 0
     assert "NASOPS_FORCE_CUDA=1 and NASOPS_SKIP_CUDA=1" in both.stderr
+
+
+def test_toolkit_without_headers_is_refused_before_compiling(tmp_path):
+    """A CUDA_HOME without include/cuda_runtime.h (torch guesses /usr/local from
+    a /usr/local/bin/nvcc that is a link or a wrapper) stops setup.py at once,
+    naming CUDA_HOME, the header, the toolkit the nvcc on PATH reports, and
+    NASOPS_SKIP_CUDA=1, instead of at the first glue file's #include; headers
+    found through CUDA_INC_PATH (torch compiles with it too) are enough."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    nvcc = bin_dir / "nvcc"  # what a real nvcc --dryrun prints first on stderr
+    nvcc.write_text("#!/bin/sh\necho '#$ _NVVM_BRANCH_=nvvm' >&2\necho '#$ TOP=/opt/cuda-13.9/bin/..' >&2\n")
+    nvcc.chmod(0o755)
+    home = tmp_path / "usr-local"
+    home.mkdir()
+    refused = _extension_sources(home, headers=False, path=bin_dir)
+    assert refused.returncode != 0
+    message = refused.stderr.strip().splitlines()[-1]
+    assert f"CUDA_HOME={home} has no include/cuda_runtime.h" in message, message
+    assert "the nvcc on PATH belongs to /opt/cuda-13.9: CUDA_HOME=/opt/cuda-13.9" in message, message
+    assert "NASOPS_SKIP_CUDA=1" in message, message
+    assert "nasops: building" not in refused.stdout  # refused before choosing what to build
+
+    elsewhere = tmp_path / "headers"
+    elsewhere.mkdir()
+    (elsewhere / "cuda_runtime.h").touch()
+    found = _extension_sources(home, headers=False, path=bin_dir, CUDA_INC_PATH=str(elsewhere))
+    assert found.returncode == 0, found.stderr[-2000:]
+    (sources,) = json.loads(found.stdout.splitlines()[-1])
+    assert "csrc/cuda/mixed_op.cu" in sources
+
+    skipped = _extension_sources(home, headers=False, path=bin_dir, NASOPS_SKIP_CUDA="1")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+
+    # NASOPS_FORCE_CUDA=1 where torch found no toolkit at all: refused, naming CUDA_HOME
+    forced = _extension_sources(home, found=False, NASOPS_FORCE_CUDA="1")
+    assert forced.returncode != 0
+    assert "NASOPS_FORCE_CUDA=1, but torch found no CUDA toolkit: set CUDA_HOME" in forced.stderr, forced.stderr[-2000:]

@@ -99,16 +99,16 @@ Tuning
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from nasops.backend import triton_interpreting
 from nasops.ops._layout import empty_like_layout, kernel_channels_last
 from nasops.triton import define_op, on_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = triton_interpreting()
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -12,15 +12,14 @@ _MAX_COLUMN_PROGRAMS blocks.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from nasops.backend import triton_interpreting
 from nasops.triton import define_op
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = triton_interpreting()
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 

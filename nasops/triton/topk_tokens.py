@@ -35,15 +35,14 @@ interpreter runs every program in Python).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from nasops.backend import triton_interpreting
 from nasops.triton import define_op
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = triton_interpreting()
 _GATES = {"none": 0, "straight_through": 1, "sigmoid": 2}
 
 
