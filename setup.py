@@ -55,7 +55,7 @@ def _cuda_toolkit_problem(cuda_home):
     guessed = "" if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else \
         " (torch's guess: CUDA_HOME is not set)"
     toolkit = _nvcc_toolkit()
-    hint = (f"the nvcc on PATH belongs to {toolkit}: CUDA_HOME={toolkit} pip install ... builds with it. "
+    hint = (f"The nvcc on PATH belongs to {toolkit}: CUDA_HOME={toolkit} pip install ... builds with it. "
             if toolkit and os.path.normpath(toolkit) != os.path.normpath(cuda_home) else "")
     return (f"nasops: the CUDA kernels need the CUDA toolkit's headers, but CUDA_HOME={cuda_home}{guessed} "
             f"has no include/cuda_runtime.h. {hint}Set CUDA_HOME to the toolkit's folder (the one with "

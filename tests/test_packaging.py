@@ -127,7 +127,7 @@ def test_toolkit_without_headers_is_refused_before_compiling(tmp_path):
     assert refused.returncode != 0
     message = refused.stderr.strip().splitlines()[-1]
     assert f"CUDA_HOME={home} has no include/cuda_runtime.h" in message, message
-    assert "the nvcc on PATH belongs to /opt/cuda-13.9: CUDA_HOME=/opt/cuda-13.9" in message, message
+    assert "The nvcc on PATH belongs to /opt/cuda-13.9: CUDA_HOME=/opt/cuda-13.9" in message, message
     assert "NASOPS_SKIP_CUDA=1" in message, message
     assert "nasops: building" not in refused.stdout  # refused before choosing what to build
 
