@@ -48,8 +48,11 @@ def _cuda_toolkit_problem(cuda_home):
     if cuda_home is None:
         return ("nasops: NASOPS_FORCE_CUDA=1, but torch found no CUDA toolkit: set CUDA_HOME to the "
                 "toolkit's folder (the one with bin/nvcc and include/cuda_runtime.h)")
-    # The header folders torch's CUDAExtension compiles with (cpp_extension.include_paths)
+    # The header folders torch's CUDAExtension compiles with (cpp_extension.include_paths),
+    # and those the compilers search by themselves (CPATH, CPLUS_INCLUDE_PATH)
     folders = [os.path.join(cuda_home, "include"), os.environ.get("CUDA_INC_PATH") or ""]
+    for variable in ("CPATH", "CPLUS_INCLUDE_PATH"):
+        folders += os.environ.get(variable, "").split(os.pathsep)
     if any(os.path.isfile(os.path.join(f, "cuda_runtime.h")) for f in folders if f):
         return None
     guessed = "" if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else \

@@ -115,7 +115,8 @@ def test_toolkit_without_headers_is_refused_before_compiling(tmp_path):
     a /usr/local/bin/nvcc that is a link or a wrapper) stops setup.py at once,
     naming CUDA_HOME, the header, the toolkit the nvcc on PATH reports, and
     NASOPS_SKIP_CUDA=1, instead of at the first glue file's #include; headers
-    found through CUDA_INC_PATH (torch compiles with it too) are enough."""
+    found through CUDA_INC_PATH (torch compiles with it too) or CPATH (the
+    compilers search it) are enough."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     nvcc = bin_dir / "nvcc"  # what a real nvcc --dryrun prints first on stderr
@@ -138,6 +139,9 @@ def test_toolkit_without_headers_is_refused_before_compiling(tmp_path):
     assert found.returncode == 0, found.stderr[-2000:]
     (sources,) = json.loads(found.stdout.splitlines()[-1])
     assert "csrc/cuda/mixed_op.cu" in sources
+
+    on_cpath = _extension_sources(home, headers=False, path=bin_dir, CPATH=f"/nowhere{os.pathsep}{elsewhere}")
+    assert on_cpath.returncode == 0, on_cpath.stderr[-2000:]
 
     skipped = _extension_sources(home, headers=False, path=bin_dir, NASOPS_SKIP_CUDA="1")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
