@@ -49,8 +49,9 @@ def _cuda_toolkit_problem(cuda_home):
         return ("nasops: NASOPS_FORCE_CUDA=1, but torch found no CUDA toolkit: set CUDA_HOME to the "
                 "toolkit's folder (the one with bin/nvcc and include/cuda_runtime.h)")
     # The header folders torch's CUDAExtension compiles with (cpp_extension.include_paths),
-    # and those the compilers search by themselves (CPATH, CPLUS_INCLUDE_PATH)
-    folders = [os.path.join(cuda_home, "include"), os.environ.get("CUDA_INC_PATH") or ""]
+    # and those the compilers search by themselves (their defaults, CPATH, CPLUS_INCLUDE_PATH)
+    folders = [os.path.join(cuda_home, "include"), os.environ.get("CUDA_INC_PATH") or "",
+               "/usr/local/include", "/usr/include"]
     for variable in ("CPATH", "CPLUS_INCLUDE_PATH"):
         folders += os.environ.get(variable, "").split(os.pathsep)
     if any(os.path.isfile(os.path.join(f, "cuda_runtime.h")) for f in folders if f):
