@@ -95,3 +95,41 @@ def test_patch_attention_triton_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="about Triton's CPU interpreter")
+def test_the_interpreter_skips_only_discarded_overflow_checks():
+    """conftest.skip_discarded_overflow_checks: with this Triton the interpreter's
+    overflow checks are off, and they were discarded anyway: an int32 product
+    that overflows gives the same (wrapped) values and no error with the checks
+    on and off (its ``device_assert`` only acts with ``debug``)."""
+    import dataclasses
+
+    import triton
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from conftest import skip_discarded_overflow_checks
+
+    builder = interpreter.interpreter_builder
+    assert not builder.options.sanitize_overflow and not builder.options.debug
+    assert not skip_discarded_overflow_checks()  # already off: nothing to switch
+
+    @triton.jit
+    def scaled(x_ptr, y_ptr, factor, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i) * factor)
+
+    x = torch.tensor([1, 3, 2**20, -(2**20)], dtype=torch.int32)
+    wrapped = (x.to(torch.int64) * 2**12 + 2**31) % 2**32 - 2**31  # int32 arithmetic wraps
+    results = []
+    for sanitize in (True, False):
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=sanitize)
+        try:
+            y = torch.empty_like(x)
+            scaled[(1,)](x, y, 2**12, BLOCK=4)
+            results.append(y)
+        finally:
+            builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    torch.testing.assert_close(results[0], wrapped.to(torch.int32))
+    torch.testing.assert_close(results[1], results[0])
