@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import nasops  # noqa: E402,F401  (imported after the environment is set)
+import nasops  # noqa: E402  (imported after the environment is set)
 
 
 def skip_discarded_overflow_checks() -> bool:
@@ -26,7 +26,7 @@ def skip_discarded_overflow_checks() -> bool:
     whether the switch was made (False under another Triton whose interpreter
     has no such options, or with ``debug`` on).
     """
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not nasops.backend.triton_interpreting():
         return False
     try:
         import dataclasses
