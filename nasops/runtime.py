@@ -233,6 +233,17 @@ def prepare_out(out: Path, args, config: dict, run_files, program: str, needs=()
 TENSORBOARD_PATTERN = "events.out.tfevents.*"
 
 
+def progress_bar(total: int, desc: str, show: bool):
+    """The per-epoch progress bar of a run, drawn only where it can redraw itself:
+    when ``show`` and stderr is a terminal. Redirected to a file (nohup, a batch
+    job's log) a bar leaves every update behind on one ever longer line; the
+    epoch's summary line, printed by the caller, is what a log needs."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if show else True, leave=False, unit="step",
+                dynamic_ncols=True)
+
+
 def _summary_writer_class():
     """torch's SummaryWriter, or None when the ``tensorboard`` package is not installed."""
     try:

@@ -426,15 +426,12 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
 
 
 def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_size, device, show):
-    from tqdm import tqdm
-
     model = method.model
     model.train()
     lr = method.lr
     sums = torch.zeros(6, dtype=torch.float64)  # train loss, correct, count; val loss, correct, count
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, leave=False,
-               unit="step", dynamic_ncols=True)
+    bar = runtime.progress_bar(steps, f"epoch {epoch + 1}/{args.epochs}", show)
     fmt = memory_format(args, device)
     batches = ((_in_format(t, fmt), _in_format(v, fmt))
                for t, v in zip(train_loader.epoch(epoch), val_loader.epoch(epoch)))

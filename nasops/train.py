@@ -571,8 +571,6 @@ def _optimizer(args, model) -> torch.optim.Optimizer:
 
 def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, train_data, amp,
                  rank, world_size, device, show):
-    from tqdm import tqdm
-
     lr = learning_rate(epoch, epochs=args.epochs, lr=args.lr, lr_min=args.lr_min,
                        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr)
     for group in optimizer.param_groups:
@@ -588,8 +586,7 @@ def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, 
     network.train()
     sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show, leave=False,
-               unit="step", dynamic_ncols=True)
+    bar = runtime.progress_bar(steps, f"epoch {epoch + 1}/{args.epochs}", show)
     for _, (x, y) in zip(range(steps), loader.epoch(epoch)):
         x = datasets.augment(x, generator=augment_rng, crop_padding=args.crop_padding, flip=args.flip,
                              cutout=args.cutout, fill=train_data.black)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import itertools
 import json
 import os
@@ -151,6 +152,23 @@ def test_command_line_errors_exit_with_status_1_and_the_reason(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().endswith(f"no checkpoint at {tmp_path / 'checkpoint.pt'}; "
                                         f"start a new run without --resume")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log-file", "terminal"])
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal):
+    """A bar redrawn into a log file (nohup, a batch job) leaves every update on
+    one ever longer line; there only the epoch's summary line belongs."""
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    tiny = [a for a in _tiny("darts", tmp_path / "run", "--epochs", "1", "--max-steps", "2") if a != "--quiet"]
+    main(tiny)
+    assert ("step/s" in stderr.getvalue()) == terminal
+    assert "epoch 1/1: train loss" in capsys.readouterr().out
 
 
 def test_missing_cifar_batches_are_named(tmp_path):
