@@ -9,7 +9,8 @@ Backends:
 
 ``auto`` (default) picks, for CUDA tensors, ``cuda`` if it was compiled, else
 ``triton``, else ``eager``; for CPU tensors ``cpu`` if the extension is
-built, else ``eager``. Override per call (``backend=``), per process
+built, else ``eager``; it passes over a backend whose kernels cannot take the
+call (more ops than the CUDA kernels' fixed bound). Override per call (``backend=``), per process
 (:func:`set_backend`) or by the environment (``NASOPS_BACKEND``), in that order
 of precedence.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -110,21 +112,26 @@ def get_backend() -> str:
     return check_backend_name(os.environ.get("NASOPS_BACKEND", "auto"), "NASOPS_BACKEND")
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
+def resolve(backend: str | None, device: torch.device, *, count: int = 0,
+            limits: Mapping[str, int] | None = None, what: str = "") -> str:
     """The backend that runs an op whose tensors live on ``device``.
+
+    ``limits``: backend -> the most of ``what`` (e.g. ``"outputs (live ops)"``)
+    its kernels take in one call, where they have a fixed bound (the CUDA
+    mixed_op: 64 live ops); ``count``: how many this call has. ``auto`` passes
+    over a backend whose limit ``count`` exceeds and takes the next in its
+    order; a backend asked for by name raises ValueError naming ``what``.
 
     Raises ValueError when an explicitly requested backend cannot run there.
     """
     name = check_backend_name(backend, "backend") if backend is not None else get_backend()
     reasons = _availability()
     dev = torch.device(device).type
+    limit = (limits or {}).get
     if name == "auto":
-        if dev == "cuda":
-            for candidate in ("cuda", "triton"):
-                if not reasons[candidate]:
-                    return candidate
-        elif dev == "cpu" and not reasons["cpu"]:
-            return "cpu"
+        for candidate in {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(dev, ()):
+            if not reasons[candidate] and count <= limit(candidate, count):
+                return candidate
         return "eager"
     if reasons[name]:
         raise ValueError(f"backend={name!r} is not available: {reasons[name]}")
@@ -132,4 +139,7 @@ def resolve(backend: str | None, device: torch.device) -> str:
                "triton": ("cuda", "cpu") if triton_interpreting() else ("cuda",)}[name]
     if dev not in runs_on:
         raise ValueError(f"backend={name!r} cannot run on {dev} tensors (runs on {runs_on})")
+    if count > limit(name, count):
+        raise ValueError(f"{what}: backend={name!r} takes at most {limit(name)} in one call, got {count} "
+                         f"(backend 'auto' picks one that takes them)")
     return name

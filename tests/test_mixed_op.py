@@ -3,15 +3,18 @@ float64 formula: the weights painted onto the pixels with float arithmetic,
 the K outputs stacked and contracted with einsum."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
 import nasops
+import nasops.ops.reference
 from nasops.ops import mixed_op
 from helpers import DEVICE, assert_close, available_backends, kernel_backends
 
+MIXED_OP = importlib.import_module("nasops.ops.mixed_op")
 BACKENDS = available_backends()
 KERNELS = kernel_backends()
 
@@ -281,6 +284,51 @@ def test_auto_picks_compiled_cpu_when_built(monkeypatch):
         nasops.set_backend(None)
     with pytest.raises(ValueError, match="backend"):
         nasops.set_backend("gpu")
+
+
+def test_auto_passes_over_a_backend_that_cannot_take_the_ops(monkeypatch):
+    import nasops.backend as backend
+    monkeypatch.delenv("NASOPS_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_AVAILABILITY", {name: "" for name in backend.BACKENDS})
+    cuda, limits = torch.device("cuda"), {"cuda": 64}
+    assert backend.resolve(None, cuda, count=64, limits=limits, what="outputs") == "cuda"
+    assert backend.resolve(None, cuda, count=65, limits=limits, what="outputs") == "triton"
+    assert backend.resolve(None, cuda, count=65, limits={"cuda": 64, "triton": 8}, what="outputs") == "eager"
+    with pytest.raises(ValueError, match=r"^outputs \(live ops\): backend='cuda' takes at most 64 in one call, "
+                                         r"got 65 \(backend 'auto' picks one that takes them\)$"):
+        backend.resolve("cuda", cuda, count=65, limits=limits, what="outputs (live ops)")
+
+
+def test_cuda_op_limits_are_the_kernels():
+    """The Python bounds mirror the constants the CUDA kernels are compiled with."""
+    import re
+    from pathlib import Path
+    from nasops.ops.patch_attention import MAX_OPS
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    for header, constant, limit in (("mixed_op.cuh", "kMixedOpMaxOps", MIXED_OP.MAX_LIVE_OPS["cuda"]),
+                                    ("patch_attention.cuh", "kPatchMaxOps", MAX_OPS["cuda"])):
+        found = re.search(rf"constexpr int {constant} = (\d+);", (csrc / header).read_text())
+        assert found and int(found.group(1)) == limit, (header, constant)
+
+
+@pytest.mark.skipif("cpu" not in kernel_backends(), reason="needs the compiled CPU kernel")
+def test_op_count_limit_reaches_the_backend_choice(monkeypatch):
+    """mixed_op asks with its live ops: a backend bounded below them is refused by
+    name and passed over by auto (the CPU kernels, bounded here for the test,
+    stand in for the CUDA ones on a machine without a GPU)."""
+    monkeypatch.delenv("NASOPS_BACKEND", raising=False)
+    monkeypatch.setitem(MIXED_OP.MAX_LIVE_OPS, "cpu", 2)
+    outputs, w = make_case("nchw", "edge", 4, none_at=(1,), device="cpu")  # 3 live
+    with pytest.raises(ValueError, match=r"outputs \(live ops\): backend='cpu' takes at most 2 .* got 3"):
+        mixed_op(outputs, w, backend="cpu")
+    calls = []
+    monkeypatch.setattr(nasops.ops.reference, "mixed_op",
+                        lambda *a, _ref=nasops.ops.reference.mixed_op: calls.append(1) or _ref(*a))
+    y = mixed_op(outputs, w)
+    assert calls == [1]  # auto ran the eager reference
+    assert_close(y, expected_mixed(outputs, w), torch.float32, what="y")
+    assert mixed_op(outputs[:2] + [None, None], w) is not None and calls == [1]  # 1 live: cpu again
 
 
 # The CPU kernel has two per-patch paths: per-pixel weight maps when a patch row

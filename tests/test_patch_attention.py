@@ -11,7 +11,8 @@ import torch
 from helpers import DEVICE, assert_close, available_backends, kernel_backends
 from nasops.ops import patch_attention_mixed_op, patch_pool, patch_softmax_attention
 from nasops.ops._registry import unique_variants
-from nasops.ops.patch_attention import _KERNELS
+from nasops.ops import reference
+from nasops.ops.patch_attention import _KERNELS, MAX_OPS
 
 BACKENDS = available_backends()
 KERNEL_BACKENDS = kernel_backends()
@@ -239,6 +240,42 @@ def test_fused_extreme_grids(backend, grid):
 def test_fused_k16_zero_key_none(backend):
     check_fused(backend, torch.float32, (1, 2, 4, 4, 2, 4, 4), (2, 2), K=16, D=3,
                 zero_at=(0, 7, 15), tau=2.0, with_zero_key=False)
+
+
+# On a GPU the CUDA kernels with their real bound; here the CPU kernels, bounded
+# for the test, stand in for them.
+BOUNDED = "cuda" if DEVICE == "cuda" else "cpu"
+
+
+@pytest.mark.skipif(BOUNDED not in KERNEL_BACKENDS, reason=f"needs the compiled {BOUNDED} kernels")
+def test_op_count_limit_reaches_the_backend_choice(monkeypatch):
+    """Both attention ops ask with their K: a backend bounded below it is refused
+    by name and passed over by auto."""
+    monkeypatch.delenv("NASOPS_BACKEND", raising=False)
+    if BOUNDED == "cpu":
+        monkeypatch.setitem(MAX_OPS, "cpu", 4)
+    limit = MAX_OPS[BOUNDED]
+    B, P, K, D = 2, 3, limit + 1, 4
+    q, k = torch.randn(B, P, D, device=DEVICE), torch.randn(B, P, K, D, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"^k \(K keys per patch\): backend='{BOUNDED}' takes at most "
+                                         rf"{limit} .* got {K}"):
+        patch_softmax_attention(q, k, backend=BOUNDED)
+    assert_close(patch_softmax_attention(q, k), attention64(q, k, None, 1.0), torch.float32, what="auto w")
+    x, outputs, Wq, Wk, prior, zero_key = make_edge(B, 3, 4, 4, 3, 4, 4, K, D, zero_at=(1,))
+    with pytest.raises(ValueError, match=rf"^outputs \(K ops\): backend='{BOUNDED}' takes at most {limit} "
+                                         rf".* got {K}"):
+        patch_attention_mixed_op(x, outputs, Wq, Wk, (2, 2), prior, zero_key=zero_key, backend=BOUNDED)
+    calls = []
+    monkeypatch.setattr(reference, "patch_attention_mixed_op",
+                        lambda *a, _ref=reference.patch_attention_mixed_op: calls.append(1) or _ref(*a))
+    y, w = patch_attention_mixed_op(x, outputs, Wq, Wk, (2, 2), prior, zero_key=zero_key)
+    if BOUNDED == "cpu":  # on CUDA auto takes Triton when it is there
+        assert calls == [1]  # auto ran the eager reference
+    y64, w64 = fused64(x, outputs, Wq, Wk, (2, 2), prior, 1.0, zero_key)
+    assert_close(y, y64, torch.float32, scale=4, what="auto y")
+    calls.clear()
+    patch_attention_mixed_op(x, outputs[:limit], Wq, Wk, (2, 2), prior[:limit], zero_key=zero_key)
+    assert calls == []  # K = the bound: the bounded backend's kernels again
 
 
 def test_fused_property_loop():

@@ -29,6 +29,9 @@ from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs
 from nasops.ops._registry import kernel_for, unique_variants, variants
 
 _KERNELS = variants("mixed_op", "mixed_op", "mixed_op_backward")
+# The most live ops a backend's kernels take in one call: the CUDA kernels hold
+# their pointers in a fixed array (csrc/cuda/mixed_op.cuh, kMixedOpMaxOps).
+MAX_LIVE_OPS = {"cuda": 64}
 
 
 def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
@@ -53,7 +56,7 @@ def mixed_op(outputs: Sequence[torch.Tensor | None], weights: torch.Tensor, *,
     if len(shape) == 4 and weights.dim() == 3:
         grid = check_grid(grid, shape[2], shape[3])
     ref = live[0][1]
-    name = resolve(backend, ref.device)
+    name = resolve(backend, ref.device, count=len(live), limits=MAX_LIVE_OPS, what="outputs (live ops)")
     if len(shape) == 4:  # every backend, the reference too, returns one layout
         live = list(zip((k for k, _ in live), common_layout([o for _, o in live])))
     if name == "eager" or ref.numel() == 0:

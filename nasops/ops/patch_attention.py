@@ -52,8 +52,8 @@ Choices where SPEC is silent:
   matmuls would otherwise run in half precision and hand the kernels mixed
   dtypes. Under autocast the op behaves as without it on the same inputs.
 
-Limits: the CUDA kernels take at most 16 ops (csrc/cuda/patch_attention.cuh,
-kPatchMaxOps; the other backends any K); the fused backward is not itself
+Limits: the CUDA kernels take at most 16 ops (``MAX_OPS``; the other backends
+any K: ``auto`` passes over ``cuda`` above that); the fused backward is not itself
 differentiable (no double backward).
 """
 from __future__ import annotations
@@ -75,6 +75,9 @@ from nasops.ops.mixed_op import _KERNELS as _MIX_KERNELS  # backend -> (mixed_op
 _KERNELS = variants("patch_attention", "patch_pool", "patch_pool_backward",
                     "patch_softmax_attention", "patch_softmax_attention_backward",
                     "patch_attention_outputs_backward")
+# The most ops (keys per patch) a backend's kernels take in one call: the CUDA
+# kernels keep a patch's logits in registers (csrc/cuda/patch_attention.cuh, kPatchMaxOps).
+MAX_OPS = {"cuda": 16}
 
 
 # ---- public functions ----------------------------------------------------------------
@@ -122,7 +125,7 @@ def patch_softmax_attention(q: torch.Tensor, k: torch.Tensor, prior: torch.Tenso
     if prior is not None:
         _check_prior(prior, K, q)
     tau = check_tau(tau)
-    name = resolve(backend, q.device)
+    name = resolve(backend, q.device, count=K, limits=MAX_OPS, what="k (K keys per patch)")
     with _without_autocast(q.device):
         if name == "eager":
             return reference.patch_softmax_attention(q, k, prior, tau)
@@ -192,7 +195,7 @@ def patch_attention_mixed_op(x: torch.Tensor, outputs: Sequence[torch.Tensor | N
         if zero_key.shape[0] != D:
             raise ValueError(f"zero_key: expected shape ({D},) (D of Wq), got {tuple(zero_key.shape)}")
     tau = check_tau(tau)
-    name = resolve(backend, x.device)
+    name = resolve(backend, x.device, count=K, limits=MAX_OPS, what="outputs (K ops)")
     with _without_autocast(x.device):
         if name == "eager":
             return reference.patch_attention_mixed_op(x, outputs, Wq, Wk, (gh, gw), prior, tau, zero_key)
