@@ -1,5 +1,5 @@
 """``python -m nasops`` is ``python -m nasops.search``: the search driver."""
-from nasops.search import main
+from nasops.search import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -154,8 +154,17 @@ def _cifar(name: str, data_dir: str | None, split: str) -> ImageDataset:
                                     f"batches {', '.join(files)} in {root})")
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
+        # The batches are Python 2 pickles (str keys here); one written again from
+        # Python 3 after loading it with encoding="bytes" has bytes keys.
+        label_key = "labels" if name == "cifar10" else "fine_labels"
+        if isinstance(entry, dict):
+            entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+            found = sorted(map(str, entry)) if isinstance(entry, dict) else f"a {type(entry).__name__}"
+            raise ValueError(f"dataset {name}: {path} is not a CIFAR batch: expected a dict with the "
+                             f"entries 'data' and {label_key!r}, got {found}")
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry["labels" if name == "cifar10" else "fine_labels"], dtype=np.int64))
+        labels.append(np.asarray(entry[label_key], dtype=np.int64))
     x = torch.from_numpy(np.concatenate(images))
     y = torch.from_numpy(np.concatenate(labels))
     return ImageDataset(name, x, y, num_classes=10 if name == "cifar10" else 100,

@@ -105,6 +105,11 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+# The largest --seed: NumPy takes 32-bit seeds, and the loaders derive a few
+# from --seed by small offsets.
+MAX_SEED = 2**31 - 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -222,6 +222,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     method = methods.get(args.method)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
+    for owner, flags in _given_method_flags(argv).items():
+        if owner != args.method:
+            parser.error(f"{', '.join(flags)}: flags of --method {owner}, not of --method {args.method}")
+    if not 0 <= args.seed <= runtime.MAX_SEED:
+        parser.error(f"--seed: expected an integer in [0, {runtime.MAX_SEED}], got {args.seed}")
     if args.space == "vit":
         args.embed_dim = vit.DEFAULT_EMBED_DIM if args.embed_dim is None else args.embed_dim
         args.encoder_nodes = vit.DEFAULT_NODES if args.encoder_nodes is None else args.encoder_nodes
@@ -280,6 +285,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _given_method_flags(argv) -> dict[str, list[str]]:
+    """The method flags on the command line (not those left at their defaults),
+    by the method that owns them: another method's flag would be ignored
+    silently, e.g. --evaluate-only without --method hardexit starting a search."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # a flag not given leaves no attribute
+    given = vars(parser.parse_args(argv))
+    options = {a.dest: (a.option_strings or [a.dest])[-1] for a in parser._actions}
+    return {owner: [options[d] for d in sorted(flags) if d in given]
+            for owner, flags in parser.method_flags.items() if flags & given.keys()}
+
+
 def run_config(args: argparse.Namespace) -> dict:
     """The settings that decide what a run computes (compared on --resume): the
     common flags (the vit size flags for --space vit only) and the run's own
@@ -303,6 +321,13 @@ def main(argv=None) -> dict:
             print(f"nasops.search: error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
+
+
+def cli() -> None:
+    """The ``nasops-search`` command: :func:`main` without its result. A console
+    script exits with what its function returns, and a returned dict would be
+    printed as an error with status 1."""
+    main()
 
 
 def _run(args) -> dict:
@@ -558,4 +583,4 @@ def _restore(checkpoint: dict, method, device) -> tuple[int, list]:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -336,6 +336,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in SIZE_FLAGS:
         if getattr(args, name) is None:
             setattr(args, name, sizes.get(name))
+    warmup_given = args.warmup_epochs is not None
     for name in ("optimizer", "lr", "lr_min", "momentum", "nesterov", "weight_decay", "warmup_epochs",
                  "warmup_lr", "grad_clip", "drop_path", "auxiliary_weight"):
         if getattr(args, name) is None:  # a scale may override a recipe value (dasvit's warm-up)
@@ -363,6 +364,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.drop_path < 1.0:
         parser.error(f"--drop-path: expected a probability in [0, 1), got {args.drop_path}")
+    if not 0 <= args.seed <= runtime.MAX_SEED:
+        parser.error(f"--seed: expected an integer in [0, {runtime.MAX_SEED}], got {args.seed}")
+    if not warmup_given:  # the recipe's warm-up shortens to leave a short run one epoch of cosine
+        args.warmup_epochs = min(args.warmup_epochs, args.epochs - 1)
     if args.warmup_epochs >= args.epochs:
         parser.error(f"--warmup-epochs: expected fewer than --epochs ({args.epochs}), got {args.warmup_epochs}")
     for feature, flag in (("auxiliary", "auxiliary_weight"), ("drop_path", "drop_path")):
@@ -432,6 +437,13 @@ def main(argv=None) -> dict:
             print(f"nasops.train: error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
+
+
+def cli() -> None:
+    """The ``nasops-train`` command: :func:`main` without its result. A console
+    script exits with what its function returns, and a returned dict would be
+    printed as an error with status 1."""
+    main()
 
 
 def _run(args) -> dict:
@@ -660,4 +672,4 @@ def _run_files(out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -154,6 +154,53 @@ def test_command_line_errors_exit_with_status_1_and_the_reason(tmp_path):
                                         f"start a new run without --resume")
 
 
+def test_flags_of_another_method_are_refused(capsys):
+    """Unrefused, they would be ignored: --evaluate-only without --method hardexit
+    would start a whole search."""
+    for argv, message in [
+            (["--evaluate-only", "--checkpoint", "x.pt"],
+             "--checkpoint, --evaluate-only: flags of --method hardexit, not of --method darts"),
+            (["--method", "midas", "--token-ratio", "0.5", "--lambda-target", "0.1"],
+             "--token-ratio: flags of --method dasvit, not of --method midas"),
+            (["--method", "hardexit", "--midas-grid", "2"], "--midas-grid: flags of --method midas, not of "
+                                                             "--method hardexit")]:
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+    # a method's own flags, also at their default values, and flags no method owns
+    assert parse_args(["--method", "midas", "--midas-grid", "2", "--seed", "3"]).midas_grid == "2"
+
+
+def test_seed_out_of_range_is_a_flag_error(capsys):
+    from nasops.runtime import MAX_SEED
+
+    for seed in ("-1", str(MAX_SEED + 1)):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--seed", seed])
+        assert exc.value.code == 2
+        assert f"--seed: expected an integer in [0, {MAX_SEED}], got {seed}" in capsys.readouterr().err
+
+
+def test_console_scripts_exit_with_status_0_after_a_run(tmp_path, monkeypatch):
+    """pip's wrapper runs sys.exit(<entry point>()): a result returned there is an error exit.
+    The entry points as pyproject.toml declares them (installed metadata may be an old build's)."""
+    import importlib
+    import re
+
+    declared = re.search(r"^\[project\.scripts\]\n((?:.+\n)+)", (REPO / "pyproject.toml").read_text(), re.M)
+    scripts = dict(re.findall(r'^(\S+) = "([^"]+)"$', declared.group(1), re.M))
+    assert set(scripts) == {"nasops-search", "nasops-train"}
+    out = tmp_path / "run"
+    for name, argv in (("nasops-search", _tiny("darts", out, "--epochs", "1", "--max-steps", "1")),
+                       ("nasops-train", ["--genotype", str(out / "genotype.json"), "--out", str(tmp_path / "t"),
+                                         "--layers", "2", *TINY, "--epochs", "1", "--max-steps", "1"])):
+        monkeypatch.setattr(sys, "argv", [name, *argv])
+        with pytest.raises(SystemExit) as exc:
+            module, function = scripts[name].split(":")
+            sys.exit(getattr(importlib.import_module(module), function)())
+        assert exc.value.code is None, name
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True
@@ -262,6 +309,7 @@ def test_a_wrong_nb201_table_is_a_one_line_error_before_the_search(tmp_path, cap
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("python -m nasops.search: error: --nb201-table: "), err
         assert message in err[-1] and "Traceback" not in "\n".join(err), err
+        assert f"--nb201-table: {table} " in err[-1], err  # the flag, then the file it names
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,24 @@ def _write_cifar(root, files, per_file, label_key, n_cls):
                  label_key: rng.integers(0, n_cls, per_file).tolist()}
         with open(os.path.join(root, name), "wb") as f:
             pickle.dump(entry, f)
+
+
+def test_cifar_batches_pickled_again_from_python_3_load_and_others_are_named(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    _write_cifar(root, [f"data_batch_{i}" for i in range(1, 6)], 2, "labels", 10)
+    first = root / "data_batch_1"
+    with open(first, "rb") as f:
+        raw = pickle.load(f)
+    with open(first, "wb") as f:  # as after pickle.load(..., encoding="bytes") and a dump
+        pickle.dump({k.encode(): v for k, v in raw.items()}, f)
+    data = datasets.load("cifar10", data_dir=str(tmp_path))
+    assert len(data) == 10 and data.labels[:2].tolist() == raw["labels"]
+    for wrong, found in (({"images": raw["data"]}, "got ['images']"), ([1, 2], "got a list")):
+        with open(first, "wb") as f:
+            pickle.dump(wrong, f)
+        with pytest.raises(ValueError, match=rf"dataset cifar10: {first} is not a CIFAR batch: expected a dict "
+                                             rf"with the entries 'data' and 'labels', {re.escape(found)}"):
+            datasets.load("cifar10", data_dir=str(tmp_path))
 
 
 def test_cifar_test_splits_are_test_batch_and_test(tmp_path):
@@ -372,6 +391,34 @@ def test_recipe_defaults_fill_unset_flags(tmp_path):
     args = parse_args(["--genotype", str(nb), "--lr", "0.05", "--no-nesterov"])
     assert (args.dataset, args.epochs, args.layers, args.init_channels, args.lr, args.nesterov,
             args.weight_decay, args.cutout, args.flip) == ("digits", 40, 2, 16, 0.05, False, 5e-4, 0, False)
+
+
+def test_a_recipes_warmup_shortens_to_fit_a_short_run(tmp_path):
+    """DASViT's digits recipe warms up for 1 epoch: --epochs 1 alone must still
+    run (the warm-up shortened to 0), while a warm-up given as long as the run is refused."""
+    from nasops.train import parse_args
+
+    encoder = [["mlp_r0.5", 0], ["mlp_r0.5", 1], ["msa_h8", 2], ["mlp_r0.5", 0]]
+    vit_genotype = _write_genotype(tmp_path / "v", "vit", {
+        "encoder": encoder, "encoder_sum": [2, 3], "nodes": 2, "embed_dim": 16, "depth": 2, "patch_size": 2,
+        "image_size": 8, "in_channels": 1, "num_classes": 10})
+    assert parse_args(["--genotype", str(vit_genotype)]).warmup_epochs == 1  # the recipe's
+    assert parse_args(["--genotype", str(vit_genotype), "--epochs", "1"]).warmup_epochs == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--genotype", str(vit_genotype), "--epochs", "1", "--warmup-epochs", "1"])
+
+
+def test_seed_out_of_range_is_a_flag_error(tmp_path, capsys):
+    from nasops.runtime import MAX_SEED
+    from nasops.train import parse_args
+
+    darts = _write_genotype(tmp_path / "d", "darts")
+    for seed in ("-1", str(MAX_SEED + 1)):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--genotype", str(darts), "--seed", seed])
+        assert exc.value.code == 2
+        assert f"--seed: expected an integer in [0, {MAX_SEED}], got {seed}" in capsys.readouterr().err
+    assert parse_args(["--genotype", str(darts), "--seed", str(MAX_SEED)]).seed == MAX_SEED
 
 
 def test_out_dir_resume_and_overwrite_rules(tmp_path):

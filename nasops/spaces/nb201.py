@@ -136,7 +136,10 @@ def checked_table(path: str | os.PathLike | None) -> str:
     path = os.fspath(path) if path is not None else str(BUILTIN_TABLE)
     if not os.path.isfile(path):
         raise ValueError(f"no such file {path!r} (the NB201 accuracy CSV)")
-    table = load_table(path)
+    try:
+        table = load_table(path)
+    except ValueError as exc:  # the caller names its flag; load_table's argument name is noise there
+        raise ValueError(str(exc).removeprefix("path: ")) from None
     if len(table) != NUM_ARCHITECTURES:
         raise ValueError(f"{path} has {len(table)} architectures, expected all {NUM_ARCHITECTURES} "
                          f"of NAS-Bench-201")
