@@ -84,6 +84,16 @@ def _find_availability() -> dict[str, str]:
 _AVAILABILITY = _find_availability()
 
 
+def kernels_failed_to_import(name: str, reason: str) -> None:
+    """Mark backend ``name`` unusable because its kernels did not import (a Triton
+    that is installed but too old for them): ``backends()`` says why, ``auto``
+    passes over it, and asking for it by name is a ValueError. Called while
+    nasops.ops is imported, before any op runs, so the availability is still
+    fixed for every call."""
+    if not _AVAILABILITY[name]:
+        _AVAILABILITY[name] = reason
+
+
 def backends() -> dict[str, dict]:
     """What is available and why not: ``{name: {"available": bool, "reason": str}}``."""
     return {

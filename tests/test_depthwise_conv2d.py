@@ -422,3 +422,22 @@ def test_use_depthwise_backend_switches_only_the_depthwise_layers():
     assert_close(y, want, torch.float32, what="y")
     with pytest.raises(ValueError, match="backend: expected one of"):
         use_depthwise_backend(op, "nope")
+
+
+def test_auto_keeps_pytorchs_convolution_on_cuda(monkeypatch):
+    """Where nasops._C has no CUDA kernels, 'auto' resolves CUDA tensors to Triton
+    for the other ops; the depthwise convolution keeps PyTorch's there (its
+    Triton kernels are taken by name only, until a GPU measures them faster)."""
+    import nasops.backend as backend
+    from nasops.ops.depthwise_conv2d import _backend_for
+    monkeypatch.delenv("NASOPS_BACKEND", raising=False)
+    monkeypatch.setattr(backend, "_AVAILABILITY", {**backend._AVAILABILITY, "cuda": "not built", "triton": ""})
+    cuda = torch.device("cuda")
+    assert backend.resolve(None, cuda) == "triton"
+    assert _backend_for(None, cuda) == "eager"
+    assert _backend_for("triton", cuda) == "triton"
+    nasops.set_backend("triton")
+    try:
+        assert _backend_for(None, cuda) == "triton"  # asked for by name, process-wide
+    finally:
+        nasops.set_backend(None)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch
 import nasops
 import nasops.ops.reference
 from nasops.ops import mixed_op
-from helpers import DEVICE, assert_close, available_backends, kernel_backends
+from helpers import DEVICE, assert_close, available_backends, kernel_backends, subprocess_env
 
 MIXED_OP = importlib.import_module("nasops.ops.mixed_op")
 BACKENDS = available_backends()
@@ -297,6 +300,32 @@ def test_auto_passes_over_a_backend_that_cannot_take_the_ops(monkeypatch):
     with pytest.raises(ValueError, match=r"^outputs \(live ops\): backend='cuda' takes at most 64 in one call, "
                                          r"got 65 \(backend 'auto' picks one that takes them\)$"):
         backend.resolve("cuda", cuda, count=65, limits=limits, what="outputs (live ops)")
+
+
+def test_a_triton_too_old_for_the_kernels_is_not_available(tmp_path):
+    """An installed triton whose import fails for nasops' kernels: backends() says
+    why, auto passes over it, and backend='triton' is a ValueError (not a
+    RuntimeError from the kernel lookup)."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text('raise ImportError("this triton is too old")\n')
+    script = (
+        "import torch, nasops\n"
+        "from nasops.ops import mixed_op\n"
+        "print(nasops.backends()['triton'])\n"
+        "print(mixed_op([torch.ones(1, 2, 3, 3)], torch.ones(1)).sum().item())\n"
+        "try:\n"
+        "    mixed_op([torch.ones(1, 2, 3, 3)], torch.ones(1), backend='triton')\n"
+        "except ValueError as exc:\n"
+        "    print('ValueError', exc)\n")
+    env = subprocess_env(TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    reason = "nasops' Triton kernels do not import with the installed triton (this triton is too old)"
+    assert lines[0] == str({"available": False, "reason": reason})
+    assert lines[1] == "18.0"
+    assert lines[2] == f"ValueError backend='triton' is not available: {reason}"
 
 
 def test_cuda_op_limits_are_the_kernels():

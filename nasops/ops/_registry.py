@@ -9,10 +9,11 @@ Every op ``<name>`` has up to two registered variants with the same schema:
 from __future__ import annotations
 
 import importlib
+from importlib.util import find_spec
 
 import torch
 
-from nasops.backend import extension_loaded
+from nasops.backend import extension_loaded, kernels_failed_to_import
 
 # Why a Triton module could not be imported, by module name (for error messages).
 TRITON_IMPORT_ERRORS: dict[str, str] = {}
@@ -29,6 +30,9 @@ def _triton(module: str, name: str):
         importlib.import_module(f"nasops.triton.{module}")
     except ImportError as exc:  # triton not installed, or too old
         TRITON_IMPORT_ERRORS[module] = str(exc)
+        if find_spec("triton") is not None:  # installed: the backend must not look usable
+            kernels_failed_to_import("triton", f"nasops' Triton kernels do not import with the installed "
+                                               f"triton ({exc})")
         return None
     return getattr(torch.ops.nasops, f"{name}_triton").default
 

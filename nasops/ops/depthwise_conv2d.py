@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from nasops.backend import resolve, triton_interpreting
+from nasops.backend import get_backend, resolve, triton_interpreting
 from nasops.ops import reference
 from nasops.ops._checks import check_same_device, check_tensor
 from nasops.ops._layout import is_nhwc, layout_of
@@ -133,10 +133,20 @@ class PlannedDepthwiseConv2d:
 def _kernels(backend: str | None, x, weight, stride, padding, dilation):
     """(forward, backward) of the kernel that runs ``depthwise_conv2d`` on these
     tensors under ``backend``; None where PyTorch's expression runs."""
-    name = resolve(backend, x.device)
+    name = _backend_for(backend, x.device)
     if not _kernel_applies(name, x, weight, stride, padding, dilation):
         return None
     return kernel_for(_KERNELS, name, "depthwise_conv2d")
+
+
+def _backend_for(backend: str | None, device: torch.device) -> str:
+    """resolve(), except that 'auto' does not take the Triton kernels for CUDA
+    tensors (it would where nasops._C has no CUDA kernels): PyTorch's convolution
+    runs there until a GPU measurement says otherwise (module docstring)."""
+    name = resolve(backend, device)
+    if name == "triton" and torch.device(device).type == "cuda" and (backend or get_backend()) == "auto":
+        return "eager"
+    return name
 
 
 def _checked_geometry(x, weight, stride, padding, dilation) -> tuple[list[int], list[int], list[int]]:
