@@ -153,7 +153,11 @@ def _cifar(name: str, data_dir: str | None, split: str) -> ImageDataset:
             raise FileNotFoundError(f"dataset {name}: missing {path} (expected the python-pickle "
                                     f"batches {', '.join(files)} in {root})")
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            try:
+                entry = pickle.load(f, encoding="latin1")
+            except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, IndexError) as exc:
+                raise ValueError(f"dataset {name}: {path} is not a CIFAR batch (a truncated or other file: "
+                                 f"{type(exc).__name__}: {exc})") from None
         # The batches are Python 2 pickles (str keys here); one written again from
         # Python 3 after loading it with encoding="bytes" has bytes keys.
         label_key = "labels" if name == "cifar10" else "fine_labels"

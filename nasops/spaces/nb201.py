@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import gzip
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -113,7 +114,7 @@ def _load_cached(path: str, mtime: float) -> dict[str, dict]:
                     raise ValueError(f"path: {path} line {reader.line_num}: expected an architecture "
                                      f"string and three accuracies, got {row}") from None
             return table
-    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, csv.Error) as exc:
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error, csv.Error) as exc:
         raise ValueError(f"path: {path} is not a CSV table ({type(exc).__name__}: {exc})") from None
 
 
