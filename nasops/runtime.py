@@ -60,10 +60,13 @@ def run_settings(args, device: torch.device, world_size: int):
     back as found when it ends (``main()`` may run in-process: tests, notebooks):
     the thread count (--threads; by default 1 for the 8x8 digits on the CPU, ops
     that small lose more to a thread pool than they gain), the deterministic mode
-    and the nasops backend the run may set; the process group is destroyed."""
+    (:func:`make_deterministic`'s switches) and the nasops backend the run may
+    set; the process group is destroyed."""
     saved_backend = nasops.backend._override
     saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
-                           torch.is_deterministic_algorithms_warn_only_enabled())
+                           torch.is_deterministic_algorithms_warn_only_enabled(),
+                           torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                           os.environ.get(_CUBLAS_WORKSPACE))
     saved_threads = torch.get_num_threads()
     threads = args.threads or (1 if args.dataset == "digits" and device.type == "cpu" else None)
     if threads:
@@ -72,7 +75,13 @@ def run_settings(args, device: torch.device, world_size: int):
         yield
     finally:
         nasops.backend._override = saved_backend
-        torch.use_deterministic_algorithms(saved_deterministic[0], warn_only=saved_deterministic[1])
+        algorithms, warn_only, cudnn_deterministic, cudnn_benchmark, workspace = saved_deterministic
+        torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark
+        if workspace is None:
+            os.environ.pop(_CUBLAS_WORKSPACE, None)
+        else:
+            os.environ[_CUBLAS_WORKSPACE] = workspace
         torch.set_num_threads(saved_threads)
         if world_size > 1:
             dist.destroy_process_group()
@@ -96,10 +105,14 @@ def end_epoch_on_ranks(sums: torch.Tensor, model: torch.nn.Module, world_size: i
     return sums
 
 
+# cuBLAS is deterministic with a fixed workspace, set through the environment.
+_CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
+
+
 def make_deterministic() -> None:
     # warn_only: a few CUDA kernels (pooling backward) have no deterministic
     # variant; torch names them in a warning instead of stopping the run.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault(_CUBLAS_WORKSPACE, ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False

@@ -82,7 +82,7 @@ TOKEN_SPACES = ("vit",)
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 
-# Test hooks (environment variables, used by tests/test_search.py only):
+# Test hooks (environment variables, used by the tests only):
 # kill this process with SIGKILL right after the checkpoint of that (1-based) epoch is written,
 _KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
 # and save every rank's final architecture parameters to <dir>/alphas_rank<r>.pt (and its
@@ -395,7 +395,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
     start_epoch = 0
     if checkpoint is not None:
         try:
-            start_epoch, history = _restore(checkpoint, method, device)
+            start_epoch, history = _restore(checkpoint, method)
         except (KeyError, RuntimeError, ValueError) as exc:
             flag, path = ("--checkpoint", evaluated) if evaluated else ("--resume", out / "checkpoint.pt")
             raise SearchError(f"{flag}: the checkpoint {path} does not fit this "
@@ -409,25 +409,27 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     # None without tensorboard; an evaluation (no epochs) writes no event file
     writer = runtime.open_scalar_writer(out) if is_main and not evaluated else None
-    for epoch in range(start_epoch, args.epochs):
-        method.begin_epoch(epoch)
-        _prepare_network(method, args, device)  # a method may have built a new network
-        record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
-                              world_size, device, show=is_main and not args.quiet)
-        history.append(record)
-        if is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
-            runtime.write_scalars(writer, record, epoch + 1)
-            print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
-                  f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
-                  f"acc {record['val_acc']:.4f} | lr {record['lr']:.5f} | {record['time']:.1f} s | "
-                  f"{record['genotype_str']}", flush=True)
-            if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
-                os.kill(os.getpid(), signal.SIGKILL)
-    if writer is not None:
-        writer.close()
+    try:  # closed also when a step raises (the writer runs a thread)
+        for epoch in range(start_epoch, args.epochs):
+            method.begin_epoch(epoch)
+            _prepare_network(method, args, device)  # a method may have built a new network
+            record = _train_epoch(args, epoch, steps, method, train_loader, val_loader,
+                                  world_size, device, show=is_main and not args.quiet)
+            history.append(record)
+            if is_main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
+                runtime.write_scalars(writer, record, epoch + 1)
+                print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
+                      f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
+                      f"acc {record['val_acc']:.4f} | lr {record['lr']:.5f} | {record['time']:.1f} s | "
+                      f"{record['genotype_str']}", flush=True)
+                if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
+                    os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        if writer is not None:
+            writer.close()
 
     run = RunContext(args=args, data=data, train_loader=train_loader, val_loader=val_loader,
                      device=device, rank=rank, world_size=world_size)
@@ -575,7 +577,7 @@ def _save_checkpoint(path: Path, method, epoch: int, history: list, config: dict
     }, path)
 
 
-def _restore(checkpoint: dict, method, device) -> tuple[int, list]:
+def _restore(checkpoint: dict, method) -> tuple[int, list]:
     method.load_state_dict(checkpoint["method"])  # first: a method may rebuild its network here
     method.model.load_state_dict(checkpoint["model"])
     runtime.set_rng_states(checkpoint["rng"])

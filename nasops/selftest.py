@@ -33,6 +33,7 @@ import torch
 import nasops
 from nasops import ops
 from nasops.backend import resolve
+from nasops.ops._checks import accumulation_dtype
 
 # Max-normalized error allowed per input dtype (before the case's factor): a few
 # units of the dtype's rounding of an output.
@@ -75,17 +76,13 @@ def _randn(gen, *shape, dtype, device, grad=True):
     return t.requires_grad_(grad)
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _mixed_edge(per):
     def make(dtype, device, gen):
         B, C, H, W = 3, 5, 7, 9
         outs = [_randn(gen, B, C, H, W, dtype=dtype, device=device), None,
                 _randn(gen, B, C, H, W, dtype=dtype, device=device)]
         shape = {"edge": (3,), "sample": (B, 3), "patch": (B, 6, 3)}[per]
-        return {"outputs": outs, "weights": _randn(gen, *shape, dtype=_acc(dtype), device=device)}
+        return {"outputs": outs, "weights": _randn(gen, *shape, dtype=accumulation_dtype(dtype), device=device)}
 
     def run(i, backend):
         grid = (2, 3) if per == "patch" else None
@@ -96,7 +93,7 @@ def _mixed_edge(per):
 def _mixed_tokens_make(dtype, device, gen):
     B, N, C = 2, 13, 6
     return {"outputs": [_randn(gen, B, N, C, dtype=dtype, device=device) for _ in range(3)],
-            "weights": _randn(gen, B, N, 3, dtype=_acc(dtype), device=device)}
+            "weights": _randn(gen, B, N, 3, dtype=accumulation_dtype(dtype), device=device)}
 
 
 def _attention_edge_make(dtype, device, gen):
@@ -104,10 +101,10 @@ def _attention_edge_make(dtype, device, gen):
     return {"x": _randn(gen, B, 4, 7, 9, dtype=dtype, device=device),
             "outputs": [_randn(gen, B, 3, 7, 9, dtype=dtype, device=device), None,
                         _randn(gen, B, 3, 7, 9, dtype=dtype, device=device)],
-            "Wq": _randn(gen, 4, 6, dtype=_acc(dtype), device=device),
-            "Wk": _randn(gen, 3, 6, dtype=_acc(dtype), device=device),
-            "prior": _randn(gen, 3, dtype=_acc(dtype), device=device),
-            "zero_key": _randn(gen, 6, dtype=_acc(dtype), device=device)}
+            "Wq": _randn(gen, 4, 6, dtype=accumulation_dtype(dtype), device=device),
+            "Wk": _randn(gen, 3, 6, dtype=accumulation_dtype(dtype), device=device),
+            "prior": _randn(gen, 3, dtype=accumulation_dtype(dtype), device=device),
+            "zero_key": _randn(gen, 6, dtype=accumulation_dtype(dtype), device=device)}
 
 
 def _attention_edge_run(i, backend):
@@ -118,7 +115,7 @@ def _attention_edge_run(i, backend):
 def _softmax_make(dtype, device, gen):
     return {"q": _randn(gen, 2, 5, 6, dtype=dtype, device=device),
             "k": _randn(gen, 2, 5, 3, 6, dtype=dtype, device=device),
-            "prior": _randn(gen, 3, dtype=_acc(dtype), device=device)}
+            "prior": _randn(gen, 3, dtype=accumulation_dtype(dtype), device=device)}
 
 
 def _tokens_make(dtype, device, gen):

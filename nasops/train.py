@@ -236,8 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="darts/rdarts: cells (recipe: 20 on CIFAR, 5 on digits); nb201: cells per stage "
                         "(5 on CIFAR, 2 on digits); vit: encoders (default: the search's depth)")
     g.add_argument("--init-channels", type=int, default=None,
-                   help="channels C of the first cells (recipe: darts 36, nb201 16); vit: the embedding "
-                        "dimension (default: the search's)")
+                   help="channels C of the first cells (recipe: darts 36 on CIFAR, 16 on digits; nb201 16); "
+                        "vit: the embedding dimension (default: the search's)")
     g.add_argument("--auxiliary-weight", type=float, default=None,
                    help="darts/rdarts: weight of the auxiliary head's loss; 0 = no head (recipe 0.4)")
     g.add_argument("--drop-path", type=float, default=None,
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation (defaults: the genotype kind's recipe)")
     g.add_argument("--epochs", type=int, default=None,
-                   help="recipe: darts 600, nb201 200, dasvit 500 (digits: darts 15, nb201 40)")
+                   help="recipe: darts 600, nb201 200, dasvit 500 (digits: darts 15, nb201 40, dasvit 20)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="per process (recipe: darts 96, nb201 256, dasvit 128; digits: 64)")
     g.add_argument("--max-steps", type=int, default=None,
@@ -554,6 +554,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         "test_acc": final["test_acc"], "test_top5": final["test_top5"], "test_loss": final["test_loss"],
         **cost, "flops": 2 * cost["macs"], "epochs": args.epochs, "seed": args.seed,
         "world_size": world_size, "train_time": sum(r["time"] for r in history), "config": config,
+        "recipe": KINDS[args.space].recipe.source,
     }
     table = _nb201_accuracies(args, doc)
     if table is not None:

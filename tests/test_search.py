@@ -201,6 +201,26 @@ def test_console_scripts_exit_with_status_0_after_a_run(tmp_path, monkeypatch):
         assert exc.value.code is None, name
 
 
+def test_a_run_puts_the_process_settings_back(monkeypatch):
+    """main() may run in-process (tests, notebooks): what a run switches —
+    --deterministic, --backend, --threads — is as it was afterwards."""
+    import argparse
+
+    import nasops.backend
+    from nasops import runtime
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, nasops.backend._override, torch.get_num_threads())
+    with runtime.run_settings(argparse.Namespace(threads=1, dataset="digits"), torch.device("cpu"), 1):
+        runtime.make_deterministic()
+        nasops.set_backend("eager")
+        assert torch.get_num_threads() == 1 and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark, nasops.backend._override, torch.get_num_threads()) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True
@@ -300,8 +320,12 @@ def test_a_wrong_nb201_table_is_a_one_line_error_before_the_search(tmp_path, cap
     other.write_text("epoch,loss\n1,0.5\n")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(bytes(range(256)) * 8)
+    damaged = tmp_path / "damaged.csv.gz"
+    data = bytearray(gzip.compress(b"ArchitectureString,x\n" * 50))
+    data[10] = 0xFF  # an invalid deflate block: zlib.error, not gzip's own errors
+    damaged.write_bytes(bytes(data))
     cases = [(other, "lacks the NB201 table columns"), (binary, "is not a CSV table"),
-             (excerpt, "has 7 architectures, expected all 15625")]
+             (damaged, "is not a CSV table (error: "), (excerpt, "has 7 architectures, expected all 15625")]
     for table, message in cases:
         with pytest.raises(SystemExit) as exc:
             main(["--space", "nb201", "--nb201-table", str(table), "--out", str(tmp_path / "never")])

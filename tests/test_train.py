@@ -140,6 +140,14 @@ def test_cifar_batches_pickled_again_from_python_3_load_and_others_are_named(tmp
         with pytest.raises(ValueError, match=rf"dataset cifar10: {first} is not a CIFAR batch: expected a dict "
                                              rf"with the entries 'data' and 'labels', {re.escape(found)}"):
             datasets.load("cifar10", data_dir=str(tmp_path))
+    with open(first, "wb") as f:
+        pickle.dump(raw, f)
+    whole = first.read_bytes()
+    for damaged, error in ((whole[:len(whole) // 2], "UnpicklingError|EOFError"), (b"not a pickle", "Unpickling")):
+        first.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"dataset cifar10: {first} is not a CIFAR batch \(a truncated or "
+                                             rf"other file: ({error})"):
+            datasets.load("cifar10", data_dir=str(tmp_path))
 
 
 def test_cifar_test_splits_are_test_batch_and_test(tmp_path):
@@ -428,6 +436,7 @@ def test_out_dir_resume_and_overwrite_rules(tmp_path):
     with pytest.raises(TrainError, match="no checkpoint"):
         main(base + ["--resume"])
     first = main(base)
+    assert json.loads((out / "result.json").read_text())["recipe"] == KINDS["nb201"].recipe.source
     with pytest.raises(TrainError, match="holds the files of another run.*--resume.*--overwrite"):
         main(base)
     with pytest.raises(TrainError, match=r"different run \(init_channels: checkpoint 4, now 6"):
@@ -571,3 +580,26 @@ def test_scalars_of_search_and_train_go_to_tensorboard(monkeypatch, tmp_path):
         assert writer.scalars == expected
     assert ("val_acc", search["metrics"][1]["val_acc"], 2) in searched.scalars
     assert ("test_top5", train["metrics"][1]["test_top5"], 2) in trained.scalars
+
+
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_a_failing_run_closes_its_writer(monkeypatch, tmp_path, command):
+    """The writer's thread ends also when an epoch raises (Ctrl-C in an in-process run)."""
+    _FakeWriter.instances = []
+    monkeypatch.setattr(runtime, "_summary_writer_class", lambda: _FakeWriter)
+    if command == "train":
+        genotype = _write_genotype(tmp_path / "g", "nb201")
+        monkeypatch.setattr(nasops.train, "_train_epoch", _interrupted)
+        run, argv = main, _tiny(genotype, "nb201", tmp_path / "t", "--epochs", "1")
+    else:
+        monkeypatch.setattr(nasops.search, "_train_epoch", _interrupted)
+        run, argv = nasops.search.main, ["--space", "nb201", "--layers", "1", "--out", str(tmp_path / "s"), *TINY,
+                                         "--epochs", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        run(argv)
+    (writer,) = _FakeWriter.instances
+    assert writer.closed
+
+
+def _interrupted(*args, **kwargs):
+    raise KeyboardInterrupt

@@ -146,7 +146,7 @@ def _cell_types_present(space: str, layers: int) -> list[str]:
     """The cell types the network of ``space`` with ``layers`` has, in network order."""
     if space == "nb201":
         return ["normal"]
-    reductions = {layers // 3, 2 * layers // 3}
+    reductions = darts_space.reduction_cells(layers)
     return list(dict.fromkeys("reduce" if i in reductions else "normal" for i in range(layers)))
 
 

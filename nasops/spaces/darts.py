@@ -104,6 +104,11 @@ class DartsCell(nn.Module):
         return torch.cat(states[2:], dim=1)
 
 
+def reduction_cells(layers: int) -> tuple[int, int]:
+    """The indices of a DARTS stack's two reduction cells: at 1/3 and 2/3 of ``layers``."""
+    return layers // 3, 2 * layers // 3
+
+
 def darts_stack(in_channels: int, C: int, layers: int, stem_multiplier: int, make_cell):
     """The DARTS macro-architecture, shared by the search network and the trained one
     (``nasops.spaces.discrete``): a 3x3 conv + BN stem of ``stem_multiplier * C``
@@ -122,7 +127,7 @@ def darts_stack(in_channels: int, C: int, layers: int, stem_multiplier: int, mak
     cells, channels = nn.ModuleList(), []
     reduction_prev = False
     for i in range(layers):
-        reduction = i in (layers // 3, 2 * layers // 3)
+        reduction = i in reduction_cells(layers)
         if reduction:
             C_curr *= 2
         cell, C_out = make_cell("reduce" if reduction else "normal", C_prev_prev, C_prev, C_curr, reduction,

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nasops.spaces import nb201, rdarts
-from nasops.spaces.darts import darts_stack, edge_ends
+from nasops.spaces.darts import darts_stack, edge_ends, reduction_cells
 from nasops.spaces.nb201 import parse_arch
 from nasops.spaces.operations import DARTS_OPS, FactorizedReduce, ReLUConvBN, make_darts_op, make_nb201_op
 
@@ -213,7 +213,7 @@ class DartsNetwork(nn.Module):
         cells = darts_cells(genotype, space)
         self.genotype = cells
         self.drop_path_prob = 0.0
-        self.aux_position = 2 * layers // 3
+        self.aux_position = reduction_cells(layers)[1]  # after the second reduction, as DARTS
 
         def make_cell(t, *sizes):
             cell = DartsTrainCell(cells[t], cells[f"{t}_concat"], *sizes)

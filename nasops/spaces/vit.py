@@ -571,11 +571,14 @@ def build_derived_vit(genotype: dict, *, depth: int | None = None, num_classes: 
                              embed_dim=s["embed_dim"], image_size=s["image_size"], patch_size=s["patch_size"])
 
 
-PLAIN_VIT_OPS = ("msa_h12", "mlp_r4")  # ViT-B's encoder
+# ViT-B's encoder: what build_plain_vit builds by default, as op names for the cost model.
+PLAIN_VIT_HEADS, PLAIN_VIT_MLP_RATIO = 12, 4
+PLAIN_VIT_OPS = (f"msa_h{PLAIN_VIT_HEADS}", f"mlp_r{PLAIN_VIT_MLP_RATIO}")
 
 
 def build_plain_vit(*, in_channels: int, num_classes: int, embed_dim: int, depth: int, image_size: int,
-                    patch_size: int, heads: int = 12, mlp_ratio: float = 4.0) -> VisionTransformer:
+                    patch_size: int, heads: int = PLAIN_VIT_HEADS,
+                    mlp_ratio: float = PLAIN_VIT_MLP_RATIO) -> VisionTransformer:
     """A plain pre-norm ViT (ViT-B/16 at 768, depth 12, patch 16, 224)."""
     _check_sizes(in_channels=in_channels, num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                  nodes=1, image_size=image_size, patch_size=patch_size)

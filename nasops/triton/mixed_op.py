@@ -347,7 +347,7 @@ def _flat_block(chw: int, tile: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _patch_tiling(C, H, W, gh, gw, tile):
+def _patch_tiling(C, H, W, gh, tile):
     """(BLOCK_C, BLOCK_HW, n_cblocks, n_chunks) for the P > 1 path: a tile of about
     ``tile`` elements over a patch row's contiguous segment, whole channels first."""
     max_rows = max(-(-(ph + 1) * H // gh) - (-(-ph * H // gh)) for ph in range(gh))
@@ -371,7 +371,7 @@ def mixed_op_forward(outputs: list[torch.Tensor], weights: torch.Tensor, grid: l
                 outs, w, y, chw, w_batch_stride, K=K)
         else:
             tile = _tile_elements(y.numel(), y.device)
-            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw, tile)
+            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, tile)
             _forward_patch[(B * gh * n_cblocks * n_chunks,)](
                 outs, w, y, C, n_cblocks, n_chunks, w_batch_stride,
                 H=H, W=W, GH=gh, GW=gw, PIXEL=pixel, K=K, BLOCK_C=block_c, BLOCK_HW=block_hw)
@@ -412,7 +412,7 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
             if weights_requires_grad:  # per-edge weights also sum over the batch
                 grad_w = partial.sum((0, 1) if w.shape[0] == 1 else 1, keepdim=True)  # (Bw, 1, K)
         else:
-            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, gw, tile)
+            block_c, block_hw, n_cblocks, n_chunks = _patch_tiling(C, H, W, gh, tile)
             parts = n_cblocks * n_chunks
             partial = torch.empty((B, gh, parts, gw, K), dtype=w.dtype, device=g.device) \
                 if weights_requires_grad else w
