@@ -12,6 +12,7 @@ import importlib
 import os
 import pickle
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,30 @@ def open_scalar_writer(out: Path):
     tensorboard is not installed: it is optional, and nothing else needs it."""
     writer_class = _summary_writer_class()
     return None if writer_class is None else writer_class(log_dir=str(out))
+
+
+@contextlib.contextmanager
+def scalar_writer(out: Path, enabled: bool = True):
+    """:func:`open_scalar_writer` for the block (None when not ``enabled``, e.g. on
+    ranks other than 0), closed when it ends, also by an exception: the writer
+    runs a thread."""
+    writer = open_scalar_writer(out) if enabled else None
+    try:
+        yield writer
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+# Test hook (tests/helpers.py, run_killed_after_epoch): a driver run with this
+# set to N kills itself with SIGKILL right after epoch N's checkpoint is written.
+_KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
+
+
+def epoch_checkpointed(epoch: int) -> None:
+    """Where a driver has written the checkpoint of (1-based) ``epoch``: the kill test hook."""
+    if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_scalars(writer, record: dict, step: int) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -82,11 +81,9 @@ TOKEN_SPACES = ("vit",)
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 
-# Test hooks (environment variables, used by the tests only):
-# kill this process with SIGKILL right after the checkpoint of that (1-based) epoch is written,
-_KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
-# and save every rank's final architecture parameters to <dir>/alphas_rank<r>.pt (and its
-# whole network state to <dir>/model_rank<r>.pt).
+# Test hook (environment variable, used by the tests only; runtime.epoch_checkpointed
+# is the other): save every rank's final architecture parameters to
+# <dir>/alphas_rank<r>.pt (and its whole network state to <dir>/model_rank<r>.pt).
 _DUMP_ALPHAS = "NASOPS_TEST_DUMP_ALPHAS"
 
 # The vit space's size flags (None for every other space).
@@ -408,8 +405,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
     # None without tensorboard; an evaluation (no epochs) writes no event file
-    writer = runtime.open_scalar_writer(out) if is_main and not evaluated else None
-    try:  # closed also when a step raises (the writer runs a thread)
+    with runtime.scalar_writer(out, is_main and not evaluated) as writer:
         for epoch in range(start_epoch, args.epochs):
             method.begin_epoch(epoch)
             _prepare_network(method, args, device)  # a method may have built a new network
@@ -425,11 +421,7 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
                       f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
                       f"acc {record['val_acc']:.4f} | lr {record['lr']:.5f} | {record['time']:.1f} s | "
                       f"{record['genotype_str']}", flush=True)
-                if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
-                    os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        if writer is not None:
-            writer.close()
+                runtime.epoch_checkpointed(epoch + 1)
 
     run = RunContext(args=args, data=data, train_loader=train_loader, val_loader=val_loader,
                      device=device, rank=rank, world_size=world_size)

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -176,10 +175,8 @@ RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "data_dir", "nb201_table
 OUTPUT_FILES = ("result.json", "metrics.jsonl", "checkpoint.pt")
 OUTPUT_PATTERNS = ("checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN)
 
-# Test hooks (environment variables, used by tests/test_train.py only): kill this
-# process with SIGKILL right after the checkpoint of that (1-based) epoch is written,
-_KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
-# and save every rank's final network state to <dir>/state_rank<r>.pt.
+# Test hook (environment variable, used by tests/test_train.py only; runtime.epoch_checkpointed
+# is the other): save every rank's final network state to <dir>/state_rank<r>.pt.
 _DUMP_STATE = "NASOPS_TEST_DUMP_STATE"
 
 TrainError = RunError
@@ -516,12 +513,11 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         # to Zero ops); DDP then needs no per-step search for unused parameters.
         network = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
-    writer = runtime.open_scalar_writer(out) if is_main else None
     if is_main:
         print(f"training {args.space} genotype of {doc['path']} on {args.dataset}: "
               f"{cost['params'] / 1e6:.3f} M parameters, {cost['macs'] / 1e6:.2f} M MACs per image",
               flush=True)
-    try:
+    with runtime.scalar_writer(out, is_main) as writer:
         for epoch in range(start_epoch, args.epochs):
             record = _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, train_data,
                                   amp, rank, world_size, device, show=is_main and not args.quiet)
@@ -541,11 +537,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
                 print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
                       f"acc {record['train_acc']:.4f}{test} | lr {record['lr']:.5f} | "
                       f"{record['time']:.1f} s", flush=True)
-                if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch + 1):
-                    os.kill(os.getpid(), signal.SIGKILL)
-    finally:
-        if writer is not None:
-            writer.close()
+                runtime.epoch_checkpointed(epoch + 1)
 
     final = history[-1]
     result = {
