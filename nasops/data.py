@@ -63,9 +63,11 @@ _CIFAR_FILES = {"cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" 
 class ImageDataset:
     """Images and labels in memory. ``images`` is (N, C, H, W), either float32
     (already normalised) or uint8 (normalised per batch with ``mean``/``std``, so
-    CIFAR takes 150 MB rather than 600 MB per process). ``black``: the
-    normalised value of a black (zero) pixel per channel, what a random crop
-    pads with (as padding the raw image with zeros would)."""
+    CIFAR takes 150 MB rather than 600 MB per process). ``mean``/``std``: the
+    per-channel normalisation of pixels in [0, 1] (None: not normalised, the
+    synthetic noise). ``black``: the normalised value of a black (zero) pixel
+    per channel, what a random crop pads with (as padding the raw image with
+    zeros would)."""
 
     name: str
     images: torch.Tensor
@@ -86,6 +88,14 @@ class ImageDataset:
     @property
     def image_size(self) -> int:
         return self.images.shape[2]
+
+    def describe(self) -> dict:
+        """What a network trained on this data set takes, for whoever feeds it
+        later (``nasops.train.load_trained``): the images' channels, side and
+        normalisation (``(pixel in [0, 1] - mean) / std`` per channel), and the classes."""
+        return {"dataset": self.name, "in_channels": self.in_channels, "image_size": self.image_size,
+                "num_classes": self.num_classes, "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std)}
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images float32 normalised, labels int64) of the given sample indices."""
@@ -129,7 +139,7 @@ def _digits(split: str) -> ImageDataset:
     mean, std = train.mean(), train.std()
     keep = is_test if split == "test" else ~is_test
     x = (x[keep] - mean) / std
-    return ImageDataset("digits", x.contiguous(), y[keep], num_classes=10,
+    return ImageDataset("digits", x.contiguous(), y[keep], num_classes=10, mean=(mean.item(),), std=(std.item(),),
                         black=((0.0 - mean.item()) / std.item(),), split=split)
 
 

@@ -443,6 +443,39 @@ def cli() -> None:
     main()
 
 
+def load_trained(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The network a ``nasops.train`` run trained, with the weights of its last
+    finished epoch, in eval mode on ``device``: a plain ``nn.Module`` of
+    ``nasops.spaces.discrete`` (DARTS, NB201) or ``nasops.spaces.vit``, for
+    inference, fine-tuning or export in the caller's own code.
+
+    ``path``: the run's ``--out`` folder or its ``checkpoint.pt``. The network
+    takes what ``nasops.data`` fed it: ``(B, in_channels, image_size,
+    image_size)`` images whose pixels in [0, 1] are normalised per channel as
+    ``(pixel - mean) / std``, and returns the logits of ``num_classes``
+    classes; ``model.inputs`` (and ``result.json``'s ``inputs``) holds those
+    numbers. Raises TrainError naming the file when it is not the checkpoint of
+    a training run (a search's checkpoint: train its genotype first).
+    """
+    path = Path(path)
+    file = path / "checkpoint.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise TrainError(f"path: no checkpoint at {file} (expected a nasops.train --out folder or its checkpoint.pt)")
+    checkpoint = runtime.load_checkpoint(file, flag="path")
+    if "method" in checkpoint:
+        raise TrainError(f"path: {file} is the checkpoint of a search; train its genotype first "
+                         f"(python -m nasops.train --genotype {file.parent})")
+    if not {"config", "model", "inputs"} <= checkpoint.keys():
+        raise TrainError(f"path: {file} is not the checkpoint of a nasops.train run of this version "
+                         f"(it lacks {sorted({'config', 'model', 'inputs'} - checkpoint.keys())})")
+    config, inputs = checkpoint["config"], checkpoint["inputs"]
+    data = argparse.Namespace(in_channels=inputs["in_channels"], num_classes=inputs["num_classes"])
+    model = KINDS[config["space"]].build(config["space"], config["genotype"], argparse.Namespace(**config), data)
+    model.load_state_dict(checkpoint["model"])
+    model.inputs = dict(inputs)
+    return model.to(device).eval()
+
+
 def _run(args) -> dict:
     rank, world_size, device = runtime.setup_distributed(args.device)
     with runtime.run_settings(args, device, world_size):
@@ -530,7 +563,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
                 runtime.save_atomic({
                     "epoch": epoch + 1, "config": config, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                    "nasops_version": nasops.__version__}, out / "checkpoint.pt")
+                    "inputs": train_data.describe(), "nasops_version": nasops.__version__}, out / "checkpoint.pt")
                 runtime.write_scalars(writer, record, epoch + 1)
                 test = (f" | test loss {record['test_loss']:.4f} top-1 {record['test_acc']:.4f} "
                         f"top-5 {record['test_top5']:.4f}" if "test_acc" in record else "")
@@ -546,7 +579,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         "test_acc": final["test_acc"], "test_top5": final["test_top5"], "test_loss": final["test_loss"],
         **cost, "flops": 2 * cost["macs"], "epochs": args.epochs, "seed": args.seed,
         "world_size": world_size, "train_time": sum(r["time"] for r in history), "config": config,
-        "recipe": KINDS[args.space].recipe.source,
+        "recipe": KINDS[args.space].recipe.source, "inputs": train_data.describe(),
     }
     table = _nb201_accuracies(args, doc)
     if table is not None:

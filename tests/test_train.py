@@ -429,6 +429,41 @@ def test_seed_out_of_range_is_a_flag_error(tmp_path, capsys):
     assert parse_args(["--genotype", str(darts), "--seed", str(MAX_SEED)]).seed == MAX_SEED
 
 
+def test_the_trained_network_loads_for_inference(tmp_path):
+    """load_trained gives back the network of a run with its weights: on the test
+    split it scores what the run reported, fed as model.inputs says."""
+    from nasops.train import load_trained
+
+    genotype = _write_genotype(tmp_path / "g", "darts")
+    out = tmp_path / "run"
+    result = main(_tiny(genotype, "darts", out, "--epochs", "1", "--max-steps", "3"))  # auxiliary head on
+    model = load_trained(out)
+    assert not model.training and model.inputs == result["inputs"]
+    assert result["inputs"] == json.loads((out / "result.json").read_text())["inputs"]
+    assert {k: result["inputs"][k] for k in ("dataset", "in_channels", "image_size", "num_classes")} == {
+        "dataset": "digits", "in_channels": 1, "image_size": 8, "num_classes": 10}
+    test = datasets.load("digits", split="test")
+    x, y = test.batch(torch.arange(len(test)))
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (len(test), 10)
+    assert (logits.argmax(1) == y).float().mean().item() == pytest.approx(result["test_acc"], abs=1e-6)
+    # the normalisation it names is the one the data set applied
+    from sklearn.datasets import load_digits
+    pixels = torch.from_numpy(load_digits().images).float()[datasets.digits_test_mask(
+        torch.from_numpy(load_digits().target))] / 16.0
+    mean, std = model.inputs["mean"][0], model.inputs["std"][0]
+    torch.testing.assert_close(((pixels - mean) / std).unsqueeze(1), x)
+    assert load_trained(out / "checkpoint.pt", device="cpu").inputs == model.inputs
+
+    nasops.search.main(["--space", "nb201", "--layers", "1", "--out", str(tmp_path / "s"), *TINY,
+                        "--epochs", "1", "--max-steps", "1"])
+    with pytest.raises(TrainError, match=r"is the checkpoint of a search; train its genotype first"):
+        load_trained(tmp_path / "s")
+    with pytest.raises(TrainError, match=r"^path: no checkpoint at .*nowhere"):
+        load_trained(tmp_path / "nowhere")
+
+
 def test_out_dir_resume_and_overwrite_rules(tmp_path):
     genotype = _write_genotype(tmp_path, "nb201")
     out = tmp_path / "run"
