@@ -455,6 +455,8 @@ def test_the_trained_network_loads_for_inference(tmp_path):
     mean, std = model.inputs["mean"][0], model.inputs["std"][0]
     torch.testing.assert_close(((pixels - mean) / std).unsqueeze(1), x)
     assert load_trained(out / "checkpoint.pt", device="cpu").inputs == model.inputs
+    exported = torch.export.export(model, (x[:4],))  # a graph to deploy without nasops' Python
+    torch.testing.assert_close(exported.module()(x[:4]), logits[:4])
 
     nasops.search.main(["--space", "nb201", "--layers", "1", "--out", str(tmp_path / "s"), *TINY,
                         "--epochs", "1", "--max-steps", "1"])
