@@ -10,9 +10,9 @@ Backends:
 ``auto`` (default) picks, for CUDA tensors, ``cuda`` if it was compiled, else
 ``triton``, else ``eager``; for CPU tensors ``cpu`` if the extension is
 built, else ``eager``; it passes over a backend whose kernels cannot take the
-call (more ops than the CUDA kernels' fixed bound). Override per call (``backend=``), per process
-(:func:`set_backend`) or by the environment (``NASOPS_BACKEND``), in that order
-of precedence.
+call (more ops than the CUDA kernels' fixed bound). Override per call
+(``backend=``), per process (:func:`set_backend`) or by the environment
+(``NASOPS_BACKEND``), in that order of precedence.
 """
 from __future__ import annotations
 
