@@ -455,6 +455,39 @@ def test_avg_pool_3x3_is_torchs_pool_without_padding_counted(stride, layout):
     torch.testing.assert_close(y[0, 0, 0, 0], x[0, 0, :2, :2].mean())
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_pool_3x3_is_torchs_pool_keeping_its_input_not_indices(stride, layout, dtype):
+    """The search's max pool: PyTorch's values and gradients bitwise (ties included),
+    and what it keeps for the backward is its input, no int64 map of indices
+    (nn.MaxPool2d, the control, keeps one)."""
+    from nasops.spaces.operations import MaxPool3x3
+    x = torch.randn(3, 5, 9, 11).round(decimals=1).to(dtype=dtype, memory_format=layout)  # many ties
+    g = torch.randn(3, 5, (9 - 1) // stride + 1, (11 - 1) // stride + 1).to(dtype)
+    results = {}
+    for name, pool in (("torch", torch.nn.MaxPool2d(3, stride=stride, padding=1)), ("nasops", MaxPool3x3(stride))):
+        leaf = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = pool(leaf)
+        (grad,) = torch.autograd.grad(y, leaf, g)
+        results[name] = (y, grad, saved, leaf)
+    (y_ref, grad_ref, saved_ref, _), (y, grad, saved, leaf) = results["torch"], results["nasops"]
+    assert torch.equal(y, y_ref) and torch.equal(grad, grad_ref)
+    assert y.stride() == y_ref.stride() and grad.stride() == grad_ref.stride()
+    assert any(t.dtype == torch.int64 for t in saved_ref)
+    assert [t.untyped_storage().data_ptr() for t in saved] == [leaf.untyped_storage().data_ptr()]
+    with torch.no_grad():
+        assert torch.equal(MaxPool3x3(stride)(x), y_ref)
+
+
+def test_search_ops_take_the_lean_max_pool_trained_networks_torchs():
+    from nasops.spaces.operations import MaxPool3x3, make_darts_op
+    assert type(make_darts_op("max_pool_3x3", 4, 2)[0]) is MaxPool3x3
+    assert type(make_darts_op("max_pool_3x3", 4, 2, search=False)) is torch.nn.MaxPool2d
+
+
 # ---- edges that read one state share its pools (spaces.base.share_ops) -----------------------
 
 @pytest.mark.parametrize("space", ["darts", "nb201"])

@@ -358,6 +358,44 @@ class Noise(nn.Module):
         return torch.randn(shape, dtype=x.dtype, device=x.device)
 
 
+class MaxPool3x3(nn.MaxPool2d):
+    """``nn.MaxPool2d(3, stride, padding=1)`` that keeps its input for the backward
+    instead of the int64 indices of the maxima, and finds them again there.
+
+    Why: in a search network a pool's input is a cell state, which the edge's
+    convolutions (and a recomputing edge) keep anyway, while the indices are a
+    map of their own, twice the size of a float32 output: 4.5 % of what a DARTS
+    step keeps for its backward, 25 % of what a ``--recompute-edges`` step keeps
+    (benchmarks/RESULTS.md, "what is left to take"). Finding them again is one
+    more 3x3 max pool in the backward. Values and gradients are PyTorch's
+    (the same kernels; tested bitwise). Once differentiable.
+    """
+
+    def __init__(self, stride: int = 1):
+        super().__init__(3, stride=stride, padding=1)
+
+    def forward(self, x):
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.max_pool2d(x, 3, self.stride, 1)
+        return _MaxPoolFindingIndicesAgain.apply(x, self.stride)
+
+
+class _MaxPoolFindingIndicesAgain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, stride):
+        ctx.stride = stride
+        ctx.save_for_backward(x)
+        return F.max_pool2d(x, 3, stride, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        _, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [ctx.stride] * 2, [1, 1])
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            grad, x, [3, 3], [ctx.stride] * 2, [1, 1], [1, 1], False, indices), None
+
+
 class AvgPool3x3(nn.Module):
     """``nn.AvgPool2d(3, stride, padding=1, count_include_pad=False)``, computed on
     the CPU as a depthwise 3x3 convolution with a ones kernel divided by the
@@ -402,8 +440,10 @@ def make_darts_op(name: str, C: int, stride: int, *, search: bool = True) -> nn.
     if name == "none":
         return None
     if name in ("max_pool_3x3", "avg_pool_3x3"):
-        pool = (nn.MaxPool2d(3, stride=stride, padding=1) if name == "max_pool_3x3"
-                else AvgPool3x3(stride))
+        if name == "avg_pool_3x3":
+            pool = AvgPool3x3(stride)
+        else:  # the trained network: PyTorch's module, nothing of nasops in an exported graph
+            pool = MaxPool3x3(stride) if search else nn.MaxPool2d(3, stride=stride, padding=1)
         return nn.Sequential(pool, AffineFreeBatchNorm2d(C)) if search else pool
     if name == "skip_connect":
         return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine)
