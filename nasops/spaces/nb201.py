@@ -104,18 +104,18 @@ def _load_cached(path: str, mtime: float) -> dict[str, dict]:
             missing = [c for c in (ARCH_COLUMN, *TABLE_COLUMNS.values())
                        if c not in (reader.fieldnames or [])]
             if missing:
-                raise ValueError(f"path: {path} lacks the NB201 table columns {missing} "
+                raise ValueError(f"{path} lacks the NB201 table columns {missing} "
                                  f"(has {reader.fieldnames})")
             table = {}
             for row in reader:
                 try:
                     table[row[ARCH_COLUMN]] = {name: float(row[col]) for name, col in TABLE_COLUMNS.items()}
                 except (TypeError, ValueError):
-                    raise ValueError(f"path: {path} line {reader.line_num}: expected an architecture "
+                    raise ValueError(f"{path} line {reader.line_num}: expected an architecture "
                                      f"string and three accuracies, got {row}") from None
             return table
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error, csv.Error) as exc:
-        raise ValueError(f"path: {path} is not a CSV table ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path} is not a CSV table ({type(exc).__name__}: {exc})") from None
 
 
 def load_table(path: str | os.PathLike = BUILTIN_TABLE) -> dict[str, dict]:
@@ -127,6 +127,15 @@ def load_table(path: str | os.PathLike = BUILTIN_TABLE) -> dict[str, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: NB201 table {path!r} does not exist (the CSV with columns "
                                 f"{ARCH_COLUMN}, {', '.join(TABLE_COLUMNS.values())})")
+    try:
+        return _read_table(path)
+    except ValueError as exc:
+        raise ValueError(f"path: {exc}") from None
+
+
+def _read_table(path: str) -> dict[str, dict]:
+    """The table of an existing file, cached; ValueError naming the file otherwise
+    (each caller says which argument or flag gave it)."""
     return _load_cached(os.path.abspath(path), os.path.getmtime(path))
 
 
@@ -137,10 +146,7 @@ def checked_table(path: str | os.PathLike | None) -> str:
     path = os.fspath(path) if path is not None else str(BUILTIN_TABLE)
     if not os.path.isfile(path):
         raise ValueError(f"no such file {path!r} (the NB201 accuracy CSV)")
-    try:
-        table = load_table(path)
-    except ValueError as exc:  # the caller names its flag; load_table's argument name is noise there
-        raise ValueError(str(exc).removeprefix("path: ")) from None
+    table = _read_table(path)
     if len(table) != NUM_ARCHITECTURES:
         raise ValueError(f"{path} has {len(table)} architectures, expected all {NUM_ARCHITECTURES} "
                          f"of NAS-Bench-201")
