@@ -65,9 +65,9 @@ class ImageDataset:
     (already normalised) or uint8 (normalised per batch with ``mean``/``std``, so
     CIFAR takes 150 MB rather than 600 MB per process). ``mean``/``std``: the
     per-channel normalisation of pixels in [0, 1] (None: not normalised, the
-    synthetic noise). ``black``: the normalised value of a black (zero) pixel
-    per channel, what a random crop pads with (as padding the raw image with
-    zeros would)."""
+    synthetic noise). ``black``, derived from them: the normalised value of a
+    black (zero) pixel per channel (0 where not normalised), what a random crop
+    pads with (as padding the raw image with zeros would)."""
 
     name: str
     images: torch.Tensor
@@ -75,7 +75,6 @@ class ImageDataset:
     num_classes: int
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    black: tuple[float, ...] | None = None
     split: str = "train"
 
     def __len__(self) -> int:
@@ -88,6 +87,12 @@ class ImageDataset:
     @property
     def image_size(self) -> int:
         return self.images.shape[2]
+
+    @property
+    def black(self) -> tuple[float, ...]:
+        if self.mean is None:
+            return (0.0,) * self.in_channels
+        return tuple(-m / s for m, s in zip(self.mean, self.std))
 
     def describe(self) -> dict:
         """What a network trained on this data set takes, for whoever feeds it
@@ -140,7 +145,7 @@ def _digits(split: str) -> ImageDataset:
     keep = is_test if split == "test" else ~is_test
     x = (x[keep] - mean) / std
     return ImageDataset("digits", x.contiguous(), y[keep], num_classes=10, mean=(mean.item(),), std=(std.item(),),
-                        black=((0.0 - mean.item()) / std.item(),), split=split)
+                        split=split)
 
 
 def digits_test_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -156,6 +161,7 @@ def _cifar(name: str, data_dir: str | None, split: str) -> ImageDataset:
         raise ValueError(f"dataset {name}: give --data-dir, the folder holding {folder}/ "
                          f"(the python version from https://www.cs.toronto.edu/~kriz/cifar.html)")
     root = os.path.join(data_dir, folder) if os.path.isdir(os.path.join(data_dir, folder)) else data_dir
+    label_key = "labels" if name == "cifar10" else "fine_labels"
     images, labels = [], []
     for fname in files:
         path = os.path.join(root, fname)
@@ -170,7 +176,6 @@ def _cifar(name: str, data_dir: str | None, split: str) -> ImageDataset:
                                  f"{type(exc).__name__}: {exc})") from None
         # The batches are Python 2 pickles (str keys here); one written again from
         # Python 3 after loading it with encoding="bytes" has bytes keys.
-        label_key = "labels" if name == "cifar10" else "fine_labels"
         if isinstance(entry, dict):
             entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
         if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
@@ -182,8 +187,7 @@ def _cifar(name: str, data_dir: str | None, split: str) -> ImageDataset:
     x = torch.from_numpy(np.concatenate(images))
     y = torch.from_numpy(np.concatenate(labels))
     return ImageDataset(name, x, y, num_classes=10 if name == "cifar10" else 100,
-                        mean=_CIFAR_MEAN[name], std=_CIFAR_STD[name],
-                        black=tuple(-m / s for m, s in zip(_CIFAR_MEAN[name], _CIFAR_STD[name])), split=split)
+                        mean=_CIFAR_MEAN[name], std=_CIFAR_STD[name], split=split)
 
 
 def _synthetic(image_size: int, num_classes: int, size: int, seed: int, split: str) -> ImageDataset:
@@ -193,7 +197,7 @@ def _synthetic(image_size: int, num_classes: int, size: int, seed: int, split: s
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(size, 3, image_size, image_size, generator=g)
     y = torch.randint(0, num_classes, (size,), generator=g)
-    return ImageDataset("synthetic", x, y, num_classes=num_classes, black=(0.0, 0.0, 0.0), split=split)
+    return ImageDataset("synthetic", x, y, num_classes=num_classes, split=split)
 
 
 def split(n: int, train_portion: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
