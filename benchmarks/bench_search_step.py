@@ -19,6 +19,9 @@ Providers (PROVIDERS; add one with a line):
 - ``nasops-compile``: the same with --compile;
 - ``nasops-recompute``: the same with --recompute-edges (memory against time);
   ``nasops-recompute-dw``: with --recompute-depthwise (less memory for less time);
+  ``nasops-recompute-large`` (DARTS-space networks): --recompute-edges for the cells
+  through the first reduction cell, which hold the largest maps, and
+  --recompute-depthwise in the others (the point between the two);
 - ``nasops-torch-bn``: nasops' default with PyTorch's BatchNorm in place of the
   search ops' AffineFreeBatchNorm2d (which keeps its output for the backward,
   not its input): what that layer saves in memory, and whether it costs time
@@ -26,7 +29,8 @@ Providers (PROVIDERS; add one with a line):
   same with --cuda-graphs (the device's time, once the host no longer hides it);
 - ``nasops-graphs`` (CUDA; methods whose ``cuda_graphs`` is true): the same with
   --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
-  ``nasops-graphs-recompute``: with --recompute-edges too (``-dw``: --recompute-depthwise); ``nasops-graphs-nhwc``: in
+  ``nasops-graphs-recompute``: with --recompute-edges too (``-dw``: --recompute-depthwise;
+  ``-large``: as ``nasops-recompute-large``); ``nasops-graphs-nhwc``: in
   channels_last (the device's time per layout, once the host no longer hides it);
   ``nasops-graphs-triton-dw``: with the depthwise convolutions (ReLU fused) on
   their Triton kernels, every other op as in ``nasops-graphs`` (``auto`` does not
@@ -78,6 +82,7 @@ import torch  # noqa: E402
 
 import nasops  # noqa: E402
 from nasops import methods, search  # noqa: E402
+from nasops.spaces.darts import reduction_cells  # noqa: E402
 from nasops.spaces.operations import use_depthwise_backend, use_torch_batch_norm  # noqa: E402
 
 # provider -> driver flags that select it
@@ -88,11 +93,13 @@ PROVIDERS = {
     "nasops-compile": ["--compile"],
     "nasops-recompute": ["--recompute-edges"],
     "nasops-recompute-dw": ["--recompute-depthwise"],
+    "nasops-recompute-large": ["--recompute-edges", "<first stage>", "--recompute-depthwise"],
     "nasops-torch-bn": [],  # + MODEL_CHANGES
     "nasops-graphs-torch-bn": ["--cuda-graphs"],  # + MODEL_CHANGES
     "nasops-graphs": ["--cuda-graphs"],
     "nasops-graphs-recompute": ["--cuda-graphs", "--recompute-edges"],
     "nasops-graphs-recompute-dw": ["--cuda-graphs", "--recompute-depthwise"],
+    "nasops-graphs-recompute-large": ["--cuda-graphs", "--recompute-edges", "<first stage>", "--recompute-depthwise"],
     "nasops-graphs-nhwc": ["--cuda-graphs", "--memory-format", "channels_last"],
     "nasops-graphs-triton-dw": ["--cuda-graphs"],  # + MODEL_CHANGES
     "nasops-triton-dw": [],  # + MODEL_CHANGES
@@ -103,10 +110,10 @@ PROVIDERS = {
 # Providers per kind of network: feature maps (a layout to choose) or tokens (none).
 DEFAULT_PROVIDERS = {
     ("maps", "cpu"): ["eager-nchw", "eager-nhwc", "nasops", "nasops-compile", "nasops-recompute",
-                      "nasops-recompute-dw"],
+                      "nasops-recompute-dw", "nasops-recompute-large"],
     ("maps", "cuda"): ["eager-nchw", "eager-nhwc", "nasops-nchw", "nasops-nhwc", "nasops-graphs",
                        "nasops-compile", "nasops-recompute", "nasops-recompute-dw", "nasops-graphs-recompute",
-                       "nasops-graphs-recompute-dw"],
+                       "nasops-graphs-recompute-dw", "nasops-graphs-recompute-large"],
     ("tokens", "cpu"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
     ("tokens", "cuda"): ["eager", "nasops", "nasops-compile", "nasops-recompute"],
 }
@@ -125,6 +132,7 @@ MODEL_CHANGES = {"nasops-torch-bn": use_torch_batch_norm,
 LAYOUT_PROVIDERS = {"eager-nchw": "eager", "eager-nhwc": "eager", "nasops-nchw": "nasops",
                     "nasops-nhwc": "nasops", "nasops-graphs-nhwc": "nasops-graphs"}
 GRAPHED_PROVIDERS = ("nasops-graphs", "nasops-graphs-recompute", "nasops-graphs-recompute-dw",
+                     "nasops-graphs-recompute-large",
                      "nasops-graphs-nhwc", "nasops-graphs-torch-bn", "nasops-graphs-triton-dw")
 # method -> driver flags, and the kind of network. Methods on the DARTS space take
 # their size from --layers and --init-channels (NETWORK, by default the DARTS
@@ -167,16 +175,27 @@ def method_flags(method: str) -> list[str]:
     return [*spec["flags"], *(size if spec.get("sized", True) else [])]
 
 
+def provider_flags(provider: str, method: str) -> list[str]:
+    """The driver flags of ``provider`` for ``method``: PROVIDERS', with "<first stage>"
+    the number of cells through the first reduction cell of its DARTS network."""
+    flags = method_flags(method)
+    layers = int(flags[flags.index("--layers") + 1]) if "--layers" in flags else None
+    return [str(reduction_cells(layers)[0] + 1) if f == "<first stage>" else f for f in PROVIDERS[provider]]
+
+
 def method_providers(method: str, device_kind: str, chosen: list[str] | None) -> list[str]:
     """The providers to run for ``method``: ``chosen`` (--providers) or the default
     set of its kind of network. A token network has no layout: there the layout
     providers stand for the plain ones (LAYOUT_PROVIDERS: eager-nchw, eager-nhwc ->
     eager; nasops-nchw, nasops-nhwc -> nasops; nasops-graphs-nhwc -> nasops-graphs). The graphed providers run on CUDA for the
-    methods that can be graphed (``cuda_graphs``), and are left out elsewhere."""
+    methods that can be graphed (``cuda_graphs``), and are left out elsewhere; the
+    ``-large`` ones (the cells through the first reduction) only on DARTS-space networks."""
     kind = METHODS[method]["kind"]
     chosen = list(DEFAULT_PROVIDERS[(kind, device_kind)]) if chosen is None else chosen
     if kind == "tokens":
         chosen = [LAYOUT_PROVIDERS.get(p, p) for p in chosen]
+    if "--layers" not in method_flags(method):
+        chosen = [p for p in chosen if "<first stage>" not in PROVIDERS[p]]
     flags = METHODS[method]["flags"]
     if device_kind != "cuda" or not methods.get(flags[flags.index("--method") + 1]).cuda_graphs:
         chosen = [p for p in chosen if p not in GRAPHED_PROVIDERS]
@@ -185,7 +204,7 @@ def method_providers(method: str, device_kind: str, chosen: list[str] | None) ->
 
 def build(provider: str, method: str, batch: int, device: torch.device, threads: int | None):
     """(method object, driver args) for ``provider`` x ``method``, as the driver builds them."""
-    flags = [*method_flags(method), *PROVIDERS[provider], "--batch-size", str(batch),
+    flags = [*method_flags(method), *provider_flags(provider, method), "--batch-size", str(batch),
              "--device", str(device), "--dataset", "synthetic", "--out", os.devnull]
     if threads:
         flags += ["--threads", str(threads)]
@@ -463,7 +482,7 @@ def _tables(results: dict, cuda: bool) -> tuple[list[str], list[str]]:
 
 
 # The recomputing providers, against nasops' default: which flag each one sets.
-RECOMPUTE_PROVIDERS = {"nasops-recompute": "--recompute-edges", "nasops-recompute-dw": "--recompute-depthwise"}
+RECOMPUTE_PROVIDERS = ("nasops-recompute", "nasops-recompute-dw", "nasops-recompute-large")
 
 
 def _recompute_table(results: dict, cuda: bool) -> list[str]:
@@ -481,9 +500,10 @@ def _recompute_table(results: dict, cuda: bool) -> list[str]:
         times = res["time"]
         default = "nasops" if "nasops" in times else \
             "nasops-nhwc" if auto_layout == "channels_last" else "nasops-nchw"
-        for provider, flag in RECOMPUTE_PROVIDERS.items():
+        for provider in RECOMPUTE_PROVIDERS:
             if default not in times or provider not in times:
                 continue
+            flag = " ".join(provider_flags(provider, method))
             ratios = [r / n for n, r in zip(times[default], times[provider])]
             peaks = []
             for p in (default, provider):

@@ -29,7 +29,8 @@
 #      graphed search equals the eager one: DARTS first order, second order,
 #      --recompute-edges; a two-stage DASViT search), then the DARTS step, first order,
 #      batch 64: eager NCHW against nasops NCHW, graphed (NCHW and channels_last), and
-#      graphed with --recompute-edges and with --recompute-depthwise (issue #14's GPU
+#      graphed with --recompute-edges, with --recompute-depthwise and with both (edges in
+#      the cells through the first reduction cell, depthwise in the rest) (issue #14's GPU
 #      targets: >= 2x eager, <= 1 GPU-hour; memory), graphed with nn.BatchNorm2d in place of
 #      AffineFreeBatchNorm2d (what that layer saves), and graphed with the depthwise
 #      convolutions on their Triton kernels (ReLU fused; not yet 'auto' on CUDA)
@@ -209,7 +210,8 @@ stage_graphs() {
   # at most 240 s (GRAPHS_MAX), so that the stages after it still get their turn
   STEP_MAX=${GRAPHS_MAX:-240} step_bench "search step with --cuda-graphs" RESULTS-graphs.md step-graphs.log --steps 5 \
     --methods darts-1st --providers eager-nchw nasops-nchw nasops-graphs nasops-graphs-nhwc nasops-graphs-recompute \
-    nasops-graphs-recompute-dw nasops-graphs-torch-bn nasops-graphs-triton-dw --plot "$OUT/search_step_cuda_graphs.png"
+    nasops-graphs-recompute-dw nasops-graphs-recompute-large nasops-graphs-torch-bn nasops-graphs-triton-dw \
+    --plot "$OUT/search_step_cuda_graphs.png"
 }
 stage_step() {
   step_bench "search step" RESULTS-step.md step.log --steps 5 --methods darts-1st darts-2nd \

@@ -55,6 +55,19 @@ QUICK_LAYERS = {"nb201": 2, "vit": 2}
 QUICK_LAYERS_OTHER = 5
 
 
+def _cell_count(text: str) -> int | str:
+    """--recompute-edges CELLS: a positive number of cells, or "all" (the flag alone)."""
+    if text == "all":
+        return text
+    try:
+        cells = int(text)
+    except ValueError:
+        cells = 0
+    if cells < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of cells or 'all', got {text!r}")
+    return cells
+
+
 def default_layers(space: str) -> int:
     """--layers of a run of ``space`` that does not give it (a method's
     ``check_args`` runs before the driver fills it in, and may need it)."""
@@ -184,15 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(captured in the first step; nasops.cuda_graphs): the step no longer "
                         "waits for Python and dispatch. Methods darts and dasvit; not with --compile "
                         "or --amp")
-    g.add_argument("--recompute-edges", action="store_true",
+    g.add_argument("--recompute-edges", nargs="?", const="all", default=None, type=_cell_count,
+                   metavar="CELLS",  # "all" (the flag alone) or a number
                    help="each mixed edge keeps its input and recomputes its ops' outputs in the "
                         "backward (a DARTS edge keeps its parameter-free ops' outputs): less memory "
-                        "for more time, same results")
+                        "for more time, same results. With CELLS, only the edges of the first CELLS "
+                        "cells, which hold the largest maps (with --recompute-depthwise for the "
+                        "others: e.g. 3 of the DARTS space's 8 cells, through the first reduction)")
     g.add_argument("--recompute-depthwise", action="store_true",
                    help="each sep_conv and dil_conv keeps its input, not its depthwise convolutions' "
                         "outputs, and computes those again in the backward: less memory for a little "
-                        "more time (one more depthwise convolution each), same results; not with "
-                        "--recompute-edges, which recomputes them with the rest of the edge")
+                        "more time (one more depthwise convolution each), same results; in the cells "
+                        "that --recompute-edges CELLS leaves (an edge that recomputes does them too)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
@@ -263,9 +279,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "itself (mode=reduce-overhead)")
         if args.amp:
             parser.error("--cuda-graphs and --amp exclude each other: the graphs are captured without autocast")
-    if args.recompute_depthwise and args.recompute_edges:
-        parser.error("--recompute-depthwise and --recompute-edges exclude each other: --recompute-edges "
-                     "recomputes every op of an edge, its depthwise convolutions included")
+    if args.recompute_depthwise and args.recompute_edges == "all":
+        parser.error("--recompute-depthwise and --recompute-edges (every edge) exclude each other: "
+                     "--recompute-edges recomputes every op of an edge, its depthwise convolutions "
+                     "included; --recompute-edges CELLS leaves cells to --recompute-depthwise")
     if method.spaces is not None and args.space not in method.spaces:
         parser.error(f"--method {args.method} searches the spaces {', '.join(method.spaces)}; "
                      f"got --space {args.space}")
@@ -497,12 +514,20 @@ def _prepare_network(method, args, device: torch.device) -> None:
     if getattr(model, "_nasops_prepared", False):
         return
     model.to(memory_format=memory_format(args, device))
-    if args.recompute_edges and not set_recompute_edges(model, True):
-        raise SearchError(f"--recompute-edges: the {type(model).__name__} of --method {args.method} "
-                          f"has no mixed edge that can recompute")
+    if args.recompute_edges is not None:
+        try:
+            edges = set_recompute_edges(model, True, cells=None if args.recompute_edges == "all"
+                                        else args.recompute_edges)
+        except ValueError as exc:  # more cells than the network has
+            raise SearchError(f"--recompute-edges {args.recompute_edges}: {str(exc).removeprefix('cells: ')}") from None
+        if not edges:
+            raise SearchError(f"--recompute-edges: the {type(model).__name__} of --method {args.method} "
+                              f"has no mixed edge that can recompute")
     if args.recompute_depthwise and not set_recompute_depthwise(model, True):
+        where = "" if args.recompute_edges is None else \
+            f" outside the cells that --recompute-edges {args.recompute_edges} recomputes"
         raise SearchError(f"--recompute-depthwise: the {type(model).__name__} of --space {args.space} "
-                          f"has no sep_conv or dil_conv op")
+                          f"has no sep_conv or dil_conv op{where}")
     if args.compile:
         method.compile_network(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
     if args.cuda_graphs:

@@ -70,6 +70,12 @@ def test_method_providers():
     # DARTS' size comes from --layers / --init-channels, the others carry their own
     assert bench_search_step.method_flags("darts-1st")[-4:] == ["--layers", "8", "--init-channels", "16"]
     assert "--embed-dim" in bench_search_step.method_flags("dasvit")
+    # -large: the cells through the first reduction cell (8 cells: 3; MIDAS' 5: 2), on DARTS-space networks only
+    assert bench_search_step.provider_flags("nasops-recompute-large", "darts-1st") == [
+        "--recompute-edges", "3", "--recompute-depthwise"]
+    assert bench_search_step.provider_flags("nasops-graphs-recompute-large", "midas")[1:3] == ["--recompute-edges", "2"]
+    assert "nasops-recompute-large" in bench_search_step.method_providers("darts-2nd", "cpu", None)
+    assert bench_search_step.method_providers("dasvit", "cpu", ["nasops", "nasops-recompute-large"]) == ["nasops"]
 
 
 def test_largest_batch_doubles_then_bisects():
@@ -143,13 +149,15 @@ def test_recompute_table_takes_the_time_ratio_per_round(monkeypatch):
     monkeypatch.setattr(harness, "device_name", lambda device: "a test device")
     results = {("darts-1st", 16): {
         "time": {"nasops": [1.0, 2.0, 3.0], "nasops-recompute": [1.2, 3.0, 3.3],
-                 "nasops-recompute-dw": [1.1, 2.1, 3.0]},
+                 "nasops-recompute-dw": [1.1, 2.1, 3.0], "nasops-recompute-large": [1.3, 2.4, 3.3]},
         "memory": {"nasops": {"peak_rss": 2000, "rss_before": 100},
                    "nasops-recompute": {"peak_rss": 900, "rss_before": 100},
-                   "nasops-recompute-dw": {"peak_rss": 1500, "rss_before": 100}}}}
+                   "nasops-recompute-dw": {"peak_rss": 1500, "rss_before": 100},
+                   "nasops-recompute-large": {"peak_rss": 1100, "rss_before": 100}}}}
     text = bench_search_step.report(results, torch.device("cpu"), "cmd", False, None, None)
     assert "| darts-1st | 16 | --recompute-edges | 1.20 | 1.10-1.50 (3) | 1.50 | 55 % |" in text
     assert "| darts-1st | 16 | --recompute-depthwise | 1.05 | 1.00-1.10 (3) | 1.05 | 25 % |" in text
+    assert "| darts-1st | 16 | --recompute-edges 3 --recompute-depthwise | 1.20 | 1.10-1.30 (3) | 1.20 | 45 % |" in text
     # On CUDA the default is the provider of --memory-format auto's layout; no memory: n/a.
     layout = bench_search_step.search.AUTO_MEMORY_FORMAT["cuda"]
     default = "nasops-nhwc" if layout == "channels_last" else "nasops-nchw"

@@ -279,12 +279,17 @@ def _method(argv, image_size: int, device: str = "cpu"):
 
 def _darts_pair(device: str, second_order: bool, recompute: str | None):
     """Two equal DARTS methods on ``device`` (TINY: 3 cells), recomputing as asked
-    (None, "edges": --recompute-edges, "depthwise": --recompute-depthwise), the first
-    graphed (``graph_network``, real or stand-in); returns (graphed method, eager
-    method, its GraphedForward, three steps' (train, val) batches)."""
+    (None, "edges": --recompute-edges, "depthwise": --recompute-depthwise, "first-cell":
+    --recompute-edges 1 --recompute-depthwise), the first graphed (``graph_network``, real
+    or stand-in); returns (graphed method, eager method, its GraphedForward, three
+    steps' (train, val) batches)."""
     argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
     (graphed_method, _), (eager_method, _) = _method(argv, 32, device), _method(argv, 32, device)
     for m in (graphed_method, eager_method):
+        if recompute == "first-cell":  # the first cell's 14 edges, the others' sep_conv and dil_conv
+            assert m.model.set_recompute_edges(True, cells=1) == 14
+            assert set_recompute_depthwise(m.model, True) == 2 * 14 * 4
+            continue
         assert m.model.set_recompute_edges(recompute == "edges") == 3 * 14  # every edge of the 3 cells
         # every sep_conv and dil_conv of the 3 cells' edges
         assert set_recompute_depthwise(m.model, recompute == "depthwise") == 3 * 14 * 4
@@ -295,12 +300,12 @@ def _darts_pair(device: str, second_order: bool, recompute: str | None):
     return graphed_method, eager_method, graphed, batches
 
 
-@pytest.mark.parametrize("recompute", [None, "edges", "depthwise"],
-                         ids=["plain", "recompute-edges", "recompute-depthwise"])
+@pytest.mark.parametrize("recompute", [None, "edges", "depthwise", "first-cell"],
+                         ids=["plain", "recompute-edges", "recompute-depthwise", "recompute-first-cell"])
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
 def test_darts_steps_through_the_graphed_forward_equal_eager(monkeypatch, second_order, recompute):
-    """The DARTS step's calls, as a graphed network gets them (with --recompute-edges
-    or --recompute-depthwise too): same losses, weights, alphas and running
+    """The DARTS step's calls, as a graphed network gets them (with --recompute-edges,
+    --recompute-depthwise or both too): same losses, weights, alphas and running
     statistics as the eager network's after three steps."""
     record = []
     _stand_in_for_cuda(monkeypatch, record)
@@ -365,8 +370,8 @@ def test_darts_step_gradients_through_the_stand_in_equal_eager(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("recompute", [None, "edges", "depthwise"],
-                         ids=["plain", "recompute-edges", "recompute-depthwise"])
+@pytest.mark.parametrize("recompute", [None, "edges", "depthwise", "first-cell"],
+                         ids=["plain", "recompute-edges", "recompute-depthwise", "recompute-first-cell"])
 @pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
 def test_darts_step_gradients_graphed_equal_eager_on_the_gpu(monkeypatch, second_order, recompute):
     """With real CUDA graphs. cuDNN's deterministic algorithms in both runs, so that

@@ -119,13 +119,76 @@ def test_recompute_depthwise_search_equals_plain(tmp_path):
 
 
 def test_recompute_depthwise_refusals(tmp_path, capsys):
-    """--recompute-depthwise adds nothing to --recompute-edges (which recomputes the
-    depthwise convolutions with the rest of an edge), and needs depthwise convolutions."""
-    with pytest.raises(SystemExit):
-        parse_args(["--out", str(tmp_path), "--recompute-depthwise", "--recompute-edges"])
-    assert "--recompute-depthwise and --recompute-edges exclude each other" in capsys.readouterr().err
+    """--recompute-depthwise adds nothing to --recompute-edges on every edge (which
+    recomputes the depthwise convolutions with the rest of an edge), and needs
+    depthwise convolutions (outside the cells of --recompute-edges CELLS)."""
+    for edges in (["--recompute-edges"], ["--recompute-edges", "all"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", str(tmp_path), "--recompute-depthwise", *edges])
+        assert "--recompute-depthwise and --recompute-edges (every edge) exclude each other" in capsys.readouterr().err
     with pytest.raises(SearchError, match="--recompute-depthwise: the .* of --space nb201 has no sep_conv"):
         _run(tmp_path / "nb201", "--space", "nb201", "--layers", "1", "--max-steps", "1", "--recompute-depthwise")
+    with pytest.raises(SearchError, match="no sep_conv or dil_conv op outside the cells that --recompute-edges 3"):
+        _run(tmp_path / "all", "--max-steps", "1", "--recompute-edges", "3", "--recompute-depthwise")
+
+
+def test_recompute_edges_cells_refusals(tmp_path, capsys):
+    """CELLS is a positive number no larger than the network's cells, or 'all'."""
+    assert parse_args(["--out", str(tmp_path), "--recompute-edges"]).recompute_edges == "all"
+    assert parse_args(["--out", str(tmp_path), "--recompute-edges", "2"]).recompute_edges == 2
+    assert parse_args(["--out", str(tmp_path)]).recompute_edges is None
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", str(tmp_path), "--recompute-edges", bad])
+        assert f"argument --recompute-edges: expected a positive number of cells or 'all', got '{bad}'" \
+            in capsys.readouterr().err
+    with pytest.raises(SearchError, match=r"--recompute-edges 4: expected a number of cells from 1 to 3 "
+                                          r"\(the DartsSearchNetwork's cells"):
+        _run(tmp_path / "many", "--max-steps", "1", "--recompute-edges", "4")
+
+
+def test_recompute_edges_of_the_first_cells_and_depthwise_in_the_others():
+    """set_recompute_edges(cells=k) switches the edges of the first k cells that hold
+    mixed edges, in forward order; set_recompute_depthwise then takes only the
+    sep_conv and dil_conv ops outside them."""
+    from nasops.spaces.base import set_recompute_edges
+    from nasops.spaces.operations import DilConv, SepConv, set_recompute_depthwise
+    net = _network("darts")
+    assert net.edge_cells() == list(net.cells)
+    assert set_recompute_edges(net, True, cells=2) == 2 * 14
+    assert [all(e.recompute for e in cell.edges) for cell in net.cells] == [True, True, False]
+    assert [any(e.recompute for e in cell.edges) for cell in net.cells] == [True, True, False]
+    separable = [[isinstance(m, (SepConv, DilConv)) for m in cell.modules()].count(True) for cell in net.cells]
+    assert set_recompute_depthwise(net, True) == separable[2] > 0
+    assert [any(getattr(m, "recompute_depthwise", False) for m in cell.modules()) for cell in net.cells] \
+        == [False, False, True]
+    # Through a network that wraps the search network (hardexit's), cells counted the same.
+    wrapped = torch.nn.Sequential(_network("darts"))
+    assert set_recompute_edges(wrapped, True, cells=1) == 14
+    # NB201's ResNet blocks hold no edges: not cells here.
+    nb201 = _network("nb201")
+    assert len(nb201.edge_cells()) == 3 < len(nb201.cells)
+    assert set_recompute_edges(nb201, True, cells=2) == 2 * 6
+    assert [edge.recompute for edge in nb201.edge_cells()[2].edges] == [False] * 6
+    from nasops.spaces.vit import VitSearchNetwork
+    vit = VitSearchNetwork(in_channels=3, num_classes=5, image_size=8, patch_size=2, embed_dim=16, depth=2)
+    assert vit.edge_cells() == list(vit.encoders)
+    assert 0 < set_recompute_edges(vit, True, cells=1) == set_recompute_edges(vit.encoders[0], True)
+    for cells in (0, 4, True, 1.0):
+        with pytest.raises(ValueError, match="cells: expected a number of cells from 1 to 3"):
+            set_recompute_edges(net, True, cells=cells)
+    with pytest.raises(ValueError, match="cells: the first cells of a network need one SearchNetwork"):
+        set_recompute_edges(torch.nn.Sequential(_network("darts"), _network("darts")), True, cells=1)
+
+
+def test_recompute_edges_of_the_first_cells_search_equals_plain(tmp_path):
+    # Second order, like the test of every edge above: first-order steps of this tiny
+    # network on other batches moved a weight gradient by ~1e-4 at the third step with
+    # any recomputation, every edge's too (a last-bit difference flips a ReLU or pool tie).
+    plain = _run(tmp_path / "plain", "--max-steps", "3", "--second-order")
+    mixed = _run(tmp_path / "mixed", "--max-steps", "3", "--second-order", "--recompute-edges", "1",
+                 "--recompute-depthwise")
+    _assert_same_run(plain, mixed, tmp_path / "plain", tmp_path / "mixed", rtol=1e-5, atol=1e-6)
 
 
 def _network(space, seed=0):
@@ -441,7 +504,9 @@ def test_recompute_edges_every_method_equals_plain(tmp_path, method):
     """dasvit's token edges (with token selection), hardexit's per-sample mixing
     and MIDAS's attention edges recompute too, with the plain run's results."""
     plain = _method_run(tmp_path / "plain", method)
-    recompute = _method_run(tmp_path / "recompute", method, "--recompute-edges")
+    # hardexit: the edges of the first cell only, through the network that wraps the supernet
+    cells = ["1", "--recompute-depthwise"] if method == "hardexit" else []
+    recompute = _method_run(tmp_path / "recompute", method, "--recompute-edges", *cells)
     # Not bit-identical: a recomputing edge sums its input's gradient in another
     # order, and Adam turns last-bit differences of gradients that are 0 in exact
     # arithmetic (attention key biases) into ~1e-6 differences of the weights.

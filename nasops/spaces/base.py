@@ -223,10 +223,28 @@ def _forked_rng(state):
         yield
 
 
-def set_recompute_edges(module: nn.Module, enabled: bool = True) -> int:
+def set_recompute_edges(module: nn.Module, enabled: bool = True, *, cells: int | None = None) -> int:
     """Switch recomputation on (or off) for every :class:`RecomputableEdge` in
     ``module`` (any network: a search network, or one that wraps it). Returns
-    the number of edges switched."""
+    the number of edges switched.
+
+    ``cells``: only the edges of the first ``cells`` cells of the one
+    :class:`SearchNetwork` in ``module`` (:meth:`SearchNetwork.edge_cells`).
+    Why: a CNN's first cells hold its largest maps, so their edges free the most
+    memory per second of recomputation; the small maps of the last cells cost
+    about as much to recompute per call and free little (benchmarks/RESULTS.md,
+    "--recompute-edges on the first cells"). ``None``: every edge.
+    """
+    if cells is not None:
+        nets = [m for m in module.modules() if isinstance(m, SearchNetwork)]
+        if len(nets) != 1:
+            raise ValueError(f"cells: the first cells of a network need one SearchNetwork in module; "
+                             f"{type(module).__name__} holds {len(nets)}")
+        edge_cells = nets[0].edge_cells()
+        if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= len(edge_cells):
+            raise ValueError(f"cells: expected a number of cells from 1 to {len(edge_cells)} (the "
+                             f"{type(nets[0]).__name__}'s cells with mixed edges), got {cells!r}")
+        return sum(set_recompute_edges(cell, enabled) for cell in edge_cells[:cells])
     edges = [m for m in module.modules()
              if isinstance(m, RecomputableEdge) and type(m).forward is RecomputableEdge.forward]
     for m in edges:
@@ -480,9 +498,16 @@ class SearchNetwork(nn.Module):
                 mixing[t] = w
         return mixing
 
-    def set_recompute_edges(self, enabled: bool = True) -> int:
+    def set_recompute_edges(self, enabled: bool = True, *, cells: int | None = None) -> int:
         """:func:`set_recompute_edges` on this network."""
-        return set_recompute_edges(self, enabled)
+        return set_recompute_edges(self, enabled, cells=cells)
+
+    def edge_cells(self) -> list[nn.Module]:
+        """The modules that hold this network's mixed edges, one per cell, in the
+        order the forward runs them (a CNN's largest maps first): ``self.cells``
+        without the modules that hold no :class:`RecomputableEdge` (NB201's ResNet
+        blocks). A network whose cells live elsewhere overrides this."""
+        return [cell for cell in self.cells if any(isinstance(m, RecomputableEdge) for m in cell.modules())]
 
     # ---- description ----------------------------------------------------------------
     def op_names(self, cell_type: str) -> list[list[str]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import nasops.ops
 from nasops.backend import check_backend_name, extension_loaded
 from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d
-from nasops.spaces.base import _autocast, _autocast_state, _wanted_input_grads
+from nasops.spaces.base import RecomputableEdge, _autocast, _autocast_state, _wanted_input_grads
 
 DARTS_OPS = (
     "none",
@@ -211,9 +211,15 @@ class _SeparableOp(_ReadsUnfusedStateDicts):
 
 
 def set_recompute_depthwise(net: nn.Module, enabled: bool = True) -> int:
-    """Switch ``recompute_depthwise`` on (or off) for every SepConv and DilConv in
-    ``net`` (see :class:`_SeparableOp`). Returns the number of ops switched."""
-    ops = [m for m in net.modules() if isinstance(m, _SeparableOp)]
+    """Switch ``recompute_depthwise`` on for every SepConv and DilConv in ``net``
+    (see :class:`_SeparableOp`) outside the edges that recompute as a whole
+    (:func:`~nasops.spaces.base.set_recompute_edges`, switched on before this):
+    those recompute their depthwise convolutions with the rest, and inside them
+    the flag would only run each convolution a third time. Off: every one.
+    Returns the number of ops switched."""
+    recomputing = [m for m in net.modules() if enabled and isinstance(m, RecomputableEdge) and m.recompute]
+    inside = {id(op) for edge in recomputing for op in edge.modules()}
+    ops = [m for m in net.modules() if isinstance(m, _SeparableOp) and id(m) not in inside]
     for m in ops:
         m.recompute_depthwise = enabled
     return len(ops)

@@ -393,6 +393,10 @@ class VitSearchNetwork(SearchNetwork):
     def depth(self) -> int:
         return len(self.encoders)
 
+    def edge_cells(self) -> list[nn.Module]:
+        """The encoders (every one holds mixed edges; all see the same tokens)."""
+        return list(self.encoders)
+
     def forward(self, x, weights=None):
         """Logits (B, num_classes); ``weights`` optionally overrides the mixing
         weights (see :meth:`SearchNetwork.mixing_weights`)."""
