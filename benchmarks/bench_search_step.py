@@ -481,7 +481,7 @@ def _tables(results: dict, cuda: bool) -> tuple[list[str], list[str]]:
     return time_lines[:-1], memory_lines[:-1]
 
 
-# The recomputing providers, against nasops' default: which flag each one sets.
+# The recomputing providers, each against nasops' default (its flags name it in the table).
 RECOMPUTE_PROVIDERS = ("nasops-recompute", "nasops-recompute-dw", "nasops-recompute-large")
 
 

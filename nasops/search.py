@@ -519,7 +519,8 @@ def _prepare_network(method, args, device: torch.device) -> None:
             edges = set_recompute_edges(model, True, cells=None if args.recompute_edges == "all"
                                         else args.recompute_edges)
         except ValueError as exc:  # more cells than the network has
-            raise SearchError(f"--recompute-edges {args.recompute_edges}: {str(exc).removeprefix('cells: ')}") from None
+            reason = str(exc).removeprefix("cells: ")
+            raise SearchError(f"--recompute-edges {args.recompute_edges}: {reason}") from None
         if not edges:
             raise SearchError(f"--recompute-edges: the {type(model).__name__} of --method {args.method} "
                               f"has no mixed edge that can recompute")

@@ -233,7 +233,9 @@ def set_recompute_edges(module: nn.Module, enabled: bool = True, *, cells: int |
     Why: a CNN's first cells hold its largest maps, so their edges free the most
     memory per second of recomputation; the small maps of the last cells cost
     about as much to recompute per call and free little (benchmarks/RESULTS.md,
-    "--recompute-edges on the first cells"). ``None``: every edge.
+    "--recompute-edges on the first cells" and the "tenth round", where
+    :func:`~nasops.spaces.operations.set_recompute_depthwise` takes the other
+    cells). ``None``: every edge.
     """
     if cells is not None:
         nets = [m for m in module.modules() if isinstance(m, SearchNetwork)]
