@@ -273,6 +273,31 @@ def test_recompute_edges_recompute_the_ops_with_parameters_only(space):
                                                                     if space == "darts" else {"noise"})
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cells", [None, 2], ids=["every-edge", "first-cells"])
+def test_recompute_edges_under_torch_compile_equal_plain(cells):
+    """Under torch.compile a recomputing edge is checkpointed (dynamo cannot trace
+    _RecomputedEdge's nested autograd.grad): the network compiles into one graph
+    (fullgraph) and gives the plain network's loss, gradients and running statistics.
+    NB201 with one cell per stage: tracing DARTS cells takes minutes here."""
+    plain = _network("nb201").train()
+    recompute = copy.deepcopy(plain)
+    assert recompute.set_recompute_edges(True, cells=cells) == 6 * (3 if cells is None else cells)
+    torch._dynamo.reset()
+    compiled = torch.compile(recompute, backend="aot_eager", fullgraph=True)
+    x, y = torch.randn(4, 3, 12, 12), torch.randint(0, 5, (4,))
+    losses = []
+    for net in (plain, compiled):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), recompute.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), recompute.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_recompute_edges_in_eval_mode_equal_plain():
     """BatchNorm in eval mode normalises with the running statistics in the
     recomputation too, and nothing updates them."""
