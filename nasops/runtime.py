@@ -7,8 +7,10 @@ the old or the new file, never a torn one.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
+import math
 import os
 import pickle
 import random
@@ -24,6 +26,21 @@ import nasops.backend
 
 class RunError(RuntimeError):
     """A run that cannot start or continue, with the reason (bad out folder, checkpoint, device, ...)."""
+
+
+def refuse_nonfinite_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                             allow_inf: tuple[str, ...] = ()) -> None:
+    """A flag error for any float flag of ``parser`` given nan or +-inf (``float()``
+    takes them, and a range check lets nan through: every comparison with it is
+    false); inf passes for the flags (dests) in ``allow_inf``, where it means "no
+    limit" (a gradient clip's max norm)."""
+    for action in parser._actions:
+        if action.type is not float:
+            continue
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and (math.isnan(v) or (math.isinf(v) and action.dest not in allow_inf)):
+                parser.error(f"{action.option_strings[-1]}: expected a finite number, got {v}")
 
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight learning rate at the end of the cosine")
     g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum")
     g.add_argument("--weight-decay", type=float, default=3e-4, help="weight SGD weight decay")
-    g.add_argument("--grad-clip", type=float, default=5.0, help="max norm of the weight gradient")
+    g.add_argument("--grad-clip", type=float, default=5.0, help="max norm of the weight gradient (inf: no clipping)")
     g.add_argument("--arch-lr", type=float, default=3e-4, help="architecture Adam learning rate")
     g.add_argument("--arch-betas", type=float, nargs=2, default=(0.5, 0.999), metavar=("B1", "B2"),
                    help="architecture Adam betas")
@@ -262,6 +262,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps: expected >= 1, got {args.max_steps}")
+    runtime.refuse_nonfinite_numbers(parser, args, allow_inf=("grad_clip", "arch_grad_clip"))
+    # Below 0 the optimizers raise (a traceback) or, for the schedule's end, climb the loss.
+    for name in ("lr", "lr_min", "momentum", "weight_decay", "arch_lr", "arch_weight_decay"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+    if args.grad_clip <= 0:  # 0 would zero every gradient, a negative norm flip its sign
+        parser.error(f"--grad-clip: expected > 0 (inf: no clipping), got {args.grad_clip}")
+    if not all(0 <= b < 1 for b in args.arch_betas):
+        parser.error(f"--arch-betas: expected two numbers in [0, 1), got {' '.join(map(str, args.arch_betas))}")
     if not 0.0 < args.train_portion < 1.0:
         parser.error(f"--train-portion: expected a fraction in (0, 1), got {args.train_portion}")
     args.arch_betas = tuple(args.arch_betas)

@@ -349,6 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.join(os.path.dirname(doc["path"]) or ".", f"train-{args.dataset}-{args.seed}")
 
+    runtime.refuse_nonfinite_numbers(parser, args, allow_inf=("grad_clip",))
     for name in ("epochs", "batch_size", "layers", "init_channels", "threads", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:

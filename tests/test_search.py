@@ -181,6 +181,60 @@ def test_seed_out_of_range_is_a_flag_error(capsys):
         assert f"--seed: expected an integer in [0, {MAX_SEED}], got {seed}" in capsys.readouterr().err
 
 
+def test_numbers_no_run_can_use_are_flag_errors(capsys):
+    """Numbers float() takes but no search can use. Before: a negative learning rate,
+    momentum or weight decay was a traceback from the optimizer; a negative --lr-min
+    turned the cosine schedule's end into gradient ascent; --grad-clip 0 zeroed every
+    weight gradient and a negative one flipped its sign; nan ran a search of nans."""
+    for argv, message in [
+        (["--lr", "-1"], "--lr: expected >= 0, got -1.0"),
+        (["--lr-min", "-0.001"], "--lr-min: expected >= 0, got -0.001"),
+        (["--momentum", "-0.5"], "--momentum: expected >= 0, got -0.5"),
+        (["--weight-decay", "-1"], "--weight-decay: expected >= 0, got -1.0"),
+        (["--arch-lr", "-1"], "--arch-lr: expected >= 0, got -1.0"),
+        (["--arch-weight-decay", "-1"], "--arch-weight-decay: expected >= 0, got -1.0"),
+        (["--grad-clip", "0"], "--grad-clip: expected > 0 (inf: no clipping), got 0.0"),
+        (["--grad-clip", "-5"], "--grad-clip: expected > 0 (inf: no clipping), got -5.0"),
+        (["--arch-betas", "0.5", "1"], "--arch-betas: expected two numbers in [0, 1), got 0.5 1.0"),
+        (["--arch-betas", "-0.1", "0.9"], "--arch-betas: expected two numbers in [0, 1), got -0.1 0.9"),
+        (["--arch-betas", "nan", "0.9"], "--arch-betas: expected a finite number, got nan"),
+        (["--lr", "nan"], "--lr: expected a finite number, got nan"),
+        (["--arch-lr", "inf"], "--arch-lr: expected a finite number, got inf"),
+        (["--grad-clip", "nan"], "--grad-clip: expected a finite number, got nan"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    # inf: a clip's "no limit"
+    assert parse_args(["--grad-clip", "inf"]).grad_clip == float("inf")
+    assert parse_args(["--method", "hardexit", "--arch-grad-clip", "inf"]).arch_grad_clip == float("inf")
+
+
+def test_every_float_flag_refuses_nan_and_inf(capsys):
+    """Every float flag, a method's too (and one added later): a range check lets nan
+    through (every comparison with it is false), so the driver refuses nan and inf
+    for all of them at once (inf only where it means no limit: the gradient clips)."""
+    from nasops.search import build_parser
+
+    parser = build_parser()
+    owner = {dest: name for name, dests in parser.method_flags.items() for dest in dests}
+    method_argv = {"dasvit": ["--method", "dasvit", "--space", "vit"]}
+    floats = [a for a in parser._actions if a.type is float]
+    assert len(floats) >= 20
+    for action in floats:
+        flag = action.option_strings[-1]
+        method = owner.get(action.dest)
+        argv = method_argv.get(method, ["--method", method] if method else [])
+        for value in ("nan", "inf"):
+            if value == "inf" and action.dest in ("grad_clip", "arch_grad_clip"):
+                continue
+            count = action.nargs if isinstance(action.nargs, int) else 1
+            with pytest.raises(SystemExit):
+                parse_args([*argv, flag, *[value] * count])
+            assert f"{flag}: expected a finite number, got {value}" in capsys.readouterr().err
+
+
 def test_console_scripts_exit_with_status_0_after_a_run(tmp_path, monkeypatch):
     """pip's wrapper runs sys.exit(<entry point>()): a result returned there is an error exit.
     The entry points as pyproject.toml declares them (installed metadata may be an old build's)."""

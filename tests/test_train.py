@@ -416,6 +416,24 @@ def test_a_recipes_warmup_shortens_to_fit_a_short_run(tmp_path):
         parse_args(["--genotype", str(vit_genotype), "--epochs", "1", "--warmup-epochs", "1"])
 
 
+def test_nan_and_inf_are_flag_errors(tmp_path, capsys):
+    """Every float flag (range checks let nan through); inf only for --grad-clip (no limit)."""
+    from nasops.train import build_parser, parse_args
+
+    darts = _write_genotype(tmp_path / "d", "darts")
+    floats = [a for a in build_parser()._actions if a.type is float]
+    assert len(floats) >= 8
+    for action in floats:
+        flag = action.option_strings[-1]
+        for value in ("nan", "inf"):
+            if value == "inf" and action.dest == "grad_clip":
+                continue
+            with pytest.raises(SystemExit):
+                parse_args(["--genotype", str(darts), flag, value])
+            assert f"{flag}: expected a finite number, got {value}" in capsys.readouterr().err
+    assert parse_args(["--genotype", str(darts), "--grad-clip", "inf"]).grad_clip == float("inf")
+
+
 def test_seed_out_of_range_is_a_flag_error(tmp_path, capsys):
     from nasops.runtime import MAX_SEED
     from nasops.train import parse_args
