@@ -43,6 +43,15 @@ def refuse_nonfinite_numbers(parser: argparse.ArgumentParser, args: argparse.Nam
                 parser.error(f"{action.option_strings[-1]}: expected a finite number, got {v}")
 
 
+def refuse_below(parser: argparse.ArgumentParser, args: argparse.Namespace, names, minimum: int) -> None:
+    """A flag error for the first of the flags (dests) ``names`` whose value is below
+    ``minimum``; a flag left at None (not given, no default) passes."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')}: expected >= {minimum}, got {value}")
+
+
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun.
 

@@ -257,16 +257,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.nb201_table = nb201.checked_table(args.nb201_table)
         except (OSError, ValueError) as exc:
             parser.error(f"--nb201-table: {exc}".replace("\n", " "))
-    for name in ("epochs", "batch_size", "layers", "init_channels", "threads", *VIT_FLAGS):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps: expected >= 1, got {args.max_steps}")
+    runtime.refuse_below(parser, args, ("epochs", "batch_size", "layers", "init_channels", "threads",
+                                        *VIT_FLAGS, "max_steps"), 1)
     runtime.refuse_nonfinite_numbers(parser, args, allow_inf=("grad_clip", "arch_grad_clip"))
     # Below 0 the optimizers raise (a traceback) or, for the schedule's end, climb the loss.
-    for name in ("lr", "lr_min", "momentum", "weight_decay", "arch_lr", "arch_weight_decay"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+    runtime.refuse_below(parser, args, ("lr", "lr_min", "momentum", "weight_decay", "arch_lr",
+                                        "arch_weight_decay"), 0)
     if args.grad_clip <= 0:  # 0 would zero every gradient, a negative norm flip its sign
         parser.error(f"--grad-clip: expected > 0 (inf: no clipping), got {args.grad_clip}")
     if not all(0 <= b < 1 for b in args.arch_betas):

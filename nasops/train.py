@@ -350,16 +350,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = os.path.join(os.path.dirname(doc["path"]) or ".", f"train-{args.dataset}-{args.seed}")
 
     runtime.refuse_nonfinite_numbers(parser, args, allow_inf=("grad_clip",))
-    for name in ("epochs", "batch_size", "layers", "init_channels", "threads", "max_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {value}")
-    for name in ("crop_padding", "cutout", "warmup_epochs", "eval_every"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
-    for name in ("lr", "lr_min", "momentum", "weight_decay", "warmup_lr", "grad_clip", "auxiliary_weight"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+    runtime.refuse_below(parser, args, ("epochs", "batch_size", "layers", "init_channels", "threads", "max_steps"), 1)
+    runtime.refuse_below(parser, args, ("crop_padding", "cutout", "warmup_epochs", "eval_every", "lr", "lr_min",
+                                        "momentum", "weight_decay", "warmup_lr", "grad_clip", "auxiliary_weight"), 0)
     if not 0.0 <= args.drop_path < 1.0:
         parser.error(f"--drop-path: expected a probability in [0, 1), got {args.drop_path}")
     if not 0 <= args.seed <= runtime.MAX_SEED:
