@@ -74,7 +74,7 @@ def build(method: str, flags: list[str], device: torch.device):
     model.train()
     built = cls.from_args(model, args, device=device, amp=None)
     search._prepare_network(built, args, device)  # the driver's layout (--memory-format auto)
-    fmt = search.memory_format(args, device)
+    fmt = runtime.memory_format(args, device)
     return built, search._in_format(train, fmt), search._in_format(val, fmt), args
 
 
@@ -111,7 +111,7 @@ def time_config(name: str, flags: list[str], reps: int, block: int, backend: str
                 "darts_cpu_s": med_cpu["darts"], "midas_cpu_s": med_cpu["midas"],
                 "cpu_ratio": med_cpu["midas"] / med_cpu["darts"], "reps": len(wall["darts"]),
                 "backend": nasops.backend.resolve(None if backend == "auto" else backend, device),
-                "layout": str(search.memory_format(args, device)).removeprefix("torch.")}
+                "layout": str(runtime.memory_format(args, device)).removeprefix("torch.")}
     finally:
         torch.set_num_threads(saved_threads)
 

@@ -38,7 +38,7 @@ Providers (PROVIDERS; add one with a line):
   ``use_depthwise_backend``); ``nasops-triton-dw`` (CUDA): the same without graphs
   (its device time by op, --profile).
 On CUDA also ``nasops-nchw`` and ``nasops-nhwc``, which decide --memory-format
-auto there (search.AUTO_MEMORY_FORMAT). Token networks (DASViT's vit space)
+auto there (runtime.AUTO_MEMORY_FORMAT). Token networks (DASViT's vit space)
 have no layout to choose: ``eager`` replaces the two eager providers there.
 
 Methods (METHODS; a new one joins with a line): the driver flags that select
@@ -81,7 +81,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 import nasops  # noqa: E402
-from nasops import methods, search  # noqa: E402
+from nasops import methods, runtime, search  # noqa: E402
 from nasops.spaces.darts import reduction_cells  # noqa: E402
 from nasops.spaces.operations import use_depthwise_backend, use_torch_batch_norm  # noqa: E402
 
@@ -229,7 +229,7 @@ def batches(batch: int, device: torch.device, count: int = 2):
 def run_step(method, args, data, device) -> None:
     """One search step as the driver runs it (backend and layout of the provider)."""
     nasops.set_backend(args.backend)
-    fmt = search.memory_format(args, device)
+    fmt = runtime.memory_format(args, device)
     train, val = (search._in_format(b, fmt) for b in data)
     method.step(train, val)
     if device.type == "cuda":
@@ -494,7 +494,7 @@ def _recompute_table(results: dict, cuda: bool) -> list[str]:
     rounds moves both alike (the ratio of the two medians may pair steps of
     different rounds)."""
     # On CUDA the maps' providers name their layout: the default is --memory-format auto's.
-    auto_layout = search.AUTO_MEMORY_FORMAT["cuda" if cuda else "cpu"]
+    auto_layout = runtime.AUTO_MEMORY_FORMAT["cuda" if cuda else "cpu"]
     rows = []
     for (method, batch), res in results.items():
         times = res["time"]

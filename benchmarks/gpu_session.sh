@@ -48,7 +48,10 @@
 #      (first order, batch 64, eager, nasops, nasops with PyTorch's BatchNorm, nasops
 #      with the Triton depthwise kernels): how far the step is bound by the host, and what each
 #      BatchNorm and each depthwise convolution costs the device;
-#   step-compile: the step with --compile (first order; the compilation takes minutes).
+#   step-compile: the step with --compile (first order; the compilation takes minutes);
+#   train-step: the train step of a found network (nasops.train; bench_train_step.py
+#      --full: PyTorch's ops vs nasops', contiguous vs channels_last, float32 and --amp),
+#      which decides nasops.train's --memory-format auto on CUDA -> $OUT/RESULTS-train.md.
 #   (STEP_MAX caps each step stage, default 540 s.)
 # Logs and results land in $OUT (default ./gpu-out), bundled at the end into
 # $OUT/results.tgz beside summary.txt and the built extension; the last lines printed
@@ -237,6 +240,17 @@ stage_step-profile() {
 stage_step-compile() {
   step_bench "search step with --compile" RESULTS-compile.md step-compile.log --steps 5 --methods darts-1st \
     --providers eager-nchw nasops-nchw nasops-compile --plot "$OUT/search_step_cuda_compile.png"
+}
+stage_train-step() {
+  local t start amp
+  for amp in "" --amp; do
+    t=$(budget "train step ${amp:-float32}" 120 40) || continue
+    start=$SECONDS
+    timeout "$t" python3 benchmarks/bench_train_step.py --device cuda --full --rounds 5 $amp \
+      --out "$OUT/RESULTS-train.md" > "$OUT/train-step${amp}.log" 2>&1
+    summary "train step ${amp:-float32}: rc=$? ($((SECONDS - start)) s), table in RESULTS-train.md"
+  done
+  grep "^|" "$OUT/RESULTS-train.md" 2>/dev/null | cut -c1-200 | tail -14
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"

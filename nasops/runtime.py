@@ -52,6 +52,41 @@ def refuse_below(parser: argparse.ArgumentParser, args: argparse.Namespace, name
             parser.error(f"--{name.replace('_', '-')}: expected >= {minimum}, got {value}")
 
 
+# --memory-format auto, per device type: channels_last where the whole step
+# measured faster on the CPU (benchmarks/RESULTS.md: the search step, "Whole
+# search steps": eager PyTorch and nasops both 1.5-1.9x; the train step of a
+# found network, "The train step": 1.2-1.5x). CUDA stays contiguous until measured
+# on a GPU (bench_search_step.py and bench_train_step.py print both layouts there).
+AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
+# Spaces whose networks work on token tensors (B, N, C): no channels_last layout
+# there (only the patch embedding is a convolution), auto is contiguous.
+TOKEN_SPACES = ("vit",)
+
+
+def add_memory_format_flag(group) -> None:
+    """--memory-format, as nasops.search and nasops.train take it."""
+    group.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                       help="layout of the network's feature maps; auto: "
+                            + ", ".join(f"{k} on {d}" for d, k in AUTO_MEMORY_FORMAT.items())
+                            + f" (what measured faster); contiguous for {', '.join(TOKEN_SPACES)} networks")
+
+
+def refuse_memory_format(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a flag error for channels_last on a token network (``args.space``)."""
+    if args.space in TOKEN_SPACES and args.memory_format == "channels_last":
+        parser.error(f"--memory-format channels_last: the {args.space} space's networks work on token "
+                     f"tensors (B, N, C), which have no channels_last layout; use auto or contiguous")
+
+
+def memory_format(args: argparse.Namespace, device: torch.device) -> torch.memory_format:
+    """The feature-map layout of ``args.memory_format`` for a network of ``args.space``
+    on ``device`` (auto: AUTO_MEMORY_FORMAT; contiguous for TOKEN_SPACES)."""
+    name = args.memory_format
+    if name == "auto":
+        name = "contiguous" if args.space in TOKEN_SPACES else AUTO_MEMORY_FORMAT[device.type]
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun.
 

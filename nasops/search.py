@@ -79,18 +79,10 @@ RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "backend", "data_dir", "
                 "deterministic", "threads", "memory_format", "compile", "recompute_edges",
                 "recompute_depthwise", "cuda_graphs")
 
-# --memory-format auto, per device type: channels_last where the whole search
-# step measured faster (benchmarks/RESULTS.md, "Whole search steps": on the CPU
-# eager PyTorch and nasops both 1.5-1.9x). CUDA stays contiguous until measured on a
-# GPU: benchmarks/bench_search_step.py prints both layouts there.
-AUTO_MEMORY_FORMAT = {"cpu": "channels_last", "cuda": "contiguous"}
 # --compile needs this torch or newer: torch.compile 2.11 could not trace the
 # search networks (id() and truth values of traced values) and one compiled run
 # left the eager losses by 5e-4; 2.13 and 2.14.1 pass the tests (CPU, 2026-12-05).
 COMPILE_MIN_TORCH = (2, 13)
-# Spaces whose mixed edges work on token tensors (B, N, C): no channels_last
-# layout there (only the patch embedding is a convolution), auto is contiguous.
-TOKEN_SPACES = ("vit",)
 
 OUTPUT_FILES = ("genotype.json", "metrics.jsonl", "checkpoint.pt")
 
@@ -184,10 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of torch (torch.set_num_threads). Default: 1 for the 8x8 digits "
                         "(ops that small lose more to a thread pool than they gain, badly so on a busy "
                         "machine), torch's choice otherwise")
-    g.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
-                   help="layout of the network's feature maps; auto: "
-                        + ", ".join(f"{k} on {d}" for d, k in AUTO_MEMORY_FORMAT.items())
-                        + " (what measured faster)")
+    runtime.add_memory_format_flag(g)
     g.add_argument("--compile", action="store_true",
                    help="torch.compile what a step runs of the search network (fullgraph; on CUDA "
                         "mode=reduce-overhead, CUDA graphs); the first steps "
@@ -247,9 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         given = [f"--{n.replace('_', '-')}" for n in VIT_FLAGS if getattr(args, n) is not None]
         if given:
             parser.error(f"{', '.join(given)}: only for --space vit (got --space {args.space})")
-    if args.space in TOKEN_SPACES and args.memory_format == "channels_last":
-        parser.error(f"--memory-format channels_last: the {args.space} space's edges mix token tensors "
-                     f"(B, N, C), which have no channels_last layout; use auto or contiguous")
+    runtime.refuse_memory_format(parser, args)
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table needs --space nb201 (got --space {args.space})")
     if args.space == "nb201":
@@ -473,7 +460,7 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
     sums = torch.zeros(6, dtype=torch.float64)  # train loss, correct, count; val loss, correct, count
     start = time.perf_counter()
     bar = runtime.progress_bar(steps, f"epoch {epoch + 1}/{args.epochs}", show)
-    fmt = memory_format(args, device)
+    fmt = runtime.memory_format(args, device)
     batches = ((_in_format(t, fmt), _in_format(v, fmt))
                for t, v in zip(train_loader.epoch(epoch), val_loader.epoch(epoch)))
     for _, (train_batch, val_batch) in zip(range(steps), batches):
@@ -501,15 +488,6 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
 
 # ---- how the network runs: --memory-format, --recompute-*, --compile, --cuda-graphs ----------
 
-def memory_format(args, device: torch.device) -> torch.memory_format:
-    """The feature-map layout of --memory-format on ``device`` (auto: AUTO_MEMORY_FORMAT;
-    contiguous for the vit space, whose edges mix token tensors)."""
-    name = args.memory_format
-    if name == "auto":
-        name = "contiguous" if args.space in TOKEN_SPACES else AUTO_MEMORY_FORMAT[device.type]
-    return torch.channels_last if name == "channels_last" else torch.contiguous_format
-
-
 def _prepare_network(method, args, device: torch.device) -> None:
     """Lay out, recompute, compile or graph ``method.model`` as the flags say; once per
     network (the driver calls this again after every ``begin_epoch``). The layout
@@ -518,7 +496,7 @@ def _prepare_network(method, args, device: torch.device) -> None:
     model = method.model
     if getattr(model, "_nasops_prepared", False):
         return
-    model.to(memory_format=memory_format(args, device))
+    model.to(memory_format=runtime.memory_format(args, device))
     if args.recompute_edges is not None:
         try:
             edges = set_recompute_edges(model, True, cells=None if args.recompute_edges == "all"

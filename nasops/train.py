@@ -170,7 +170,7 @@ SIZE_FLAGS = ("epochs", "batch_size", "layers", "init_channels")
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "data_dir", "nb201_table", "quiet", "deterministic",
-                "threads", "genotype", "recompute_depthwise")
+                "threads", "genotype", "recompute_depthwise", "memory_format")
 
 OUTPUT_FILES = ("result.json", "metrics.jsonl", "checkpoint.pt")
 OUTPUT_PATTERNS = ("checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN)
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deterministic algorithms, so a resumed run equals an uninterrupted one")
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default: 1 for the 8x8 digits, torch's choice otherwise)")
+    runtime.add_memory_format_flag(g)
     g.add_argument("--recompute-depthwise", action="store_true",
                    help="each sep_conv and dil_conv keeps its input, not its depthwise convolutions' "
                         "outputs, and computes those again in the backward: less memory for a little "
@@ -365,6 +366,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, flag) > 0 and feature not in kind.features:
             parser.error(f"--{flag.replace('_', '-')}: {args.space} networks have no "
                          f"{feature.replace('_', '-')} (got {getattr(args, flag)}; use 0)")
+    runtime.refuse_memory_format(parser, args)
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table: needs an nb201 genotype (this one is of space {args.space})")
     if args.space == "nb201":
@@ -506,7 +508,8 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
     except ValueError as exc:
         raise TrainError(f"--genotype {doc['path']}: {exc}") from None
     cost = model_cost(model, test_data.batch(torch.arange(1))[0])
-    model = model.to(device)
+    fmt = runtime.memory_format(args, device)
+    model = model.to(device, memory_format=fmt)
     if args.recompute_depthwise and not set_recompute_depthwise(model):
         raise TrainError(f"--recompute-depthwise: the genotype of {doc['path']} has no sep_conv or dil_conv op")
 
@@ -547,9 +550,9 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
     with runtime.scalar_writer(out, is_main) as writer:
         for epoch in range(start_epoch, args.epochs):
             record = _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, train_data,
-                                  amp, rank, world_size, device, show=is_main and not args.quiet)
+                                  amp, fmt, rank, world_size, device, show=is_main and not args.quiet)
             if args.eval_every and (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                record.update(_evaluate(model, test_data, args.batch_size, amp, rank, world_size, device))
+                record.update(_evaluate(model, test_data, args.batch_size, amp, fmt, rank, world_size, device))
             history.append(record)
             if is_main:
                 with open(out / "metrics.jsonl", "a") as f:
@@ -572,7 +575,8 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         "genotype_file": doc["path"], "dataset": args.dataset, "test_samples": final["test_samples"],
         "test_acc": final["test_acc"], "test_top5": final["test_top5"], "test_loss": final["test_loss"],
         **cost, "flops": 2 * cost["macs"], "epochs": args.epochs, "seed": args.seed,
-        "world_size": world_size, "train_time": sum(r["time"] for r in history), "config": config,
+        "world_size": world_size, "train_time": sum(r["time"] for r in history),
+        "memory_format": str(fmt).removeprefix("torch."), "config": config,
         "recipe": KINDS[args.space].recipe.source, "inputs": train_data.describe(),
     }
     table = _nb201_accuracies(args, doc)
@@ -601,7 +605,32 @@ def _optimizer(args, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, train_data, amp,
+def train_step(network, x, y, *, optimizer, scaler, amp, auxiliary_weight: float, grad_clip: float,
+               params) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step of ``network`` on the batch ``(x, y)``, as ``nasops.train``
+    runs it (benchmarks/bench_train_step.py times this function): gradients set to
+    None, the forward under ``amp``'s autocast (None: off), cross-entropy (plus
+    ``auxiliary_weight`` times the auxiliary head's, when the network returns its
+    logits too), the backward through ``scaler``, the gradient norm of ``params``
+    clipped to ``grad_clip`` (0: off), the optimizer's step. Returns the loss and
+    the logits (not yet synchronised: reading them waits for the device)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        out = network(x)
+    logits, logits_aux = out if isinstance(out, tuple) else (out, None)
+    loss = F.cross_entropy(logits.float(), y)
+    if logits_aux is not None:
+        loss = loss + auxiliary_weight * F.cross_entropy(logits_aux.float(), y)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
+def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, train_data, amp, fmt,
                  rank, world_size, device, show):
     lr = learning_rate(epoch, epochs=args.epochs, lr=args.lr, lr_min=args.lr_min,
                        warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr)
@@ -622,20 +651,10 @@ def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, 
     for _, (x, y) in zip(range(steps), loader.epoch(epoch)):
         x = datasets.augment(x, generator=augment_rng, crop_padding=args.crop_padding, flip=args.flip,
                              cutout=args.cutout, fill=train_data.black)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = network(x)
-        logits, logits_aux = out if isinstance(out, tuple) else (out, None)
-        loss = F.cross_entropy(logits.float(), y)
-        if logits_aux is not None:
-            loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux.float(), y)
-        scaler.scale(loss).backward()
-        if args.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(device, non_blocking=True)
+        loss, logits = train_step(network, x, y, optimizer=optimizer, scaler=scaler, amp=amp,
+                                  auxiliary_weight=args.auxiliary_weight, grad_clip=args.grad_clip, params=params)
         sums += torch.tensor([loss.item() * len(y), int((logits.argmax(1) == y).sum()), len(y)],
                              dtype=torch.float64)
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
@@ -649,14 +668,15 @@ def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, 
             "samples_per_s": sums[2].item() / seconds}
 
 
-def _evaluate(model, data, batch_size, amp, rank, world_size, device) -> dict:
+def _evaluate(model, data, batch_size, amp, fmt, rank, world_size, device) -> dict:
     """Loss, top-1 and top-5 accuracy over the whole split (each sample once over the ranks)."""
     model.eval()
     k = min(5, data.num_classes)
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1, top-k, count
     with torch.no_grad():
         for x, y in datasets.eval_batches(data, batch_size, rank=rank, world_size=world_size):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(x).float()
             top = logits.topk(k, dim=1).indices

@@ -159,7 +159,7 @@ def test_recompute_table_takes_the_time_ratio_per_round(monkeypatch):
     assert "| darts-1st | 16 | --recompute-depthwise | 1.05 | 1.00-1.10 (3) | 1.05 | 25 % |" in text
     assert "| darts-1st | 16 | --recompute-edges 3 --recompute-depthwise | 1.20 | 1.10-1.30 (3) | 1.20 | 45 % |" in text
     # On CUDA the default is the provider of --memory-format auto's layout; no memory: n/a.
-    layout = bench_search_step.search.AUTO_MEMORY_FORMAT["cuda"]
+    layout = bench_search_step.runtime.AUTO_MEMORY_FORMAT["cuda"]
     default = "nasops-nhwc" if layout == "channels_last" else "nasops-nchw"
     results = {("darts-1st", 64): {
         "time": {"eager-nchw": [1.0, 1.0], default: [0.5, 0.5], "nasops-recompute": [0.6, 0.7]},

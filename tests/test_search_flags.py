@@ -89,7 +89,8 @@ def test_channels_last_search_equals_contiguous(tmp_path, order):
 
 
 def test_speed_flags_are_not_part_of_the_config_and_auto_is_channels_last_on_cpu(tmp_path):
-    from nasops.search import memory_format, run_config
+    from nasops.runtime import memory_format
+    from nasops.search import run_config
     args = parse_args(["--out", str(tmp_path), "--memory-format", "channels_last", "--compile",
                        "--recompute-edges"])
     assert not {"memory_format", "compile", "recompute_edges"} & set(run_config(args))
@@ -571,7 +572,7 @@ def test_recompute_edges_token_edges_keep_less():
 def test_memory_format_token_space(tmp_path, capsys):
     """The vit space's edges mix (B, N, C) tokens: auto means contiguous there, and
     an explicit channels_last is refused, naming the flag."""
-    from nasops.search import memory_format
+    from nasops.runtime import memory_format
     args = parse_args(["--out", str(tmp_path), *DASVIT])
     assert memory_format(args, torch.device("cpu")) == torch.contiguous_format
     with pytest.raises(SystemExit) as exc:

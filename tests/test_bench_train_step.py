@@ -1,0 +1,60 @@
+"""benchmarks/bench_train_step.py stays runnable: one round of the smallest network per
+provider, float32 and --amp, the RESULTS.md sections. (The measurements themselves
+are not tests: see benchmarks/RESULTS.md, "Train step".)"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+import nasops.backend
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train_step  # noqa: E402
+
+sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_benchmark_writes_a_section_per_precision_and_keeps_the_others(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# results\n\n<!-- BEGIN search_step cpu -->\nkept\n<!-- END search_step cpu -->\n")
+    threads = torch.get_num_threads()
+    for extra in ([], ["--amp"]):
+        bench_train_step.main(["--device", "cpu", "--networks", "darts-v2 digits", "nb201-best digits",
+                               "--rounds", "1", "--out", str(out), *extra])
+    assert torch.get_num_threads() == threads and nasops.backend._override is None  # put back
+    text = out.read_text()
+    assert "kept" in text
+    for kind, precision in (("cpu", "float32"), ("cpu-amp", "autocast bfloat16")):
+        section = text.split(f"<!-- BEGIN train_step {kind} -->")[1].split(f"<!-- END train_step {kind} -->")[0]
+        assert precision in section
+        header = next(line for line in section.splitlines() if line.startswith("| network"))
+        assert header.count("|") - 1 == 2 + 4 + 3 + 1  # network, threads, 4 times, 3 ratios, per round
+        for network in ("darts-v2 digits", "nb201-best digits"):
+            row = next(line for line in section.splitlines() if line.startswith(f"| {network} | 1 |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert all(float(t) > 0 for t in cells[2:6])
+
+
+def test_providers_run_their_ops_in_their_layout(monkeypatch):
+    """torch-* run PyTorch's ops (the eager backend), nasops-* nasops' (the CPU depthwise
+    kernel on channels_last maps); each network and batch in its provider's layout."""
+    depthwise = importlib.import_module("nasops.ops.depthwise_conv2d")  # nasops.ops.depthwise_conv2d: the op
+
+    seen = []
+    kernels = depthwise._kernels
+
+    def recording_kernels(backend, x, *args):
+        found = kernels(backend, x, *args)
+        seen.append((nasops.backend._override, x.is_contiguous(memory_format=torch.channels_last), found is not None))
+        return found
+
+    monkeypatch.setattr(depthwise, "_kernels", recording_kernels)
+    for provider, expected in (("torch-nhwc", ("eager", True, False)), ("nasops-nchw", (None, False, False)),
+                               ("nasops-nhwc", (None, True, True))):
+        seen.clear()
+        bench_train_step.build("darts-v2 digits", provider, torch.device("cpu"))()
+        assert seen and set(seen) == {expected}, provider
