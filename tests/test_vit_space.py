@@ -94,6 +94,29 @@ def test_edge_without_selection_is_the_weighted_sum_of_its_ops():
     torch.testing.assert_close(edge(x, w), expected)
 
 
+@pytest.mark.parametrize("dim,heads", [(16, 8), (16, 12), (12, 16)])  # whole heads, a projected width, 1-wide
+def test_msa_is_multi_head_attention_forward_and_backward(dim, heads):
+    """The MSA op against attention written out per head (float64): qkv's output is
+    [q | k | v], each heads x head_dim; softmax(q k^T / sqrt(head_dim)) v, heads
+    concatenated, projected back."""
+    torch.manual_seed(0)
+    msa = vit.MSA(dim, heads).double()
+    x = torch.randn(2, 5, dim, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, dim, dtype=torch.float64)
+    d = msa.head_dim
+    q, k, v = msa.qkv(msa.norm(x)).split(heads * d, dim=-1)
+    heads_out = []
+    for h in range(heads):
+        qh, kh, vh = (t[..., h * d:(h + 1) * d] for t in (q, k, v))
+        heads_out.append(torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1) @ vh)
+    expected = msa.proj(torch.cat(heads_out, dim=-1))
+    expected_grads = torch.autograd.grad(expected, [x, *msa.parameters()], grad)
+    got = msa(x)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, [x, *msa.parameters()], grad), expected_grads):
+        torch.testing.assert_close(a, b)
+
+
 def _reference_selected_edge(edge, x, w, keep):
     """DASViT's selection as the paper writes it (the N x N score matrix), the ops on
     each sample's kept tokens, Identity on every token."""
