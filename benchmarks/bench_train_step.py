@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import harness  # noqa: E402
 import nasops  # noqa: E402
+from nasops.spaces.discrete import DARTS_V2  # noqa: E402
 from nasops.train import KINDS, train_step  # noqa: E402
 
 # provider -> (nasops backend, layout)
@@ -55,14 +56,6 @@ PROVIDERS = {
     "torch-nhwc": ("eager", torch.channels_last),
     "nasops-nchw": (None, torch.contiguous_format),
     "nasops-nhwc": (None, torch.channels_last),
-}
-DARTS_V2 = {
-    "normal": [["sep_conv_3x3", 0], ["sep_conv_3x3", 1], ["sep_conv_3x3", 0], ["sep_conv_3x3", 1],
-               ["sep_conv_3x3", 1], ["skip_connect", 0], ["skip_connect", 0], ["dil_conv_3x3", 2]],
-    "normal_concat": [2, 3, 4, 5],
-    "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1], ["skip_connect", 2], ["max_pool_3x3", 1],
-               ["max_pool_3x3", 0], ["skip_connect", 2], ["skip_connect", 2], ["max_pool_3x3", 1]],
-    "reduce_concat": [2, 3, 4, 5],
 }
 NB201_BEST = {"arch": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|"
                       "nor_conv_3x3~2|"}

@@ -5,21 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nasops.spaces.discrete import (AuxiliaryHead, DartsNetwork, DartsTrainCell, NB201Network, NB201TrainCell,
-                                    Zero, darts_cells, drop_path)
+from nasops.spaces.discrete import (DARTS_V2, AuxiliaryHead, DartsNetwork, DartsTrainCell, NB201Network,
+                                    NB201TrainCell, Zero, darts_cells, drop_path)
 from nasops.spaces.nb201 import parse_arch
 from nasops.spaces.operations import FactorizedReduce, make_darts_op, make_nb201_op
 from nasops.train import model_cost
 
-# DARTS V2 as printed in DARTS' cnn/genotypes.py.
-DARTS_V2 = {
-    "normal": [["sep_conv_3x3", 0], ["sep_conv_3x3", 1], ["sep_conv_3x3", 0], ["sep_conv_3x3", 1],
-               ["sep_conv_3x3", 1], ["skip_connect", 0], ["skip_connect", 0], ["dil_conv_3x3", 2]],
-    "normal_concat": [2, 3, 4, 5],
-    "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1], ["skip_connect", 2], ["max_pool_3x3", 1],
-               ["max_pool_3x3", 0], ["skip_connect", 2], ["skip_connect", 2], ["max_pool_3x3", 1]],
-    "reduce_concat": [2, 3, 4, 5],
-}
 ALL_CONV3 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|nor_conv_3x3~2|"
 ALL_SKIP = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|"
 

@@ -34,6 +34,16 @@ from nasops.spaces.nb201 import parse_arch
 from nasops.spaces.operations import DARTS_OPS, FactorizedReduce, ReLUConvBN, make_darts_op, make_nb201_op
 
 DARTS_CELL_TYPES = ("normal", "reduce")
+# DARTS V2 (second order), as printed in DARTS' cnn/genotypes.py: the paper's cell, for
+# comparisons with a found one (the tests' parameter counts, benchmarks/bench_train_step.py).
+DARTS_V2 = {
+    "normal": [["sep_conv_3x3", 0], ["sep_conv_3x3", 1], ["sep_conv_3x3", 0], ["sep_conv_3x3", 1],
+               ["sep_conv_3x3", 1], ["skip_connect", 0], ["skip_connect", 0], ["dil_conv_3x3", 2]],
+    "normal_concat": [2, 3, 4, 5],
+    "reduce": [["max_pool_3x3", 0], ["max_pool_3x3", 1], ["skip_connect", 2], ["max_pool_3x3", 1],
+               ["max_pool_3x3", 0], ["skip_connect", 2], ["skip_connect", 2], ["max_pool_3x3", 1]],
+    "reduce_concat": [2, 3, 4, 5],
+}
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
