@@ -17,7 +17,13 @@ Providers (PROVIDERS): ``torch-nchw``, PyTorch's ops for every nasops op
 runs; ``torch-nhwc``, the same in channels_last; ``nasops-nchw``, nasops' ops on
 contiguous maps (``nasops.train`` before --memory-format: the CPU depthwise
 kernel takes channels_last maps only, so PyTorch's convolution ran);
-``nasops-nhwc``, in channels_last: ``--memory-format auto`` on the CPU.
+``nasops-nhwc``, in channels_last: ``--memory-format auto`` on the CPU. On CUDA also
+``nasops-graphs-nchw`` and ``nasops-graphs-nhwc``: the same with the network's
+forward and backward replayed from CUDA graphs (``nasops.cuda_graphs``, as
+``nasops.search --cuda-graphs`` replays the search network; drop-path's
+probability is fixed here, the optimizer step and clipping stay eager): how far
+the train step is bound by the host, which says whether ``nasops.train`` should
+graph too (it does not yet). Graphs replay float32 only (no ``--amp``).
 
 Networks (NETWORKS): DARTS-V2's cell (Liu et al., 2019) and NAS-Bench-201's best
 CIFAR-10 cell, at the digits recipe (8x8, one thread: nasops.train's default
@@ -47,16 +53,20 @@ import torch  # noqa: E402
 
 import harness  # noqa: E402
 import nasops  # noqa: E402
+from nasops import cuda_graphs  # noqa: E402
 from nasops.spaces.discrete import DARTS_V2  # noqa: E402
 from nasops.train import KINDS, train_step  # noqa: E402
 
-# provider -> (nasops backend, layout)
+# provider -> (nasops backend, layout, replayed from CUDA graphs)
 PROVIDERS = {
-    "torch-nchw": ("eager", torch.contiguous_format),
-    "torch-nhwc": ("eager", torch.channels_last),
-    "nasops-nchw": (None, torch.contiguous_format),
-    "nasops-nhwc": (None, torch.channels_last),
+    "torch-nchw": ("eager", torch.contiguous_format, False),
+    "torch-nhwc": ("eager", torch.channels_last, False),
+    "nasops-nchw": (None, torch.contiguous_format, False),
+    "nasops-nhwc": (None, torch.channels_last, False),
+    "nasops-graphs-nchw": (None, torch.contiguous_format, True),  # CUDA
+    "nasops-graphs-nhwc": (None, torch.channels_last, True),  # CUDA
 }
+GRAPHED = [p for p, (_, _, graphed) in PROVIDERS.items() if graphed]
 NB201_BEST = {"arch": "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|"
                       "nor_conv_3x3~2|"}
 # name -> space, genotype, sizes (layers, C, image channels and side, batch), threads (None: torch's)
@@ -73,12 +83,15 @@ FULL_ONLY = ("darts-v2 cifar recipe",)
 RECIPE = dict(lr=0.025, momentum=0.9, weight_decay=3e-4, auxiliary_weight=0.4, drop_path=0.1, grad_clip=5.0)
 
 
-def build(network: str, provider: str, device: torch.device, amp: torch.dtype | None = None):
+def build(network: str, provider: str, device: torch.device, amp: torch.dtype | None = None,
+          graph_options: dict | None = None):
     """``step()``, one train_step of ``provider`` on ``network`` (under ``amp``'s
     autocast, as ``nasops.train --amp``: float16 with a gradient scaler on CUDA,
-    bfloat16 on the CPU; None: float32)."""
+    bfloat16 on the CPU; None: float32). A graphed provider's ``step.graphed`` is
+    its :class:`~nasops.cuda_graphs.GraphedForward` (``graph_options``: its
+    options; the tests' CPU stand-in)."""
     space, genotype, sizes, _ = NETWORKS[network]
-    backend, layout = PROVIDERS[provider]
+    backend, layout, graphed = PROVIDERS[provider]
     torch.manual_seed(0)
     args = argparse.Namespace(init_channels=sizes["C"], layers=sizes["layers"], auxiliary_weight=0.4)
     data = argparse.Namespace(in_channels=sizes["channels"], num_classes=10)
@@ -86,6 +99,7 @@ def build(network: str, provider: str, device: torch.device, amp: torch.dtype | 
     if hasattr(model, "drop_path_prob"):
         model.drop_path_prob = RECIPE["drop_path"]
     params = [p for p in model.parameters() if p.requires_grad]
+    replay = cuda_graphs.graph_network(model, params, **(graph_options or {})) if graphed else None
     optimizer = torch.optim.SGD(params, lr=RECIPE["lr"], momentum=RECIPE["momentum"],
                                 weight_decay=RECIPE["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -102,6 +116,7 @@ def build(network: str, provider: str, device: torch.device, amp: torch.dtype | 
         finally:
             nasops.set_backend(None)
         harness.sync(str(device))
+    step.graphed = replay
     return step
 
 
@@ -126,6 +141,11 @@ def time_network(network: str, providers, device: torch.device, rounds: int,
         torch.set_num_threads(saved)
 
 
+def _graph_pairs(providers) -> list[tuple[str, str]]:
+    """(graphed provider, the same provider without graphs) for the columns of the graphs' speed-up."""
+    return [(p, p.replace("-graphs", "")) for p in providers if p in GRAPHED and p.replace("-graphs", "") in providers]
+
+
 def report(results: dict, device: torch.device, command: str, amp: torch.dtype | None = None) -> str:
     kind = device.type + ("-amp" if amp else "")
     providers = list(next(iter(results.values())))
@@ -140,12 +160,14 @@ def report(results: dict, device: torch.device, command: str, amp: torch.dtype |
         if "nasops-nchw" in times and "nasops-nhwc" in times:
             per_round = [a / b for a, b in zip(times["nasops-nchw"], times["nasops-nhwc"])]
             row.append(f"{statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})")
+        row += [f"{med[eager] / med[graphed]:.2f}" for graphed, eager in _graph_pairs(providers)]
         rows.append(row)
     header = ["network", "threads", *(f"{p} s" for p in providers)]
     header += [f"nasops-nhwc x {b}" for b in ("torch-nchw", "torch-nhwc", "nasops-nchw")
                if b in providers and "nasops-nhwc" in providers]
     if "nasops-nchw" in providers and "nasops-nhwc" in providers:
         header.append("per round (range)")
+    header += [f"{graphed} x {eager}" for graphed, eager in _graph_pairs(providers)]
     sizes = "; ".join(f"{n}: {NETWORKS[n][2]['layers']} cells{' per stage' if NETWORKS[n][0] == 'nb201' else ''}, "
                       f"C = {NETWORKS[n][2]['C']}, "
                       f"{NETWORKS[n][2]['channels']}x{NETWORKS[n][2]['side']}x{NETWORKS[n][2]['side']}, "
@@ -177,7 +199,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=None,
                         help="default: all but the CIFAR recipe (--full: all; --quick: the digits ones)")
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=None,
+                        help="default: all that run on the device (graphs: CUDA, float32)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7, --quick 3)")
     parser.add_argument("--amp", action="store_true",
                         help="as nasops.train --amp: float16 autocast and a gradient scaler on CUDA, bfloat16 "
@@ -191,9 +214,15 @@ def main(argv=None) -> None:
                                                          args.full or n not in FULL_ONLY)]
     rounds = args.rounds or (3 if args.quick else 7)
     amp = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
+    graphs_run = device.type == "cuda" and amp is None
+    providers = args.providers or [p for p in PROVIDERS if graphs_run or p not in GRAPHED]
+    refused = [p for p in providers if p in GRAPHED and not graphs_run]
+    if refused:
+        parser.error(f"--providers {' '.join(refused)}: CUDA graphs need --device cuda and replay float32 "
+                     f"(not with --amp)")
     results = {}
     for network in networks:
-        results[network] = time_network(network, args.providers, device, rounds, amp)
+        results[network] = time_network(network, providers, device, rounds, amp)
         print(f"{network}: " + ", ".join(f"{p} {statistics.median(t):.4f} s" for p, t in results[network].items()),
               flush=True)
     from report import update_results

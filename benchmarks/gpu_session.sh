@@ -50,8 +50,9 @@
 #      BatchNorm and each depthwise convolution costs the device;
 #   step-compile: the step with --compile (first order; the compilation takes minutes);
 #   train-step: the train step of a found network (nasops.train; bench_train_step.py
-#      --full: PyTorch's ops vs nasops', contiguous vs channels_last, float32 and --amp),
-#      which decides nasops.train's --memory-format auto on CUDA -> $OUT/RESULTS-train.md.
+#      --full: PyTorch's ops vs nasops', contiguous vs channels_last, float32 and --amp;
+#      in float32 also replayed from CUDA graphs), which decides nasops.train's
+#      --memory-format auto on CUDA, and whether it should graph -> $OUT/RESULTS-train.md.
 #   (STEP_MAX caps each step stage, default 540 s.)
 # Logs and results land in $OUT (default ./gpu-out), bundled at the end into
 # $OUT/results.tgz beside summary.txt and the built extension; the last lines printed
@@ -244,7 +245,7 @@ stage_step-compile() {
 stage_train-step() {
   local t start amp
   for amp in "" --amp; do
-    t=$(budget "train step ${amp:-float32}" 120 40) || continue
+    t=$(budget "train step ${amp:-float32}" "$([[ -z $amp ]] && echo 150 || echo 90)" 40) || continue
     start=$SECONDS
     timeout "$t" python3 benchmarks/bench_train_step.py --device cuda --full --rounds 5 $amp \
       --out "$OUT/RESULTS-train.md" > "$OUT/train-step${amp}.log" 2>&1

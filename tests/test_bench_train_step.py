@@ -7,6 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import nasops.backend
@@ -58,3 +59,39 @@ def test_providers_run_their_ops_in_their_layout(monkeypatch):
         seen.clear()
         bench_train_step.build("darts-v2 digits", provider, torch.device("cpu"))()
         assert seen and set(seen) == {expected}, provider
+
+
+def test_graphed_providers_replay_every_step_and_are_cuda_only(tmp_path, capsys):
+    """nasops-graphs-*: the network graphed once (nasops.cuda_graphs, here with a CPU
+    stand-in for the capture), every train step a replay; refused on the CPU and with --amp."""
+    captures = []
+
+    def capture(module, sample_args, num_warmup_iters, allow_unused_input, pool=None):
+        captures.append(tuple(sample_args[0].shape))
+        own = type(module).forward
+        module.forward = lambda x: own(module, x)  # the "replay": the module's own forward
+
+    step = bench_train_step.build("darts-v2 digits", "nasops-graphs-nhwc", torch.device("cpu"),
+                                  graph_options=dict(capture=capture, device_type="cpu"))
+    for _ in range(3):
+        step()
+    assert captures == [(64, 1, 8, 8)] and (step.graphed.replayed, step.graphed.eager) == (3, 0)
+    assert bench_train_step.build("darts-v2 digits", "nasops-nhwc", torch.device("cpu")).graphed is None
+    for argv in (["--providers", "nasops-graphs-nchw"], ["--device", "cpu", "--amp", "--providers", "nasops-graphs-nhwc"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_train_step.main([*argv, "--out", str(tmp_path / "R.md")])
+        assert exc.value.code == 2 and "CUDA graphs need --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "R.md").exists()
+    assert [p for p in bench_train_step.PROVIDERS if p not in bench_train_step.GRAPHED] == [
+        "torch-nchw", "torch-nhwc", "nasops-nchw", "nasops-nhwc"]
+
+
+def test_the_table_gives_each_graphed_provider_its_speed_up_over_the_same_without_graphs():
+    times = {"nasops-nchw": [0.4, 0.4], "nasops-nhwc": [0.3, 0.3], "nasops-graphs-nchw": [0.1, 0.1],
+             "nasops-graphs-nhwc": [0.2, 0.2]}
+    section = bench_train_step.report({"darts-v2 8 cells": times}, torch.device("cpu"), "cmd")
+    header, _, row = [line for line in section.splitlines() if line.startswith("|")]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["nasops-graphs-nchw x nasops-nchw"] == "4.00" and cells["nasops-graphs-nhwc x nasops-nhwc"] == "1.50"
+    assert cells["nasops-nhwc x nasops-nchw"] == "1.33"
