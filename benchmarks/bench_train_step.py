@@ -19,11 +19,10 @@ contiguous maps (``nasops.train`` before --memory-format: the CPU depthwise
 kernel takes channels_last maps only, so PyTorch's convolution ran);
 ``nasops-nhwc``, in channels_last: ``--memory-format auto`` on the CPU. On CUDA also
 ``nasops-graphs-nchw`` and ``nasops-graphs-nhwc``: the same with the network's
-forward and backward replayed from CUDA graphs (``nasops.cuda_graphs``, as
-``nasops.search --cuda-graphs`` replays the search network; drop-path's
-probability is fixed here, the optimizer step and clipping stay eager): how far
-the train step is bound by the host, which says whether ``nasops.train`` should
-graph too (it does not yet). Graphs replay float32 only (no ``--amp``).
+forward and backward replayed from CUDA graphs, as ``nasops.train --cuda-graphs``
+graphs it (``nasops.train._graph_training``; the optimizer step and clipping stay
+eager): how far the train step is bound by the host. Graphs replay float32 only
+(no ``--amp``).
 
 Networks (NETWORKS): DARTS-V2's cell (Liu et al., 2019) and NAS-Bench-201's best
 CIFAR-10 cell, at the digits recipe (8x8, one thread: nasops.train's default
@@ -53,9 +52,8 @@ import torch  # noqa: E402
 
 import harness  # noqa: E402
 import nasops  # noqa: E402
-from nasops import cuda_graphs  # noqa: E402
 from nasops.spaces.discrete import DARTS_V2  # noqa: E402
-from nasops.train import KINDS, train_step  # noqa: E402
+from nasops.train import KINDS, _graph_training, train_step  # noqa: E402
 
 # provider -> (nasops backend, layout, replayed from CUDA graphs)
 PROVIDERS = {
@@ -99,9 +97,9 @@ def build(network: str, provider: str, device: torch.device, amp: torch.dtype | 
     if hasattr(model, "drop_path_prob"):
         model.drop_path_prob = RECIPE["drop_path"]
     params = [p for p in model.parameters() if p.requires_grad]
-    replay = cuda_graphs.graph_network(model, params, **(graph_options or {})) if graphed else None
     optimizer = torch.optim.SGD(params, lr=RECIPE["lr"], momentum=RECIPE["momentum"],
                                 weight_decay=RECIPE["weight_decay"])
+    replay = _graph_training(model, optimizer, **(graph_options or {})) if graphed else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     g = torch.Generator().manual_seed(1)
     shape = (sizes["batch"], sizes["channels"], sizes["side"], sizes["side"])

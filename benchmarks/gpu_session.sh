@@ -51,8 +51,9 @@
 #   step-compile: the step with --compile (first order; the compilation takes minutes);
 #   train-step: the train step of a found network (nasops.train; bench_train_step.py
 #      --full: PyTorch's ops vs nasops', contiguous vs channels_last, float32 and --amp;
-#      in float32 also replayed from CUDA graphs), which decides nasops.train's
-#      --memory-format auto on CUDA, and whether it should graph -> $OUT/RESULTS-train.md.
+#      in float32 also replayed from CUDA graphs as nasops.train --cuda-graphs does), which
+#      decides nasops.train's --memory-format auto on CUDA and measures --cuda-graphs
+#      -> $OUT/RESULTS-train.md.
 #   (STEP_MAX caps each step stage, default 540 s.)
 # Logs and results land in $OUT (default ./gpu-out), bundled at the end into
 # $OUT/results.tgz beside summary.txt and the built extension; the last lines printed

@@ -45,8 +45,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import nasops
+from nasops import cuda_graphs, runtime
 from nasops import data as datasets
-from nasops import runtime
 from nasops.runtime import RunError, write_text
 from nasops.search import _HelpFormatter
 from nasops.spaces import nb201, vit
@@ -170,7 +170,7 @@ SIZE_FLAGS = ("epochs", "batch_size", "layers", "init_channels")
 # Settings that may differ between a run and its resumption: where and how it
 # runs, not what it computes.
 RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "data_dir", "nb201_table", "quiet", "deterministic",
-                "threads", "genotype", "recompute_depthwise", "memory_format")
+                "threads", "genotype", "recompute_depthwise", "memory_format", "cuda_graphs")
 
 OUTPUT_FILES = ("result.json", "metrics.jsonl", "checkpoint.pt")
 OUTPUT_PATTERNS = ("checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN)
@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default: 1 for the 8x8 digits, torch's choice otherwise)")
     runtime.add_memory_format_flag(g)
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: replay the network's training forward and backward from CUDA graphs "
+                        "(captured at the first step; nasops.cuda_graphs): the step no longer waits for "
+                        "Python and dispatch. One GPU (not under torchrun); not with --amp")
     g.add_argument("--recompute-depthwise", action="store_true",
                    help="each sep_conv and dil_conv keeps its input, not its depthwise convolutions' "
                         "outputs, and computes those again in the backward: less memory for a little "
@@ -367,6 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{flag.replace('_', '-')}: {args.space} networks have no "
                          f"{feature.replace('_', '-')} (got {getattr(args, flag)}; use 0)")
     runtime.refuse_memory_format(parser, args)
+    if args.cuda_graphs and args.amp:
+        parser.error("--cuda-graphs and --amp exclude each other: the graphs are captured without autocast")
     if args.nb201_table and args.space != "nb201":
         parser.error(f"--nb201-table: needs an nb201 genotype (this one is of space {args.space})")
     if args.space == "nb201":
@@ -490,6 +496,8 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         runtime.make_deterministic()
     amp = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
     doc = args.genotype_doc
+    if args.cuda_graphs:
+        _refuse_cuda_graphs(args, device, world_size)
 
     try:
         kwargs = dict(data_dir=args.data_dir, image_size=args.image_size, num_classes=args.num_classes,
@@ -536,6 +544,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
             write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
+    graphed = _graph_training(model, optimizer) if args.cuda_graphs else None
     network = model
     if world_size > 1:
         # static_graph: the set of parameters a training step uses never changes, and
@@ -569,6 +578,9 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
                       f"{record['time']:.1f} s", flush=True)
                 runtime.epoch_checkpointed(epoch + 1)
 
+    if graphed is not None:
+        counts = {"captures": graphed.captures, "replayed": graphed.replayed, "eager": graphed.eager}
+        graphed.release()  # the graphs' memory goes back now (main() may run in-process)
     final = history[-1]
     result = {
         "space": args.space, "genotype": doc["genotype"], "genotype_str": doc.get("genotype_str"),
@@ -579,6 +591,8 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         "memory_format": str(fmt).removeprefix("torch."), "config": config,
         "recipe": KINDS[args.space].recipe.source, "inputs": train_data.describe(),
     }
+    if graphed is not None:
+        result["cuda_graphs"] = counts
     table = _nb201_accuracies(args, doc)
     if table is not None:
         result["nb201"] = table
@@ -603,6 +617,33 @@ def _optimizer(args, model) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                                weight_decay=args.weight_decay)
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _refuse_cuda_graphs(args, device: torch.device, world_size: int) -> None:
+    """TrainError where --cuda-graphs cannot run: not a CUDA device; under torchrun
+    (DistributedDataParallel around a graphed network is untested here)."""
+    if device.type != "cuda":
+        raise TrainError(f"--cuda-graphs: needs a CUDA device, got --device {args.device} ({device})")
+    if world_size > 1:
+        raise TrainError(f"--cuda-graphs: one process only, got {world_size} under torchrun "
+                         f"(DistributedDataParallel around a graphed network is untested); train on one GPU, "
+                         f"or without --cuda-graphs")
+
+
+def _graph_training(model, optimizer, **options) -> cuda_graphs.GraphedForward:
+    """--cuda-graphs: ``model``'s training calls replayed from CUDA graphs
+    (:func:`nasops.cuda_graphs.graph_network`, one pair: every parameter trains;
+    evaluation runs the network's own forward). A DARTS network's drop-path
+    probability becomes a device tensor that each epoch fills (a replay reads it
+    there; a Python float would stay the capture's value), so the graphs are
+    captured once for the whole run; their drop-path draws come from the graphs'
+    own random offsets (and are made at probability 0 too), so a graphed run equals
+    an eager one in distribution, not draw for draw. ``options``: graph_network's
+    (benchmarks/bench_train_step.py's CPU tests pass a stand-in capture)."""
+    if hasattr(model, "drop_path_prob"):
+        device = next(model.parameters()).device
+        model.drop_path_prob = torch.tensor(float(model.drop_path_prob), device=device)
+    return cuda_graphs.graph_network(model, [p for g in optimizer.param_groups for p in g["params"]], **options)
 
 
 def train_step(network, x, y, *, optimizer, scaler, amp, auxiliary_weight: float, grad_clip: float,
@@ -637,7 +678,9 @@ def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, 
     for group in optimizer.param_groups:
         group["lr"] = lr
     drop_prob = args.drop_path * epoch / args.epochs  # DARTS: linear from 0
-    if hasattr(model, "drop_path_prob"):
+    if isinstance(getattr(model, "drop_path_prob", None), torch.Tensor):
+        model.drop_path_prob.fill_(drop_prob)  # --cuda-graphs: the graphs read it on the device
+    elif hasattr(model, "drop_path_prob"):
         model.drop_path_prob = drop_prob
     global_seed, augment_seed = _epoch_seeds(args.seed, epoch, rank)
     runtime.seed_everything(global_seed)

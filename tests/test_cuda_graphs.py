@@ -8,6 +8,7 @@ a GPU, the driver's search with real CUDA graphs against the eager one."""
 from __future__ import annotations
 
 import copy
+import math
 import functools
 from unittest import mock
 
@@ -487,3 +488,131 @@ def test_search_networks_pass_make_graphed_callables_checks(space):
     with pytest.raises(RuntimeError, match="CUDAGraph|CUDA driver version is insufficient"):
         torch.cuda.make_graphed_callables(net, (torch.randn(2, 3, 8, 8),), num_warmup_iters=1,
                                           allow_unused_input=True)
+
+
+# ---- nasops.train --cuda-graphs ---------------------------------------------------------------
+
+def test_drop_path_takes_a_device_probability_without_a_host_sync():
+    """A graphed DARTS network reads drop-path's probability from a 0-d tensor: no
+    host sync (a capture refuses one), x itself at 0, whole samples 0 or x / keep."""
+    from nasops.spaces.discrete import DartsNetwork, drop_path
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 4, 4)
+    with _NoHostSync():
+        unchanged = drop_path(x, torch.tensor(0.0))
+        dropped = drop_path(x, torch.tensor(0.5))
+    assert torch.equal(unchanged, x)
+    kept = [bool((dropped[b] != 0).any()) for b in range(64)]
+    assert 0 < sum(kept) < 64
+    for b in range(64):
+        assert torch.equal(dropped[b], x[b] / 0.5) if kept[b] else not dropped[b].any()
+    net = DartsNetwork(DARTS_GENOTYPE, in_channels=3, num_classes=5, C=4, layers=3).train()
+    net.drop_path_prob = torch.tensor(0.2)
+    with _NoHostSync():
+        net(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert drop_path(x, 0.0) is x  # eager: a float, no draws at 0
+
+
+DARTS_GENOTYPE = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]] * 4, "normal_concat": [2, 3, 4, 5],
+                  "reduce": [["max_pool_3x3", 0], ["dil_conv_3x3", 1]] * 4, "reduce_concat": [2, 3, 4, 5]}
+TRAIN_TINY = ["--init-channels", "4", "--layers", "3", "--batch-size", "16", "--threads", "1", "--quiet",
+              "--epochs", "2", "--max-steps", "2", "--dataset", "synthetic", "--image-size", "8",
+              "--synthetic-size", "64"]
+
+
+def _train_genotype(tmp_path, space: str):
+    import json
+    genotype = DARTS_GENOTYPE if space == "darts" else {"arch": "|nor_conv_3x3~0|+|skip_connect~0|avg_pool_3x3~1|"
+                                                                "+|nor_conv_1x1~0|none~1|skip_connect~2|"}
+    path = tmp_path / space / "genotype.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"space": space, "genotype": genotype}))
+    return path
+
+
+def _train_on_the_stand_in(monkeypatch, record):
+    """nasops.train --cuda-graphs on the CPU: the stand-in capture, and the CUDA check off."""
+    import nasops.train
+    _stand_in_for_cuda(monkeypatch, record)
+    monkeypatch.setattr(nasops.train, "_refuse_cuda_graphs", lambda *args: None)
+
+
+@pytest.mark.parametrize("space,flags", [("nb201", ["--layers", "1"]),
+                                         ("darts", ["--auxiliary-weight", "0", "--drop-path", "0"])])
+def test_train_graphed_through_the_stand_in_equals_eager(tmp_path, monkeypatch, space, flags):
+    """The train command's --cuda-graphs: one capture, every training step a replay,
+    evaluation eager; the run equals the eager one (drop-path 0: a graphed run draws
+    its masks from the graphs' own offsets; the auxiliary head's pair of outputs is
+    what the stand-in cannot return, the GPU test below has it)."""
+    import nasops.train
+    record = []
+    _train_on_the_stand_in(monkeypatch, record)
+    genotype = _train_genotype(tmp_path, space)
+    runs = {mode: nasops.train.main(["--genotype", str(genotype), "--out", str(tmp_path / mode), *TRAIN_TINY, *flags,
+                                     *(["--cuda-graphs"] if mode == "graphed" else [])])
+            for mode in ("eager", "graphed")}
+    # 4 training steps replayed; the 2 evaluations (one batch each) ran the network eagerly
+    assert runs["graphed"]["cuda_graphs"] == {"captures": 1, "replayed": 4, "eager": 2}
+    assert "cuda_graphs" not in runs["eager"] and len(record) == 1 and record[0]["replays"] == 4
+    for a, b in zip(runs["eager"]["metrics"], runs["graphed"]["metrics"]):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_train_graphed_fills_the_drop_path_probability_every_epoch(tmp_path, monkeypatch):
+    """A replay reads drop-path's probability on the device: the epoch's value
+    (--drop-path 0.2 over 2 epochs: 0, then 0.1) reaches every graphed step."""
+    import nasops.spaces.discrete as discrete
+    import nasops.train
+    _train_on_the_stand_in(monkeypatch, [])
+    seen = []
+    original = discrete.drop_path
+
+    def recording(x, drop_prob):
+        seen.append(drop_prob)
+        return original(x, drop_prob)
+
+    monkeypatch.setattr(discrete, "drop_path", recording)
+    genotype = _train_genotype(tmp_path, "darts")
+    result = nasops.train.main(["--genotype", str(genotype), "--out", str(tmp_path / "o"), *TRAIN_TINY,
+                                "--auxiliary-weight", "0", "--drop-path", "0.2", "--cuda-graphs"])
+    assert result["cuda_graphs"]["replayed"] == 4 and [r["drop_path"] for r in result["metrics"]] == [0.0, 0.1]
+    assert seen and all(isinstance(p, torch.Tensor) and p.dim() == 0 for p in seen)
+    assert len({id(p) for p in seen}) == 1  # one tensor, filled in place
+    assert float(seen[-1]) == pytest.approx(0.1)
+
+
+def test_train_cuda_graphs_refusals(tmp_path, capsys):
+    import argparse
+    import nasops.train
+    genotype = _train_genotype(tmp_path, "nb201")
+    with pytest.raises(SystemExit) as exc:
+        nasops.train.parse_args(["--genotype", str(genotype), "--cuda-graphs", "--amp"])
+    assert exc.value.code == 2 and "--cuda-graphs and --amp exclude each other" in capsys.readouterr().err
+    with pytest.raises(nasops.train.TrainError, match="--cuda-graphs: needs a CUDA device, got --device cpu"):
+        nasops.train.main(["--genotype", str(genotype), "--out", str(tmp_path / "o"), *TRAIN_TINY, "--layers", "1",
+                           "--device", "cpu", "--cuda-graphs"])
+    args = argparse.Namespace(device="cuda")
+    with pytest.raises(nasops.train.TrainError, match="--cuda-graphs: one process only, got 2 under torchrun"):
+        nasops.train._refuse_cuda_graphs(args, torch.device("cuda"), 2)
+    nasops.train._refuse_cuda_graphs(args, torch.device("cuda"), 1)  # one GPU: fine
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("space,flags", [("darts", ["--drop-path", "0"]), ("darts", []), ("nb201", ["--layers", "1"])],
+                         ids=["darts-auxiliary-head", "darts-drop-path", "nb201"])
+def test_train_graphed_equals_eager_on_the_gpu(tmp_path, space, flags):
+    """The train command on CUDA, graphed against eager: the auxiliary head's pair of
+    outputs through real graphs; with drop-path (masks from the graphs' own random
+    offsets) the run only has to train, every step a replay."""
+    import nasops.train
+    genotype = _train_genotype(tmp_path, space)
+    argv = ["--genotype", str(genotype), *TRAIN_TINY, *flags, "--device", "cuda"]
+    eager = nasops.train.main([*argv, "--out", str(tmp_path / "eager")])
+    graphed = nasops.train.main([*argv, "--out", str(tmp_path / "graphed"), "--cuda-graphs"])
+    assert graphed["cuda_graphs"] == {"captures": 1, "replayed": 4, "eager": 2}  # eager: the evaluations
+    if "--drop-path" in flags or space == "nb201":
+        for a, b in zip(eager["metrics"], graphed["metrics"]):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4), a
+    assert math.isfinite(graphed["test_loss"])

@@ -46,14 +46,24 @@ DARTS_V2 = {
 }
 
 
-def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
     """DARTS' drop-path: zero whole samples with probability ``drop_prob`` and
     scale the kept ones by ``1 / (1 - drop_prob)``, so the expectation is ``x``.
 
     One Bernoulli draw per sample from the global RNG of ``x``'s device (the
     trainer reseeds it per epoch). Out of place, unlike DARTS' ``div_``/``mul_``,
     so it is safe on any autograd graph.
+
+    ``drop_prob`` may be a 0-d tensor on ``x``'s device (``nasops.train
+    --cuda-graphs``): a CUDA graph replays the kernels it captured, so the
+    probability must be read on the device, not by the host; the draws are made
+    then even at 0 (every sample kept: ``x`` itself, as values), and the value is
+    not checked.
     """
+    if isinstance(drop_prob, torch.Tensor):
+        keep = (1.0 - drop_prob).to(x.dtype)
+        mask = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype).bernoulli_(keep)
+        return x / keep * mask
     if drop_prob <= 0.0:
         return x
     if not drop_prob < 1.0:
@@ -173,7 +183,7 @@ class DartsTrainCell(nn.Module):
             total = None
             for k in (2 * node, 2 * node + 1):
                 h = self.ops[k](states[self.inputs[k]])
-                if self.training and drop_prob > 0.0 and self._droppable[k]:
+                if self.training and self._droppable[k] and (isinstance(drop_prob, torch.Tensor) or drop_prob > 0.0):
                     h = drop_path(h, drop_prob)
                 total = h if total is None else total + h
             states.append(total)
@@ -209,7 +219,8 @@ class DartsNetwork(nn.Module):
     """DARTS' ``NetworkCIFAR`` for a DARTS-form genotype (see the module doc).
 
     ``forward(x)`` returns the logits; in training mode with the auxiliary head,
-    ``(logits, auxiliary logits)``. ``drop_path_prob`` (0 at construction) is
+    ``(logits, auxiliary logits)``. ``drop_path_prob`` (0 at construction; a float,
+    or a 0-d device tensor under ``nasops.train --cuda-graphs``, see :func:`drop_path`) is
     the drop-path probability of the next forward passes in training mode.
     Parameters of the head are named ``auxiliary_head.*`` (DARTS leaves them out
     of the reported parameter count; so does ``nasops.train``).
