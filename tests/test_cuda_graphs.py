@@ -477,6 +477,23 @@ def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, flags):
     assert not too_far, f"graphed vs eager, relative error in norm: {too_far}"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the capture itself is tested below")
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_trained_networks_pass_make_graphed_callables_checks(space):
+    """The same for the networks nasops.train --cuda-graphs graphs (DARTS: the
+    auxiliary head's pair of outputs, drop-path's probability a tensor)."""
+    from nasops.spaces.discrete import DartsNetwork, NB201Network
+    if space == "darts":
+        net = DartsNetwork(DARTS_GENOTYPE, in_channels=3, num_classes=5, C=4, layers=3, auxiliary=True)
+        net.drop_path_prob = torch.tensor(0.1)
+    else:
+        net = NB201Network("|nor_conv_3x3~0|+|skip_connect~0|none~1|+|nor_conv_1x1~0|none~1|skip_connect~2|",
+                           in_channels=3, num_classes=5, C=4, layers=1)
+    with pytest.raises(RuntimeError, match="CUDAGraph|CUDA driver version is insufficient"):
+        torch.cuda.make_graphed_callables(net.train(), (torch.randn(2, 3, 8, 8),), num_warmup_iters=1,
+                                          allow_unused_input=True)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the capture itself is tested above")
 @pytest.mark.parametrize("space", ["darts", "nb201"])
 def test_search_networks_pass_make_graphed_callables_checks(space):
