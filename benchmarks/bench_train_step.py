@@ -20,7 +20,7 @@ kernel takes channels_last maps only, so PyTorch's convolution ran);
 ``nasops-nhwc``, in channels_last: ``--memory-format auto`` on the CPU. On CUDA also
 ``nasops-graphs-nchw`` and ``nasops-graphs-nhwc``: the same with the network's
 forward and backward replayed from CUDA graphs, as ``nasops.train --cuda-graphs``
-graphs it (``nasops.train._graph_training``; the optimizer step and clipping stay
+graphs it (``nasops.train.graph_training``; the optimizer step and clipping stay
 eager): how far the train step is bound by the host. Graphs replay float32 only
 (no ``--amp``).
 
@@ -53,7 +53,7 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 import nasops  # noqa: E402
 from nasops.spaces.discrete import DARTS_V2  # noqa: E402
-from nasops.train import KINDS, _graph_training, train_step  # noqa: E402
+from nasops.train import KINDS, graph_training, train_step  # noqa: E402
 
 # provider -> (nasops backend, layout, replayed from CUDA graphs)
 PROVIDERS = {
@@ -99,7 +99,7 @@ def build(network: str, provider: str, device: torch.device, amp: torch.dtype | 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=RECIPE["lr"], momentum=RECIPE["momentum"],
                                 weight_decay=RECIPE["weight_decay"])
-    replay = _graph_training(model, optimizer, **(graph_options or {})) if graphed else None
+    replay = graph_training(model, optimizer, **(graph_options or {})) if graphed else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     g = torch.Generator().manual_seed(1)
     shape = (sizes["batch"], sizes["channels"], sizes["side"], sizes["side"])

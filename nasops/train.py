@@ -544,7 +544,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
             write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"resuming {out} after epoch {start_epoch} of {args.epochs}", flush=True)
 
-    graphed = _graph_training(model, optimizer) if args.cuda_graphs else None
+    graphed = graph_training(model, optimizer) if args.cuda_graphs else None
     network = model
     if world_size > 1:
         # static_graph: the set of parameters a training step uses never changes, and
@@ -588,7 +588,7 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
         "test_acc": final["test_acc"], "test_top5": final["test_top5"], "test_loss": final["test_loss"],
         **cost, "flops": 2 * cost["macs"], "epochs": args.epochs, "seed": args.seed,
         "world_size": world_size, "train_time": sum(r["time"] for r in history),
-        "memory_format": str(fmt).removeprefix("torch."), "config": config,
+        "memory_format": "channels_last" if fmt == torch.channels_last else "contiguous", "config": config,
         "recipe": KINDS[args.space].recipe.source, "inputs": train_data.describe(),
     }
     if graphed is not None:
@@ -630,7 +630,7 @@ def _refuse_cuda_graphs(args, device: torch.device, world_size: int) -> None:
                          f"or without --cuda-graphs")
 
 
-def _graph_training(model, optimizer, **options) -> cuda_graphs.GraphedForward:
+def graph_training(model, optimizer, **options) -> cuda_graphs.GraphedForward:
     """--cuda-graphs: ``model``'s training calls replayed from CUDA graphs
     (:func:`nasops.cuda_graphs.graph_network`, one pair: every parameter trains;
     evaluation runs the network's own forward). A DARTS network's drop-path
