@@ -624,6 +624,30 @@ def test_memory_format_is_refused_for_token_networks_and_may_change_on_resume(tm
     assert configs[0] == configs[1] == configs[2]  # where it runs, not what it computes: --resume takes either
 
 
+def test_the_training_loop_reads_values_back_per_epoch_not_per_step(tmp_path):
+    """The loss and accuracy sums stay on the device until the epoch ends (with no
+    progress bar shown): a step never waits for the previous one's kernels. Counted
+    as the reads of a tensor's value by the host (aten._local_scalar_dense)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountReads(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    genotype = _write_genotype(tmp_path, "nb201")
+    reads = {}
+    for steps in (2, 4):
+        CountReads.reads = 0
+        with CountReads():
+            main(_tiny(genotype, "nb201", tmp_path / str(steps), "--epochs", "1", "--max-steps", str(steps)))
+        reads[steps] = CountReads.reads
+    assert reads[2] == reads[4], reads
+
+
 @pytest.mark.slow
 def test_adamw_with_warmup_follows_the_schedule(tmp_path):
     genotype = _write_genotype(tmp_path, "darts")
