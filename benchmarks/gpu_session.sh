@@ -58,7 +58,7 @@
 # Logs and results land in $OUT (default ./gpu-out), bundled at the end into
 # $OUT/results.tgz beside summary.txt and the built extension; the last lines printed
 # are the summary. Usage, from the repository root (default: build depthwise graphs
-# step-maxbatch step-profile bench, what is still unmeasured, most wanted first; on
+# step-maxbatch step-profile train-step bench, what is still unmeasured, most wanted first; on
 # 2026-12-04 the other op tests passed on CUDA and the sanitizers found nothing):
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 set -uo pipefail
@@ -258,7 +258,7 @@ stage_train-step() {
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   | tee -a "$OUT/device.txt"
-for stage in ${*:-build depthwise graphs step-maxbatch step-profile bench}; do
+for stage in ${*:-build depthwise graphs step-maxbatch step-profile train-step bench}; do
   if ! declare -F "stage_$stage" > /dev/null; then summary "unknown stage: $stage"; continue; fi
   "stage_$stage" || { [[ $stage == build ]] && break; }
 done
