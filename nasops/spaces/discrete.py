@@ -62,13 +62,12 @@ def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
     """
     if isinstance(drop_prob, torch.Tensor):
         keep = (1.0 - drop_prob).to(x.dtype)
-        mask = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype).bernoulli_(keep)
-        return x / keep * mask
-    if drop_prob <= 0.0:
+    elif drop_prob <= 0.0:
         return x
-    if not drop_prob < 1.0:
+    elif not drop_prob < 1.0:
         raise ValueError(f"drop_prob: expected a probability in [0, 1), got {drop_prob}")
-    keep = 1.0 - drop_prob
+    else:
+        keep = 1.0 - drop_prob
     mask = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype).bernoulli_(keep)
     return x / keep * mask
 
@@ -183,8 +182,8 @@ class DartsTrainCell(nn.Module):
             total = None
             for k in (2 * node, 2 * node + 1):
                 h = self.ops[k](states[self.inputs[k]])
-                if self.training and self._droppable[k] and (isinstance(drop_prob, torch.Tensor) or drop_prob > 0.0):
-                    h = drop_path(h, drop_prob)
+                if self.training and self._droppable[k]:
+                    h = drop_path(h, drop_prob)  # x itself at a probability of 0.0
                 total = h if total is None else total + h
             states.append(total)
         return torch.cat([states[i] for i in self.concat], dim=1)
