@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
 import signal
@@ -23,6 +24,17 @@ TOLERANCE = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
+
+
+def benchmark_module(name: str):
+    """The script benchmarks/<name>.py imported as a module (benchmarks/ is no
+    package: on sys.path only for the import; a script that needs its neighbours
+    later puts its own folder there)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 def available_backends(device: str = DEVICE) -> list[str]:

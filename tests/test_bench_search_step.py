@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_search_step  # noqa: E402
+from helpers import benchmark_module
 
-sys.path.remove(str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+bench_search_step = benchmark_module("bench_search_step")
 
 
 def test_benchmark_runs_every_method_and_writes_its_section(tmp_path):

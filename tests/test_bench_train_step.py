@@ -4,19 +4,14 @@ are not tests: see benchmarks/RESULTS.md, "Train step".)"""
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import nasops.backend
+from helpers import benchmark_module
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_train_step  # noqa: E402
-
-sys.path.remove(str(ROOT / "benchmarks"))
+bench_train_step = benchmark_module("bench_train_step")
 
 
 def test_benchmark_writes_a_section_per_precision_and_keeps_the_others(tmp_path):

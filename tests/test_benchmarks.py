@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,16 +31,8 @@ def test_every_benchmark_suite_runs_one_case_per_provider():
         assert len(passed) >= 3, f"{suite}: {len(passed)} providers passed"  # eager, compile, nasops
 
 
-def _benchmarks_module(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
 def test_provider_orders_put_every_provider_in_every_position_and_after_every_other():
-    harness = _benchmarks_module("harness")
+    harness = benchmark_module("harness")
     names = ["eager", "compile", "nasops-cpu"]
     orders = harness.provider_orders(names, 2 * len(names))
     assert all(sorted(order) == sorted(names) for order in orders)
@@ -55,12 +49,7 @@ def test_gpu_session_names_existing_ops_and_stages():
     BENCHMARK of benchmarks/bench_*.py (report.py --ops refuses another name) and its
     documented stages must exist."""
     import re
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import report
-        ops = {bench.op for bench in report.discover(None)}
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    ops = {bench.op for bench in benchmark_module("report").discover(None)}
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     listed = re.search(r"for op in ([\w ]+); do", script).group(1).split()
     assert sorted(listed) == sorted(ops)
@@ -72,7 +61,7 @@ def test_gpu_session_names_existing_ops_and_stages():
 def test_replays_are_timed_per_replay_round_robin():
     """time_replays with a stand-in for CUDA events: each timing covers ``block``
     replays after an untimed one, and reports seconds per replay."""
-    harness = _benchmarks_module("harness")
+    harness = benchmark_module("harness")
     calls, clock = [], [0.0]
 
     class Event:
@@ -101,7 +90,7 @@ def test_replays_are_timed_per_replay_round_robin():
 def test_a_step_that_cannot_be_captured_is_reported_not_timed():
     """On the CPU no CUDA graph can be captured: every provider and probe gets the
     reason instead of a replay (on a GPU, a host sync inside an op would)."""
-    harness = _benchmarks_module("harness")
+    harness = benchmark_module("harness")
     import torch
     x = torch.randn(8, requires_grad=True)
     inputs = harness.Inputs(args={"x": x}, leaves=[x], grad_out=torch.ones(8))
@@ -112,7 +101,7 @@ def test_a_step_that_cannot_be_captured_is_reported_not_timed():
 
 
 def test_op_sections_show_the_device_time_table_when_measured():
-    report = _benchmarks_module("report")
+    report = benchmark_module("report")
     bench = report.discover(["mixed_op"])[0]
     kernels = ["nasops-cuda"]
     per_call = report.speedup_row("edge", "fwd", {"eager": 4e-4, "compile": 2e-4, "nasops-cuda": 1e-4},
@@ -134,7 +123,7 @@ def test_op_sections_show_the_device_time_table_when_measured():
 def test_an_op_report_is_written_case_by_case():
     """report.run_op hands the table so far to ``progress`` after every case, so that a
     run cut short (a device session's deadline) keeps the rows it finished."""
-    report = _benchmarks_module("report")
+    report = benchmark_module("report")
     bench = report.discover(["depthwise_conv2d"])[0]
     seen = []
     final = report.run_op(bench, "cpu", quick=True, progress=seen.append)
