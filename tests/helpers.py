@@ -37,6 +37,57 @@ def benchmark_module(name: str):
         sys.path.remove(str(REPO / "benchmarks"))
 
 
+class HostReads:
+    """Counts the host's reads of tensor values while active (``with HostReads() as
+    reads: ...; reads.count``): every ``aten._local_scalar_dense`` (``item()``,
+    ``float(t)``, ``int(t)``) and every ``Tensor.tolist`` or ``Tensor.cpu`` call. On a
+    GPU each waits for the queued kernels; on the CPU the last two dispatch nothing
+    a mode could see, hence their wrappers. Not counted: torch.optim's reads of its
+    step counters (Adam's), which are host tensors on every device (unless
+    ``capturable``), so they never wait."""
+
+    def __init__(self):
+        self.count = 0
+        self._mode = None
+        self._saved = {}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default and not _in_torch_optim():
+                    outer.count += 1
+                return func(*args, **(kwargs or {}))
+
+        for name in ("tolist", "cpu"):
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+            setattr(torch.Tensor, name, counted)
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return False
+
+
+def _in_torch_optim() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("torch.optim"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def available_backends(device: str = DEVICE) -> list[str]:
     """Backends that can run on ``device`` here (Triton on CPU = the interpreter)."""
     usable = [name for name, info in nasops.backends().items() if info["available"]]

@@ -313,8 +313,8 @@ def test_darts_steps_through_the_graphed_forward_equal_eager(monkeypatch, second
     graphed_method, eager_method, graphed, batches = _darts_pair("cpu", second_order, recompute)
     for batch in batches:
         a, b = graphed_method.step(*batch), eager_method.step(*batch)
-        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
-        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+        assert float(a.train_loss) == pytest.approx(float(b.train_loss), rel=1e-5)
+        assert float(a.val_loss) == pytest.approx(float(b.val_loss), rel=1e-5)
     calls = 3 * (2 if not second_order else 5)  # forwards a step: arch + weight (+3 unrolled)
     # one pair of graphs per set of trained parameters: alphas (the architecture step freezes
     # the weights), weights (second order: and both, for the validation loss at w')
@@ -341,7 +341,7 @@ def _step_gradients(method, batches) -> tuple[list[float], list[tuple[str, torch
     losses = []
     for train, val in batches:
         s = method.step(train, val)
-        losses += [s.train_loss / s.train_count, s.val_loss / s.val_count]
+        losses += [float(s.train_loss) / s.train_count, float(s.val_loss) / s.val_count]
     return losses, steps
 
 
@@ -409,7 +409,7 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute,
                 batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
                            for _ in range(2)]
                 s = method.step(*batches)
-                losses += [s.train_loss, s.val_loss]
+                losses += [float(s.train_loss), float(s.val_loss)]
             method.end_epoch()
         assert networks[0] is not networks[1]  # the second stage's network
         if graphs[0] is not None:  # the first stage's graphs were let go before the second's capture

@@ -18,7 +18,7 @@ import torch
 import nasops.spaces
 from nasops.search import SearchError, main, parse_args
 from nasops.spaces import nb201
-from helpers import (assert_same_checkpoint_model, kernel_backends, run_killed_after_epoch, subprocess_env,
+from helpers import (HostReads, assert_same_checkpoint_model, kernel_backends, run_killed_after_epoch, subprocess_env,
                      torchrun_two_ranks)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -456,3 +456,34 @@ def test_synthetic_data_of_any_size_runs(tmp_path):
     assert record["steps"] == 1 and record["samples_per_s"] > 0
     saved = json.loads((tmp_path / "syn" / "genotype.json").read_text())
     assert saved["config"]["dataset"] == "synthetic" and saved["config"]["image_size"] == 12
+
+
+@pytest.mark.parametrize("argv", [_tiny("darts", "{out}", "--method", "darts"),
+                                  _tiny("darts", "{out}", "--method", "darts", "--second-order"),
+                                  _tiny("darts", "{out}", "--method", "midas"),
+                                  _tiny("darts", "{out}", "--method", "hardexit"),
+                                  ["--method", "dasvit", "--space", "vit", "--out", "{out}", *TINY]],
+                         ids=["darts", "darts-second-order", "midas", "hardexit", "dasvit"])
+def test_the_search_loop_reads_values_back_per_epoch_not_per_step(tmp_path, monkeypatch, argv):
+    """A method's step leaves its losses and correct answers on the device and the
+    driver sums them there (with no progress bar shown): a step never waits for the
+    previous one's kernels, so the host runs ahead of a GPU. Counted over the
+    epochs (not the end of the search: hard exit's report reads on purpose) as the
+    host's reads of tensor values (helpers.HostReads); the same for 2 and 4 steps
+    an epoch."""
+    import nasops.search
+
+    counted = HostReads()
+    train_epoch = nasops.search._train_epoch
+
+    def counting(*args, **kwargs):
+        with counted:
+            return train_epoch(*args, **kwargs)
+    monkeypatch.setattr(nasops.search, "_train_epoch", counting)
+    reads = {}
+    for steps in (2, 4):
+        counted.count = 0
+        out = str(tmp_path / str(steps))
+        main([a.replace("{out}", out) for a in argv] + ["--epochs", "3", "--max-steps", str(steps)])
+        reads[steps] = counted.count
+    assert reads[2] == reads[4] > 0, reads

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_same_checkpoint_model, run_killed_after_epoch, subprocess_env, torchrun_two_ranks
+from helpers import HostReads, assert_same_checkpoint_model, run_killed_after_epoch, subprocess_env, torchrun_two_ranks
 import nasops.search
 from nasops import data as datasets
 from nasops import runtime
@@ -627,24 +627,13 @@ def test_memory_format_is_refused_for_token_networks_and_may_change_on_resume(tm
 def test_the_training_loop_reads_values_back_per_epoch_not_per_step(tmp_path):
     """The loss and accuracy sums stay on the device until the epoch ends (with no
     progress bar shown): a step never waits for the previous one's kernels. Counted
-    as the reads of a tensor's value by the host (aten._local_scalar_dense)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountReads(TorchDispatchMode):
-        reads = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                CountReads.reads += 1
-            return func(*args, **(kwargs or {}))
-
+    as the reads of a tensor's value by the host (helpers.HostReads)."""
     genotype = _write_genotype(tmp_path, "nb201")
     reads = {}
     for steps in (2, 4):
-        CountReads.reads = 0
-        with CountReads():
+        with HostReads() as counted:
             main(_tiny(genotype, "nb201", tmp_path / str(steps), "--epochs", "1", "--max-steps", str(steps)))
-        reads[steps] = CountReads.reads
+        reads[steps] = counted.count
     assert reads[2] == reads[4], reads
 
 

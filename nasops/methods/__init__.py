@@ -7,7 +7,8 @@ class with the interface of :class:`nasops.methods.darts.Darts`:
   hook (``begin_epoch``), the architecture as it stands (``describe``), the end
   of the run (``finish``) and its files (``write_outputs``, ``output_patterns``);
 - ``step(train_batch, val_batch) -> StepStats`` — one architecture step on the
-  validation batch, then one weight step on the training batch;
+  validation batch, then one weight step on the training batch; it never reads a
+  device value back (the driver does, once an epoch);
 - ``end_epoch()`` — advances the learning-rate schedule;
 - ``lr`` — the weight learning rate of the current epoch;
 - ``model`` — the network it searches (a method may replace it in ``begin_epoch``);

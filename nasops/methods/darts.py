@@ -63,13 +63,17 @@ class RunContext:
 
 @dataclass
 class StepStats:
-    """Sums over one step's batches (loss summed over samples, so epoch means are exact)."""
+    """Sums over one step's batches (loss summed over samples, so epoch means are
+    exact). The loss and correct-answer sums are 0-d tensors on the method's device,
+    not numbers: reading them back makes the host wait for the step's kernels, so
+    the driver sums them on the device and reads once an epoch (``float(s.val_loss)``
+    reads one)."""
 
-    train_loss: float
-    train_correct: int
+    train_loss: torch.Tensor
+    train_correct: torch.Tensor
     train_count: int
-    val_loss: float
-    val_correct: int
+    val_loss: torch.Tensor
+    val_correct: torch.Tensor
     val_count: int
 
 
@@ -240,8 +244,8 @@ class Darts:
         else:
             val_loss, val_correct = self._arch_step(xv, yv)
         train_loss, train_correct = self._weight_step(xt, yt)
-        return StepStats(train_loss * len(yt), train_correct, len(yt),
-                         val_loss * len(yv), val_correct, len(yv))
+        return StepStats(train_loss.double() * len(yt), train_correct, len(yt),
+                         val_loss.double() * len(yv), val_correct, len(yv))
 
     def end_epoch(self) -> None:
         self.scheduler.step()
@@ -273,7 +277,7 @@ class Darts:
         with self._autocast(dtype):
             logits = self.model(x)
         logits = logits.float()
-        return F.cross_entropy(logits, y), int((logits.argmax(1) == y).sum())
+        return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
 
     def _val_loss(self, x, y, dtype=None):
         """:meth:`_loss` of the architecture step's validation batch (first order: at
@@ -295,7 +299,7 @@ class Darts:
         torch.nn.utils.clip_grad_norm_(self.weights, self.grad_clip)
         self.w_scaler.step(self.w_opt)
         self.w_scaler.update()
-        return loss.item(), correct
+        return loss.detach(), correct
 
     def _arch_step(self, x, y):
         self.a_opt.zero_grad(set_to_none=True)
@@ -311,7 +315,7 @@ class Darts:
             a.grad = g
         self.a_scaler.step(self.a_opt)
         self.a_scaler.update()
-        return loss.item(), correct
+        return loss.detach(), correct
 
     def _arch_step_unrolled(self, xt, yt, xv, yv):
         dtype = torch.bfloat16 if self.amp is not None else None
@@ -336,7 +340,8 @@ class Darts:
         d_alpha, d_w = grads[: len(self.alphas)], grads[len(self.alphas):]
 
         # Finite-difference Hessian-vector product around the real weights w.
-        eps = 0.01 / torch.sqrt(sum((g.float() ** 2).sum() for g in d_w)).clamp_min(1e-12).item()
+        # A 0-d device tensor, not a number: reading it would make the host wait.
+        eps = 0.01 / torch.sqrt(sum((g.float() ** 2).sum() for g in d_w)).clamp_min(1e-12).double()
         alpha_grads = []
         for sign in (1.0, -1.0):
             with torch.no_grad():
@@ -357,7 +362,7 @@ class Darts:
         for a, g, h in zip(self.alphas, d_alpha, hvp):
             a.grad = g - xi * h
         self.a_opt.step()
-        return loss_v.item(), correct
+        return loss_v.detach(), correct
 
     def _kept_grad(self, loss, params) -> list[torch.Tensor]:
         """:func:`_grad` for gradients kept across a later forward or backward (the

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -88,6 +89,17 @@ def plan_stages(depths, keeps, epochs) -> list[Stage]:
     return stages
 
 
+@functools.lru_cache(maxsize=None)
+def _fairness_masks(op_names: tuple[tuple[str, ...], ...], device: torch.device):
+    """(op type masks (T, E, K), skip_connect mask (E, K), skip_connect count) of
+    :func:`fairness_terms`, made once per op set and device: built every step, their
+    host-to-device copies and the count's read would each wait for the queued kernels."""
+    types = torch.tensor([[OP_TYPES.index(op_type(n)) for n in names] for names in op_names], device=device)
+    skip = [[n == "skip_connect" for n in names] for names in op_names]
+    return (torch.stack([types == t for t in range(len(OP_TYPES))]).float(),
+            torch.tensor(skip, device=device, dtype=torch.float32), sum(map(sum, skip)))
+
+
 def split_epochs(epochs: int, stages: int) -> list[int]:
     """``epochs`` split as evenly as possible, later stages taking the remainder."""
     base, extra = divmod(epochs, stages)
@@ -104,12 +116,9 @@ def fairness_terms(weights: torch.Tensor, op_names, *, gamma_min: float, gamma_m
     """
     if weights.dim() != 2 or weights.shape[0] != len(op_names):
         raise ValueError(f"weights: expected shape ({len(op_names)}, K), got {tuple(weights.shape)}")
-    types = torch.tensor([[OP_TYPES.index(op_type(n)) for n in names] for names in op_names],
-                         device=weights.device)
-    masks = torch.stack([types == t for t in range(len(OP_TYPES))]).to(weights.dtype)  # (T, E, K)
-    skip = torch.tensor([[n == "skip_connect" for n in names] for names in op_names],
-                        device=weights.device, dtype=weights.dtype)
-    l1 = (weights * skip).sum() / skip.sum() if skip.sum() > 0 else weights.new_zeros(())
+    masks, skip, skips = _fairness_masks(tuple(map(tuple, op_names)), weights.device)
+    masks, skip = masks.to(weights.dtype), skip.to(weights.dtype)
+    l1 = (weights * skip).sum() / skips if skips else weights.new_zeros(())
     alpha_t = (weights.unsqueeze(0) * masks).sum(-1)  # (T, E)
     present = masks.amax(-1)  # the types each edge has
     per_type = zeta1 * F.relu(alpha_t - gamma_max) + zeta2 * F.relu(gamma_min - alpha_t)

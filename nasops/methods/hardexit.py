@@ -684,8 +684,9 @@ class HardExit(Darts):
     def begin_epoch(self, epoch):
         self.lam = lambda_at(epoch, **self.lambda_schedule)
         n = self.model.num_exits
-        # q, correct per exit, then expected cost, ||delta||^2, samples
-        self._sums = torch.zeros(2 * n + 3, dtype=torch.float64)
+        # q, correct per exit, then expected cost, ||delta||^2, samples; on the device,
+        # read back once, at the epoch's end
+        self._sums = torch.zeros(2 * n + 3, dtype=torch.float64, device=self.device)
 
     def end_epoch(self):
         super().end_epoch()
@@ -693,9 +694,8 @@ class HardExit(Darts):
         if sums is None:
             return
         if self.world_size > 1:
-            reduced = sums.to(self.device)
-            torch.distributed.all_reduce(reduced)
-            sums = reduced.cpu()
+            torch.distributed.all_reduce(sums)
+        sums = sums.cpu()
         n, count = self.model.num_exits, max(sums[-1].item(), 1.0)
         self._epoch_stats = {
             "exit_distribution": (sums[:n] / count).tolist(),
@@ -804,7 +804,8 @@ class HardExit(Darts):
         if x is self._recorded_batch and self._sums is not None:
             with torch.no_grad():
                 correct = torch.stack([(logits.argmax(1) == y).sum() for logits in out.logits])
-                self._sums += torch.cat([parts.q.sum(0).double().cpu(), correct.double().cpu(), torch.stack([
-                    parts.expected_cost * len(y), parts.delta_sq * len(y)]).double().cpu(),
-                    torch.tensor([float(len(y))], dtype=torch.float64)])
-        return parts.loss, int((parts.blended.argmax(1) == y).sum())
+                self._sums += torch.cat([
+                    parts.q.sum(0).double(), correct.double(),
+                    torch.stack([parts.expected_cost, parts.delta_sq]).double() * len(y),
+                    parts.q.new_full((1,), len(y), dtype=torch.float64)])
+        return parts.loss, (parts.blended.argmax(1) == y).sum()
