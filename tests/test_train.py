@@ -626,15 +626,18 @@ def test_memory_format_is_refused_for_token_networks_and_may_change_on_resume(tm
 
 def test_the_training_loop_reads_values_back_per_epoch_not_per_step(tmp_path):
     """The loss and accuracy sums stay on the device until the epoch ends (with no
-    progress bar shown): a step never waits for the previous one's kernels. Counted
-    as the reads of a tensor's value by the host (helpers.HostReads)."""
+    progress bar shown): a step never waits for the previous one's kernels; the
+    evaluation's sums likewise until it ends (batch 32: half the evaluation
+    batches of batch 16). Counted as the reads of a tensor's value by the host
+    (helpers.HostReads)."""
     genotype = _write_genotype(tmp_path, "nb201")
     reads = {}
-    for steps in (2, 4):
+    for steps, batch in ((2, 16), (4, 16), (2, 32)):
         with HostReads() as counted:
-            main(_tiny(genotype, "nb201", tmp_path / str(steps), "--epochs", "1", "--max-steps", str(steps)))
-        reads[steps] = counted.count
-    assert reads[2] == reads[4], reads
+            main(_tiny(genotype, "nb201", tmp_path / f"{steps}-{batch}", "--epochs", "1", "--max-steps", str(steps),
+                       "--batch-size", str(batch)))
+        reads[steps, batch] = counted.count
+    assert reads[2, 16] == reads[4, 16] == reads[2, 32], reads
 
 
 @pytest.mark.slow
