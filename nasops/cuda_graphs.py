@@ -19,8 +19,10 @@ first training calls (:class:`GraphedForward`). What a user should know:
   that needs no gradient itself, no autocast. Every other call (evaluation,
   another shape) runs the network's own forward, as without graphs.
 - One pair of graphs per set of trainable parameters that need grad at the
-  call (its "signature"), captured at the first call with that set: the
-  backward computes exactly those gradients, as eager autograd would. DARTS'
+  call and ``variant`` that a method names (MIDAS: whether its edges record
+  their op weights; the pair is the call's "signature"), captured at the first
+  call with that signature: the backward computes exactly those gradients, as
+  eager autograd would. DARTS'
   architecture step freezes the weights, its weight step the alphas: two
   pairs, so the architecture step's backward skips the weights' gradients
   (device work; on the H200 the graphed step was bound by the device,
@@ -42,6 +44,12 @@ first training calls (:class:`GraphedForward`). What a user should know:
   later pair's buffers may sit in memory an earlier pair's replay writes, and
   a pair's forward may reuse its own gradients' memory): a caller keeping them
   longer must clone them (DARTS' unrolled step does: ``Darts._kept_grad``).
+- A replay runs no Python: what a forward does besides computing tensors
+  (setting an attribute, branching on a flag) happened at the capture only. A
+  forward that hands values out besides its output writes them in place into
+  tensors it keeps from the capture on (MIDAS' recorded op weights,
+  ``MidasEdge.recording``), and a Python switch that changes what the forward
+  computes is part of the signature (``variant``).
 - The capture runs the network a few times (warm-up, on a side stream); the
   buffers (BatchNorm running statistics) are put back afterwards, so a graphed
   search equals an eager one up to the order of floating-point sums. Random
@@ -71,8 +79,10 @@ class GraphedForward:
     (see the module docstring); installed as ``model.forward`` by :func:`graph_network`.
 
     ``trainable``: the parameters whose gradients a graphed backward may compute;
-    a call's signature is which of them need grad then (at least one must), and
-    each signature gets its own graphs. ``pool``: the memory-pool handle they
+    a call's signature is which of them need grad then (at least one must) and
+    what ``variant()`` returns (a hashable: how a method has set the network's
+    Python-side switches, which a replay cannot see; default None), and each
+    signature gets its own graphs. ``pool``: the memory-pool handle they
     share (default: a new one at the first capture). ``capture`` (with
     ``make_graphed_callables``' signature) and ``device_type``: the tests'
     stand-ins, which run on the CPU. Counters ``captures``, ``replayed`` and
@@ -80,15 +90,16 @@ class GraphedForward:
     """
 
     def __init__(self, model: nn.Module, trainable, capture=None, device_type: str = "cuda",
-                 warmup: int = 3, pool=None):
+                 warmup: int = 3, pool=None, variant=None):
         self.model = model
         self.trainable = list(trainable)
+        self.variant = variant or (lambda: None)
         self.capture = capture or torch.cuda.make_graphed_callables
         self.device_type = device_type
         self.warmup = warmup
         self.pool = pool
         self.key = None  # (shape, strides, dtype, device) of the captured input
-        self.graphs = {}  # signature (requires_grad of each trainable) -> graphed forward
+        self.graphs = {}  # signature (requires_grad of each trainable, variant) -> graphed forward
         self.captures = self.replayed = self.eager = 0
 
     def __call__(self, x, *args, **kwargs):
@@ -97,9 +108,10 @@ class GraphedForward:
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
         if self.key is None:
             self.key = key
-        signature = tuple(p.requires_grad for p in self.trainable)
+        trained = tuple(p.requires_grad for p in self.trainable)
+        signature = (trained, self.variant())
         graphed = self.graphs.get(signature)
-        if key != self.key or not any(signature) or (graphed is None and len(self.graphs) >= MAX_GRAPHS):
+        if key != self.key or not any(trained) or (graphed is None and len(self.graphs) >= MAX_GRAPHS):
             return self._eager(x)
         if graphed is None:
             graphed = self.graphs[signature] = self._capture(x)

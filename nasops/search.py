@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: replay the search network's forward and backward from CUDA graphs "
                         "(captured in the first step; nasops.cuda_graphs): the step no longer "
-                        "waits for Python and dispatch. Methods darts and dasvit; not with --compile "
-                        "or --amp")
+                        "waits for Python and dispatch. Methods darts, dasvit and midas; not with "
+                        "--compile or --amp")
     g.add_argument("--recompute-edges", nargs="?", const="all", default=None, type=_cell_count,
                    metavar="CELLS",  # "all" (the flag alone) or a number
                    help="each mixed edge keeps its input and recomputes its ops' outputs in the "

@@ -60,6 +60,8 @@ def test_method_providers():
     assert bench_search_step.method_providers("darts-1st", "cpu", ["nasops", "nasops-graphs",
                                                                   "nasops-graphs-recompute"]) == ["nasops"]
     assert bench_search_step.method_providers("midas", "cuda", ["nasops-nchw", "nasops-graphs"]) == [
+        "nasops-nchw", "nasops-graphs"]
+    assert bench_search_step.method_providers("hardexit", "cuda", ["nasops-nchw", "nasops-graphs"]) == [
         "nasops-nchw"]
     assert bench_search_step.method_providers("darts-1st", "cpu", ["nasops-torch-bn", "nasops-graphs-torch-bn"]) == [
         "nasops-torch-bn"]

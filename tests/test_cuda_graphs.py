@@ -7,9 +7,10 @@ the capture sees and leaves behind, and DARTS and DASViT steps through it. On
 a GPU, the driver's search with real CUDA graphs against the eager one."""
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 import functools
+import math
 from unittest import mock
 
 import pytest
@@ -39,6 +40,24 @@ class _NoHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def _python_side_effects_undone(module):
+    """Every submodule's attributes, and the entries of those that are dicts, bound
+    back after the block to the objects they were bound to before it (what a
+    forward computes into tensors stays)."""
+    saved = [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if type(v) is dict})
+             for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attributes, dicts in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for k, entries in dicts.items():
+                attributes[k].clear()
+                attributes[k].update(entries)
+
+
 def stand_in_capture(record: list):
     """make_graphed_callables on the CPU, as its user sees it: ``num_warmup_iters``
     forward + autograd.grad runs, one more as if captured (reading the RNG state or
@@ -48,7 +67,9 @@ def stand_in_capture(record: list):
     graphs, returns views of static buffers that the next replay, forward or
     backward, overwrites (a forward fills the gradient buffers with NaN: the real
     forward may reuse their memory), and whose backward computes the gradient of
-    every parameter that was trainable at the capture, whichever the call asks for.
+    every parameter that was trainable at the capture, whichever the call asks for,
+    and whose Python side effects are undone (a real replay runs no Python: an
+    attribute a forward sets keeps the value it had).
     The captures of one stand-in share a memory pool: a backward after another
     capture's forward replay fails (the real one would read overwritten activations),
     and any replay fills the other captures' output and gradient buffers with NaN
@@ -93,7 +114,7 @@ def stand_in_capture(record: list):
                 try:
                     for p, t in zip(params, trainable):
                         p.requires_grad_(t)
-                    with torch.enable_grad():
+                    with torch.enable_grad(), _python_side_effects_undone(module):
                         static["graph"] = own(module, x)  # the graph's activations, replaced by each replay
                 finally:
                     for p, f in zip(params, flags):
@@ -195,6 +216,23 @@ def test_each_set_of_trainable_parameters_gets_its_graphs_and_computes_only_its_
     assert [r["replays"] for r in record] == [2, 2]
     for (name, b), (_, b_ref) in zip(net.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(b, b_ref, rtol=0, atol=0, msg=name)
+
+
+def test_each_variant_gets_its_graphs():
+    """A Python-side switch of the network (the method's ``variant``: MIDAS'
+    recording) selects graphs as the trained set does: a call with another value
+    replays the graphs captured with it, never another value's."""
+    net, record = _network(), []
+    switch = {"on": False}
+    graphed = cuda_graphs.graph_network(net, list(net.parameters()), capture=stand_in_capture(record),
+                                        device_type="cpu", variant=lambda: switch["on"])
+    x = torch.randn(4, 3, 8, 8)
+    for on in (False, True, True, False):
+        switch["on"] = on
+        net(x).sum().backward()
+    assert (graphed.captures, graphed.replayed, graphed.eager) == (2, 4, 0)
+    assert [r["replays"] for r in record] == [2, 2] and set(graphed.graphs) == {
+        (tuple(True for _ in net.parameters()), False), (tuple(True for _ in net.parameters()), True)}
 
 
 def test_graphs_beyond_the_limit_run_eagerly(monkeypatch):
@@ -431,7 +469,6 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute,
 @pytest.mark.parametrize("flags, message", [
     (["--compile"], "--cuda-graphs and --compile exclude each other"),
     (["--amp"], "--cuda-graphs and --amp exclude each other"),
-    (["--method", "midas"], "--cuda-graphs: --method midas cannot be graphed"),
     (["--method", "hardexit"], "--cuda-graphs: --method hardexit cannot be graphed"),
 ])
 def test_cuda_graphs_flag_refusals(flags, message, capsys):
@@ -445,14 +482,56 @@ def test_cuda_graphs_need_a_cuda_device(tmp_path):
         main(["--out", str(tmp_path / "run"), *TINY, "--device", "cpu", "--cuda-graphs", "--max-steps", "1"])
 
 
+MIDAS = ["--method", "midas", "--space", "darts", *TINY, "--dataset", "synthetic"]
+
+
+@pytest.mark.parametrize("order", [[], ["--second-order"]], ids=["first-order", "second-order"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
+def test_midas_graphed_by_the_driver_equals_eager(monkeypatch, recompute, order):
+    """MIDAS through the driver's _prepare_network, two epochs of two steps: the
+    architecture step's recording of the op weights (switched on in Python, which a
+    replay does not run) selects its own graphs, and the weights recorded in a
+    replay reach the epoch's statistics: the losses, the network's state and the
+    decoded edge weights equal the eager search's."""
+    records = []
+    _stand_in_for_cuda(monkeypatch, records)
+
+    def search(flags):
+        method, args = _method([*MIDAS, *order, *flags, *(["--recompute-edges"] if recompute else [])], 8)
+        g, losses, weights = torch.Generator().manual_seed(1), [], []
+        for epoch in range(2):
+            method.begin_epoch(epoch)
+            _prepare_network(method, args, torch.device("cpu"))
+            for _ in range(2):
+                batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+                           for _ in range(2)]
+                s = method.step(*batches)
+                losses += [float(s.train_loss), float(s.val_loss)]
+            method.end_epoch()
+            weights += [w for table in method.describe()["edge_weights"].values()
+                        for edge in table for w in edge["ops"].values()]
+        return method, losses, weights
+
+    graphed, graphed_losses, graphed_weights = search(["--cuda-graphs"])
+    eager, eager_losses, eager_weights = search([])
+    # first order: (alphas, recording), (weights); second order: (weights), (both, recording), (alphas)
+    assert [r["replays"] for r in records] == ([4, 4] if not order else [8, 4, 8])
+    assert graphed.graphed.replayed == sum(r["replays"] for r in records) and graphed.graphed.eager == 0
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
+    for (name, t), (_, t_ref) in zip(graphed.model.state_dict().items(), eager.model.state_dict().items()):
+        torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6, msg=name)
+    assert graphed_weights == pytest.approx(eager_weights, rel=1e-5)
+
+
 DARTS_GPU = [*TINY, "--max-steps", "3", "--dataset", "synthetic"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("flags", [DARTS_GPU, [*DARTS_GPU, "--second-order"], [*DARTS_GPU, "--recompute-edges"],
-                                   [*DARTS_GPU, "--recompute-depthwise"], [*VIT, "--max-steps", "2"]],
+                                   [*DARTS_GPU, "--recompute-depthwise"], [*VIT, "--max-steps", "2"],
+                                   [*DARTS_GPU, "--method", "midas"]],
                          ids=["first-order", "second-order", "recompute-edges", "recompute-depthwise",
-                              "dasvit-two-stages"])
+                              "dasvit-two-stages", "midas"])
 def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, flags):
     """The driver's search on CUDA, graphed against eager (with --recompute-edges:
     both): losses, and the network's state after the last step, each tensor within

@@ -99,7 +99,8 @@ class Darts:
     evaluation_keys: tuple[str, ...] = ()
     # --cuda-graphs (nasops.cuda_graphs): whether a step may replay the network's
     # training calls from CUDA graphs. DARTS' may (and DASViT's, whose new stage's
-    # network the driver graphs anew): it calls only self.model(x), each training
+    # network the driver graphs anew, and MIDAS', see graph_variant): it calls only
+    # self.model(x), each training
     # forward is followed by its backward before the next forward, and what a
     # backward returns is used before the next one overwrites it, or copied
     # (_kept_grad: the unrolled step).
@@ -198,8 +199,14 @@ class Darts:
         a network replaced since (a new stage's) is released first."""
         if self.graphed is not None:
             self.graphed.release()
-        self.graphed = cuda_graphs.graph_network(self.model, self.weights + self.alphas)
+        self.graphed = cuda_graphs.graph_network(self.model, self.weights + self.alphas, variant=self.graph_variant)
         return self.graphed
+
+    def graph_variant(self):
+        """What, besides the trained parameters, selects a call's graphs under
+        --cuda-graphs (a hashable): a Python-side switch of the network that changes
+        what its forward computes, which a replay would not see. DARTS has none."""
+        return None
 
     def arch_penalty(self) -> torch.Tensor | None:
         """A regulariser added to the architecture loss of every architecture step

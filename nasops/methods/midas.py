@@ -177,9 +177,8 @@ class MidasEdge(MixedEdge):
     Built from a space's :class:`MixedEdge` (:meth:`replacing`), keeping its op
     modules. ``channels`` is the edge's channel count C (input and output: the
     DARTS cell preprocesses its inputs to C; a stride-2 edge halves the map,
-    not the channels). While ``record`` is set, ``recorded`` keeps the last
-    ``w`` (detached) and ``recorded_map`` its (output height, width, grid) for
-    the method's statistics.
+    not the channels). While ``record`` is set, a forward copies its ``w`` for
+    the method's statistics: :meth:`recording` reads it back.
     """
 
     def __init__(self, op_names, ops, channels: int, *, dim: int, grid: tuple[int, int], tau: float):
@@ -192,8 +191,10 @@ class MidasEdge(MixedEdge):
         self.zero_key = nn.Parameter(torch.zeros(dim)) if any(self._is_zero) else None
         self.zero_index = self.op_names.index(ZERO_OP) if ZERO_OP in self.op_names else None
         self.record = False
-        self.recorded: torch.Tensor | None = None
-        self.recorded_map: tuple[int, int, tuple[int, int]] | None = None
+        # w's shape -> (the last recorded w, (output height, width, grid)). Written in
+        # place and never dropped: under --cuda-graphs a replay writes the copy into the
+        # buffer that the capture's forward used, without running this code.
+        self._recordings: dict[torch.Size, tuple[torch.Tensor, tuple[int, int, tuple[int, int]]]] = {}
 
     @classmethod
     def replacing(cls, edge: MixedEdge, channels: int, **config) -> "MidasEdge":
@@ -215,9 +216,21 @@ class MidasEdge(MixedEdge):
         y, w = nasops.ops.patch_attention_mixed_op(x, outputs, self.Wq, self.Wk, grid, prior,
                                                    self.tau, zero_key=self.zero_key)
         if self.record:
-            self.recorded = w.detach()
-            self.recorded_map = (ref.shape[2], ref.shape[3], grid)
+            if w.shape not in self._recordings:
+                self._recordings[w.shape] = (torch.empty_like(w, memory_format=torch.contiguous_format),
+                                             (ref.shape[2], ref.shape[3], grid))
+            self._recordings[w.shape][0].copy_(w.detach())
         return y, w
+
+    def recording(self, batch: int) -> tuple[torch.Tensor, tuple[int, int, tuple[int, int]]]:
+        """(``w`` (B, P, K), (output height, width, grid)) of the last forward of a
+        batch of ``batch`` samples while ``record`` was set. One map size per batch
+        size: which of two recordings is the last, a graph replay would not tell."""
+        found = [kept for shape, kept in self._recordings.items() if shape[0] == batch]
+        if len(found) != 1:
+            raise ValueError(f"batch: {len(found)} recordings of {batch} samples (shapes "
+                             f"{[tuple(s) for s in self._recordings]}); expected one")
+        return found[0]
 
 
 def edge_strength(mean_weights: torch.Tensor, zero_index: int | None) -> torch.Tensor:
@@ -425,9 +438,10 @@ class Midas(Darts):
     name = "midas"
     spaces = SPACES
     output_patterns = ("cell_*.png", "weights_*.png", "midas_*.json", "midas_*.png")
-    # Not graphed: the architecture step switches its edges' recording of the op
-    # weights on and off in Python around the forward, which a replay would not see.
-    cuda_graphs = False
+    # Graphed (--cuda-graphs) as DARTS' is: the edges' recording, which the
+    # architecture step switches on in Python, is part of the graphs' signature
+    # (graph_network), and a recording edge copies its weights into a buffer it
+    # keeps, which a replay writes again.
 
     def __init__(self, model, *, decode_batches: int | None = None, mosaic_edge: tuple[str, str] | None = None,
                  **darts_kwargs):
@@ -588,14 +602,19 @@ class Midas(Darts):
                 sums["argmax"][t] = zeros(E, K)
         return sums
 
-    def _per_sample(self, cell_type: str) -> torch.Tensor | None:
-        """(B, E, K) float64: the recorded weights of each sample, averaged over
-        patches and over the cells of ``cell_type``; None if the type has no cells."""
+    def _per_sample(self, cell_type: str, batch: int) -> torch.Tensor | None:
+        """(B, E, K) float64: the recorded weights of each sample of the last batch of
+        ``batch`` samples, averaged over patches and over the cells of ``cell_type``;
+        None if the type has no cells."""
         cells = self._cells[cell_type]
         if not cells:
             return None
-        per_cell = [torch.stack([edge.recorded.mean(dim=1) for edge in cell.edges], dim=1) for cell in cells]
+        per_cell = [torch.stack([edge.recording(batch)[0].mean(dim=1) for edge in cell.edges], dim=1)
+                    for cell in cells]
         return torch.stack(per_cell).mean(dim=0).double()
+
+    def graph_variant(self) -> bool:
+        return self._edges[0].record  # _recording switches every edge
 
     @contextlib.contextmanager
     def _recording(self):
@@ -606,14 +625,13 @@ class Midas(Darts):
         finally:
             for edge in self._edges:
                 edge.record = False
-                edge.recorded = None
 
     def _val_loss(self, x, y, dtype=None):
         with self._recording():
             result = super()._val_loss(x, y, dtype)
             for t in self.model.cell_types:
                 self._running["count"][t] += len(y)
-                per_sample = self._per_sample(t)
+                per_sample = self._per_sample(t, len(y))
                 if per_sample is not None:
                     self._running["total"][t] += per_sample.sum(dim=0)
         return result
@@ -642,7 +660,7 @@ class Midas(Darts):
                     for t in model.cell_types:
                         sums["count"][t] += len(y)
                         sums["class_count"][t] += torch.bincount(labels, minlength=run.data.num_classes)
-                        per_sample = self._per_sample(t)
+                        per_sample = self._per_sample(t, len(y))
                         if per_sample is None:
                             continue
                         sums["total"][t] += per_sample.sum(dim=0)
@@ -660,8 +678,8 @@ class Midas(Darts):
 
     def _mosaic(self, x, y, cell_type, edge_index) -> dict:
         edge = self._cells[cell_type][0].edges[edge_index]
-        picks = edge.recorded[:MOSAIC_IMAGES].float().cpu().argmax(dim=-1)  # (n, P)
-        height, width, grid = edge.recorded_map
+        recorded, (height, width, grid) = edge.recording(len(y))
+        picks = recorded[:MOSAIC_IMAGES].float().cpu().argmax(dim=-1)  # (n, P)
         names = edge.op_names
         summary = {"edge": f"{cell_type}:{self.model.edge_names(cell_type)[edge_index]}", "cell_type": cell_type,
                    "grid": list(grid), "map_size": [height, width],
