@@ -425,6 +425,24 @@ VIT = ["--space", "vit", "--method", "dasvit", "--embed-dim", "16", "--patch-siz
        "--stage-keep", "3", "--batch-size", "8", "--epochs", "2", "--quiet", "--dataset", "synthetic"]
 
 
+def _two_epochs(method, args, after_epoch):
+    """Two epochs of two steps of ``method`` as the driver runs them (the network
+    prepared after each ``begin_epoch``), on 8 images 8x8 a batch from one seed:
+    (the steps' losses, what ``after_epoch()`` returned at each epoch's end)."""
+    g, losses, seen = torch.Generator().manual_seed(1), [], []
+    for epoch in range(2):
+        method.begin_epoch(epoch)
+        _prepare_network(method, args, torch.device("cpu"))
+        for _ in range(2):
+            batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+                       for _ in range(2)]
+            s = method.step(*batches)
+            losses += [float(s.train_loss), float(s.val_loss)]
+        method.end_epoch()
+        seen.append(after_epoch())
+    return losses, seen
+
+
 @pytest.mark.parametrize("order", [[], ["--second-order"]], ids=["first-order", "second-order"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute-edges"])
 def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute, order):
@@ -437,18 +455,8 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute,
 
     def search(flags):
         method, args = _method([*VIT, *order, *flags, *(["--recompute-edges"] if recompute else [])], 8)
-        g, losses, networks, graphs = torch.Generator().manual_seed(1), [], [], []
-        for epoch in range(2):
-            method.begin_epoch(epoch)
-            _prepare_network(method, args, torch.device("cpu"))
-            networks.append(method.model)
-            graphs.append(method.graphed)
-            for _ in range(2):
-                batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
-                           for _ in range(2)]
-                s = method.step(*batches)
-                losses += [float(s.train_loss), float(s.val_loss)]
-            method.end_epoch()
+        losses, seen = _two_epochs(method, args, lambda: (method.model, method.graphed))
+        networks, graphs = zip(*seen)
         assert networks[0] is not networks[1]  # the second stage's network
         if graphs[0] is not None:  # the first stage's graphs were let go before the second's capture
             assert "forward" not in networks[0].__dict__ and graphs[0].graphs == {}
@@ -498,19 +506,9 @@ def test_midas_graphed_by_the_driver_equals_eager(monkeypatch, recompute, order)
 
     def search(flags):
         method, args = _method([*MIDAS, *order, *flags, *(["--recompute-edges"] if recompute else [])], 8)
-        g, losses, weights = torch.Generator().manual_seed(1), [], []
-        for epoch in range(2):
-            method.begin_epoch(epoch)
-            _prepare_network(method, args, torch.device("cpu"))
-            for _ in range(2):
-                batches = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
-                           for _ in range(2)]
-                s = method.step(*batches)
-                losses += [float(s.train_loss), float(s.val_loss)]
-            method.end_epoch()
-            weights += [w for table in method.describe()["edge_weights"].values()
-                        for edge in table for w in edge["ops"].values()]
-        return method, losses, weights
+        losses, tables = _two_epochs(method, args, lambda: method.describe()["edge_weights"])
+        return method, losses, [w for epoch in tables for table in epoch.values() for edge in table
+                                for w in edge["ops"].values()]
 
     graphed, graphed_losses, graphed_weights = search(["--cuda-graphs"])
     eager, eager_losses, eager_weights = search([])
