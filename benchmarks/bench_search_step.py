@@ -27,7 +27,7 @@ Providers (PROVIDERS; add one with a line):
   not its input): what that layer saves in memory, and whether it costs time
   (the same kernels, one C++ autograd node); ``nasops-graphs-torch-bn``: the
   same with --cuda-graphs (the device's time, once the host no longer hides it);
-- ``nasops-graphs`` (CUDA; methods whose ``cuda_graphs`` is true): the same with
+- ``nasops-graphs`` (CUDA): the same with
   --cuda-graphs, the network's forward and backward replayed from CUDA graphs;
   ``nasops-graphs-recompute``: with --recompute-edges too (``-dw``: --recompute-depthwise;
   ``-large``: as ``nasops-recompute-large``); ``nasops-graphs-nhwc``: in
@@ -187,17 +187,16 @@ def method_providers(method: str, device_kind: str, chosen: list[str] | None) ->
     """The providers to run for ``method``: ``chosen`` (--providers) or the default
     set of its kind of network. A token network has no layout: there the layout
     providers stand for the plain ones (LAYOUT_PROVIDERS: eager-nchw, eager-nhwc ->
-    eager; nasops-nchw, nasops-nhwc -> nasops; nasops-graphs-nhwc -> nasops-graphs). The graphed providers run on CUDA for the
-    methods that can be graphed (``cuda_graphs``), and are left out elsewhere; the
-    ``-large`` ones (the cells through the first reduction) only on DARTS-space networks."""
+    eager; nasops-nchw, nasops-nhwc -> nasops; nasops-graphs-nhwc -> nasops-graphs). The graphed
+    providers run on CUDA only, the ``-large`` ones (the cells through the first reduction) only on
+    DARTS-space networks."""
     kind = METHODS[method]["kind"]
     chosen = list(DEFAULT_PROVIDERS[(kind, device_kind)]) if chosen is None else chosen
     if kind == "tokens":
         chosen = [LAYOUT_PROVIDERS.get(p, p) for p in chosen]
     if "--layers" not in method_flags(method):
         chosen = [p for p in chosen if "<first stage>" not in PROVIDERS[p]]
-    flags = METHODS[method]["flags"]
-    if device_kind != "cuda" or not methods.get(flags[flags.index("--method") + 1]).cuda_graphs:
+    if device_kind != "cuda":
         chosen = [p for p in chosen if p not in GRAPHED_PROVIDERS]
     return list(dict.fromkeys(chosen))
 

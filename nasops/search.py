@@ -184,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: replay the search network's forward and backward from CUDA graphs "
                         "(captured in the first step; nasops.cuda_graphs): the step no longer "
-                        "waits for Python and dispatch. Methods darts, dasvit and midas; not with "
-                        "--compile or --amp")
+                        "waits for Python and dispatch. Not with --compile or --amp")
     g.add_argument("--recompute-edges", nargs="?", const="all", default=None, type=_cell_count,
                    metavar="CELLS",  # "all" (the flag alone) or a number
                    help="each mixed edge keeps its input and recomputes its ops' outputs in the "
@@ -262,10 +261,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"{torch.__version__} (older torch.compile cannot trace the search networks); "
                      f"run without --compile, or with --cuda-graphs on CUDA")
     if args.cuda_graphs:
-        if not method.cuda_graphs:
-            graphed = ", ".join(name for name, cls in methods.METHODS.items() if cls.cuda_graphs)
-            parser.error(f"--cuda-graphs: --method {args.method} cannot be graphed (see nasops.methods."
-                         f"{args.method}); graphed are the methods {graphed}")
         if args.compile:
             parser.error("--cuda-graphs and --compile exclude each other: on CUDA --compile replays CUDA graphs "
                          "itself (mode=reduce-overhead)")

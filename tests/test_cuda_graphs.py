@@ -13,6 +13,7 @@ import functools
 import math
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -80,8 +81,16 @@ def stand_in_capture(record: list):
     def overwrite_the_others(own):
         for other in captured:
             if other is not own:
-                for buffer in [other["out"], *other["grads"]]:
+                for buffer in [*other["outs"], *other["grads"]]:
                     buffer.fill_(float("nan"))
+
+    def outputs(out):  # a tensor or a tuple of tensors, as make_graphed_callables takes
+        return out if isinstance(out, tuple) else (out,)
+
+    def backward(outs, wanted, grads, allow_unused):
+        differentiable = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        return torch.autograd.grad([o for o, _ in differentiable], wanted, [g for _, g in differentiable],
+                                   allow_unused=allow_unused)
 
     def capture(module, sample_args, num_warmup_iters, allow_unused_input, pool=None):
         params = tuple(module.parameters())
@@ -90,19 +99,20 @@ def stand_in_capture(record: list):
         record.append(entry)
         wanted = [p for p in params if p.requires_grad]
         for _ in range(num_warmup_iters):
-            out = module(*sample_args)
-            torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=allow_unused_input)
+            outs = outputs(module(*sample_args))
+            backward(outs, wanted, [torch.ones_like(o) for o in outs], allow_unused_input)
         buffers = [b.clone() for b in module.buffers()]
         with mock.patch.object(base, "_graph_capturing", lambda device: True), \
                 mock.patch.object(torch, "get_rng_state", side_effect=RuntimeError("RNG state read while capturing")), \
                 _NoHostSync():
             out = module(*sample_args)
-            torch.autograd.grad(out, wanted, torch.ones_like(out), allow_unused=allow_unused_input)
+            backward(outputs(out), wanted, [torch.ones_like(o) for o in outputs(out)], allow_unused_input)
         with torch.no_grad():  # a capture runs no kernel: the captured run leaves the statistics alone
             for b, before in zip(module.buffers(), buffers):
                 b.copy_(before)
         own = type(module).forward
-        static = {"out": torch.empty_like(out), "grads": [torch.empty_like(p) for p in wanted]}
+        single = not isinstance(out, tuple)
+        static = {"outs": [torch.empty_like(o) for o in outputs(out)], "grads": [torch.empty_like(p) for p in wanted]}
         captured.append(static)
 
         class Replay(torch.autograd.Function):
@@ -115,18 +125,19 @@ def stand_in_capture(record: list):
                     for p, t in zip(params, trainable):
                         p.requires_grad_(t)
                     with torch.enable_grad(), _python_side_effects_undone(module):
-                        static["graph"] = own(module, x)  # the graph's activations, replaced by each replay
+                        static["graph"] = outputs(own(module, x))  # the graph's activations, replaced by each replay
                 finally:
                     for p, f in zip(params, flags):
                         p.requires_grad_(f)
-                static["out"].copy_(static["graph"].detach())
+                for buffer, o in zip(static["outs"], static["graph"]):
+                    buffer.copy_(o.detach())
                 for buffer in static["grads"]:
                     buffer.fill_(float("nan"))
-                return static["out"].detach()
+                return tuple(buffer.detach() for buffer in static["outs"])
 
             @staticmethod
             @torch.autograd.function.once_differentiable
-            def backward(ctx, grad):
+            def backward(ctx, *grads):
                 if pool_user[0] is not static:
                     raise RuntimeError("stand-in: another graph's forward replayed between this graph's "
                                        "forward and backward (shared pool: its activations are overwritten)")
@@ -135,11 +146,11 @@ def stand_in_capture(record: list):
                 try:
                     for p in wanted:
                         p.requires_grad_(True)
-                    grads = torch.autograd.grad(static["graph"], wanted, grad, allow_unused=True)
+                    computed = backward(static["graph"], wanted, grads, True)
                 finally:
                     for p, f in zip(wanted, flags):
                         p.requires_grad_(f)
-                for buffer, g in zip(static["grads"], grads):
+                for buffer, g in zip(static["grads"], computed):
                     if g is None:
                         buffer.zero_()
                     else:
@@ -149,7 +160,8 @@ def stand_in_capture(record: list):
 
         def replay(x):
             entry["replays"] += 1
-            return Replay.apply(x, *params)
+            outs = Replay.apply(x, *params)
+            return outs[0] if single else outs
         module.forward = replay
         return module
     return capture
@@ -311,6 +323,7 @@ def _method(argv, image_size: int, device: str = "cpu"):
         in_channels, num_classes = 3, 10
 
     Data.image_size = image_size
+    Data.images = torch.zeros(1, 3, image_size, image_size)  # the shape of an image (hard exit's network)
     cls = methods.get(args.method)
     model = cls.build_model(args, Data()).to(device)
     return cls.from_args(model, args, device=torch.device(device), amp=None), args
@@ -477,7 +490,6 @@ def test_dasvit_stages_graphed_by_the_driver_equal_eager(monkeypatch, recompute,
 @pytest.mark.parametrize("flags, message", [
     (["--compile"], "--cuda-graphs and --compile exclude each other"),
     (["--amp"], "--cuda-graphs and --amp exclude each other"),
-    (["--method", "hardexit"], "--cuda-graphs: --method hardexit cannot be graphed"),
 ])
 def test_cuda_graphs_flag_refusals(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -521,15 +533,50 @@ def test_midas_graphed_by_the_driver_equals_eager(monkeypatch, recompute, order)
     assert graphed_weights == pytest.approx(eager_weights, rel=1e-5)
 
 
+HARDEXIT = ["--method", "hardexit", "--space", "darts", *TINY, "--dataset", "synthetic"]
+
+
+@pytest.mark.parametrize("order", [[], ["--second-order"]], ids=["first-order", "second-order"])
+@pytest.mark.parametrize("lam", ["0", "0.5"], ids=["warm-up", "compute-pressure"])
+def test_hardexit_graphed_by_the_driver_equals_eager(monkeypatch, lam, order):
+    """Hard exit through the driver's _prepare_network, two epochs of two steps: the
+    step's forward_exits (not the network's forward) replays from graphs of a module
+    that returns its outputs as a tuple (ForwardExits), in the warm-up (lambda 0: the
+    stop logits detached) and under the compute pressure: the losses, the network's
+    state, the EMA and the epoch's exit statistics equal the eager search's; the
+    network itself stays ungraphed (evaluation_model deep-copies it)."""
+    records = []
+    _stand_in_for_cuda(monkeypatch, records)
+    flags = ["--warmup-epochs", "0" if lam != "0" else "2", "--lambda-target", lam if lam != "0" else "0.5"]
+
+    def search(graphs):
+        method, args = _method([*HARDEXIT, *order, *flags, *graphs], 8)
+        losses, stats = _two_epochs(method, args, lambda: method.describe())
+        return method, losses, [v for epoch in stats for key in ("expected_cost", "delta_alpha_sq", "exit_distribution",
+                                                                  "exit_accuracy") for v in np.atleast_1d(epoch[key])]
+
+    graphed, graphed_losses, graphed_stats = search(["--cuda-graphs"])
+    eager, eager_losses, eager_stats = search([])
+    assert [r["replays"] for r in records] == ([4, 4] if not order else [8, 4, 8])
+    assert graphed.graphed.eager == 0 and "forward" not in graphed.model.__dict__
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert graphed_stats == pytest.approx(eager_stats, rel=1e-5, abs=1e-8)
+    for (name, t), (_, t_ref) in zip(graphed.model.state_dict().items(), eager.model.state_dict().items()):
+        torch.testing.assert_close(t, t_ref, rtol=1e-5, atol=1e-6, msg=name)
+    for name, t in graphed.ema.items():
+        torch.testing.assert_close(t, eager.ema[name], rtol=1e-5, atol=1e-6, msg=f"ema {name}")
+    copy.deepcopy(graphed.model)  # evaluation_model's copy
+
+
 DARTS_GPU = [*TINY, "--max-steps", "3", "--dataset", "synthetic"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("flags", [DARTS_GPU, [*DARTS_GPU, "--second-order"], [*DARTS_GPU, "--recompute-edges"],
                                    [*DARTS_GPU, "--recompute-depthwise"], [*VIT, "--max-steps", "2"],
-                                   [*DARTS_GPU, "--method", "midas"]],
+                                   [*DARTS_GPU, "--method", "midas"], [*DARTS_GPU, "--method", "hardexit"]],
                          ids=["first-order", "second-order", "recompute-edges", "recompute-depthwise",
-                              "dasvit-two-stages", "midas"])
+                              "dasvit-two-stages", "midas", "hardexit"])
 def test_cuda_graphs_search_equals_eager_on_the_gpu(tmp_path, flags):
     """The driver's search on CUDA, graphed against eager (with --recompute-edges:
     both): losses, and the network's state after the last step, each tensor within
@@ -633,12 +680,14 @@ def _train_on_the_stand_in(monkeypatch, record):
 
 
 @pytest.mark.parametrize("space,flags", [("nb201", ["--layers", "1"]),
-                                         ("darts", ["--auxiliary-weight", "0", "--drop-path", "0"])])
+                                         ("darts", ["--auxiliary-weight", "0", "--drop-path", "0"]),
+                                         ("darts", ["--auxiliary-weight", "0.4", "--drop-path", "0"])],
+                         ids=["nb201", "darts", "darts-auxiliary-head"])
 def test_train_graphed_through_the_stand_in_equals_eager(tmp_path, monkeypatch, space, flags):
     """The train command's --cuda-graphs: one capture, every training step a replay,
     evaluation eager; the run equals the eager one (drop-path 0: a graphed run draws
-    its masks from the graphs' own offsets; the auxiliary head's pair of outputs is
-    what the stand-in cannot return, the GPU test below has it)."""
+    its masks from the graphs' own offsets), with the auxiliary head's pair of
+    outputs too."""
     import nasops.train
     record = []
     _train_on_the_stand_in(monkeypatch, record)

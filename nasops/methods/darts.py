@@ -97,14 +97,13 @@ class Darts:
     # Flags that an evaluation of a finished run (``evaluation_checkpoint``) takes
     # from its own command line; every other setting comes from the checkpoint.
     evaluation_keys: tuple[str, ...] = ()
-    # --cuda-graphs (nasops.cuda_graphs): whether a step may replay the network's
-    # training calls from CUDA graphs. DARTS' may (and DASViT's, whose new stage's
-    # network the driver graphs anew, and MIDAS', see graph_variant): it calls only
-    # self.model(x), each training
-    # forward is followed by its backward before the next forward, and what a
-    # backward returns is used before the next one overwrites it, or copied
-    # (_kept_grad: the unrolled step).
-    cuda_graphs = True
+    # --cuda-graphs (nasops.cuda_graphs) may replay every method's training calls
+    # from CUDA graphs: a step calls the network (DARTS, DASViT, MIDAS: self.model(x);
+    # hard exit: graph_network's module), each training forward is followed by its
+    # backward before the next forward, what a backward returns is used before the
+    # next one overwrites it, or copied (_kept_grad: the unrolled step), and a Python
+    # switch that changes what the forward computes is a graph_variant (MIDAS').
+    # DASViT's new stage's network is graphed anew by the driver.
     graphed = None  # its GraphedForward once graph_network ran
 
     def __init__(self, model: torch.nn.Module, *, epochs: int, device: torch.device,
@@ -190,16 +189,17 @@ class Darts:
         point compiles that one."""
         self.model.compile(**options)
 
-    def graph_network(self):
-        """--cuda-graphs: replay the training calls of ``self.model`` from CUDA graphs
-        (:mod:`nasops.cuda_graphs`), one pair per set of parameters a step trains
-        (alphas, weights, both); the driver calls it once per network, as
-        :meth:`compile_network`.
+    def graph_network(self, module: torch.nn.Module | None = None):
+        """--cuda-graphs: replay the training calls of ``self.model`` (or of ``module``,
+        which runs it: hard exit's) from CUDA graphs (:mod:`nasops.cuda_graphs`), one
+        pair per set of parameters a step trains (alphas, weights, both); the driver
+        calls it once per network, as :meth:`compile_network`.
         ``self.graphed`` holds the :class:`~nasops.cuda_graphs.GraphedForward`; that of
         a network replaced since (a new stage's) is released first."""
         if self.graphed is not None:
             self.graphed.release()
-        self.graphed = cuda_graphs.graph_network(self.model, self.weights + self.alphas, variant=self.graph_variant)
+        self.graphed = cuda_graphs.graph_network(self.model if module is None else module,
+                                                 self.weights + self.alphas, variant=self.graph_variant)
         return self.graphed
 
     def graph_variant(self):

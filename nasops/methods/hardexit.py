@@ -153,6 +153,34 @@ class ExitOutputs:
     delta: dict
 
 
+class ForwardExits(nn.Module):
+    """``network.forward_exits`` as a module whose forward returns a tuple of tensors
+    (the exits' logits, the stop logits, the deltas per cell type), what CUDA graphs
+    replay (--cuda-graphs: ``torch.cuda.make_graphed_callables`` graphs a module's
+    forward); :meth:`outputs` makes the :class:`ExitOutputs` again. Its training
+    mode is the network's."""
+
+    def __init__(self, network: "HardExitNetwork"):
+        super().__init__()
+        self.network = network
+
+    @property
+    def training(self) -> bool:
+        return self.network.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        pass  # nn.Module sets it in __init__ and train(): the network's own is the one read
+
+    def forward(self, x) -> tuple[torch.Tensor, ...]:
+        out = self.network.forward_exits(x)
+        return (*out.logits, out.stop_logits, *out.delta.values())
+
+    def outputs(self, flat) -> ExitOutputs:
+        n = self.network.num_exits
+        return ExitOutputs(list(flat[:n]), flat[n], dict(zip(self.network.cell_types, flat[n + 1:])))
+
+
 class HardExitNetwork(nn.Module):
     """A search network with a controller, exit heads and stop heads (module doc).
 
@@ -550,9 +578,6 @@ class HardExit(Darts):
     name = "hardexit"
     spaces = ("darts", "nb201", "rdarts-s1", "rdarts-s2", "rdarts-s3", "rdarts-s4")
     output_patterns = Darts.output_patterns + REPORT_FILES
-    # Not graphed: the step calls the network's forward_exits, not forward (what
-    # nasops.cuda_graphs replaces), and evaluation_model deep-copies the network.
-    cuda_graphs = False
     # Flags an --evaluate-only run takes from its command line; everything else
     # that decides the computation comes from the checkpoint's config.
     evaluation_keys = ("evaluate_only", "checkpoint", "tau_s_grid", "tau_c_grid", "temperature_grid",
@@ -786,11 +811,18 @@ class HardExit(Darts):
         finally:
             self._recorded_batch = None
 
+    # --compile and --cuda-graphs: the step calls forward_exits, not forward. What runs
+    # it instead is held by the method, not set on the network: a deep copy of the
+    # network (evaluation_model) must run its own weights, not those of the network
+    # the compiled function or the graphs were made for.
     def compile_network(self, **options):
-        # The step calls forward_exits, not forward. Held by the method, not set
-        # on the network: a deep copy of it (evaluation_model) must run its own
-        # weights, not this compiled function's network.
         self._forward_exits = torch.compile(self.model.forward_exits, **options)
+
+    def graph_network(self):
+        exits = ForwardExits(self.model)
+        graphed = super().graph_network(exits)
+        self._forward_exits = lambda x: exits.outputs(exits(x))
+        return graphed
 
     _forward_exits = None
 

@@ -438,11 +438,6 @@ class Midas(Darts):
     name = "midas"
     spaces = SPACES
     output_patterns = ("cell_*.png", "weights_*.png", "midas_*.json", "midas_*.png")
-    # Graphed (--cuda-graphs) as DARTS' is: the edges' recording, which the
-    # architecture step switches on in Python, is part of the graphs' signature
-    # (graph_network), and a recording edge copies its weights into a buffer it
-    # keeps, which a replay writes again.
-
     def __init__(self, model, *, decode_batches: int | None = None, mosaic_edge: tuple[str, str] | None = None,
                  **darts_kwargs):
         super().__init__(model, **darts_kwargs)
@@ -614,6 +609,9 @@ class Midas(Darts):
         return torch.stack(per_cell).mean(dim=0).double()
 
     def graph_variant(self) -> bool:
+        """--cuda-graphs: whether the edges record their op weights (the architecture
+        step switches it on in Python; a recording edge copies its weights into a
+        buffer it keeps, which the replay of the recording graphs writes again)."""
         return self._edges[0].record  # _recording switches every edge
 
     @contextlib.contextmanager
