@@ -183,6 +183,26 @@ def test_recomputed_selection_has_the_gradients_of_the_direct_one(autocast):
         assert torch.equal(g_r, g_d)
 
 
+def test_selection_hands_the_op_contiguous_queries_and_keys_of_the_selector(monkeypatch):
+    """q = x W[:C]^T and k = x W[C:]^T (DASViT's W_Q and W_K in one C x 2C selector),
+    each its own contiguous tensor: a strided half of one product would be copied by
+    the op's kernels in the forward, the recomputation and the backward."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 9, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
+    seen = []
+    topk_tokens = nasops.ops.topk_tokens
+
+    def recording(x, q, k, *args, **kwargs):
+        seen.append((q, k))
+        return topk_tokens(x, q, k, *args, **kwargs)
+    monkeypatch.setattr(nasops.ops, "topk_tokens", recording)
+    vit.select_tokens(x, weight, 0.5, "straight_through")
+    (q, k), = seen
+    assert q.is_contiguous() and k.is_contiguous()
+    torch.testing.assert_close(q, x @ weight[:16].T)
+    torch.testing.assert_close(k, x @ weight[16:].T)
+
+
 def test_recomputed_selection_gradcheck_with_the_sigmoid_gate():
     torch.manual_seed(0)
     x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)

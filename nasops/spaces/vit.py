@@ -268,7 +268,10 @@ class VitMixedEdge(RecomputableEdge):
 def select_tokens(x, weight, ratio, gate):
     """(x_sel (B, keep, C), idx (B, keep)): the tokens of ``x`` that :func:`nasops.ops.topk_tokens`
     keeps with the queries and keys ``x @ weight.T`` split in two (CLS kept), gated."""
-    q, k = F.linear(x, weight).to(x.dtype).chunk(2, dim=-1)
+    # Two products rather than one split in two: a half of one (B, N, 2C) product is a
+    # strided view, which the op's kernels would copy (forward, recomputation, backward).
+    C = x.shape[-1]
+    q, k = F.linear(x, weight[:C]).to(x.dtype), F.linear(x, weight[C:]).to(x.dtype)
     x_sel, idx, _ = nasops.ops.topk_tokens(x, q, k, ratio, keep_cls=True, gate=gate)
     return x_sel, idx
 
