@@ -205,10 +205,11 @@ step_bench() {
 }
 stage_graphs() {
   local t start
-  if t=$(budget "graphs tests" 150 30); then
+  if t=$(budget "graphs tests" 180 30); then
     start=$SECONDS
-    # the CUDA tests only (-k on_the_gpu): the file's CPU tests run in CI
-    timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider -k on_the_gpu tests/test_cuda_graphs.py \
+    # the CUDA tests only (-k on_the_gpu): the file's CPU tests run in CI; in parallel
+    # (~20 tests, each its own searches or training runs, every method's)
+    timeout "$t" python3 -m pytest -v -rfE -p no:cacheprovider "${XDIST[@]}" -k on_the_gpu tests/test_cuda_graphs.py \
       > "$OUT/graphs-tests.log" 2>&1
     summary "graphs tests: rc=$? ($((SECONDS - start)) s): $(tail -1 "$OUT/graphs-tests.log")"
   fi
