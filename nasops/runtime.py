@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,31 @@ def progress_bar(total: int, desc: str, show: bool):
 
     return tqdm(total=total, desc=desc, disable=None if show else True, leave=False, unit="step",
                 dynamic_ncols=True)
+
+
+class EpochProgress:
+    """An epoch's :func:`progress_bar` whose figures are read at most every
+    ``every`` seconds and at the last step: a loop keeps its sums on the device,
+    and each read of them waits for the queued kernels, so reading every step
+    would keep the host from running ahead of a GPU. ``start``: when the epoch
+    began (its time is measured from there)."""
+
+    def __init__(self, steps: int, desc: str, show: bool, every: float = 0.5):
+        self.bar = progress_bar(steps, desc, show)
+        self.steps, self.every = steps, every
+        self.start = self.shown = time.perf_counter()
+
+    def step(self, step: int, figures) -> None:
+        """Step ``step`` (from 0) done; ``figures(seconds since start)`` -> the bar's
+        postfix, called only when the bar is drawn and due."""
+        now = time.perf_counter()
+        if not self.bar.disable and (now - self.shown >= self.every or step + 1 == self.steps):
+            self.shown = now
+            self.bar.set_postfix(**figures(now - self.start))
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _summary_writer_class():

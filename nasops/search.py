@@ -453,12 +453,17 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
     model.train()
     lr = method.lr
     # The loss and correct-answer sums stay on the device, read back only for a shown
-    # progress bar (at most twice a second) and at the epoch's end: read every step,
-    # the host would wait for each step's kernels before launching the next step's.
+    # progress bar (runtime.EpochProgress) and at the epoch's end: read every step, the
+    # host would wait for each step's kernels before launching the next step's.
     device_sums = torch.zeros(4, dtype=torch.float64, device=device)  # train loss, correct; val loss, correct
     train_count = val_count = 0
-    start = shown = time.perf_counter()
-    bar = runtime.progress_bar(steps, f"epoch {epoch + 1}/{args.epochs}", show)
+
+    def figures(seconds):
+        loss, acc, _, val_acc = device_sums.tolist()
+        return dict(loss=f"{loss / train_count:.3f}", acc=f"{acc / train_count:.3f}",
+                    val_acc=f"{val_acc / val_count:.3f}",
+                    samples_s=f"{world_size * (train_count + val_count) / seconds:.0f}")
+    progress = runtime.EpochProgress(steps, f"epoch {epoch + 1}/{args.epochs}", show)
     fmt = runtime.memory_format(args, device)
     batches = ((_in_format(t, fmt), _in_format(v, fmt))
                for t, v in zip(train_loader.epoch(epoch), val_loader.epoch(epoch)))
@@ -467,19 +472,12 @@ def _train_epoch(args, epoch, steps, method, train_loader, val_loader, world_siz
         device_sums += torch.stack([s.train_loss, s.train_correct, s.val_loss, s.val_correct]).double()
         train_count += s.train_count
         val_count += s.val_count
-        now = time.perf_counter()
-        if not bar.disable and (now - shown >= 0.5 or step + 1 == steps):
-            shown = now
-            loss, acc, _, val_acc = device_sums.tolist()
-            bar.set_postfix(loss=f"{loss / train_count:.3f}", acc=f"{acc / train_count:.3f}",
-                            val_acc=f"{val_acc / val_count:.3f}",
-                            samples_s=f"{world_size * (train_count + val_count) / (now - start):.0f}")
-        bar.update()
-    bar.close()
+        progress.step(step, figures)
+    progress.close()
     loss, correct, val_loss, val_correct = device_sums.tolist()
     sums = torch.tensor([loss, correct, train_count, val_loss, val_correct, val_count], dtype=torch.float64)
     sums = runtime.end_epoch_on_ranks(sums, model, world_size, device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - progress.start
     method.end_epoch()
     return {
         "epoch": epoch + 1,

@@ -689,14 +689,17 @@ def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, 
 
     network.train()
     # The loss and correct answers are summed on the device and read back only for a
-    # shown progress bar (at most twice a second) and at the epoch's end: read every
+    # shown progress bar (runtime.EpochProgress) and at the epoch's end: read every
     # step, the host would wait for each step's kernels before launching the next
     # step's (and augmenting its batch), which CUDA graphs make short.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
-    start = shown = time.perf_counter()
-    bar = runtime.progress_bar(steps, f"epoch {epoch + 1}/{args.epochs}", show)
+
+    def figures(seconds):
+        return dict(loss=f"{loss_sum.item() / count:.3f}", acc=f"{correct.item() / count:.3f}",
+                    samples_s=f"{world_size * count / seconds:.0f}")
+    progress = runtime.EpochProgress(steps, f"epoch {epoch + 1}/{args.epochs}", show)
     for step, (x, y) in zip(range(steps), loader.epoch(epoch)):
         x = datasets.augment(x, generator=augment_rng, crop_padding=args.crop_padding, flip=args.flip,
                              cutout=args.cutout, fill=train_data.black)
@@ -707,16 +710,11 @@ def _train_epoch(args, epoch, steps, network, model, optimizer, scaler, loader, 
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         count += len(y)
-        now = time.perf_counter()
-        if not bar.disable and (now - shown >= 0.5 or step + 1 == steps):
-            shown = now
-            bar.set_postfix(loss=f"{loss_sum.item() / count:.3f}", acc=f"{correct.item() / count:.3f}",
-                            samples_s=f"{world_size * count / (now - start):.0f}")
-        bar.update()
-    bar.close()
+        progress.step(step, figures)
+    progress.close()
     sums = torch.tensor([loss_sum.item(), correct.item(), count], dtype=torch.float64)
     sums = runtime.end_epoch_on_ranks(sums, model, world_size, device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - progress.start
     return {"epoch": epoch + 1, "train_loss": (sums[0] / sums[2]).item(), "train_acc": (sums[1] / sums[2]).item(),
             "lr": lr, "drop_path": drop_prob, "steps": steps, "time": seconds,
             "samples_per_s": sums[2].item() / seconds}

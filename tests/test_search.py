@@ -292,6 +292,31 @@ def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal
     assert "epoch 1/1: train loss" in capsys.readouterr().out
 
 
+def test_epoch_progress_reads_its_figures_at_most_twice_a_second_and_at_the_last_step(monkeypatch):
+    """runtime.EpochProgress (both loops' bar): the figures, whose reads wait for the
+    device, are asked for only when 0.5 s have passed since the last drawing or the
+    epoch's last step is done, with the seconds since the epoch began."""
+    from nasops import runtime
+
+    clock = iter([10.0, 10.1, 10.3, 10.6, 10.7, 10.8])  # the start, then after each of 5 steps
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(clock))
+    progress = runtime.EpochProgress(5, "epoch 1/1", show=True)
+
+    class Bar:
+        disable, updates, postfixes = False, 0, []
+
+        def update(self):
+            Bar.updates += 1
+
+        def set_postfix(self, **figures):
+            Bar.postfixes.append(figures)
+    progress.bar = Bar()
+    asked = []
+    for step in range(5):
+        progress.step(step, lambda seconds: asked.append(round(seconds, 6)) or {"step": step})
+    assert asked == [0.6, 0.8] and Bar.postfixes == [{"step": 2}, {"step": 4}] and Bar.updates == 5
+
+
 def test_missing_cifar_batches_are_named(tmp_path):
     with pytest.raises(SearchError, match="data_batch_1"):
         main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
