@@ -438,6 +438,7 @@ class Midas(Darts):
     name = "midas"
     spaces = SPACES
     output_patterns = ("cell_*.png", "weights_*.png", "midas_*.json", "midas_*.png")
+
     def __init__(self, model, *, decode_batches: int | None = None, mosaic_edge: tuple[str, str] | None = None,
                  **darts_kwargs):
         super().__init__(model, **darts_kwargs)
