@@ -181,8 +181,10 @@ def run_killed_after_epoch(module: str, argv, epoch: int) -> None:
 
 def unshared_ops(net: torch.nn.Module) -> torch.nn.Module:
     """A copy of the search network ``net`` in which every edge has its own
-    parameter-free op modules again, as before ``spaces.base.share_ops``: each
-    edge then runs them itself (the reference for the shared ones)."""
+    parameter-free op modules again, as before ``spaces.base.share_ops``, and
+    every op computes its own ReLU of the edge's input, as before
+    ``spaces.base.SharedReLU``: each edge then runs them itself (the reference
+    for the shared ones)."""
     import copy
     ref = copy.deepcopy(net)
     for cell in ref.cells:
@@ -190,6 +192,7 @@ def unshared_ops(net: torch.nn.Module) -> torch.nn.Module:
             for i, op in enumerate(edge.ops):
                 if next(op.parameters(), None) is None:
                     edge.ops[i] = copy.deepcopy(op)
+            edge._takes_relu = [False] * len(edge.ops)
     return ref
 
 

@@ -420,7 +420,7 @@ class _TwoOutputEdge(RecomputableEdge):
         super().__init__()
         self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
 
-    def _mix(self, x, weights, kept=()):
+    def _mix(self, x, weights, kept=(), shared=None):
         y = self.conv(x)
         return y * weights[0], (y * y).mean(dim=(1, 2, 3))
 

@@ -1,6 +1,7 @@
 """nasops.spaces: the search networks, their genotypes, the NB201 table and the pictures."""
 from __future__ import annotations
 
+import collections
 import json
 import math
 from pathlib import Path
@@ -513,17 +514,60 @@ def test_shared_pools_run_once_per_state_and_forward():
     assert len(calls) == 3 * 5  # 3 cells, each reading 5 states (14 edges)
 
 
-@pytest.mark.parametrize("space,recompute", [("darts", False), ("darts", True), ("nb201", False),
-                                             ("rdarts-s4", False)])
-def test_sharing_pools_changes_no_value(space, recompute):
-    """The network with shared pools against a copy whose edges run their own: the
-    same logits, gradients (weights and alphas) and BatchNorm running statistics,
-    in float64. rdarts-s4's noise op is not shared: both draw the same noise."""
+@pytest.mark.parametrize("space,recompute,layout", [
+    ("darts", False, "contiguous"), ("darts", True, "contiguous"), ("darts", "depthwise", "contiguous"),
+    ("darts", False, "channels_last"), ("nb201", False, "contiguous"), ("rdarts-s4", False, "contiguous")])
+def test_sharing_pools_and_relus_changes_no_value(space, recompute, layout):
+    """The network with shared pools and ReLUs against a copy whose edges run
+    their own pools and whose ops their own ReLUs: the same logits, gradients
+    (weights and alphas) and BatchNorm running statistics, in float64; with
+    --recompute-edges (the shared ReLU then stays within each edge), with
+    --recompute-depthwise, and in channels_last, where the C++ depthwise kernel
+    computes the ReLU itself. rdarts-s4's noise op is not shared: both draw the
+    same noise."""
+    from nasops.spaces.operations import set_recompute_depthwise
     torch.manual_seed(0)
-    net = tiny(space).double()
+    fmt = getattr(torch, layout + "_format" if layout == "contiguous" else layout)
+    net = tiny(space).double().to(memory_format=fmt)
     ref = unshared_ops(net)
-    net.set_recompute_edges(recompute)
-    assert_same_forward_and_backward(net, ref, torch.randn(3, 3, 8, 8, dtype=torch.float64))
+    if recompute == "depthwise":
+        set_recompute_depthwise(net)
+    else:
+        net.set_recompute_edges(recompute)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64).contiguous(memory_format=fmt)
+    assert_same_forward_and_backward(net, ref, x)
+
+
+@pytest.mark.parametrize("layout,relus", [("contiguous", 105), ("channels_last", 10)])
+def test_relu_of_a_state_runs_once_for_its_edges(layout, relus):
+    """The tiny DARTS network (3 cells: normal, reduce, reduce; 14 edges each,
+    5 states with edges) in float32. Channels-first, where PyTorch convolves,
+    each cell runs 35 ReLUs: its 2 preprocessing ones, the second ReLU of its 28
+    SepConvs, and one for each state, shared by the 4 convolutions of every
+    edge from it (and a reduction cell's stride-2 skips, FactorizedReduce): 105,
+    against 274 with a ReLU per op. In channels_last the C++ depthwise kernel
+    computes the ReLU as it reads its input: 2 per cell remain, and 2 per
+    reduction cell for its FactorizedReduce skips (one per state): 10, not 22.
+    A ReLU backward for each."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func.overloadpacket] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    fmt = getattr(torch, layout + "_format" if layout == "contiguous" else layout)
+    net = tiny("darts").to(memory_format=fmt)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=fmt)
+    with Count() as count:
+        net(x).sum().backward()
+    assert count.calls[torch.ops.aten.relu] == relus
+    assert count.calls[torch.ops.aten.threshold_backward] == relus
 
 
 def test_share_ops_refuses_ops_that_differ():

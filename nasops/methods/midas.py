@@ -205,9 +205,9 @@ class MidasEdge(MixedEdge):
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.Wq, self.Wk] + ([self.zero_key] if self.zero_key is not None else [])
 
-    def _mix(self, x, prior=None, kept=()):
+    def _mix(self, x, prior=None, kept=(), shared=None):
         # forward (RecomputableEdge's): this, or its recomputing Function under --recompute-edges
-        outputs = self.op_outputs(x, kept)
+        outputs = self.op_outputs(x, kept, shared)
         ref = next(o for o in outputs if o is not None)
         grid = (min(self.grid[0], ref.shape[2]), min(self.grid[1], ref.shape[3]))
         # x itself when no cast is needed: the op then sees that the skip op's output

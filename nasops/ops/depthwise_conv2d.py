@@ -78,6 +78,19 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
         return fwd(x, weight, stride, padding, dilation, relu_input)
 
 
+def runs_pytorch(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,
+                 backend: str | None = None) -> bool:
+    """Whether :func:`depthwise_conv2d` runs PyTorch's expression on these
+    tensors under ``backend`` (no nasops kernel applies; see the module
+    docstring). There ``relu_input`` computes relu(x) as a map of its own, which
+    a caller convolving several kernels over one input may compute once and
+    convolve with ``relu_input=False`` instead (nasops.spaces.base.SharedReLU);
+    a kernel computes the ReLU as it reads x and keeps no such map. Checks the
+    arguments as :func:`depthwise_conv2d` does."""
+    stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
+    return _kernels(backend, x, weight, stride, padding, dilation) is None
+
+
 class PlannedDepthwiseConv2d:
     """:func:`depthwise_conv2d` with its arguments checked and its kernel chosen
     once, for tensors like ``x`` and ``weight`` (device, dtype, layout, autocast

@@ -14,7 +14,7 @@ import nasops.ops
 class RecomputableEdge(nn.Module):
     """A mixed edge whose op outputs may be recomputed in the backward.
 
-    A subclass computes the edge in ``_mix(x, weights, kept=())`` (and leaves
+    A subclass computes the edge in ``_mix(x, weights, kept=(), shared=None)`` (and leaves
     ``forward`` alone: :func:`set_recompute_edges` counts only edges whose
     forward is this one, so an edge that bypasses it is never reported as
     recomputing). ``_mix`` returns a tensor or a tuple of tensors. With
@@ -35,7 +35,10 @@ class RecomputableEdge(nn.Module):
     def forward(self, x, weights=None, shared=None):
         """The edge on ``x``. ``shared``: a dict that a cell passes to every edge
         reading the same state, through which they share the outputs of the ops
-        they share (:func:`share_ops`); ``None``: the edge computes all its ops."""
+        they share (:func:`share_ops`, :class:`SharedReLU`); ``None``: the edge
+        computes all its ops. A recomputing edge shares only its kept ops' outputs:
+        a ReLU shared with other edges would be kept for the backward, outside the
+        recomputation."""
         kept = None if shared is None else self._kept_outputs(x, shared)
         if self.recompute and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
@@ -47,7 +50,7 @@ class RecomputableEdge(nn.Module):
             if kept is None:
                 kept = self._kept_outputs(x, None)
             return _RecomputedEdge.apply(self, len(kept), x, weights, *kept, *self.parameters())
-        return self._mix(x, weights, kept or ())
+        return self._mix(x, weights, kept or (), shared)
 
     def _kept_ops(self) -> list[nn.Module]:
         """The ops a recomputing edge does not recompute: they run once, in the
@@ -60,7 +63,7 @@ class RecomputableEdge(nn.Module):
         an edge with ops to share overrides this)."""
         return [op(x) for op in self._kept_ops()]
 
-    def _mix(self, x, weights, kept=()):
+    def _mix(self, x, weights, kept=(), shared=None):
         raise NotImplementedError
 
 
@@ -316,6 +319,8 @@ class MixedEdge(RecomputableEdge):
         self.op_names = list(op_names)
         self.ops = nn.ModuleList([op if op is not None else nn.Identity() for op in ops])
         self._is_zero = [op is None for op in ops]
+        # Candidates that start with a ReLU of the edge's input and take it shared (SharedReLU).
+        self._takes_relu = [getattr(op, "takes_shared_relu", False) for op in ops]
         # Recomputing, the parameter-free candidates keep their outputs (see the class docstring).
         self._kept = [op is not None and next(op.parameters(), None) is None for op in ops]
         # Per kept candidate: its name if the edges of one state share it (share_ops), else None.
@@ -342,16 +347,63 @@ class MixedEdge(RecomputableEdge):
             outs.append(out)
         return outs
 
-    def op_outputs(self, x, kept=()) -> list[torch.Tensor | None]:
+    def op_outputs(self, x, kept=(), shared=None) -> list[torch.Tensor | None]:
         """The candidates' outputs on ``x`` in one dtype (``None`` for the Zero op);
-        ``kept``: those of the kept candidates (:meth:`_kept_ops`), computed before."""
+        ``kept``: those of the kept candidates (:meth:`_kept_ops`), computed before;
+        ``shared``: see :meth:`RecomputableEdge.forward`."""
         reuse, kept = bool(kept), iter(kept)  # without recomputation nothing was computed before
-        outs = [None if zero else next(kept) if keep and reuse else op(x)
-                for op, zero, keep in zip(self.ops, self._is_zero, self._kept)]
+        relu = self._shared_relu(x, shared)
+        outs = [None if zero else next(kept) if keep and reuse else op(x, relu) if takes_relu else op(x)
+                for op, zero, keep, takes_relu in zip(self.ops, self._is_zero, self._kept, self._takes_relu)]
         return one_dtype(outs, x.device.type)
 
-    def _mix(self, x, weights, kept=()):
-        return nasops.ops.mixed_op(self.op_outputs(x, kept), weights)
+    def _shared_relu(self, x, shared) -> SharedReLU | None:
+        """The :class:`SharedReLU` of ``x`` for this edge's candidates: that of
+        every edge reading ``x`` (kept in ``shared``) while autograd records,
+        which keeps the ReLU's map for the backward anyway; otherwise this
+        edge's own, so that no map outlives the edge without a reason."""
+        if not any(self._takes_relu):
+            return None
+        if shared is None or not torch.is_grad_enabled():
+            return SharedReLU(x)
+        relu = shared.get(SharedReLU)
+        if relu is None or relu.x is not x:
+            relu = shared[SharedReLU] = SharedReLU(x)
+        return relu
+
+    def _mix(self, x, weights, kept=(), shared=None):
+        return nasops.ops.mixed_op(self.op_outputs(x, kept, shared), weights)
+
+
+class SharedReLU:
+    """relu(x) for the candidates of the edges reading one cell state, computed
+    when first asked for and handed out again after that (``__call__``).
+
+    DARTS' SepConv, DilConv and FactorizedReduce and NB201's ReLUConvBN start with a
+    ReLU of the edge's input, each its own, and every edge from one state reads
+    the same input: a DARTS cell computed 56 ReLUs of its 5 states (64 in a
+    reduction cell), an NB201 cell 12 of 3. Where PyTorch's convolution runs
+    (CUDA under 'auto', channels-first maps on the CPU, ``--backend eager``),
+    each of those ReLUs is a kernel in the forward and one in the backward, and
+    its map is kept for the backward by the convolution after it. The
+    candidates take this object (``op(x, relu)``, when their class sets
+    ``takes_shared_relu``) and call it only where they need the map: nasops'
+    depthwise kernels compute the ReLU as they read x
+    (:func:`nasops.ops.depthwise_conv2d.runs_pytorch`), so on their path the
+    ReLU never runs. The gradients of its uses meet before one ReLU backward
+    instead of after several: the same values up to the order of a sum.
+    """
+
+    __slots__ = ("x", "_y")
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self._y = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._y is None:
+            self._y = torch.relu(self.x)
+        return self._y
 
 
 def one_dtype(outputs, device_type: str):

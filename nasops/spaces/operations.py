@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import nasops.ops
 from nasops.backend import check_backend_name, extension_loaded
-from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d
+from nasops.ops import reference
+from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d, runs_pytorch
 from nasops.spaces.base import RecomputableEdge, _autocast, _autocast_state, _wanted_input_grads
 
 DARTS_OPS = (
@@ -111,7 +112,10 @@ def use_torch_batch_norm(net: nn.Module) -> int:
 
 
 class ReLUConvBN(nn.Module):
-    """ReLU -> Conv -> BN (the DARTS preprocessing and conv building block)."""
+    """ReLU -> Conv -> BN (the DARTS preprocessing and conv building block).
+    ``relu``: the input's ReLU shared with other ops (nasops.spaces.base.SharedReLU)."""
+
+    takes_shared_relu = True
 
     def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True, conv_bias=False):
         super().__init__()
@@ -121,8 +125,11 @@ class ReLUConvBN(nn.Module):
             batch_norm(C_out, affine),
         )
 
-    def forward(self, x):
-        return self.op(x)
+    def forward(self, x, relu=None):
+        if relu is None:
+            return self.op(x)
+        _, conv, bn = self.op
+        return bn(conv(relu()))
 
 
 class ReLUDepthwiseConv2d(nn.Conv2d):
@@ -141,7 +148,13 @@ class ReLUDepthwiseConv2d(nn.Conv2d):
         super().__init__(C, C, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=C,
                          bias=False)
 
-    def forward(self, x):
+    def forward(self, x, relu=None):
+        """``relu``: x's ReLU shared with other ops (nasops.spaces.base.SharedReLU),
+        convolved where PyTorch's convolution runs; a nasops kernel reads x."""
+        if relu is not None and runs_pytorch(x, self.weight, stride=self.stride, padding=self.padding,
+                                             dilation=self.dilation, backend=self.backend):
+            return reference.depthwise_conv2d(relu(), self.weight, self.stride, self.padding, self.dilation,
+                                              relu_input=False)
         return nasops.ops.depthwise_conv2d(x, self.weight, stride=self.stride, padding=self.padding,
                                            dilation=self.dilation, relu_input=True, backend=self.backend)
 
@@ -203,11 +216,20 @@ class _SeparableOp(_ReadsUnfusedStateDicts):
     """
 
     recompute_depthwise = False
+    takes_shared_relu = True
 
-    def forward(self, x):
+    def forward(self, x, relu=None):
+        """``relu``: x's ReLU shared with other ops (nasops.spaces.base.SharedReLU),
+        for the first depthwise layer; unused when recomputing (the pairs keep x)."""
         if self.recompute_depthwise and torch.is_grad_enabled():
             return _run_recomputing_depthwise(self.op, x)
-        return self.op(x)
+        if relu is None:
+            return self.op(x)
+        layers = iter(self.op)
+        x = next(layers)(x, relu)
+        for layer in layers:
+            x = layer(x)
+        return x
 
 
 def set_recompute_depthwise(net: nn.Module, enabled: bool = True) -> int:
@@ -332,6 +354,8 @@ class FactorizedReduce(nn.Module):
     same result for even sizes and ``ceil(H/2)`` rows on both paths for odd sizes.
     """
 
+    takes_shared_relu = True  # ``relu``: see ReLUConvBN
+
     def __init__(self, C_in, C_out, affine=True):
         super().__init__()
         if C_out % 2:
@@ -341,8 +365,8 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
         self.bn = batch_norm(C_out, affine)
 
-    def forward(self, x):
-        x = self.relu(x)
+    def forward(self, x, relu=None):
+        x = self.relu(x) if relu is None else relu()
         shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 

@@ -241,9 +241,10 @@ class VitMixedEdge(RecomputableEdge):
         # W_Q and W_K of the selection, one C x 2C matrix; only where there is something to save.
         self.selector = nn.Linear(dim, 2 * dim, bias=False) if token_ratio < 1.0 and len(self.ops) else None
 
-    def _mix(self, x, weights, kept=()):
+    def _mix(self, x, weights, kept=(), shared=None):
         """``x`` (B, N, C); ``weights`` (K,) or per sample (B, K); ``kept`` is empty
-        (a token edge keeps no op's output when recomputing)."""
+        (a token edge keeps no op's output when recomputing) and ``shared`` unused
+        (no token op shares anything with another edge's)."""
         if self.selector is None:
             outputs = [None if n == "none" else x if n == "skip_connect" else self.ops[_module_key(n)](x)
                        for n in self.op_names]
