@@ -175,3 +175,63 @@ def test_op_without_autograd_is_the_forward():
         y = torch.ops.nasops.affine_free_batch_norm(x, mean, var, 0.1, 1e-5)
     assert torch.equal(y, torch.nn.functional.batch_norm(x, ref_mean, ref_var, training=True))
     assert torch.equal(mean, ref_mean) and torch.equal(var, ref_var)
+
+
+_FILLS = {torch.ops.aten.zeros_like, torch.ops.aten.ones_like, torch.ops.aten.zeros, torch.ops.aten.ones,
+          torch.ops.aten.full, torch.ops.aten.fill_, torch.ops.aten.zero_, torch.ops.aten.new_zeros,
+          torch.ops.aten.new_ones}
+
+
+def _fills_in_backward(bn, x) -> int:
+    """How many tensors of constants the layer's backward makes (fill-like ATen calls)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Fills.count += func.overloadpacket in _FILLS
+            return func(*args, **(kwargs or {}))
+
+    y = bn(x)
+    dy = torch.randn_like(y)
+    with Fills():
+        torch.autograd.grad(y, x, dy)
+    return Fills.count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_makes_its_zero_mean_and_unit_invstd_once(dtype):
+    """The backward hands native_batch_norm_backward a mean of zeros and an invstd
+    of ones (those of y). They are made once per device, dtype and channel count
+    and kept, not by every backward: on a GPU each would be a kernel, ~3,000 a
+    DARTS search step. 11 channels: a size no other test here uses."""
+    bn = AffineFreeBatchNorm2d(11).to(dtype)
+    x = torch.randn(3, 11, 4, 4, dtype=dtype, requires_grad=True)
+    _fills_in_backward(bn, x)  # the first backward of this kind may make them
+    assert _fills_in_backward(bn, x) == 0
+    assert _fills_in_backward(AffineFreeBatchNorm2d(11).to(dtype), x) == 0  # any layer of the kind
+
+
+def test_fake_tensors_never_meet_the_kept_statistics():
+    """A backward traced with fake tensors (torch.compile, opcheck) makes its own
+    statistics, and never keeps them: after it a real backward of the same size
+    is right, and a fake one after a real one takes no real tensor (which
+    FakeTensorMode would refuse)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    C = 13  # a size no other test here uses
+
+    def grad(bn, x, dy):
+        return torch.autograd.grad(bn(x), x, dy)[0]
+
+    def fake_grad():
+        with FakeTensorMode():
+            x = torch.randn(2, C, 3, 3, dtype=torch.float64, requires_grad=True)
+            assert grad(AffineFreeBatchNorm2d(C).double(), x, torch.randn_like(x)).shape == x.shape
+
+    fake_grad()
+    x = torch.randn(2, C, 3, 3, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    torch.testing.assert_close(grad(AffineFreeBatchNorm2d(C).double(), x, dy),
+                               grad(nn.BatchNorm2d(C, affine=False).double(), x, dy), rtol=1e-12, atol=1e-12)
+    fake_grad()
