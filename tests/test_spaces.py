@@ -26,6 +26,7 @@ RDARTS_JSON = ROOT / "nasops" / "spaces" / "data" / "rdarts_spaces.json"
 
 BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
 ALL_SKIP = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|"
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 # Tiny networks: a thread pool costs more than it gains (conftest.py).
@@ -527,7 +528,7 @@ def test_sharing_pools_and_relus_changes_no_value(space, recompute, layout):
     same noise."""
     from nasops.spaces.operations import set_recompute_depthwise
     torch.manual_seed(0)
-    fmt = getattr(torch, layout + "_format" if layout == "contiguous" else layout)
+    fmt = FORMATS[layout]
     net = tiny(space).double().to(memory_format=fmt)
     ref = unshared_ops(net)
     if recompute == "depthwise":
@@ -561,7 +562,7 @@ def test_relu_of_a_state_runs_once_for_its_edges(layout, relus):
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
-    fmt = getattr(torch, layout + "_format" if layout == "contiguous" else layout)
+    fmt = FORMATS[layout]
     net = tiny("darts").to(memory_format=fmt)
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=fmt)
     with Count() as count:
