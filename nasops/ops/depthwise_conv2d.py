@@ -66,29 +66,22 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding
     """
     stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
     kernels = _kernels(backend, x, weight, stride, padding, dilation)
+    return _convolve(kernels, (stride, padding, dilation, relu_input), x, weight)
+
+
+def _convolve(kernels, geometry, x, weight):
+    """The convolution with autograd: ``kernels`` (forward, backward), or PyTorch's
+    expression where they are None; ``geometry`` (stride, padding, dilation, relu_input)."""
     if kernels is None:
-        return reference.depthwise_conv2d(x, weight, stride, padding, dilation, relu_input)
+        return reference.depthwise_conv2d(x, weight, *geometry)
     fwd, bwd = kernels
     if torch.compiler.is_compiling():
         # The registered op: traced as one node, with the fake and autograd rules below.
-        return fwd(x, weight, stride, padding, dilation, relu_input)
+        return fwd(x, weight, *geometry)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _DepthwiseConv2d.apply((fwd, bwd), (stride, padding, dilation, relu_input), x, weight)
+        return _DepthwiseConv2d.apply(kernels, geometry, x, weight)
     with torch._C._AutoDispatchBelowAutograd():
-        return fwd(x, weight, stride, padding, dilation, relu_input)
-
-
-def runs_pytorch(x: torch.Tensor, weight: torch.Tensor, *, stride=1, padding=0, dilation=1,
-                 backend: str | None = None) -> bool:
-    """Whether :func:`depthwise_conv2d` runs PyTorch's expression on these
-    tensors under ``backend`` (no nasops kernel applies; see the module
-    docstring). There ``relu_input`` computes relu(x) as a map of its own, which
-    a caller convolving several kernels over one input may compute once and
-    convolve with ``relu_input=False`` instead (nasops.spaces.base.SharedReLU);
-    a kernel computes the ReLU as it reads x and keeps no such map. Checks the
-    arguments as :func:`depthwise_conv2d` does."""
-    stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
-    return _kernels(backend, x, weight, stride, padding, dilation) is None
+        return fwd(x, weight, *geometry)
 
 
 class PlannedDepthwiseConv2d:
@@ -96,9 +89,11 @@ class PlannedDepthwiseConv2d:
     once, for tensors like ``x`` and ``weight`` (device, dtype, layout, autocast
     state): for a caller that runs the same convolution again in a backward
     (``--recompute-depthwise``, nasops.spaces.operations) without checking its
-    arguments and resolving the backend again. Without autograd: :meth:`__call__`
-    gives the output, :meth:`vjp` the output and its vector-Jacobian product.
-    Arguments as for :func:`depthwise_conv2d`.
+    arguments and resolving the backend again, or that asks first whether a kernel
+    runs (``kernels`` None: PyTorch's expression, which computes ``relu_input``'s
+    ReLU as a map of its own; nasops.spaces.base.SharedReLU). With autograd:
+    :meth:`apply`; without: :meth:`__call__` gives the output, :meth:`vjp` the
+    output and its vector-Jacobian product. Arguments as for :func:`depthwise_conv2d`.
     """
 
     __slots__ = ("geometry", "kernels")
@@ -108,6 +103,10 @@ class PlannedDepthwiseConv2d:
         stride, padding, dilation = _checked_geometry(x, weight, stride, padding, dilation)
         self.geometry = (stride, padding, dilation, relu_input)
         self.kernels = _kernels(backend, x, weight, stride, padding, dilation)
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The convolution as :func:`depthwise_conv2d` computes it, autograd included."""
+        return _convolve(self.kernels, self.geometry, x, weight)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The convolution's output, recorded by no autograd graph."""

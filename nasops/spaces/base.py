@@ -388,9 +388,9 @@ class SharedReLU:
     its map is kept for the backward by the convolution after it. The
     candidates take this object (``op(x, relu)``, when their class sets
     ``takes_shared_relu``) and call it only where they need the map: nasops'
-    depthwise kernels compute the ReLU as they read x
-    (:func:`nasops.ops.depthwise_conv2d.runs_pytorch`), so on their path the
-    ReLU never runs. The gradients of its uses meet before one ReLU backward
+    depthwise kernels compute the ReLU as they read x (where
+    :class:`~nasops.ops.depthwise_conv2d.PlannedDepthwiseConv2d` finds kernels),
+    so on their path the ReLU never runs. The gradients of its uses meet before one ReLU backward
     instead of after several: the same values up to the order of a sum.
     """
 

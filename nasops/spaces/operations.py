@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import nasops.ops
 from nasops.backend import check_backend_name, extension_loaded
 from nasops.ops import reference
-from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d, runs_pytorch
+from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d
 from nasops.spaces.base import RecomputableEdge, _autocast, _autocast_state, _wanted_input_grads
 
 DARTS_OPS = (
@@ -151,12 +151,14 @@ class ReLUDepthwiseConv2d(nn.Conv2d):
     def forward(self, x, relu=None):
         """``relu``: x's ReLU shared with other ops (nasops.spaces.base.SharedReLU),
         convolved where PyTorch's convolution runs; a nasops kernel reads x."""
-        if relu is not None and runs_pytorch(x, self.weight, stride=self.stride, padding=self.padding,
-                                             dilation=self.dilation, backend=self.backend):
-            return reference.depthwise_conv2d(relu(), self.weight, self.stride, self.padding, self.dilation,
-                                              relu_input=False)
-        return nasops.ops.depthwise_conv2d(x, self.weight, stride=self.stride, padding=self.padding,
-                                           dilation=self.dilation, relu_input=True, backend=self.backend)
+        if relu is None:
+            return nasops.ops.depthwise_conv2d(x, self.weight, stride=self.stride, padding=self.padding,
+                                               dilation=self.dilation, relu_input=True, backend=self.backend)
+        planned = self.planned(x)  # checked once, whichever path runs
+        if planned.kernels is None:
+            stride, padding, dilation, _ = planned.geometry
+            return reference.depthwise_conv2d(relu(), self.weight, stride, padding, dilation, relu_input=False)
+        return planned.apply(x, self.weight)
 
     def planned(self, x) -> PlannedDepthwiseConv2d:
         """The layer's convolution planned for tensors like ``x``."""
