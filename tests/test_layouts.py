@@ -211,9 +211,24 @@ def test_mixed_op_fake_strides_and_opcheck(ops, layout):
     torch.library.opcheck(backward, (g, detached, w.detach(), [2, 2], True, True))
 
 
+@pytest.mark.parametrize("ops", mix_variants(), ids=lambda ops: ops[0].name())
+@pytest.mark.parametrize("batch", [2, 0])
+def test_mixed_op_grad_w_is_contiguous_for_strided_weights(ops, batch):
+    """Per-patch weights that are a view (a MIDAS edge could permute its logits) get a
+    contiguous grad w from every kernel and from the fake: inductor checks a compiled
+    backward's strides against the fake's (it failed on this before the fake agreed)."""
+    forward, backward = ops
+    outputs = [torch.randn(batch, 3, 5, 6, device=DEVICE) for _ in range(2)]
+    w = torch.randn(2, 4, batch, device=DEVICE).permute(2, 1, 0)  # (B, P, K), strides (1, 2, 8)
+    g = torch.randn(batch, 3, 5, 6, device=DEVICE)
+    _, grad_w = _same_strides(backward, [g, outputs, w, [2, 2], True, True])
+    assert grad_w.is_contiguous()
+    torch.library.opcheck(backward, (g, outputs, w, [2, 2], True, True))
+
+
 @pytest.mark.parametrize("ops", patch_variants(), ids=lambda ops: ops[0].name())
 def test_patch_kernels_fake_strides_and_opcheck(ops):
-    pool, pool_backward, _, _, outputs_backward = ops
+    pool, pool_backward, _, attention_backward, outputs_backward = ops
     maps = [in_layout(torch.randn(2, 6, 7, 5, device=DEVICE).requires_grad_(), "nhwc") for _ in range(2)]
     _same_strides(pool, [maps, [3, 2]])
     torch.library.opcheck(pool, (maps, [3, 2]))
@@ -227,6 +242,13 @@ def test_patch_kernels_fake_strides_and_opcheck(ops):
     gp = torch.randn(2, 6, 3, 6, device=DEVICE)
     _same_strides(outputs_backward, [g, w, gp, [3, 2]])
     torch.library.opcheck(outputs_backward, (g, w, gp, [3, 2]))
+    # q and k as views (batch and patch dimensions swapped): grad q and grad k come back
+    # contiguous from the kernels and the fake alike.
+    q = torch.randn(6, 2, 4, device=DEVICE).transpose(0, 1)
+    k = torch.randn(6, 2, 3, 4, device=DEVICE).transpose(0, 1)
+    grad_q, grad_k, _ = _same_strides(attention_backward, [torch.randn(2, 6, 3, device=DEVICE), w, q, k, 0.5, True])
+    assert grad_q.is_contiguous() and grad_k.is_contiguous()
+    torch.library.opcheck(attention_backward, (torch.randn(2, 6, 3, device=DEVICE), w, q, k, 0.5, True))
 
 
 # ---- patch attention ---------------------------------------------------------------------

@@ -157,7 +157,8 @@ def _fake_forward(outputs, weights, grid):
 def _fake_backward(grad, outputs, weights, grid, outputs_requires_grad, weights_requires_grad):
     fmt = memory_format(kernel_channels_last(outputs))
     grads = [torch.empty_like(grad, memory_format=fmt) for _ in outputs] if outputs_requires_grad else []
-    gw = torch.empty_like(weights) if weights_requires_grad else weights.new_empty(0)
+    # Every kernel returns grad w contiguous, whatever the strides of ``weights``.
+    gw = weights.new_empty(weights.shape) if weights_requires_grad else weights.new_empty(0)
     return grads, gw
 
 

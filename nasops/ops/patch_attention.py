@@ -116,6 +116,8 @@ def patch_softmax_attention(q: torch.Tensor, k: torch.Tensor, prior: torch.Tenso
     if k.dtype != q.dtype:
         raise TypeError(f"k: expected dtype {q.dtype} (that of q), got {k.dtype}")
     B, P, D = q.shape
+    if D < 1:  # the logits divide by sqrt(D)
+        raise ValueError(f"q: expected a query dimension D >= 1, got shape {tuple(q.shape)}")
     if k.shape[:2] != q.shape[:2] or k.shape[3] != D:
         raise ValueError(f"k: expected shape (B, P, K, D) = ({B}, {P}, K, {D}) to match q, "
                          f"got {tuple(k.shape)}")
@@ -180,6 +182,8 @@ def patch_attention_mixed_op(x: torch.Tensor, outputs: Sequence[torch.Tensor | N
     if Wk.shape[0] != C:
         raise ValueError(f"Wk: expected {C} rows (the outputs' channels C), got shape {tuple(Wk.shape)}")
     D = Wq.shape[1]
+    if D < 1:  # the logits divide by sqrt(D)
+        raise ValueError(f"Wq: expected D >= 1 columns (the query dimension), got shape {tuple(Wq.shape)}")
     if Wk.shape[1] != D:
         raise ValueError(f"Wk: expected D={D} columns (that of Wq), got shape {tuple(Wk.shape)}")
     K = len(outputs)
@@ -428,7 +432,8 @@ def _fake_attention(q, k, prior, tau):
 
 def _fake_attention_backward(grad_w, w, q, k, tau, prior_requires_grad):
     grad_prior = q.new_empty(k.shape[2]) if prior_requires_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), grad_prior
+    # Every kernel returns grad q and grad k contiguous, whatever the strides of q and k.
+    return q.new_empty(q.shape), k.new_empty(k.shape), grad_prior
 
 
 def _fake_outputs_backward(grad, weights, grad_pooled, grid):

@@ -393,7 +393,7 @@ def mixed_op_backward(grad: torch.Tensor, outputs: list[torch.Tensor], weights: 
     if not weights_requires_grad:
         grad_w = weights.new_empty(0)
     elif g.numel() == 0:
-        return grad_outs, torch.zeros_like(weights)
+        return grad_outs, weights.new_zeros(weights.shape)  # contiguous, as below
     if g.numel() == 0 or not (outputs_requires_grad or weights_requires_grad):
         return grad_outs, grad_w
     # Unused pointer arguments get a harmless stand-in (their stores are compiled out).
