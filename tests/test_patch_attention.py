@@ -457,6 +457,10 @@ def test_errors():
         call(Wk=torch.randn(4, 6))  # D mismatch
     with pytest.raises(ValueError, match="Wq"):
         call(Wq=torch.randn(2, 5))  # Cx mismatch
+    with pytest.raises(ValueError, match="Wq: expected D >= 1"):
+        call(Wq=torch.randn(3, 0), Wk=torch.randn(4, 0), zero_key=None)  # the logits divide by sqrt(D)
+    with pytest.raises(ValueError, match="q: expected a query dimension D >= 1"):
+        patch_softmax_attention(torch.randn(1, 2, 0), torch.randn(1, 2, 4, 0))
     with pytest.raises(ValueError, match="Wk"):
         call(Wk=torch.randn(3, 5))  # C mismatch
     with pytest.raises(ValueError, match="prior"):

@@ -256,6 +256,23 @@ def test_special_scores(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_straight_through_forward_is_the_gather_for_non_finite_values(backend, dtype):
+    """Kept tokens scored +-inf or NaN, and a kept row holding an inf (a float16
+    overflow): the straight-through forward is still the plain gather (SPEC 2.3); the
+    eager reference gave NaN rows here when it wrote the gate as x + x * (s - s)."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.arange(18, dtype=dtype).reshape(1, 6, 3)
+    x[0, 4, 0] = inf
+    q = torch.tensor([inf, 0., nan, -inf, 5., 1.], dtype=dtype).reshape(1, 6, 1)
+    k = torch.ones(1, 6, 1, dtype=dtype)
+    x_sel, idx, _ = topk_tokens(x.to(DEVICE), q.to(DEVICE), k.to(DEVICE), 4, keep_cls=True,
+                                gate="straight_through", backend=backend)
+    assert idx.tolist() == [[0, 2, 4, 5]]  # CLS (+inf), NaN, then 5 and 1
+    assert torch.equal(x_sel.cpu(), x[:, [0, 2, 4, 5]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N", (785, 4096))
 def test_many_tokens_one_row(backend, N):
     """224/8 patches + CLS, and N = 4096: a whole row selected in one program."""

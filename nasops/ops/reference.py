@@ -130,13 +130,33 @@ def select_tokens(s: torch.Tensor, keep: int, keep_cls: bool) -> torch.Tensor:
     return torch.sort(chosen, dim=1).values
 
 
+class _StraightThroughGate(torch.autograd.Function):
+    """rows * (1 + s - s.detach()): the rows unchanged forward, d/ds = the rows backward.
+
+    Why a Function and not that expression: its forward is x + x * (s - s), which
+    is NaN for a kept token whose score is +-inf or NaN, or whose row holds an inf
+    (a float16 overflow), where the gate must give the plain gather (SPEC 2.3).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, s_sel):
+        ctx.save_for_backward(rows)
+        return rows.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        acc = accumulation_dtype(rows.dtype)
+        grad_s = (grad.to(acc) * rows.to(acc)).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        return grad, grad_s
+
+
 def topk_tokens(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, keep: int, keep_cls: bool,
                 gate: str):
     """(x_sel (B, keep, C), idx (B, keep) int64 ascending, s (B, N)); differentiable.
 
     Arguments are assumed valid (nasops.ops.topk_tokens checks them); ``keep`` is
-    an int. The straight-through gate is written x + x.detach() * (s - s.detach())
-    so that its forward is the plain gather bit for bit.
+    an int. The straight-through gate is :class:`_StraightThroughGate`.
     """
     acc = accumulation_dtype(x.dtype)
     s = token_scores(q, k)
@@ -144,7 +164,7 @@ def topk_tokens(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, keep: int, ke
     rows = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     s_sel = torch.gather(s, 1, idx).unsqueeze(-1)
     if gate == "straight_through":
-        rows = (rows.to(acc) + rows.detach().to(acc) * (s_sel - s_sel.detach())).to(x.dtype)
+        rows = _StraightThroughGate.apply(rows, s_sel)
     elif gate == "sigmoid":
         rows = (rows.to(acc) * torch.sigmoid(s_sel)).to(x.dtype)
     return rows, idx, s.to(x.dtype)
