@@ -182,8 +182,16 @@ def _cifar(name: str, data_dir: str | None, split: str) -> ImageDataset:
             found = sorted(map(str, entry)) if isinstance(entry, dict) else f"a {type(entry).__name__}"
             raise ValueError(f"dataset {name}: {path} is not a CIFAR batch: expected a dict with the "
                              f"entries 'data' and {label_key!r}, got {found}")
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(entry[label_key], dtype=np.int64))
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8)
+            targets = np.asarray(entry[label_key], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"dataset {name}: {path} is not a CIFAR batch ({type(exc).__name__}: {exc})") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or targets.shape != (data.shape[0],):
+            raise ValueError(f"dataset {name}: {path} is not a CIFAR batch: expected 'data' of shape "
+                             f"(N, 3072) and N {label_key!r}, got {data.shape} and {targets.shape}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(targets)
     x = torch.from_numpy(np.concatenate(images))
     y = torch.from_numpy(np.concatenate(labels))
     return ImageDataset(name, x, y, num_classes=10 if name == "cifar10" else 100,

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import time
 from pathlib import Path
@@ -209,21 +210,41 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (atomic)."""
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` to ``<path>.tmp<pid>``, then ``os.replace`` it onto ``path``.
+    An exception (Ctrl-C included) removes the temporary file; what a SIGKILL
+    leaves, :func:`prepare_out` removes when the folder is next used."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a kill leaves the old or the new file."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``: a kill leaves
-    the old or the new file, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` atomically: a kill leaves the old or the new file, never half of one."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def temporary_files(out: Path) -> list[Path]:
+    """The ``<name>.tmp<pid>`` files of atomic writes that a killed process left in ``out``."""
+    return sorted(p for p in out.glob("*.tmp*") if re.fullmatch(r".+\.tmp\d+", p.name)) if out.is_dir() else []
+
+
+def out_folder(text: str) -> str:
+    """argparse type of ``--out``: a folder name, not an empty string (which would be
+    the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder name, got an empty string")
+    return text
 
 
 # What a checkpoint may hold besides tensors and plain Python values: the
@@ -277,10 +298,20 @@ def prepare_out(out: Path, args, config: dict, run_files, program: str, needs=()
 
     A resumed checkpoint must hold a ``config`` dict equal to ``config`` and
     the keys ``needs``; a folder with another run's files needs
-    ``--overwrite``. RunError otherwise, naming the flag and what to do.
+    ``--overwrite``. RunError otherwise, naming the flag and what to do. The
+    temporary files of an atomic write that a kill interrupted are removed.
     """
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file, not a folder")
+    leftovers = temporary_files(out)
+    existing = [p for p in run_files(out) if p not in leftovers] if out.is_dir() else []
+    names = ", ".join(p.name for p in existing)
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if args.resume:
         path = out / "checkpoint.pt"
+        if not path.exists() and existing:
+            raise RunError(f"--resume: no checkpoint at {path}: the run there stopped before it "
+                           f"checkpointed its first epoch ({names} left); start it again with --overwrite")
         if not path.exists():
             raise RunError(f"--resume: no checkpoint at {path}; start a new run without --resume")
         checkpoint = load_checkpoint(path)
@@ -295,16 +326,20 @@ def prepare_out(out: Path, args, config: dict, run_files, program: str, needs=()
             lines = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
             raise RunError(f"--resume: the checkpoint {path} is of a different run ({lines}); "
                            f"resume with the same settings, or start anew with --overwrite")
+        if main_rank:
+            for p in leftovers:
+                p.unlink(missing_ok=True)
         return checkpoint
-    existing = run_files(out) if out.is_dir() else []
     if existing and not args.overwrite:
-        names = ", ".join(p.name for p in existing)
         raise RunError(f"--out {out} holds the files of another run ({names}); "
                        f"pass --resume to continue it or --overwrite to replace it")
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for p in existing:
-            p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        for p in existing + leftovers:
+            p.unlink(missing_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     return None
 
 
@@ -381,14 +416,22 @@ def scalar_writer(out: Path, enabled: bool = True):
 
 
 # Test hook (tests/helpers.py, run_killed_after_epoch): a driver run with this
-# set to N kills itself with SIGKILL right after epoch N's checkpoint is written.
+# set to N kills itself with SIGKILL right after epoch N's checkpoint is written
+# ("N:SIGINT": interrupts itself, as Ctrl-C does).
 _KILL_AFTER_EPOCH = "NASOPS_TEST_KILL_AFTER_EPOCH"
 
 
 def epoch_checkpointed(epoch: int) -> None:
     """Where a driver has written the checkpoint of (1-based) ``epoch``: the kill test hook."""
-    if os.environ.get(_KILL_AFTER_EPOCH) == str(epoch):
-        os.kill(os.getpid(), signal.SIGKILL)
+    when, _, how = os.environ.get(_KILL_AFTER_EPOCH, "").partition(":")
+    if when == str(epoch):
+        os.kill(os.getpid(), getattr(signal, how or "SIGKILL"))
+
+
+def interrupted_message(program: str, out) -> str:
+    """What a driver prints when Ctrl-C stops it (instead of a traceback)."""
+    return (f"{program}: interrupted; the epochs checkpointed in {out} are kept: the same command "
+            f"with --resume continues after the last one")
 
 
 def write_scalars(writer, record: dict, step: int) -> None:

@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", default=None, help="output folder (default runs/<space>-<method>-<seed>)")
+    g.add_argument("--out", default=None, type=runtime.out_folder,
+                   help="output folder (default runs/<space>-<method>-<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
     g.add_argument("--nb201-table", nargs="?", const=str(nb201.BUILTIN_TABLE), default=None, metavar="CSV",
@@ -322,6 +323,11 @@ def main(argv=None) -> dict:
             print(f"nasops.search: error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
+    except KeyboardInterrupt:
+        if __name__ == "__main__" or argv is None:
+            print("\n" + runtime.interrupted_message("nasops.search", args.out), file=sys.stderr)
+            raise SystemExit(130) from None  # the shell's status for a SIGINT
+        raise
 
 
 def cli() -> None:
@@ -417,9 +423,11 @@ def _search(args, rank: int, world_size: int, device: torch.device) -> dict:
                                   world_size, device, show=is_main and not args.quiet)
             history.append(record)
             if is_main:
+                # The checkpoint first: a kill between the two leaves a metrics.jsonl one
+                # line short, which --resume writes again from the checkpoint's history.
+                _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                _save_checkpoint(out / "checkpoint.pt", method, epoch + 1, history, config)
                 runtime.write_scalars(writer, record, epoch + 1)
                 print(f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f} "
                       f"acc {record['train_acc']:.4f} | val loss {record['val_loss']:.4f} "
@@ -533,7 +541,7 @@ def _in_format(batch, fmt: torch.memory_format):
 def _run_files(out: Path) -> list[Path]:
     found = [out / name for name in OUTPUT_FILES if (out / name).exists()]
     # Every method's files count as a run's: --out may hold a run of another method.
-    patterns = {"checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN,
+    patterns = {runtime.TENSORBOARD_PATTERN,
                 *(p for cls in methods.METHODS.values() for p in cls.output_patterns)}
     for pattern in sorted(patterns):
         found += sorted(p for p in out.glob(pattern) if p not in found)

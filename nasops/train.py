@@ -173,7 +173,7 @@ RUNTIME_KEYS = ("out", "resume", "overwrite", "device", "data_dir", "nb201_table
                 "threads", "genotype", "recompute_depthwise", "memory_format", "cuda_graphs")
 
 OUTPUT_FILES = ("result.json", "metrics.jsonl", "checkpoint.pt")
-OUTPUT_PATTERNS = ("checkpoint.pt.tmp*", runtime.TENSORBOARD_PATTERN)
+OUTPUT_PATTERNS = (runtime.TENSORBOARD_PATTERN,)
 
 # Test hook (environment variable, used by tests/test_train.py only; runtime.epoch_checkpointed
 # is the other): save every rank's final network state to <dir>/state_rank<r>.pt.
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
     g = p.add_argument_group("outputs")
-    g.add_argument("--out", default=None,
+    g.add_argument("--out", default=None, type=runtime.out_folder,
                    help="output folder (default <genotype's folder>/train-<dataset>-<seed>)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of another run in --out")
@@ -428,6 +428,7 @@ def model_cost(model: torch.nn.Module, sample: torch.Tensor) -> dict:
 
 def main(argv=None) -> dict:
     """Train (the CLI). Returns the result (result.json's content) plus ``metrics`` and ``out``."""
+    args = None
     try:
         args = parse_args(argv)
         return _run(args)
@@ -435,6 +436,11 @@ def main(argv=None) -> dict:
         if __name__ == "__main__" or argv is None:
             print(f"nasops.train: error: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
+        raise
+    except KeyboardInterrupt:
+        if (__name__ == "__main__" or argv is None) and args is not None:
+            print("\n" + runtime.interrupted_message("nasops.train", args.out), file=sys.stderr)
+            raise SystemExit(130) from None  # the shell's status for a SIGINT
         raise
 
 
@@ -564,12 +570,14 @@ def _train(args, rank: int, world_size: int, device: torch.device) -> dict:
                 record.update(_evaluate(model, test_data, args.batch_size, amp, fmt, rank, world_size, device))
             history.append(record)
             if is_main:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                # The checkpoint first: a kill between the two leaves a metrics.jsonl one
+                # line short, which --resume writes again from the checkpoint's history.
                 runtime.save_atomic({
                     "epoch": epoch + 1, "config": config, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history,
                     "inputs": train_data.describe(), "nasops_version": nasops.__version__}, out / "checkpoint.pt")
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
                 runtime.write_scalars(writer, record, epoch + 1)
                 test = (f" | test loss {record['test_loss']:.4f} top-1 {record['test_acc']:.4f} "
                         f"top-5 {record['test_top5']:.4f}" if "test_acc" in record else "")

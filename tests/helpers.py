@@ -169,14 +169,16 @@ def torchrun_two_ranks(module: str, argv, **env) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_killed_after_epoch(module: str, argv, epoch: int) -> None:
+def run_killed_after_epoch(module: str, argv, epoch: int, how: str = "SIGKILL") -> str:
     """``python -m module *argv`` in a subprocess that SIGKILLs itself right after
-    epoch ``epoch``'s checkpoint (the drivers' NASOPS_TEST_KILL_AFTER_EPOCH hook);
-    asserts that it died that way."""
+    epoch ``epoch``'s checkpoint (the drivers' NASOPS_TEST_KILL_AFTER_EPOCH hook), or
+    with ``how="SIGINT"`` interrupts itself as Ctrl-C does; asserts that it ended that
+    way (SIGINT: the CLI's exit status 130) and returns its stderr."""
     proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)],
-                          env=subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH=str(epoch)), capture_output=True,
+                          env=subprocess_env(NASOPS_TEST_KILL_AFTER_EPOCH=f"{epoch}:{how}"), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert proc.returncode == (130 if how == "SIGINT" else -signal.SIGKILL), proc.stderr[-2000:]
+    return proc.stderr
 
 
 def unshared_ops(net: torch.nn.Module) -> torch.nn.Module:

@@ -345,6 +345,13 @@ def test_bad_flags_are_refused_naming_the_flag(capsys, tmp_path):
         assert message in capsys.readouterr().err
 
 
+def test_a_warm_up_as_long_as_the_search_is_pointed_out(capsys):
+    parse_args(["--method", "hardexit", "--epochs", "2", "--warmup-epochs", "2"])
+    assert "warning: --warmup-epochs 2 >= --epochs 2: lambda stays 0 the whole search" in capsys.readouterr().err
+    parse_args(["--method", "hardexit", "--epochs", "3", "--warmup-epochs", "2"])
+    assert "warning" not in capsys.readouterr().err
+
+
 def _csv_rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))

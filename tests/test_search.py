@@ -323,6 +323,49 @@ def test_missing_cifar_batches_are_named(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
+def test_an_out_that_cannot_be_a_folder_is_refused(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SearchError, match=rf"--out {file}: is a file, not a folder"):
+            main(_tiny("darts", file, "--epochs", "1", "--max-steps", "1", *extra))
+    with pytest.raises(SearchError, match=rf"--out {file / 'run'}: cannot create the folder \(Not a directory\)"):
+        main(_tiny("darts", file / "run", "--epochs", "1", "--max-steps", "1"))
+    with pytest.raises(SystemExit):  # not the current folder
+        parse_args(["--out", ""])
+    assert "argument --out: expected a folder name, got an empty string" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch):
+    """Ctrl-C while the first checkpoint is written: no run file is left (the checkpoint
+    is written before the epoch's metrics line), so the same command starts again; what
+    a SIGKILL leaves (the write's temporary file) is taken away by the next run, and
+    --resume on a folder that has run files but no checkpoint says to start anew."""
+    out = tmp_path / "run"
+    base = _tiny("darts", out, "--epochs", "1", "--max-steps", "1")
+
+    def interrupted_save(obj, path):
+        Path(path).write_bytes(b"half a checkp")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            main(base)
+    assert sorted(p.name for p in out.iterdir()) == []  # no metrics line, no torn temporary file
+    (out / "checkpoint.pt.tmp4242").write_bytes(b"what a SIGKILL left")
+    main(base)
+    assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == []
+    (out / "checkpoint.pt.tmp4243").write_bytes(b"what a SIGKILL left")
+    main(base + ["--resume"])
+    assert not (out / "checkpoint.pt.tmp4243").exists()
+    (out / "checkpoint.pt").unlink()
+    with pytest.raises(SearchError, match=r"--resume: no checkpoint at .*: the run there stopped before it "
+                                          r"checkpointed its first epoch \(.*metrics.jsonl.* left\); start it "
+                                          r"again with --overwrite"):
+        main(base + ["--resume"])
+
+
 def test_out_dir_resume_and_overwrite_rules(tmp_path):
     out = tmp_path / "run"
     base = _tiny("darts", out, "--epochs", "1", "--max-steps", "1")
@@ -430,6 +473,15 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert _comparable(_metrics(out)) == _comparable(_metrics(tmp_path / "full"))
     _, full_state = assert_same_checkpoint_model(out, tmp_path / "full")
     assert any(name.startswith("alphas_") for name in full_state["model"])  # weights and architecture alike
+
+    # Ctrl-C after epoch 2: no traceback, the way on named, and the same end.
+    out = tmp_path / "interrupted"
+    stderr = run_killed_after_epoch("nasops.search", _tiny("darts", out, *args), epoch=2, how="SIGINT")
+    assert "Traceback" not in stderr and stderr.strip().endswith(
+        f"nasops.search: interrupted; the epochs checkpointed in {out} are kept: "
+        f"the same command with --resume continues after the last one")
+    assert len(_metrics(out)) == 2 and not list(out.glob("*.tmp*"))
+    assert main(_tiny("darts", out, *args, "--resume"))["genotype"] == full["genotype"]
 
 
 @pytest.mark.slow

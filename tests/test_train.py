@@ -140,6 +140,13 @@ def test_cifar_batches_pickled_again_from_python_3_load_and_others_are_named(tmp
         with pytest.raises(ValueError, match=rf"dataset cifar10: {first} is not a CIFAR batch: expected a dict "
                                              rf"with the entries 'data' and 'labels', {re.escape(found)}"):
             datasets.load("cifar10", data_dir=str(tmp_path))
+    for data, labels, shapes in ((raw["data"][:, :1000], raw["labels"], "(2, 1000) and (2,)"),
+                                 (raw["data"], raw["labels"][:1], "(2, 3072) and (1,)")):
+        with open(first, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+        with pytest.raises(ValueError, match=rf"dataset cifar10: {first} is not a CIFAR batch: expected 'data' "
+                                             rf"of shape \(N, 3072\) and N 'labels', got {re.escape(shapes)}"):
+            datasets.load("cifar10", data_dir=str(tmp_path))
     with open(first, "wb") as f:
         pickle.dump(raw, f)
     whole = first.read_bytes()
@@ -484,6 +491,28 @@ def test_the_trained_network_loads_for_inference(tmp_path):
         load_trained(tmp_path / "nowhere")
 
 
+def test_an_out_file_and_a_stop_in_the_first_checkpoint(tmp_path, monkeypatch):
+    """As nasops.search (tests/test_search.py): a file as --out is refused by name, and
+    Ctrl-C in the first checkpoint's write leaves nothing that stops the same command."""
+    genotype = _write_genotype(tmp_path, "nb201")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TrainError, match=r"--out .*file: is a file, not a folder"):
+        main(_tiny(genotype, "nb201", tmp_path / "file", "--epochs", "1", "--max-steps", "1"))
+    out = tmp_path / "run"
+    base = _tiny(genotype, "nb201", out, "--epochs", "1", "--max-steps", "1")
+
+    def interrupted_save(obj, path):
+        Path(path).write_bytes(b"half a checkp")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted_save)
+        with pytest.raises(KeyboardInterrupt):
+            main(base)
+    assert list(out.iterdir()) == []
+    main(base)
+
+
 def test_out_dir_resume_and_overwrite_rules(tmp_path):
     genotype = _write_genotype(tmp_path, "nb201")
     out = tmp_path / "run"
@@ -534,6 +563,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     _, full_state = assert_same_checkpoint_model(out, tmp_path / "full")
     assert any(k.startswith("auxiliary_head.") for k in full_state["model"])  # head and drop-path in play
     assert _metrics(out)[2]["drop_path"] > 0
+
+    # Ctrl-C after epoch 1: no traceback, the way on named, and the same end.
+    out = tmp_path / "interrupted"
+    stderr = run_killed_after_epoch("nasops.train", _tiny(genotype, "darts", out, *args), epoch=1, how="SIGINT")
+    assert "Traceback" not in stderr and stderr.strip().endswith(
+        f"nasops.train: interrupted; the epochs checkpointed in {out} are kept: "
+        f"the same command with --resume continues after the last one")
+    assert main(_tiny(genotype, "darts", out, *args, "--resume"))["test_acc"] == full["test_acc"]
 
 
 @pytest.mark.slow

@@ -98,6 +98,7 @@ import argparse
 import contextlib
 import copy
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -669,6 +670,12 @@ class HardExit(Darts):
             bad = [v for v in getattr(args, flag[2:].replace("-", "_")) if not ok(v)]
             if bad:
                 raise ValueError(f"{flag}: expected every value {expected}, got {bad}")
+        if not args.evaluate_only and args.warmup_epochs >= args.epochs:
+            # A smoke run of a few epochs is fine; a search whose report is of stop heads
+            # that never learned should not pass unnoticed.
+            print(f"nasops.search: warning: --warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: "
+                  f"lambda stays 0 the whole search, so the stop heads never learn and the report's "
+                  f"exits are those of their initial values", file=sys.stderr)
         # --layers is None here when not given (the driver's default, 5 cells, comes later).
         if args.space != "nb201" and args.layers is not None and args.layers < 2:
             raise ValueError(f"--layers: hard exit needs at least 2 cells (exits), got {args.layers}")

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import nasops
 from nasops.methods.hardexit import HardExitNetwork, data_splits, exit_distribution, hard_exit_inference
-from nasops.runtime import write_text
+from nasops.runtime import write_atomic, write_text
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 TAU_S_CANDIDATE_QUANTILES = (0.25, 0.5, 0.75)
@@ -446,9 +446,7 @@ def write_run_folder(out: Path, report: dict, result: dict) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _figure():
