@@ -181,6 +181,19 @@ def run_killed_after_epoch(module: str, argv, epoch: int, how: str = "SIGKILL") 
     return proc.stderr
 
 
+@contextlib.contextmanager
+def save_interrupted(monkeypatch):
+    """``torch.save`` that writes half a file and raises KeyboardInterrupt, as Ctrl-C
+    in the middle of a checkpoint's write."""
+    def interrupted_save(obj, path):
+        Path(path).write_bytes(b"half a checkp")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted_save)
+        yield
+
+
 def unshared_ops(net: torch.nn.Module) -> torch.nn.Module:
     """A copy of the search network ``net`` in which every edge has its own
     parameter-free op modules again, as before ``spaces.base.share_ops``, and

@@ -18,8 +18,8 @@ import torch
 import nasops.spaces
 from nasops.search import SearchError, main, parse_args
 from nasops.spaces import nb201
-from helpers import (HostReads, assert_same_checkpoint_model, kernel_backends, run_killed_after_epoch, subprocess_env,
-                     torchrun_two_ranks)
+from helpers import (HostReads, assert_same_checkpoint_model, kernel_backends, run_killed_after_epoch,
+                     save_interrupted, subprocess_env, torchrun_two_ranks)
 
 REPO = Path(__file__).resolve().parents[1]
 # SPEC's ../shared/data/ next to the checkout (or to the worktree's parent).
@@ -343,15 +343,8 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, monkey
     --resume on a folder that has run files but no checkpoint says to start anew."""
     out = tmp_path / "run"
     base = _tiny("darts", out, "--epochs", "1", "--max-steps", "1")
-
-    def interrupted_save(obj, path):
-        Path(path).write_bytes(b"half a checkp")
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "save", interrupted_save)
-        with pytest.raises(KeyboardInterrupt):
-            main(base)
+    with save_interrupted(monkeypatch), pytest.raises(KeyboardInterrupt):
+        main(base)
     assert sorted(p.name for p in out.iterdir()) == []  # no metrics line, no torn temporary file
     (out / "checkpoint.pt.tmp4242").write_bytes(b"what a SIGKILL left")
     main(base)

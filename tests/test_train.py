@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import HostReads, assert_same_checkpoint_model, run_killed_after_epoch, subprocess_env, torchrun_two_ranks
+from helpers import (HostReads, assert_same_checkpoint_model, run_killed_after_epoch, save_interrupted, subprocess_env,
+                     torchrun_two_ranks)
 import nasops.search
 from nasops import data as datasets
 from nasops import runtime
@@ -500,15 +501,8 @@ def test_an_out_file_and_a_stop_in_the_first_checkpoint(tmp_path, monkeypatch):
         main(_tiny(genotype, "nb201", tmp_path / "file", "--epochs", "1", "--max-steps", "1"))
     out = tmp_path / "run"
     base = _tiny(genotype, "nb201", out, "--epochs", "1", "--max-steps", "1")
-
-    def interrupted_save(obj, path):
-        Path(path).write_bytes(b"half a checkp")
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(torch, "save", interrupted_save)
-        with pytest.raises(KeyboardInterrupt):
-            main(base)
+    with save_interrupted(monkeypatch), pytest.raises(KeyboardInterrupt):
+        main(base)
     assert list(out.iterdir()) == []
     main(base)
 
