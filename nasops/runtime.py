@@ -298,13 +298,18 @@ def prepare_out(out: Path, args, config: dict, run_files, program: str, needs=()
 
     A resumed checkpoint must hold a ``config`` dict equal to ``config`` and
     the keys ``needs``; a folder with another run's files needs
-    ``--overwrite``. RunError otherwise, naming the flag and what to do. The
-    temporary files of an atomic write that a kill interrupted are removed.
+    ``--overwrite``. RunError otherwise, naming the flag and what to do. What a
+    run stopped before its first checkpoint leaves is removed, not counted as a
+    run: the temporary files of an atomic write that a kill interrupted, and
+    TensorBoard event files (opened at the start, their first scalars written
+    after the first checkpoint).
     """
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: is a file, not a folder")
     leftovers = temporary_files(out)
     existing = [p for p in run_files(out) if p not in leftovers] if out.is_dir() else []
+    if not (out / "checkpoint.pt").exists() and all(p.match(TENSORBOARD_PATTERN) for p in existing):
+        leftovers, existing = leftovers + existing, []
     names = ", ".join(p.name for p in existing)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     if args.resume:

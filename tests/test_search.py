@@ -347,8 +347,9 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, monkey
         main(base)
     assert sorted(p.name for p in out.iterdir()) == []  # no metrics line, no torn temporary file
     (out / "checkpoint.pt.tmp4242").write_bytes(b"what a SIGKILL left")
+    (out / "events.out.tfevents.1.host").write_bytes(b"")  # with tensorboard: opened at the start
     main(base)
-    assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == []
+    assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name or "tfevents" in p.name) == []
     (out / "checkpoint.pt.tmp4243").write_bytes(b"what a SIGKILL left")
     main(base + ["--resume"])
     assert not (out / "checkpoint.pt.tmp4243").exists()
