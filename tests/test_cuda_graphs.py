@@ -336,7 +336,9 @@ def _darts_pair(device: str, second_order: bool, recompute: str | None):
     or stand-in); returns (graphed method, eager method, its GraphedForward, three
     steps' (train, val) batches)."""
     argv = ["--space", "darts", *TINY, "--dataset", "synthetic", *(["--second-order"] if second_order else [])]
-    (graphed_method, _), (eager_method, _) = _method(argv, 32, device), _method(argv, 32, device)
+    # CPU: an eighth of the GPU's batch (8 16x16 images, not 16 32x32): the same calls and graphs
+    n, size = (8, 16) if device == "cpu" else (16, 32)
+    (graphed_method, _), (eager_method, _) = _method(argv, size, device), _method(argv, size, device)
     for m in (graphed_method, eager_method):
         if recompute == "first-cell":  # the first cell's 14 edges, the others' sep_conv and dil_conv
             assert m.model.set_recompute_edges(True, cells=1) == 14
@@ -347,7 +349,7 @@ def _darts_pair(device: str, second_order: bool, recompute: str | None):
         assert set_recompute_depthwise(m.model, recompute == "depthwise") == 3 * 14 * 4
     graphed = graphed_method.graph_network()
     g = torch.Generator().manual_seed(1)
-    batches = [[(torch.randn(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device))
+    batches = [[(torch.randn(n, 3, size, size, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device))
                 for _ in range(2)] for _ in range(3)]
     return graphed_method, eager_method, graphed, batches
 
