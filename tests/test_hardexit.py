@@ -129,6 +129,30 @@ def test_lambda_is_zero_in_the_warm_up_then_ramps_to_the_target():
                                     0.1 * (1 - math.cos(3 * math.pi / 4)) / 2, 0.1, 0.1, 0.1])
 
 
+@pytest.mark.parametrize("target", [0.0, 0.3], ids=["lambda-target-0", "lambda-target-0.3"])
+def test_stop_heads_learn_after_the_warm_up_whatever_lambda_is(target):
+    """The warm-up keeps the stop heads as they started (module doc); after it they
+    learn, also with --lambda-target 0 (the seed's lambda = 0 objective, CE of the
+    blended output, still depends on the stop probabilities)."""
+    model = _network()
+    method = HardExit(model, epochs=2, device="cpu", lambda_target=target, warmup_epochs=1, lambda_ramp_epochs=1,
+                      weight_decay=0.0, aux_weight=0.0)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+
+    def stop_heads():
+        return torch.cat([torch.cat([h.stop.weight.flatten(), h.stop.bias]) for h in model.exit_heads]).detach().clone()
+
+    moved = []
+    for epoch in range(2):
+        method.begin_epoch(epoch)
+        before = stop_heads()
+        method.step(batch, batch)
+        moved.append(float((stop_heads() - before).abs().max()))
+        method.end_epoch()
+    assert moved[0] == 0 and moved[1] > 1e-6, moved
+
+
 # ---- the cost model ------------------------------------------------------------------------------
 
 def test_costs_are_the_cumulative_flops_of_the_conv_and_linear_layers():

@@ -21,6 +21,10 @@ space (:mod:`nasops.spaces.vit`), with DASViT's three additions:
   edges). The paper gives no values for a, b, gamma and zeta; the defaults
   (a = b = 1, gamma in [0.2, 0.6], zeta1 = zeta2 = 1) leave the uniform start
   (MSA 3/8, MLP 3/8, parameter-free 2/8) unpenalised. ``a = b = 0`` is DARTS.
+  The paper partitions every op into a type, so Zero and Identity form one
+  too: where MSA and MLP hold more than 1 - gamma_min of an edge, L2's lower
+  bound raises Zero and Identity together, against L1's push on Identity
+  (``--fair-gamma-min 0`` drops the lower bound, for every type).
 - **Progressive stages** (Algorithm 1): depth 2 -> 4 -> 6 encoders, keeping
   all -> the top 5 -> the top 3 ops of every edge (by alpha, the Zero op
   competing like the others). At a stage's first epoch the network is rebuilt

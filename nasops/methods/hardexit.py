@@ -45,12 +45,14 @@ supervision: ``CE(y, y_hat) + lambda * sum_i q_i c_i + mu * ||delta_alpha||^2
 + aux_weight * sum_i CE(y, softmax(y_i))``; ``||delta_alpha||^2`` sums over edges, ops
 and cell types and averages over the batch. ``lambda`` is 0 for
 ``--warmup-epochs`` epochs, then ramps (linear or cosine, per epoch) to
-``--lambda-target`` over ``--lambda-ramp-epochs`` (:func:`lambda_at`). While
-lambda is 0 the stop heads get no gradient (the exit distribution stays at its
+``--lambda-target`` over ``--lambda-ramp-epochs`` (:func:`lambda_at`). In the
+warm-up the stop heads get no gradient (the exit distribution stays at its
 start): with nothing but the CE term, and the early exits still poor, the stop
 logits of a digits run fell to about -5.5 in the warm-up, where sigmoid's
 slope s(1 - s) ~ 0.004 left the later compute pressure no grip (q_N stayed at
-0.97 with lambda = 1).
+0.97 with lambda = 1). After the warm-up they learn whatever lambda is:
+``--lambda-target 0`` is the seed's lambda = 0 objective, ``L = CE(y, y_hat)``
+(eqs. 25-27), which trains them too.
 
 Defaults, measured on 12-epoch nb201 digits searches (C=16, 2 cells per
 stage; all 1797 images, before the digits test split was held out): the auxiliary term sums the exits' CEs, each head trained as a
@@ -354,8 +356,10 @@ def count_exit_flops(model: HardExitNetwork) -> tuple[list[float], float]:
     """(C_1..C_N, plain) in FLOPs per sample: every ``nn.Conv2d`` and ``nn.Linear``
     (the real layers of every space) counted by a forward hook on one image,
     2 per multiply-accumulate, biases not counted, as
-    ``torch.utils.flop_counter.FlopCounterMode`` counts them (same numbers; its
-    first use costs seconds of lazy imports)."""
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (same numbers, but
+    for the CPU's AvgPool3x3, a depthwise convolution there that it counts and
+    this does not: pooling is no layer; its first use costs seconds of lazy
+    imports)."""
     counted = [0]
 
     def conv(module, inputs, output):
@@ -597,6 +601,7 @@ class HardExit(Darts):
         self.ema_decay = ema_decay
         self.arch_grad_clip = arch_grad_clip
         self.lam = lambda_at(0, **self.lambda_schedule)
+        self.warming_up = warmup_epochs > 0  # the stop heads learn after it (module doc)
         self.ema = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                     if ema_decay > 0 else None)
         self.ema_steps = 0
@@ -715,6 +720,7 @@ class HardExit(Darts):
 
     def begin_epoch(self, epoch):
         self.lam = lambda_at(epoch, **self.lambda_schedule)
+        self.warming_up = epoch < self.lambda_schedule["warmup_epochs"]
         n = self.model.num_exits
         # q, correct per exit, then expected cost, ||delta||^2, samples; on the device,
         # read back once, at the epoch's end
@@ -836,7 +842,7 @@ class HardExit(Darts):
     def _loss(self, x, y, dtype=None):
         with self._autocast(dtype):
             out = (self._forward_exits or self.model.forward_exits)(x)
-        if self.lam == 0:  # the stop heads learn with the compute pressure (module doc)
+        if self.warming_up:  # the stop heads learn after the warm-up (module doc)
             out.stop_logits = out.stop_logits.detach()
         parts = hardexit_objective(out, y, self.model.exit_costs, lam=self.lam, mu=self.mu,
                                    aux_weight=self.aux_weight)

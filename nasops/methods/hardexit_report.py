@@ -23,7 +23,8 @@ Protocol (choices where the seed is silent):
   grids, and T* added to the temperature grid.
 - Selection split: the sweep over tau_s x tau_c x T; each point's top-1, top-5
   (top-min(5, classes)), mean / P90 (the smallest cost that at least 90 % of the
-  samples stay within) / worst normalised cost, saving = 1 - mean cost,
+  samples stay within) / worst normalised cost (the largest on the split; any
+  input that no exit takes runs to full depth, C_N = 1), saving = 1 - mean cost,
   exit fractions and ECE (15 equal-width confidence bins; confidence = c_e at
   the point's T). Full depth (every sample at exit N) is a candidate too.
   The accuracy-compute Pareto frontier: points no other point beats on both
