@@ -83,6 +83,13 @@ class BatchNormKeepingOutput : public torch::autograd::Function<BatchNormKeeping
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Grad mode is on in a backward asked to create a graph (a double backward):
+    // differentiating this one in y alone would leave out invstd's dependence on
+    // x, a wrong second derivative without a word.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "nasops.affine_free_batch_norm has no double backward (create_graph=True: Hessian-vector "
+                "products, gradient penalties); run it with the eager backend (backend='eager', "
+                "nasops.set_backend('eager'), --backend eager)");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& y = saved[0];
     const at::Tensor& invstd = saved[1];

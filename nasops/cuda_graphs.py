@@ -58,7 +58,7 @@ first training calls (:class:`GraphedForward`). What a user should know:
 - With ``--recompute-edges`` the graphs hold recomputing edges: the forward
   graph keeps what a recomputing forward keeps, the backward graph recomputes.
   A capture forbids reading the RNG state, so there the recomputation does not
-  replay the forward's random draws (``nasops.spaces.base._rng_state``); what
+  replay the forward's random draws (``nasops.spaces.base.rng_state``); what
   the graphed methods' edges recompute draws nothing.
 - Parameters must stay where they are (optimizer steps and ``load_state_dict``
   write in place; ``Module.to`` to another layout after the capture would not).

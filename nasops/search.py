@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many steps per epoch (quick tries and tests)")
     g.add_argument("--lr", type=float, default=0.025, help="weight SGD learning rate (cosine start)")
     g.add_argument("--lr-min", type=float, default=0.001,
-                   help="weight learning rate at the end of the cosine")
+                   help="floor of the weights' cosine (per epoch, as DARTS: reached after the last epoch)")
     g.add_argument("--momentum", type=float, default=0.9, help="weight SGD momentum")
     g.add_argument("--weight-decay", type=float, default=3e-4, help="weight SGD weight decay")
     g.add_argument("--grad-clip", type=float, default=5.0, help="max norm of the weight gradient (inf: no clipping)")

@@ -86,6 +86,38 @@ def test_second_order_matches_exact_unrolled_hypergradient():
     assert (exact - first_order).abs().max() > 1e-3  # the test tells the two orders apart
 
 
+class NoisyTinySearchNet(TinySearchNet):
+    """TinySearchNet plus noise on the logits (a stochastic op, as rdarts-s4's
+    ``noise``), recording every draw."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []
+
+    def forward(self, x, alpha=None, ops=None):
+        noise = torch.randn(x.shape[0], 3, dtype=x.dtype)
+        self.draws.append(noise)
+        return super().forward(x, alpha, ops) + 0.1 * noise
+
+
+def test_second_order_finite_difference_draws_the_same_noise_at_w_plus_and_w_minus():
+    """(grad L_train(w+) - grad L_train(w-)) / 2 eps with independent noise at w+
+    and w- is mostly noise / eps: DARTS' difference needs common random numbers.
+    The stream then goes on after the draws of w+ (three forwards' worth)."""
+    model = NoisyTinySearchNet()
+    method = Darts(model, epochs=1, device="cpu", second_order=True)
+    (xt, yt), (xv, yv) = _batches()
+    torch.manual_seed(0)
+    method._arch_step_unrolled(xt, yt, xv, yv)
+    after = torch.randn(16, 3, dtype=torch.float64)
+    assert len(model.draws) == 4  # L_train at w, L_val at w', L_train at w+ and at w-
+    assert torch.equal(model.draws[2], model.draws[3])
+    assert not torch.equal(model.draws[1], model.draws[2])
+    torch.manual_seed(0)
+    stream = [torch.randn(16, 3, dtype=torch.float64) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(model.draws[:3], stream)) and torch.equal(after, stream[3])
+
+
 def test_step_updates_both_levels_and_state_round_trips():
     model = TinySearchNet()
     method = Darts(model, epochs=4, device="cpu")

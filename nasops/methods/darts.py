@@ -45,6 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nasops import cuda_graphs, spaces
+from nasops.spaces.base import forked_rng, rng_state
 
 
 @dataclass
@@ -350,11 +351,14 @@ class Darts:
         # A 0-d device tensor, not a number: reading it would make the host wait.
         eps = 0.01 / torch.sqrt(sum((g.float() ** 2).sum() for g in d_w)).clamp_min(1e-12).double()
         alpha_grads = []
+        # w- draws w+'s random numbers again (a stochastic op: rdarts-s4's noise):
+        # independent draws, divided by 2 eps, would swamp the curvature.
+        draws = rng_state(self.device)
         for sign in (1.0, -1.0):
             with torch.no_grad():
                 for p, b, g in zip(self.weights, backup, d_w):
                     p.copy_(b + sign * eps * g)
-            with _frozen(self.weights):
+            with _frozen(self.weights), (forked_rng(draws) if sign < 0 else contextlib.nullcontext()):
                 loss_p, _ = self._loss(xt, yt, dtype)
                 alpha_grads.append(self._kept_grad(loss_p, self.alphas))
         with torch.no_grad():

@@ -1,7 +1,9 @@
 """Argument checks shared by the public ops: every error names the argument,
-what was expected and what was given (SPEC 2)."""
+what was expected and what was given (SPEC 2); and the refusal of a double
+backward where nasops computes first derivatives only."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -79,3 +81,30 @@ def check_tau(tau) -> float:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
         raise ValueError(f"tau: expected a positive number, got {tau!r}")
     return float(tau)
+
+
+KERNELS_FIRST_ORDER = "run it with the eager backend (backend='eager', nasops.set_backend('eager'), --backend eager)"
+
+
+def first_order_only(what: str, instead: str = KERNELS_FIRST_ORDER):
+    """Decorates the backward of an autograd Function (or a registered op's
+    autograd rule) that computes first derivatives only: it refuses a double
+    backward, naming ``what`` and what to do ``instead``.
+
+    Why not ``torch.autograd.function.once_differentiable``: its error fires only
+    when a second backward reaches the Function itself, and ``autograd.grad``
+    with ``inputs`` reaches only what leads to them, so a Hessian-vector product
+    (RobustDARTS' eigenvalue of the architecture Hessian) or a gradient penalty
+    came back without the op's second-order part, silently (grad None, or 0 for
+    a registered op). Autograd runs a backward with grad mode on exactly when
+    it is asked to create a graph (``create_graph=True``).
+    """
+    def decorate(backward):
+        @functools.wraps(backward)
+        def first_order_backward(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{what} has no double backward (create_graph=True: Hessian-vector "
+                                   f"products, gradient penalties); {instead}")
+            return backward(ctx, *grads)
+        return first_order_backward
+    return decorate

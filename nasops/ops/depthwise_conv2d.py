@@ -34,7 +34,7 @@ import torch
 
 from nasops.backend import get_backend, resolve, triton_interpreting
 from nasops.ops import reference
-from nasops.ops._checks import check_same_device, check_tensor
+from nasops.ops._checks import check_same_device, check_tensor, first_order_only
 from nasops.ops._layout import is_nhwc, layout_of
 from nasops.ops._registry import kernel_for, variants
 
@@ -217,7 +217,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("nasops.depthwise_conv2d's kernels")
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
@@ -258,6 +258,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(backward_op):
+    @first_order_only("nasops.depthwise_conv2d's kernels")
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -24,8 +24,8 @@ import torch
 from nasops.backend import resolve
 from nasops.ops import reference
 from nasops.ops._layout import common_layout, kernel_channels_last, memory_format
-from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs, check_same_device,
-                                check_tensor)
+from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs, check_same_device, check_tensor,
+                                first_order_only)
 from nasops.ops._registry import kernel_for, unique_variants, variants
 
 _KERNELS = variants("mixed_op", "mixed_op", "mixed_op_backward")
@@ -106,7 +106,7 @@ class _MixedOp(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("nasops.mixed_op's kernels")
     def backward(ctx, grad):
         weights, *maps = ctx.saved_tensors
         need_weights = ctx.needs_input_grad[2]
@@ -169,6 +169,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(backward_op):
+    @first_order_only("nasops.mixed_op's kernels")
     def backward(ctx, grad):
         weights, *outputs = ctx.saved_tensors
         # needs_input_grad holds one flag per tensor of a Tensor[] argument.

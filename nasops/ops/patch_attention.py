@@ -68,7 +68,7 @@ from nasops.backend import resolve
 from nasops.ops import reference
 from nasops.ops._layout import common_layout, kernel_channels_last, layout_of, memory_format
 from nasops.ops._checks import (accumulation_dtype, check_grid, check_op_outputs, check_same_device, check_tau,
-                                check_tensor)
+                                check_tensor, first_order_only)
 from nasops.ops._registry import kernel_for, unique_variants, variants
 from nasops.ops.mixed_op import _KERNELS as _MIX_KERNELS  # backend -> (mixed_op, mixed_op_backward)
 
@@ -339,7 +339,7 @@ class _PatchAttentionMixedOp(torch.autograd.Function):
         return y, w
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("nasops.patch_attention_mixed_op's kernels")
     def backward(ctx, grad_y, grad_w_out):
         # saved_tensors read once: each read unpacks every saved tensor again (and
         # under torch.utils.checkpoint's saved-tensor hooks a second read is an error).
@@ -448,6 +448,7 @@ def _pool_setup_context(ctx, inputs, output):
 
 
 def _make_pool_backward(pool_backward):
+    @first_order_only("nasops.patch_pool's kernels")
     def backward(ctx, grad):
         grads = [pool_backward(grad[:, :, m].contiguous(), ctx.grid, h, w, dtype, ctx.channels_last)
                  if need else None
@@ -464,6 +465,7 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _make_attention_backward(attention_backward):
+    @first_order_only("nasops.patch_softmax_attention's kernels")
     def backward(ctx, grad_w):
         q, k, w = ctx.saved_tensors
         need_prior = ctx.has_prior and ctx.needs_input_grad[2]

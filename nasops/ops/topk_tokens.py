@@ -24,7 +24,7 @@ import torch
 
 from nasops.backend import resolve
 from nasops.ops import reference
-from nasops.ops._checks import accumulation_dtype, check_same_device, check_tensor
+from nasops.ops._checks import accumulation_dtype, check_same_device, check_tensor, first_order_only
 from nasops.ops._registry import kernel_for, unique_variants, variants
 
 GATES = reference.TOKEN_GATES
@@ -120,6 +120,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(backward_op):
+    @first_order_only("nasops.topk_tokens' kernels")
     def backward(ctx, grad_x_sel, grad_idx, grad_s, grad_k_mean, grad_pos):
         x, q, k, idx, k_mean, pos = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nasops.ops
+from nasops.ops._checks import first_order_only
 
 
 class RecomputableEdge(nn.Module):
@@ -93,14 +94,15 @@ class _RecomputedEdge(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output (MIDAS' w) gets no zeros
         ctx.edge, ctx.n_kept = edge, n_kept
         ctx.autocast = _autocast_state(x.device.type)
-        ctx.rng = _rng_state(x.device)
+        ctx.rng = rng_state(x.device)
         ctx.save_for_backward(x, weights, *kept_and_params)
         out = edge._mix(x, weights, kept_and_params[:n_kept])  # grad mode is off in a Function's forward
         ctx.returns_tuple = isinstance(out, tuple)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("a recomputing edge (--recompute-edges, set_recompute_edges)",
+                      "run it without recomputing its edges")
     def backward(ctx, *grads):
         x, weights, *saved = ctx.saved_tensors  # unpacking checks the parameters' versions
         kept = saved[:ctx.n_kept]
@@ -110,7 +112,7 @@ class _RecomputedEdge(torch.autograd.Function):
             return (None,) * (len(need) + 2)
         # The running statistics are restored after the grad: BatchNorm's
         # backward checks the versions of the buffers it was given.
-        with (torch.enable_grad(), _autocast(ctx.autocast), _forked_rng(ctx.rng),
+        with (torch.enable_grad(), _autocast(ctx.autocast), forked_rng(ctx.rng),
               _restored_buffers(ctx.edge, skip=ctx.edge._kept_ops()),
               _detached_parameters(ctx.edge, need[2 + ctx.n_kept:]) as params):
             x = x.detach().requires_grad_(need[0])
@@ -197,12 +199,13 @@ def _autocast(state):
         yield
 
 
-def _rng_state(device: torch.device):
-    """The RNG states a recomputation runs under again (:func:`_forked_rng`); None
-    while a CUDA graph is captured (--cuda-graphs), which forbids reading them:
-    there the recomputation draws anew. What the graphed methods' edges recompute
-    draws nothing: convolutions and BatchNorm (DARTS), linear layers, attention and
-    LayerNorm (DASViT's token edges)."""
+def rng_state(device: torch.device):
+    """The RNG states a recomputation (or DARTS' forward at w-, after the one at
+    w+) runs under again (:func:`forked_rng`); None while a CUDA graph is captured
+    (--cuda-graphs), which forbids reading them: there the recomputation draws
+    anew. What the graphed methods' edges recompute draws nothing: convolutions
+    and BatchNorm (DARTS), linear layers, attention and LayerNorm (DASViT's token
+    edges)."""
     if _graph_capturing(device):
         return None
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -214,8 +217,8 @@ def _graph_capturing(device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def _forked_rng(state):
-    if state is None:  # captured in a CUDA graph (_rng_state)
+def forked_rng(state):
+    if state is None:  # captured in a CUDA graph (rng_state)
         yield
         return
     cpu, device, cuda = state

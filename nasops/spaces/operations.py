@@ -16,8 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nasops.ops
-from nasops.backend import check_backend_name, extension_loaded
+from nasops.backend import check_backend_name, extension_loaded, get_backend
 from nasops.ops import reference
+from nasops.ops._checks import first_order_only
 from nasops.ops.depthwise_conv2d import PlannedDepthwiseConv2d
 from nasops.spaces.base import RecomputableEdge, _autocast, _autocast_state, _wanted_input_grads
 
@@ -65,9 +66,11 @@ class AffineFreeBatchNorm2d(nn.BatchNorm2d):
     from y instead of recomputed from x (equal up to rounding; under autocast
     y has the half-precision input's dtype, as x had). Used when the layer
     trains on an input that needs a gradient, outside torch.compile (whose
-    partitioner decides itself what a compiled graph keeps) and with
-    ``nasops._C`` built; everything else is ``nn.BatchNorm2d``'s forward. Once
-    differentiable (no double backward through it).
+    partitioner decides itself what a compiled graph keeps), with ``nasops._C``
+    built and a backend other than ``eager`` (plain PyTorch, as a NAS paper's
+    code runs it); everything else is ``nn.BatchNorm2d``'s forward. No double
+    backward: its derivative in x would need invstd's, which the backward does
+    not have (the op refuses one by name; the eager backend's is PyTorch's).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -77,7 +80,7 @@ class AffineFreeBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x):
         if (not (self.training and torch.is_grad_enabled() and x.requires_grad)
-                or torch.compiler.is_compiling() or not extension_loaded()):
+                or torch.compiler.is_compiling() or not extension_loaded() or get_backend() == "eager"):
             return super().forward(x)
         self._check_input_dim(x)
         # nn.BatchNorm2d's update rule (momentum None: a cumulative average)
@@ -283,7 +286,7 @@ class _DepthwisePointwise(torch.autograd.Function):
     (``aten.convolution_backward``), frees it, and takes the depthwise
     convolution's gradients. Computes only the gradients the running backward
     wants (``autograd.grad(loss, alphas)`` skips the weight gradients, as
-    autograd prunes a plain graph). Once differentiable (no double backward).
+    autograd prunes a plain graph). No double backward.
     """
 
     @staticmethod
@@ -294,7 +297,8 @@ class _DepthwisePointwise(torch.autograd.Function):
         return F.conv2d(depthwise(x, depthwise_weight), pointwise_weight)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("a recomputing separable convolution (--recompute-depthwise, set_recompute_depthwise)",
+                      "run it without recomputing its depthwise convolutions")
     def backward(ctx, grad):
         x, depthwise_weight, pointwise_weight = ctx.saved_tensors
         _, need_x, need_depthwise, need_pointwise = _wanted_input_grads(ctx, [1, 2, 3])
@@ -400,7 +404,8 @@ class MaxPool3x3(nn.MaxPool2d):
     step keeps for its backward, 25 % of what a ``--recompute-edges`` step keeps
     (benchmarks/RESULTS.md, "what is left to take"). Finding them again is one
     more 3x3 max pool in the backward. Values and gradients are PyTorch's
-    (the same kernels; tested bitwise). Once differentiable.
+    (the same kernels; tested bitwise), the second derivatives too (a double
+    backward differentiates PyTorch's pool backward, as for ``F.max_pool2d``).
     """
 
     def __init__(self, stride: int = 1):
@@ -420,10 +425,11 @@ class _MaxPoolFindingIndicesAgain(torch.autograd.Function):
         return F.max_pool2d(x, 3, stride, 1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        _, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [ctx.stride] * 2, [1, 1])
+        with torch.no_grad():
+            _, indices = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [ctx.stride] * 2, [1, 1])
+        # differentiable in grad (create_graph=True): PyTorch's double backward of the pool
         return torch.ops.aten.max_pool2d_with_indices_backward(
             grad, x, [3, 3], [ctx.stride] * 2, [1, 1], [1, 1], False, indices), None
 

@@ -66,9 +66,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 import nasops.ops
+from nasops.ops._checks import first_order_only
 from nasops.ops.reference import TOKEN_GATES
 from nasops.spaces.base import RecomputableEdge, SearchNetwork, _autocast, _autocast_state, one_dtype
 from nasops.spaces.darts import derive_genes, edge_ends, genes_str
@@ -299,7 +299,8 @@ class RecomputedSelection(torch.autograd.Function):
         return x_sel, idx
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("the vit search network's token selection (recomputed in the backward)",
+                      "select no tokens (token_ratio=1, --token-ratio 1)")
     def backward(ctx, grad_x_sel, grad_idx):
         x, weight = ctx.saved_tensors
         ratio, gate, autocast = ctx.recompute
