@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import nasops
 import nasops.ops as ops
+from nasops.backend import extension_loaded
 from nasops.spaces import build
 from nasops.spaces.base import set_recompute_edges
-from nasops.backend import extension_loaded
-from nasops.spaces.operations import MaxPool3x3, set_recompute_depthwise, use_torch_batch_norm
+from nasops.spaces.operations import AffineFreeBatchNorm2d, MaxPool3x3, set_recompute_depthwise, use_torch_batch_norm
 from nasops.spaces.vit import VitSearchNetwork
 from helpers import kernel_backends
 
@@ -107,7 +107,6 @@ def test_affine_free_batch_norm_refuses_a_double_backward_and_the_eager_backend_
     cannot be differentiated in x (invstd's dependence is not there): it refuses;
     under the eager backend the layer is PyTorch's BatchNorm, second derivatives
     included."""
-    from nasops.spaces.operations import AffineFreeBatchNorm2d
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     v = torch.randn(4, 3, 5, 5, dtype=torch.float64)
@@ -193,7 +192,7 @@ def test_recomputing_functions_refuse_a_double_backward_by_name(recompute):
             message = "a recomputing separable convolution.*without recomputing its depthwise"
     nasops.set_backend("eager")
     try:
-        with pytest.raises(RuntimeError, match=f"{message}"):
+        with pytest.raises(RuntimeError, match=message):
             _arch_hvp(net, x, y, [torch.ones_like(a) for a in net.arch_parameters()])
         assert all(g is not None for g in _arch_grads(net, x, y))  # first derivatives as before
     finally:
